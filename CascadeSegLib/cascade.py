@@ -1,0 +1,266 @@
+"""The two-stage cascade of Roth et al. 2018: C1 -> stage 1 -> C2 -> stage 2 -> labels.
+
+`Segmenter.segment(image)` takes a CT on any grid (HU, any orientation) and returns labels on
+exactly that grid. Stage 1 runs on a coarse grid inside the body mask C1; its dilated
+foreground C2 (~10% of the voxels) is all that stage 2 looks at, on a finer grid.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import preprocess
+from .errors import Cancelled, UserError
+from .model import ModelPackage
+from .network import fold_batchnorm
+from .tiling import predict_volume
+
+ProgressCallback = Callable[[str, float, str], None]
+
+
+class CancelToken:
+    """Thread-safe flag checked between tiles; `cancel()` makes the running segment() stop."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    def __call__(self) -> bool:
+        return self._event.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+
+@dataclass
+class SegmentationResult:
+    labels: sitk.Image                          # uint8 on the input grid
+    timings: dict[str, float] = field(default_factory=dict)
+    stage1_labels: sitk.Image | None = None     # on the input grid (keep_stage1)
+    probabilities: sitk.Image | None = None     # float32 vector image on the stage-2 grid
+    c1: sitk.Image | None = None                # uint8 masks on the input grid (keep_candidates)
+    c2: sitk.Image | None = None
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA, then Apple MPS, then the CPU; asking for a missing GPU is an error."""
+    name = str(device)
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise UserError("--device mps was requested but Apple MPS is not available; use --device cpu or auto")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def check_ct(image: sitk.Image) -> None:
+    """Refuse images the cascade cannot take, with a message saying what to do."""
+    if image.GetDimension() != 3:
+        raise UserError(f"the input is {image.GetDimension()}D; CascadeSeg needs a 3D CT volume")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise UserError(f"the input has {image.GetNumberOfComponentsPerPixel()} components per voxel "
+                        "(RGB or vector data); CascadeSeg needs a single-channel CT in HU")
+    if min(image.GetSize()) < 2:
+        raise UserError(f"the input has size {image.GetSize()}; CascadeSeg needs a 3D volume with at least "
+                        "2 slices along every axis")
+
+
+class Segmenter:
+    """Runs a model package's cascade on CT images.
+
+    `overlap` is the fraction by which stage-2 tiles overlap (0: abutting tiles; 0.37 covers
+    each voxel about 4 times, the paper's setting). `progress(stage, fraction, message)` is
+    called as tiles finish; `cancel()` returning True stops the run with `Cancelled`.
+    """
+
+    def __init__(self, model: ModelPackage, device: str | torch.device = "auto", overlap: float = 0.0,
+                 stage1_only: bool = False, keep_stage1: bool = False, keep_probabilities: bool = False,
+                 keep_candidates: bool = False, batch_size: int | None = None,
+                 progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> None:
+        self.model = model
+        self.device = resolve_device(device)
+        self.overlap = float(overlap)
+        self.stage1_only = stage1_only or len(model.stages) == 1
+        self.keep_stage1 = keep_stage1
+        self.keep_probabilities = keep_probabilities
+        self.keep_candidates = keep_candidates
+        self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
+        self.progress = progress
+        self.cancel = cancel
+        self._nets: dict[int, torch.nn.Module] = {}
+
+    # --- helpers ------------------------------------------------------------------------------
+    def network(self, index: int) -> torch.nn.Module:
+        if index not in self._nets:
+            net = self.model.load_network(index, "cpu")
+            fold_batchnorm(net)
+            self._nets[index] = net.to(self.device).eval()
+        return self._nets[index]
+
+    def _report(self, stage: str, fraction: float, message: str) -> None:
+        if self.progress is not None:
+            self.progress(stage, float(fraction), message)
+
+    def _check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise Cancelled("cancelled")
+
+    def _to_tensor(self, image: sitk.Image) -> torch.Tensor:
+        return torch.from_numpy(sitk.GetArrayViewFromImage(image).copy()).to(self.device)
+
+    def _predict(self, index: int, hu: torch.Tensor, mask: torch.Tensor, overlap: float, stage: str) -> torch.Tensor:
+        spec = self.model.stages[index]
+        volume = preprocess.normalize(hu, self.model.window, self.model.normalization)[None]
+        pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
+        return predict_volume(
+            self.network(index), volume, mask, spec.tile_zyx, self.model.labels.num_classes,
+            overlap=overlap, batch_size=self.batch_size, pad_value=pad_value,
+            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel)
+
+    # --- the cascade --------------------------------------------------------------------------
+    def segment(self, image: sitk.Image) -> SegmentationResult:
+        check_ct(image)
+        t: dict[str, float] = {}
+        stats: dict[str, float] = {}
+        start = time.perf_counter()
+        model, s1 = self.model, self.model.stages[0]
+
+        # Stage 1 grid, body mask C1 and the stage-1 network over C1.
+        self._report("preprocess", 0.0, "resampling to the stage-1 grid")
+        image_f = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
+        _reject_non_finite(image_f)
+        grid1 = preprocess.resample_to_spacing(image_f, s1.spacing, "linear", -1024.0)
+        hu1 = self._to_tensor(grid1)
+        c1 = preprocess.body_mask(hu1, model.body_threshold_hu)
+        t["preprocess"] = time.perf_counter() - start
+        stats["c1_fraction"] = float(c1.float().mean())
+        if not bool(c1.any()):
+            raise UserError(f"no body found: no voxel is above {model.body_threshold_hu:g} HU; is this a CT in "
+                            "Hounsfield units?")
+        self._check_cancel()
+        t0 = time.perf_counter()
+        self._report("stage1", 0.0, "stage 1")
+        p1 = self._predict(0, hu1, c1, 0.0, "stage1")
+        labels1 = p1.argmax(0).to(torch.uint8) * c1
+        del p1
+        t["stage1"] = time.perf_counter() - t0
+        stage1_img = _from_tensor(labels1, grid1)
+
+        if self.stage1_only:
+            final_grid, final = grid1, labels1
+            probs = None
+            c2_img = None
+        else:
+            # C2: stage-1 foreground on the stage-2 grid, dilated by r voxels.
+            t0 = time.perf_counter()
+            s2 = model.stages[1]
+            ref2 = preprocess.grid_for_spacing(image_f, s2.spacing)
+            fg1 = preprocess.resample(stage1_img, ref2, "nearest", 0, sitk.sitkUInt8)
+            c2 = preprocess.dilate(self._to_tensor(fg1) > 0, model.dilation_radius)
+            stats["c2_fraction"] = float(c2.float().mean())
+            grid2 = preprocess.resample(image_f, ref2, "linear", -1024.0, sitk.sitkFloat32)
+            hu2 = self._to_tensor(grid2)
+            t["c2"] = time.perf_counter() - t0
+            self._check_cancel()
+            t0 = time.perf_counter()
+            self._report("stage2", 0.0, "stage 2")
+            if bool(c2.any()):
+                probs = self._predict(1, hu2, c2, self.overlap, "stage2")
+                final = probs.argmax(0).to(torch.uint8) * c2
+            else:
+                probs = torch.zeros((model.labels.num_classes,) + tuple(hu2.shape), device=self.device)
+                final = torch.zeros(hu2.shape, dtype=torch.uint8, device=self.device)
+            t["stage2"] = time.perf_counter() - t0
+            final_grid = grid2
+            c2_img = _from_tensor(c2.to(torch.uint8), grid2) if self.keep_candidates else None
+
+        # Back to the input grid (nearest neighbour for labels).
+        self._check_cancel()
+        t0 = time.perf_counter()
+        self._report("postprocess", 0.0, "resampling labels to the input grid")
+        labels = resample_labels_to(_from_tensor(final, final_grid), image)
+        result = SegmentationResult(labels=labels, timings=t, stats=stats)
+        if self.keep_stage1 or self.stage1_only:
+            result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image)
+        if self.keep_candidates:
+            result.c1 = resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), image)
+            if c2_img is not None:
+                result.c2 = resample_labels_to(c2_img, image)
+        if self.keep_probabilities:
+            if probs is None:
+                raise UserError("probabilities are only kept for two-stage runs; drop --stage1-only")
+            arr = probs.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+            pimg = sitk.GetImageFromArray(arr, isVector=True)
+            pimg.CopyInformation(final_grid)
+            result.probabilities = pimg
+        t["postprocess"] = time.perf_counter() - t0
+        t["total"] = time.perf_counter() - start
+        self._report("done", 1.0, "done")
+        return result
+
+
+def _reject_non_finite(image: sitk.Image) -> None:
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.isfinite(arr).all():
+        bad = int(arr.size - np.isfinite(arr).sum())
+        raise UserError(f"the input has {bad} NaN or infinite voxels; fix or crop the image before segmenting")
+
+
+def _from_tensor(t: torch.Tensor, reference: sitk.Image) -> sitk.Image:
+    img = sitk.GetImageFromArray(t.cpu().numpy())
+    img.CopyInformation(reference)
+    return img
+
+
+def resample_labels_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Nearest-neighbour resampling of a label map onto `reference`'s exact grid.
+
+    Only the bounding box of the foreground is resampled (the rest is background), which
+    keeps this fast for 512x512x400 inputs whose organs fill a fraction of the volume.
+    """
+    arr = sitk.GetArrayViewFromImage(labels)
+    out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+    box = preprocess.bounding_box(torch.from_numpy(np.asarray(arr) > 0), pad=1, shape=arr.shape)
+    if box is not None:
+        # Physical corners of the source box -> index box on the reference grid.
+        corners = []
+        for cz in box[0]:
+            for cy in box[1]:
+                for cx in box[2]:
+                    idx = (cx - 0.5, cy - 0.5, cz - 0.5)
+                    pt = labels.TransformContinuousIndexToPhysicalPoint(idx)
+                    corners.append(reference.TransformPhysicalPointToContinuousIndex(pt))
+        c = np.array(corners)
+        lo = np.maximum(np.floor(c.min(0)).astype(int) - 1, 0)
+        hi = np.minimum(np.ceil(c.max(0)).astype(int) + 2, np.array(reference.GetSize()))
+        if np.all(hi > lo):
+            sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+            sub.SetSpacing(reference.GetSpacing())
+            sub.SetDirection(reference.GetDirection())
+            sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+            res = sitk.Resample(labels, sub, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+            out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sitk.GetArrayViewFromImage(res)
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(reference)
+    return img

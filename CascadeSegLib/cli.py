@@ -1,0 +1,80 @@
+"""`cascadeseg` command line: one dispatcher, one module per command in `commands/`.
+
+User mistakes (`UserError`) print one line and exit 2; Ctrl-C exits 130 after temporary files
+are removed; anything else is a bug: one line naming a log file with the traceback, exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import signal
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import Cancelled, UserError
+
+COMMANDS = ("segment", "models", "evaluate", "train", "benchmark", "refine")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+        self.print_usage(sys.stderr)
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="cascadeseg", description="Cascaded 3D FCN segmentation of abdominal CT "
+                     "(Roth et al. 2018).")
+    parser.add_argument("--version", action="version", version=f"cascadeseg {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f".commands.{name}", __package__)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.startswith(f"{__package__}.commands"):
+                continue  # a command not present in this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    except ValueError:
+        pass  # not in the main thread (e.g. called from tests in a worker thread)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"cascadeseg: error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Cancelled):
+        print("cascadeseg: cancelled; no output was written for the unfinished case", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - last resort: keep the traceback in a log, not on screen
+        log = Path(tempfile.gettempdir()) / "cascadeseg-error.log"
+        try:
+            log.write_text(traceback.format_exc())
+            where = f"details in {log}"
+        except OSError:
+            where = "details: " + traceback.format_exc().strip().splitlines()[-1]
+        print(f"cascadeseg: internal error ({sys.exc_info()[1].__class__.__name__}); {where}; please report it",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

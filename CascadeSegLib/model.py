@@ -1,0 +1,247 @@
+"""Model packages: everything needed to run a cascade, so prediction never guesses.
+
+A package is a folder (or a .zip of one) holding `model.json` and one weight file per stage.
+The weights' sha256 is recorded in model.json and checked before `torch.load`, which runs with
+`weights_only=True` so a model file can never execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import ModelError
+from .labels import LabelSet
+from .network import NetConfig, UNet3D, build_network
+from .resources import bundled_models_dir, models_dir
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class StageSpec:
+    name: str
+    spacing: tuple[float, float, float]          # (x, y, z) mm
+    tile: tuple[int, int, int]                   # network input tile (x, y, z) voxels
+    network: NetConfig
+    weights: str                                 # file name inside the package
+    sha256: str = ""
+
+    @property
+    def tile_zyx(self) -> tuple[int, int, int]:
+        return (self.tile[2], self.tile[1], self.tile[0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "spacing": list(self.spacing), "tile": list(self.tile),
+                "network": self.network.to_json(), "weights": self.weights, "sha256": self.sha256}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> "StageSpec":
+        return StageSpec(name=str(d["name"]), spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+                         tile=tuple(int(t) for t in d["tile"]),  # type: ignore[arg-type]
+                         network=NetConfig.from_json(d["network"]), weights=str(d["weights"]),
+                         sha256=str(d.get("sha256", "")))
+
+
+@dataclass
+class ModelPackage:
+    name: str
+    version: str
+    labels: LabelSet
+    stages: list[StageSpec]
+    window: tuple[float, float] = (-200.0, 300.0)
+    normalization: str = "window01"
+    body_threshold_hu: float = -500.0
+    dilation_radius: int = 3
+    description: str = ""
+    license: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+    root: Path | None = None
+
+    # --- (de)serialisation -------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version, "name": self.name, "version": self.version,
+            "description": self.description, "license": self.license,
+            "labels": self.labels.to_json(),
+            "intensity": {"window": list(self.window), "normalization": self.normalization},
+            "body_mask": {"threshold_hu": self.body_threshold_hu},
+            "dilation_radius": self.dilation_radius,
+            "stages": [s.to_json() for s in self.stages],
+            "provenance": self.provenance,
+        }
+
+    @staticmethod
+    def from_json(d: dict[str, Any], root: Path | None = None) -> "ModelPackage":
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ModelError(f"model format version {version!r} is not supported (this CascadeSeg reads "
+                             f"version {FORMAT_VERSION}); update CascadeSeg or re-export the model")
+        try:
+            pkg = ModelPackage(
+                name=str(d["name"]), version=str(d["version"]),
+                labels=LabelSet.from_json(d["labels"]),
+                stages=[StageSpec.from_json(s) for s in d["stages"]],
+                window=tuple(float(w) for w in d["intensity"]["window"]),  # type: ignore[arg-type]
+                normalization=str(d["intensity"].get("normalization", "window01")),
+                body_threshold_hu=float(d.get("body_mask", {}).get("threshold_hu", -500.0)),
+                dilation_radius=int(d.get("dilation_radius", 3)),
+                description=str(d.get("description", "")), license=str(d.get("license", "")),
+                provenance=dict(d.get("provenance", {})), format_version=int(version), root=root)
+        except (KeyError, TypeError, ValueError) as exc:
+            where = f" in {root / 'model.json'}" if root else ""
+            raise ModelError(f"model.json{where} is invalid ({type(exc).__name__}: {exc}); "
+                             "re-export or re-install the model") from None
+        if not 1 <= len(pkg.stages) <= 2:
+            raise ModelError(f"model {pkg.name} has {len(pkg.stages)} stages; a cascade has 1 or 2")
+        for stage in pkg.stages:
+            if stage.network.num_classes != pkg.labels.num_classes:
+                raise ModelError(f"model {pkg.name}: stage {stage.name} predicts {stage.network.num_classes} "
+                                 f"classes but the label list needs {pkg.labels.num_classes}; fix model.json")
+        return pkg
+
+    @staticmethod
+    def load(path: str | Path) -> "ModelPackage":
+        """Read a package from a folder, a model.json, or a .zip (extracted safely to a cache)."""
+        p = Path(path).expanduser()
+        if p.is_file() and p.suffix.lower() == ".zip":
+            p = _extract_cached(p)
+        if p.is_file() and p.name == "model.json":
+            p = p.parent
+        meta = p / "model.json"
+        if not meta.is_file():
+            raise ModelError(f"no model.json in {p}; pass a model folder, a model .zip, or an installed "
+                             "model name (see `cascadeseg models list`)")
+        try:
+            data = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelError(f"cannot read {meta} ({exc}); re-install the model") from None
+        return ModelPackage.from_json(data, root=p.resolve())
+
+    def save(self, folder: str | Path, state_dicts: Sequence[dict[str, torch.Tensor]] | None = None) -> Path:
+        """Write model.json (and weights, if given) into `folder`; sha256s are recomputed."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if state_dicts is not None:
+            if len(state_dicts) != len(self.stages):
+                raise ValueError("one state_dict per stage is needed")
+            for stage, sd in zip(self.stages, state_dicts):
+                target = folder / stage.weights
+                _atomic_torch_save({k: v.detach().cpu() for k, v in sd.items()}, target)
+        for stage in self.stages:
+            stage.sha256 = sha256_file(folder / stage.weights)
+        text = json.dumps(self.to_json(), indent=2) + "\n"
+        tmp = folder / ".model.json.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / "model.json")
+        self.root = folder.resolve()
+        return folder
+
+    # --- checks and loading ------------------------------------------------------------------
+    def weight_path(self, stage: StageSpec) -> Path:
+        if self.root is None:
+            raise ModelError(f"model {self.name} has no folder; save it first")
+        return self.root / stage.weights
+
+    def verify(self) -> dict[str, str]:
+        """Check every weight file's sha256 against model.json; return {file: sha256}."""
+        result = {}
+        for stage in self.stages:
+            path = self.weight_path(stage)
+            if not path.is_file():
+                raise ModelError(f"model {self.name}: weight file {stage.weights} is missing from {self.root}; "
+                                 "re-install the model")
+            digest = sha256_file(path)
+            if not stage.sha256 or digest != stage.sha256.lower():
+                raise ModelError(f"model {self.name}: {stage.weights} has sha256 {digest[:12]}..., model.json "
+                                 f"says {stage.sha256[:12] or 'nothing'}...; the file is damaged or was "
+                                 "altered: re-install the model")
+            result[stage.weights] = digest
+        return result
+
+    def load_network(self, stage_index: int, device: str | torch.device = "cpu") -> UNet3D:
+        """Build the stage's network and load its checksum-verified weights (eval mode)."""
+        stage = self.stages[stage_index]
+        path = self.weight_path(stage)
+        if not path.is_file():
+            raise ModelError(f"model {self.name}: weight file {stage.weights} is missing; re-install the model")
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != stage.sha256.lower():
+            raise ModelError(f"model {self.name}: {stage.weights} fails its sha256 check (got {digest[:12]}..., "
+                             f"expected {stage.sha256[:12] or 'nothing'}...); re-install the model")
+        import io as _io
+
+        try:
+            state = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unpickling problem is a damaged model
+            raise ModelError(f"model {self.name}: cannot load {stage.weights} ({type(exc).__name__}); "
+                             "re-install the model") from None
+        net = build_network(stage.network)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise ModelError(f"model {self.name}: {stage.weights} does not fit its network config ({first})") from None
+        return net.to(device).eval()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_torch_save(obj: Any, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _extract_cached(zip_path: Path) -> Path:
+    from .archive import safe_extract_zip
+
+    digest = sha256_file(zip_path)[:16]
+    cache = models_dir() / ".cache" / f"{zip_path.stem}-{digest}"
+    if (cache / "model.json").is_file():
+        return cache
+    for found in cache.glob("*/model.json") if cache.is_dir() else []:
+        return found.parent
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    return safe_extract_zip(zip_path, cache)
+
+
+DEFAULT_MODEL = "abdomen-ct-demo"
+
+
+def find_model(name_or_path: str | Path | None = None) -> Path:
+    """Resolve a model given as a path, an installed name, or a bundled name."""
+    name = str(name_or_path or DEFAULT_MODEL)
+    p = Path(name).expanduser()
+    if p.exists():
+        return p
+    for base in (models_dir(), bundled_models_dir()):
+        candidate = base / name
+        if (candidate / "model.json").is_file():
+            return candidate
+    raise ModelError(f"model {name!r} not found (looked in {models_dir()} and {bundled_models_dir()}); "
+                     "see `cascadeseg models list`, or pass a model folder or .zip")
+
+
+def load_model(name_or_path: str | Path | None = None) -> ModelPackage:
+    return ModelPackage.load(find_model(name_or_path))

@@ -1,0 +1,121 @@
+"""Resampling, intensity windowing, the body mask C1 and the dilation that makes C2.
+
+Resampling uses SimpleITK (multi-threaded, geometry-exact); masks and intensities are torch
+tensors on the inference device. Arrays are (z, y, x); spacings are (x, y, z) like SimpleITK.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+_INTERP = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+
+
+def grid_for_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """An empty image with `spacing` covering the same physical extent as `image`.
+
+    Origin and direction are kept, so the first voxel centre is unchanged and the grids share
+    their orientation exactly; the size is rounded so the extent changes by < 1 voxel.
+    """
+    spacing = [float(s) for s in spacing]
+    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    ref = sitk.Image(size, sitk.sitkUInt8)
+    ref.SetSpacing(spacing)
+    ref.SetOrigin(image.GetOrigin())
+    ref.SetDirection(image.GetDirection())
+    return ref
+
+
+def resample(image: sitk.Image, reference: sitk.Image, interpolator: str = "linear",
+             default_value: float = 0.0, output_type: int | None = None) -> sitk.Image:
+    """Resample `image` onto `reference`'s grid (identity transform, physical coordinates)."""
+    if output_type is None:
+        output_type = image.GetPixelID()
+    return sitk.Resample(image, reference, sitk.Transform(), _INTERP[interpolator], float(default_value),
+                         output_type)
+
+
+def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolator: str = "linear",
+                        default_value: float = 0.0, output_type: int | None = None) -> sitk.Image:
+    return resample(image, grid_for_spacing(image, spacing), interpolator, default_value, output_type)
+
+
+def normalize(hu: torch.Tensor, window: Sequence[float], mode: str = "window01") -> torch.Tensor:
+    """Clip HU to the model's window and scale: 'window01' -> [0, 1], 'window11' -> [-1, 1]."""
+    lo, hi = float(window[0]), float(window[1])
+    x = hu.float().clamp(lo, hi)
+    if mode == "window01":
+        return (x - lo) / (hi - lo)
+    if mode == "window11":
+        return (x - lo) / (hi - lo) * 2.0 - 1.0
+    raise ValueError(f"unknown normalization {mode!r} (expected 'window01' or 'window11')")
+
+
+def body_mask(hu: torch.Tensor, threshold: float = -500.0) -> torch.Tensor:
+    """C1: voxels above `threshold` HU, holes filled, largest connected component only.
+
+    Holes are filled slice by slice (axial) and then in 3D so air inside lungs and bowel counts
+    as body even where it reaches the top or bottom of the scan.
+    """
+    from scipy import ndimage
+
+    mask = (hu > threshold).cpu().numpy()
+    if not mask.any():
+        return torch.zeros_like(hu, dtype=torch.bool)
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        counts = np.bincount(labels.ravel())
+        counts[0] = 0
+        mask = labels == int(counts.argmax())
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    mask = ndimage.binary_fill_holes(mask, structure=in_plane)
+    mask = ndimage.binary_fill_holes(mask)
+    return torch.from_numpy(mask).to(hu.device)
+
+
+def ball(radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    r = int(radius)
+    ax = torch.arange(-r, r + 1, device=device, dtype=torch.float32)
+    zz, yy, xx = torch.meshgrid(ax, ax, ax, indexing="ij")
+    return (zz ** 2 + yy ** 2 + xx ** 2) <= r * r + 1e-6
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Binary dilation with a ball of `radius` voxels (the paper's C2 uses r = 3).
+
+    Only the bounding box of the mask (plus the radius) is convolved, which keeps this cheap
+    when the foreground is ~10% of the volume.
+    """
+    if radius <= 0 or not bool(mask.any()):
+        return mask.clone()
+    box = bounding_box(mask, pad=radius, shape=mask.shape)
+    sl = tuple(slice(a, b) for a, b in box)
+    sub = mask[sl].float()[None, None]
+    kernel = ball(radius, mask.device).float()[None, None]
+    # Pad with zeros so the ball reaches the box edge, then any overlap marks a voxel.
+    out = F.conv3d(F.pad(sub, [radius] * 6), kernel) > 0.5
+    result = torch.zeros_like(mask)
+    result[sl] = out[0, 0]
+    return result
+
+
+def bounding_box(mask: torch.Tensor | np.ndarray, pad: int = 0,
+                 shape: Sequence[int] | None = None) -> list[tuple[int, int]] | None:
+    """[(start, stop), ...] per axis of the True voxels, grown by `pad` and clipped to `shape`."""
+    m = mask if isinstance(mask, torch.Tensor) else torch.from_numpy(np.asarray(mask))
+    if not bool(m.any()):
+        return None
+    shape = shape or m.shape
+    box = []
+    for axis in range(m.ndim):
+        other = tuple(a for a in range(m.ndim) if a != axis)
+        idx = torch.nonzero(m.any(dim=other) if other else m).flatten()
+        lo, hi = int(idx[0]) - pad, int(idx[-1]) + 1 + pad
+        box.append((max(0, lo), min(int(shape[axis]), hi)))
+    return box

@@ -1,0 +1,101 @@
+"""A three-view overlay picture of a result (axial, coronal, sagittal), written as PNG.
+
+Slices are resampled from physical space onto an axis-aligned LPS grid, so the picture is in
+radiological convention whatever the input's orientation: axial with the patient's right on
+the left and anterior up; coronal and sagittal with superior up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from .labels import LabelSet
+
+
+def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    size = np.array(image.GetSize())
+    pts = []
+    for i in (0, 1):
+        for j in (0, 1):
+            for k in (0, 1):
+                idx = (np.array([i, j, k]) * (size - 1)).tolist()
+                pts.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
+    pts = np.array(pts)
+    return pts.min(0), pts.max(0)
+
+
+def _slice(image: sitk.Image, origin: Sequence[float], size: Sequence[int], spacing: float,
+           interpolator: int, default: float) -> np.ndarray:
+    ref = sitk.Image([int(s) for s in size], image.GetPixelID())
+    ref.SetOrigin([float(o) for o in origin])
+    ref.SetSpacing([spacing] * 3)
+    return sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), interpolator, default))
+
+
+def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path: str | Path,
+                   window: tuple[float, float] = (-160.0, 240.0), pixel_mm: float | None = None,
+                   alpha: float = 0.45) -> Path:
+    """Write axial | coronal | sagittal slices through the labelled region's centre."""
+    lo, hi = _physical_box(ct)
+    extent = hi - lo
+    spacing = pixel_mm or max(float(extent.max()) / 320.0, 0.5)
+    n = np.maximum(np.ceil(extent / spacing).astype(int) + 1, 1)
+    lab = sitk.GetArrayViewFromImage(labels)
+    if lab.any():
+        idx = np.argwhere(lab > 0).mean(0)[::-1]
+        centre = np.array(labels.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
+    else:
+        centre = (lo + hi) / 2
+    views = []
+    for axis in (2, 1, 0):  # axial (fixed z), coronal (fixed y), sagittal (fixed x)
+        origin = lo.copy()
+        origin[axis] = centre[axis]
+        size = n.copy()
+        size[axis] = 1
+        hu = _slice(sitk.Cast(ct, sitk.sitkFloat32), origin, size, spacing, sitk.sitkLinear, -1024.0)
+        lb = _slice(sitk.Cast(labels, sitk.sitkUInt8), origin, size, spacing, sitk.sitkNearestNeighbor, 0)
+        hu, lb = np.squeeze(hu, axis=2 - axis), np.squeeze(lb, axis=2 - axis)
+        if axis != 2:  # rows are z: superior (larger z in LPS) at the top
+            hu, lb = hu[::-1], lb[::-1]
+        views.append(_compose(hu, lb, labelset, window, alpha))
+    height = max(v.shape[0] for v in views)
+    gap = np.zeros((height, 6, 3), np.uint8)
+    padded = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
+    picture = np.concatenate(sum(([p, gap] for p in padded), [])[:-1], axis=1)
+    picture = _upscale(picture, 2 if picture.shape[1] < 700 else 1)
+    out = sitk.GetImageFromArray(picture, isVector=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}")
+    sitk.WriteImage(out, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _compose(hu: np.ndarray, lb: np.ndarray, labelset: LabelSet, window: tuple[float, float],
+             alpha: float) -> np.ndarray:
+    lo, hi = window
+    grey = (np.clip((hu - lo) / (hi - lo), 0, 1) * 255).astype(np.float32)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    lut = np.zeros((256, 3), np.float32)
+    for label in labelset:
+        lut[label.value] = label.color
+    fg = lb > 0
+    rgb[fg] = (1 - alpha) * rgb[fg] + alpha * lut[lb[fg]]
+    # Outline each label in its full colour so small structures stay visible.
+    edge = np.zeros_like(fg)
+    edge[1:, :] |= lb[1:, :] != lb[:-1, :]
+    edge[:, 1:] |= lb[:, 1:] != lb[:, :-1]
+    edge &= fg
+    rgb[edge] = lut[lb[edge]]
+    return rgb.clip(0, 255).astype(np.uint8)
+
+
+def _upscale(img: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return img
+    return img.repeat(factor, axis=0).repeat(factor, axis=1)

@@ -1,0 +1,61 @@
+"""Per-case report: organ volumes, timings, model and input geometry (JSON and Markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .labels import LabelSet
+
+
+def organ_volumes(labels: sitk.Image, labelset: LabelSet) -> dict[str, dict[str, float]]:
+    """{organ name: {"voxels": n, "ml": volume}} for every label of the set (0 when absent)."""
+    counts = np.bincount(sitk.GetArrayViewFromImage(labels).ravel(), minlength=labelset.num_classes)
+    voxel_ml = float(np.prod(labels.GetSpacing())) / 1000.0
+    return {lab.name: {"voxels": int(counts[lab.value]), "ml": round(float(counts[lab.value]) * voxel_ml, 2)}
+            for lab in labelset}
+
+
+def build_report(case: str, image: sitk.Image, labels: sitk.Image, labelset: LabelSet,
+                 timings: dict[str, float], model: dict[str, Any], outputs: dict[str, str],
+                 stats: dict[str, float] | None = None, device: str = "") -> dict[str, Any]:
+    return {
+        "case": case,
+        "input": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
+                  "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())},
+        "model": model,
+        "device": device,
+        "organs": organ_volumes(labels, labelset),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "candidate_regions": {k: round(v, 4) for k, v in (stats or {}).items()},
+        "outputs": outputs,
+    }
+
+
+def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
+    lines = [f"# CascadeSeg report: {report['case']}", "",
+             f"Model: {report['model'].get('name')} {report['model'].get('version')} on {report['device']}",
+             f"Input: {' x '.join(str(s) for s in report['input']['size'])} voxels, spacing "
+             f"{' x '.join(f'{s:.3g}' for s in report['input']['spacing'])} mm", "",
+             "| organ | volume (ml) | voxels |", "|---|---:|---:|"]
+    for lab in labelset:
+        o = report["organs"][lab.name]
+        lines.append(f"| {lab.display} | {o['ml']:.1f} | {o['voxels']} |")
+    lines += ["", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
+    if report.get("candidate_regions"):
+        lines += ["", "Candidate regions (fraction of voxels on the model grid): "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in report["candidate_regions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], labelset: LabelSet, json_path: Path, md_path: Path) -> None:
+    for path, text in ((json_path, json.dumps(report, indent=2) + "\n"),
+                       (md_path, report_markdown(report, labelset))):
+        tmp = path.with_name(f".tmp-{path.name}")
+        tmp.write_text(text)
+        tmp.replace(path)
