@@ -1,0 +1,379 @@
+"""The only place that knows both MRML and CascadeSegLib: run the CLI, import its result.
+
+Importable with slicer-core alone (no qt, ctk or slicer.util). The scene is touched only
+when a run finished successfully: a cancelled or failed run leaves every node as it was,
+and the run's temporary folder is always removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .parameters import SegmentParameters
+from .process import SegmentProcess, python_executable
+
+log = logging.getLogger(__name__)
+
+#: node attributes that tie a result to its input (so a rerun replaces instead of piling up)
+ATTR_INPUT = "CascadeSeg.InputVolumeID"
+ATTR_MODEL = "CascadeSeg.Model"
+ATTR_LABEL_NAME = "CascadeSeg.LabelName"
+
+
+class RunError(Exception):
+    """A run failed: `message` is one line for a message box, `details` the full log."""
+
+    def __init__(self, message: str, details: str = "", exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.exit_code = exit_code
+
+
+class RunCancelled(Exception):
+    """The user pressed Cancel; nothing in the scene changed."""
+
+
+@dataclass
+class Progress:
+    stage: str = ""
+    fraction: float = 0.0
+    message: str = ""
+
+    def text(self) -> str:
+        return " - ".join(p for p in (self.stage, self.message) if p)
+
+
+@dataclass
+class SegmentRun:
+    """One running `cascadeseg segment`: its process, temp folder and what it will produce."""
+
+    process: Any
+    temp_dir: Path
+    volume_id: str
+    output_id: str | None
+    params: SegmentParameters
+    started: float = field(default_factory=time.monotonic)
+    progress: Progress = field(default_factory=Progress)
+    done_events: list[dict[str, Any]] = field(default_factory=list)
+    error_event: dict[str, Any] | None = None
+    log_lines: list[str] = field(default_factory=list)
+
+    def poll(self) -> Progress:
+        """Read what the process printed; the latest progress (cheap, never blocks)."""
+        for ev in self.process.poll_events():
+            kind = ev.get("event")
+            if kind == "progress":
+                self.progress = Progress(str(ev.get("stage", "")), float(ev.get("fraction", 0.0)),
+                                         str(ev.get("message", "")))
+            elif kind == "done":
+                self.done_events.append(ev)
+            elif kind == "error":
+                self.error_event = ev
+            else:
+                self.log_lines.append(str(ev.get("message", ev)))
+        return self.progress
+
+    def is_running(self) -> bool:
+        return self.process.is_running()
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def library_path() -> Path:
+    """Folder that holds the CascadeSegLib package (added to the child's PYTHONPATH)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("CascadeSegLib")
+    if spec is None or not spec.origin:
+        raise RunError("the CascadeSegLib library is not installed; reinstall the CascadeSeg extension")
+    return Path(spec.origin).resolve().parent.parent
+
+
+class CascadeSegLogic:
+    """Start/poll/cancel a segmentation run and turn its result into a segmentation node."""
+
+    def __init__(self, scene: Any = None, python: str | None = None,
+                 process_factory: Callable[..., Any] = SegmentProcess,
+                 command_prefix: list[str] | None = None) -> None:
+        self.scene = scene
+        self.python = python or python_executable()
+        self.process_factory = process_factory
+        # what runs the CLI; tests point this at a fake CLI script
+        self.command_prefix = command_prefix
+
+    # ------------------------------------------------------------------ running
+    def cli_command(self, args: list[str]) -> list[str]:
+        prefix = self.command_prefix or [self.python, "-m", "CascadeSegLib.cli"]
+        return list(prefix) + args
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        try:
+            lib = str(library_path())
+            env["PYTHONPATH"] = os.pathsep.join([lib] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        except RunError:
+            pass
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, volume_node: Any, params: SegmentParameters,
+              output_node: Any = None) -> SegmentRun:
+        """Write the volume to a temp folder and start the CLI on it (returns at once)."""
+        check_input_volume(volume_node)
+        temp_dir = Path(tempfile.mkdtemp(prefix="CascadeSeg-"))
+        try:
+            input_path = temp_dir / "input.nrrd"
+            write_volume(volume_node, input_path)
+            out_dir = temp_dir / "out"
+            out_dir.mkdir()
+            command = self.cli_command(params.cli_args(input_path, out_dir))
+            log.info("running %s", " ".join(command))
+            process = self.process_factory(command, env=self.child_env(), cwd=str(temp_dir)).start()
+        except Exception:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        return SegmentRun(process, temp_dir, volume_node.GetID(),
+                          output_node.GetID() if output_node is not None else None, params)
+
+    def cancel(self, run: SegmentRun) -> None:
+        """Kill the process tree and delete the temp folder; the scene is not touched."""
+        try:
+            run.process.cancel()
+        finally:
+            run.cleanup()
+
+    def finish(self, run: SegmentRun) -> Any:
+        """After the process ended: import its result (RunError/RunCancelled otherwise)."""
+        try:
+            rc = run.process.wait()
+            run.poll()
+            if run.process.cancelled or rc in (130, -2, -15, -9):
+                raise RunCancelled("segmentation cancelled")
+            if rc != 0 or run.error_event is not None or not run.done_events:
+                raise self._run_error(run, rc)
+            volume = self.scene.GetNodeByID(run.volume_id)
+            if volume is None:
+                raise RunError("the input volume was removed from the scene while segmenting; "
+                               "load it again and rerun")
+            output = self.scene.GetNodeByID(run.output_id) if run.output_id else None
+            return self.import_result(volume, run.done_events[-1], run.params, output)
+        finally:
+            run.cleanup()
+
+    def _run_error(self, run: SegmentRun, rc: int | None) -> RunError:
+        stderr = run.process.stderr_text
+        details = "\n".join(filter(None, [stderr, *run.log_lines]))
+        if run.error_event is not None:
+            return RunError(str(run.error_event.get("message", "segmentation failed")), details,
+                            run.error_event.get("exit_code", rc))
+        lines = [ln for ln in stderr.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error:" in ln]
+        msg = (errors or lines or [f"segmentation process exited with code {rc}"])[-1]
+        msg = msg.split("error:", 1)[-1].strip() if "error:" in msg else msg.strip()
+        if rc == 0 and not run.done_events:
+            msg = "the segmentation process ended without a result; see the details"
+        return RunError(msg, details, rc)
+
+    def run(self, volume_node: Any, params: SegmentParameters, output_node: Any = None,
+            on_progress: Callable[[Progress], None] | None = None,
+            timeout_s: float | None = None) -> Any:
+        """Blocking run (scripts, self-test): start, poll until done, import."""
+        run = self.start(volume_node, params, output_node)
+        try:
+            while run.is_running():
+                p = run.poll()
+                if on_progress:
+                    on_progress(p)
+                if timeout_s is not None and run.elapsed_s > timeout_s:
+                    self.cancel(run)
+                    raise RunError(f"segmentation took longer than {timeout_s:.0f} s and was stopped")
+                time.sleep(0.1)
+        except BaseException:
+            self.cancel(run)
+            raise
+        return self.finish(run)
+
+    # ------------------------------------------------------------------ importing
+    def find_previous_result(self, volume_node: Any) -> Any:
+        """The segmentation an earlier run made for this volume (reused unless asked not to)."""
+        nodes = self.scene.GetNodesByClass("vtkMRMLSegmentationNode")
+        found = None
+        for i in range(nodes.GetNumberOfItems()):
+            node = nodes.GetItemAsObject(i)
+            if node.GetAttribute(ATTR_INPUT) == volume_node.GetID():
+                found = node
+        return found
+
+    def import_result(self, volume_node: Any, done: dict[str, Any],
+                      params: SegmentParameters | None = None, output_node: Any = None) -> Any:
+        """Turn a `done` event (label map + label list) into a segmentation node.
+
+        The new segmentation is built off-scene first; the scene changes only when it is
+        complete. `output_node` is replaced in place; without it, the node a previous run made
+        for this volume is reused unless `params.create_new_segmentation`.
+        """
+        params = params or SegmentParameters()
+        outputs = done.get("outputs") or {}
+        labels_path = outputs.get("labels") or outputs.get("segmentation")
+        if not labels_path or not Path(labels_path).is_file():
+            raise RunError(f"the segmentation result file is missing ({labels_path}); see the details",
+                           json.dumps(done, indent=1))
+        label_items = done.get("labels") or []
+        segmentation = build_segmentation(labels_path, label_items)
+        extras = self._read_extras(outputs, params)
+
+        if output_node is None and not params.create_new_segmentation:
+            output_node = self.find_previous_result(volume_node)
+        scene = self.scene
+        if output_node is None:
+            import slicer
+
+            output_node = slicer.vtkMRMLSegmentationNode()
+            output_node.SetName(scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
+            scene.AddNode(output_node)
+        output_node.CreateDefaultDisplayNodes()
+        was = output_node.StartModify()
+        try:
+            output_node.GetSegmentation().DeepCopy(segmentation)  # replaces conversion params too
+            output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+            output_node.SetAttribute(ATTR_INPUT, volume_node.GetID())
+            model = done.get("model")
+            output_node.SetAttribute(ATTR_MODEL, str(model.get("name") if isinstance(model, dict) else model or params.model))
+        finally:
+            output_node.EndModify(was)
+        output_node.CreateClosedSurfaceRepresentation()
+        display = output_node.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility(True)
+            display.SetVisibility3D(True)
+            display.SetPreferredDisplayRepresentationName3D("Closed surface")
+        for name, (path, labelmap) in extras.items():
+            self._load_extra(volume_node, name, path, labelmap)
+        return output_node
+
+    def _read_extras(self, outputs: dict[str, Any], params: SegmentParameters) -> dict[str, tuple[str, bool]]:
+        wanted: dict[str, tuple[str, bool]] = {}
+        if params.keep_probabilities and outputs.get("probabilities"):
+            wanted["probabilities"] = (outputs["probabilities"], False)
+        if params.keep_candidates:
+            for key in ("c1", "c2"):
+                if outputs.get(key):
+                    wanted[key.upper()] = (outputs[key], True)
+        return {k: v for k, v in wanted.items() if Path(v[0]).is_file()}
+
+    def _load_extra(self, volume_node: Any, name: str, path: str, labelmap: bool) -> Any:
+        """Load a probability map or candidate mask as a volume named after the input."""
+        import slicer
+
+        node_name = f"{volume_node.GetName()} {name}"
+        old = self.scene.GetFirstNodeByName(node_name)
+        if old is not None:
+            self.scene.RemoveNode(old)
+        storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        storage.SetFileName(str(path))
+        if labelmap:
+            node = slicer.vtkMRMLLabelMapVolumeNode()
+        else:
+            node = slicer.vtkMRMLVectorVolumeNode()
+            storage.SetSingleFile(True)
+        if not storage.ReadData(node):
+            log.warning("could not read %s", path)
+            return None
+        node.SetName(node_name)
+        self.scene.AddNode(node)
+        node.CreateDefaultDisplayNodes()
+        return node
+
+
+# ---------------------------------------------------------------------- helpers (no scene)
+def check_input_volume(volume_node: Any) -> None:
+    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        raise RunError("select a CT volume as input")
+    image = volume_node.GetImageData()
+    if image is None or min(image.GetDimensions()) < 1 or image.GetNumberOfPoints() < 8:
+        raise RunError(f"volume {volume_node.GetName()!r} has no image data; load the CT again")
+    if image.GetNumberOfScalarComponents() != 1:
+        raise RunError(f"volume {volume_node.GetName()!r} is not a single-channel CT")
+    if volume_node.GetParentTransformNode() is not None:
+        raise RunError(f"volume {volume_node.GetName()!r} is under a transform; harden the transform "
+                       "(Data module, right-click) and run again")
+
+
+def write_volume(volume_node: Any, path: Path) -> None:
+    """Write a volume (any direction, oblique included) to NRRD without touching the scene."""
+    import slicer
+
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(False)
+    if not storage.WriteData(volume_node) or not path.is_file():
+        raise RunError(f"could not write {volume_node.GetName()!r} to the temporary folder {path.parent}")
+
+
+def read_labelmap(path: str | Path) -> Any:
+    """A label map file as vtkOrientedImageData (geometry from the file, in RAS)."""
+    import slicer
+
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    node = slicer.vtkMRMLLabelMapVolumeNode()
+    if not storage.ReadData(node) or node.GetImageData() is None:
+        raise RunError(f"could not read the result label map {path}")
+    return slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
+
+
+def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, Any]]) -> Any:
+    """A vtkSegmentation with one segment per label (shared labelmap, model label values)."""
+    import numpy as np
+    import slicer
+    from vtk.util import numpy_support
+
+    from CascadeSegLib.labels import LabelSet
+
+    labels = LabelSet.from_json(label_items)
+    if len(labels) == 0:
+        raise RunError("the model reported no labels; check the model package")
+    image = read_labelmap(labels_path)
+    scalars = image.GetPointData().GetScalars()
+    arr = numpy_support.vtk_to_numpy(scalars)
+    values = np.array([lab.value for lab in labels])
+    clean = np.where(np.isin(arr, values), arr, 0).astype(np.uint8 if values.max() < 256 else np.int16)
+    shared = slicer.vtkOrientedImageData()
+    shared.ShallowCopy(image)
+    shared.CopyDirections(image)
+    vtk_arr = numpy_support.numpy_to_vtk(clean.ravel(), deep=True)
+    vtk_arr.SetName("ImageScalars")
+    shared.GetPointData().SetScalars(vtk_arr)
+
+    segmentation = slicer.vtkSegmentation()
+    rep = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    segmentation.SetSourceRepresentationName(rep) if hasattr(segmentation, "SetSourceRepresentationName") \
+        else segmentation.SetMasterRepresentationName(rep)
+    for lab in labels:
+        segment = slicer.vtkSegment()
+        segment.SetName(lab.display)
+        segment.SetColor(*lab.color_float)
+        segment.SetLabelValue(lab.value)
+        term = lab.terminology()
+        if hasattr(segment, "SetTerminology"):
+            segment.SetTerminology(term)
+        else:  # Slicer < 5.7 keeps the terminology in a tag
+            segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), term)
+        segment.SetTag(ATTR_LABEL_NAME, lab.name)
+        segment.AddRepresentation(rep, shared)
+        segmentation.AddSegment(segment, lab.name)
+    return segmentation

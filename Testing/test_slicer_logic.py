@@ -1,0 +1,406 @@
+"""The Slicer module's logic under slicer-core (real MRML, no Slicer app, no Qt).
+
+Checks that a `cascadeseg segment --progress-json` result becomes a segmentation node with
+the model's names, colours, terminology and label values on the input's exact geometry
+(flipped/oblique included), that it round-trips through .seg.nrrd, and that a cancelled or
+failed run leaves the scene as it was and removes its temporary folder. The process side
+is driven by a fake CLI script, so these tests do not need a trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+slicer = pytest.importorskip("slicer")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "CascadeSeg"))
+
+from vtk.util import numpy_support  # noqa: E402
+
+from CascadeSegLib.labels import DEFAULT_ORGANS, LabelSet  # noqa: E402
+from CascadeSegSlicer.headless import make_scene  # noqa: E402
+from CascadeSegSlicer.logic import (ATTR_INPUT, CascadeSegLogic, RunCancelled,  # noqa: E402
+                                    RunError, build_segmentation)
+from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
+
+SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
+SAMPLE_TS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
+TOTALSEG_IDS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
+                6: "stomach", 7: "pancreas", 52: "aorta", 63: "inferior_vena_cava",
+                64: "portal_vein_and_splenic_vein"}
+LABELS = LabelSet.from_names(DEFAULT_ORGANS)
+
+
+# ----------------------------------------------------------------------------- helpers
+def remap_totalseg(path: Path, out: Path) -> np.ndarray:
+    img = sitk.ReadImage(str(path))
+    a = sitk.GetArrayFromImage(img)
+    lut = np.zeros(int(a.max()) + 1, np.uint8)
+    for ts_id, name in TOTALSEG_IDS.items():
+        lut[ts_id] = LABELS.by_name(name).value
+    res = sitk.GetImageFromArray(lut[a])
+    res.CopyInformation(img)
+    sitk.WriteImage(res, str(out))
+    return lut[a]
+
+
+def done_event(labels_path: Path, labels: LabelSet = LABELS, **outputs) -> dict:
+    return {"event": "done", "case": "input", "outputs": {"labels": str(labels_path), **outputs},
+            "labels": labels.to_json(), "timings": {"read": 0.1, "total": 1.0}}
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def image_to_world(oriented) -> np.ndarray:
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    oriented.GetImageToWorldMatrix(m)
+    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
+
+
+def segment_array(seg_node, segment_id: str):
+    """(array in z,y,x of the segment's own labelmap == its label value, image-to-world, extent)."""
+    seg = seg_node.GetSegmentation()
+    oriented = seg.GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    ext = oriented.GetExtent()
+    dims = [ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1]
+    a = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(dims[::-1])
+    value = seg.GetSegment(segment_id).GetLabelValue()
+    return a == value, image_to_world(oriented), ext
+
+
+def scene_snapshot(scene) -> list[tuple[str, str, int]]:
+    out = []
+    for i in range(scene.GetNumberOfNodes()):
+        n = scene.GetNthNode(i)
+        out.append((n.GetID(), n.GetName() or "", n.GetMTime() if not n.IsA("vtkMRMLSegmentationNode") else 0))
+    return out
+
+
+@pytest.fixture()
+def app():
+    return make_scene()
+
+
+@pytest.fixture()
+def sample(app, tmp_path):
+    volume = app.load_volume(str(SAMPLE_CT), "abdomen_ct_3mm")
+    labels_path = tmp_path / "labels.nii.gz"
+    arr = remap_totalseg(SAMPLE_TS, labels_path)
+    return volume, labels_path, arr
+
+
+# ----------------------------------------------------------------------------- import
+def test_import_gives_named_coloured_coded_segments_on_input_geometry(app, sample):
+    volume, labels_path, arr = sample
+    logic = CascadeSegLogic(app.scene)
+    seg_node = logic.import_result(volume, done_event(labels_path))
+
+    assert seg_node.GetScene() is app.scene
+    assert seg_node.GetName() == "abdomen_ct_3mm segmentation"
+    assert seg_node.GetAttribute(ATTR_INPUT) == volume.GetID()
+    seg = seg_node.GetSegmentation()
+    assert list(seg.GetSegmentIDs()) == list(DEFAULT_ORGANS)
+    for lab in LABELS:
+        s = seg.GetSegment(lab.name)
+        assert s.GetName() == lab.display
+        assert s.GetLabelValue() == lab.value
+        np.testing.assert_allclose(s.GetColor(), lab.color_float, atol=1e-6)
+        assert s.GetTerminology() == lab.terminology()
+        mask, m, _ = segment_array(seg_node, lab.name)
+        # same grid as the input volume, same voxels as the label map
+        np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-5)
+        assert mask.shape == arr.shape
+        assert int(mask.sum()) == int((arr == lab.value).sum()) > 0
+        np.testing.assert_array_equal(mask, arr == lab.value)
+        surface = seg_node.GetClosedSurfaceInternalRepresentation(lab.name)
+        assert surface is not None and surface.GetNumberOfPoints() > 50
+    # Slicer's terminology for the liver: the SNOMED code of the General Anatomy list
+    assert "SCT^10200004^Liver" in seg.GetSegment("liver").GetTerminology()
+    assert "SCT^24028007^Right" in seg.GetSegment("kidney_right").GetTerminology()
+    # all segments share one labelmap layer (what Segment Editor produces itself)
+    assert seg.GetNumberOfLayers() == 1
+    # reference geometry = the input volume
+    ref = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(
+        seg.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()), ref)
+    np.testing.assert_allclose(image_to_world(ref), ijk_to_ras(volume), atol=1e-5)
+    assert ref.GetDimensions() == volume.GetImageData().GetDimensions()
+    disp = seg_node.GetDisplayNode()
+    assert disp.GetVisibility3D() and disp.GetPreferredDisplayRepresentationName3D() == "Closed surface"
+
+
+def test_flipped_oblique_volume_keeps_geometry(app, tmp_path):
+    size = (40, 36, 30)
+    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
+    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([-1, 1, -1])  # flipped x and z
+    ct = sitk.Image(size, sitk.sitkInt16)
+    ct.SetSpacing((1.5, 2.0, 2.5))
+    ct.SetOrigin((12.0, -30.5, 7.25))
+    ct.SetDirection(rot.ravel().tolist())
+    z, y, x = np.mgrid[:size[2], :size[1], :size[0]]
+    lab = np.zeros((size[2], size[1], size[0]), np.uint8)
+    lab[((x - 10) ** 2 + (y - 12) ** 2 + (z - 8) ** 2) < 25] = 1      # liver blob, off-centre
+    lab[((x - 28) ** 2 + (y - 20) ** 2 + (z - 20) ** 2) < 16] = 3     # right kidney blob
+    ct_arr = np.where(lab > 0, 60, -1000).astype(np.int16)
+    ct_img = sitk.GetImageFromArray(ct_arr)
+    ct_img.CopyInformation(ct)
+    lab_img = sitk.GetImageFromArray(lab)
+    lab_img.CopyInformation(ct)
+    sitk.WriteImage(ct_img, str(tmp_path / "ct.nrrd"))
+    sitk.WriteImage(lab_img, str(tmp_path / "labels.nii.gz"))
+
+    volume = app.load_volume(str(tmp_path / "ct.nrrd"), "oblique")
+    logic = CascadeSegLogic(app.scene)
+    seg_node = logic.import_result(volume, done_event(tmp_path / "labels.nii.gz"))
+    for lab_value, name in ((1, "liver"), (3, "kidney_right")):
+        mask, m, ext = segment_array(seg_node, name)
+        np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-5)
+        assert int(mask.sum()) == int((lab == lab_value).sum())
+        # centroid in RAS from the segment == centroid in LPS from SimpleITK, flipped
+        kk, jj, ii = np.nonzero(mask)
+        ijk = np.stack([ii + ext[0], jj + ext[2], kk + ext[4], np.ones_like(ii)]).mean(axis=1)
+        ras = (m @ ijk)[:3]
+        zz, yy, xx = np.nonzero(lab == lab_value)
+        lps = lab_img.TransformContinuousIndexToPhysicalPoint([xx.mean(), yy.mean(), zz.mean()])
+        np.testing.assert_allclose(ras, [-lps[0], -lps[1], lps[2]], atol=1e-4)
+    assert seg_node.GetSegmentation().GetSegment("spleen").GetLabelValue() == 2  # absent: empty
+    assert segment_array(seg_node, "spleen")[0].sum() == 0
+
+
+def test_seg_nrrd_round_trip_is_identical(app, sample, tmp_path):
+    volume, labels_path, _ = sample
+    seg_node = CascadeSegLogic(app.scene).import_result(volume, done_event(labels_path))
+    path = tmp_path / "result.seg.nrrd"
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(seg_node)
+    loaded = slicer.vtkMRMLSegmentationNode()
+    app.scene.AddNode(loaded)
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(path))
+    assert reader.ReadData(loaded)
+    a, b = seg_node.GetSegmentation(), loaded.GetSegmentation()
+    assert list(b.GetSegmentIDs()) == list(a.GetSegmentIDs())
+    for sid in a.GetSegmentIDs():
+        sa, sb = a.GetSegment(sid), b.GetSegment(sid)
+        assert (sb.GetName(), sb.GetLabelValue(), sb.GetTerminology()) == \
+               (sa.GetName(), sa.GetLabelValue(), sa.GetTerminology())
+        np.testing.assert_allclose(sb.GetColor(), sa.GetColor(), atol=1e-6)
+        ma, wa, ea = segment_array(seg_node, sid)
+        mb, wb, eb = segment_array(loaded, sid)
+        np.testing.assert_allclose(wb, wa, atol=1e-5)
+        # the file may crop to the non-empty extent: compare in the original index space
+        full = np.zeros_like(ma)
+        full[eb[4] - ea[4]:eb[5] - ea[4] + 1, eb[2] - ea[2]:eb[3] - ea[2] + 1,
+             eb[0] - ea[0]:eb[1] - ea[0] + 1] = mb
+        np.testing.assert_array_equal(full, ma)
+    # the library's own reader sees the same label values (names and geometry in the file)
+    header = path.read_bytes()[:20000].decode("latin-1")
+    assert "Segment0_LabelValue:=1" in header and "Segment0_Name:=Liver" in header
+
+
+def test_rerun_replaces_instead_of_piling_up(app, sample):
+    volume, labels_path, _ = sample
+    logic = CascadeSegLogic(app.scene)
+    first = logic.import_result(volume, done_event(labels_path))
+    n = app.scene.GetNumberOfNodes()
+    second = logic.import_result(volume, done_event(labels_path))
+    assert second is first and app.scene.GetNumberOfNodes() == n
+    assert first.GetSegmentation().GetNumberOfSegments() == len(LABELS)
+    third = logic.import_result(volume, done_event(labels_path),
+                                SegmentParameters(create_new_segmentation=True))
+    assert third is not first and third.GetName() != first.GetName()
+    # replacing a chosen node keeps its ID and drops its old segments
+    chosen = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
+    chosen.GetSegmentation().AddEmptySegment("old", "Old")
+    out = logic.import_result(volume, done_event(labels_path, LabelSet.from_names(["liver", "spleen"])),
+                              output_node=chosen)
+    assert out is chosen and list(out.GetSegmentation().GetSegmentIDs()) == ["liver", "spleen"]
+
+
+def test_bad_result_raises_and_leaves_scene(app, sample, tmp_path):
+    volume, labels_path, _ = sample
+    before = scene_snapshot(app.scene)
+    logic = CascadeSegLogic(app.scene)
+    with pytest.raises(RunError, match="missing"):
+        logic.import_result(volume, done_event(tmp_path / "nope.nii.gz"))
+    with pytest.raises(RunError, match="no labels"):
+        logic.import_result(volume, {**done_event(labels_path), "labels": []})
+    assert scene_snapshot(app.scene) == before
+
+
+def test_build_segmentation_ignores_unknown_values(tmp_path):
+    img = sitk.Image((8, 8, 8), sitk.sitkUInt8)
+    a = np.zeros((8, 8, 8), np.uint8)
+    a[1:3] = 1
+    a[4:6] = 7  # not a model label
+    out = sitk.GetImageFromArray(a)
+    sitk.WriteImage(out, str(tmp_path / "l.nii.gz"))
+    seg = build_segmentation(tmp_path / "l.nii.gz", LabelSet.from_names(["liver"]).to_json())
+    rep = seg.GetSegment("liver").GetRepresentation("Binary labelmap")
+    vals = numpy_support.vtk_to_numpy(rep.GetPointData().GetScalars())
+    assert set(np.unique(vals)) == {0, 1} and (vals == 1).sum() == 2 * 64
+    del img
+
+
+# ----------------------------------------------------------------------------- process
+FAKE_CLI = textwrap.dedent(r'''
+    import json, os, shutil, subprocess, sys, time
+    args = sys.argv[1:]
+    assert args[0] == "segment" and "--progress-json" in args, args
+    out = args[args.index("-o") + 1]
+    mode = os.environ["FAKE_MODE"]
+    with open(os.path.join(os.environ["FAKE_LOG"], "args.json"), "w") as f:
+        json.dump({"args": args, "pid": os.getpid(), "input_exists": os.path.isfile(args[1])}, f)
+    def say(**ev):
+        print(json.dumps(ev), flush=True)
+    for i in range(3):
+        say(event="progress", stage="stage1", fraction=(i + 1) / 3, message=f"tile {i + 1}/3")
+        time.sleep(0.05)
+    if mode == "hang":
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        with open(os.path.join(os.environ["FAKE_LOG"], "child.pid"), "w") as f:
+            f.write(str(child.pid))
+        open(os.path.join(out, "partial.tmp"), "w").write("x")
+        time.sleep(600)
+    if mode == "error":
+        print("cascadeseg: error: input.nrrd is not a CT (values 0..1); load a CT in HU", file=sys.stderr)
+        say(event="error", message="input.nrrd is not a CT (values 0..1); load a CT in HU", exit_code=2)
+        sys.exit(2)
+    if mode == "crash":
+        print("Traceback (most recent call last):\n  boom\nRuntimeError: CUDA out of memory", file=sys.stderr)
+        sys.exit(1)
+    dst = os.path.join(out, "input_labels.nii.gz")
+    shutil.copy(os.environ["FAKE_LABELS"], dst)
+    say(event="done", case="input", outputs={"labels": dst}, labels=json.loads(os.environ["FAKE_LABELSET"]),
+        timings={"read": 0.1, "stage1": 0.2, "total": 0.4})
+''')
+
+
+@pytest.fixture()
+def fake_logic(app, tmp_path, monkeypatch):
+    script = tmp_path / "fake_cli.py"
+    script.write_text(FAKE_CLI)
+    monkeypatch.setenv("FAKE_LOG", str(tmp_path))
+    monkeypatch.setenv("FAKE_LABELSET", json.dumps(LABELS.to_json()))
+    return CascadeSegLogic(app.scene, command_prefix=[sys.executable, str(script)])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead for our purposes
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_run_through_fake_cli_reports_progress_and_imports(app, sample, fake_logic, tmp_path, monkeypatch):
+    volume, labels_path, arr = sample
+    monkeypatch.setenv("FAKE_MODE", "ok")
+    monkeypatch.setenv("FAKE_LABELS", str(labels_path))
+    seen = []
+    params = SegmentParameters(model="abdomen-ct-demo", device="cpu", overlap=True, keep_candidates=True)
+    seg_node = fake_logic.run(volume, params, on_progress=lambda p: seen.append((p.stage, p.message)),
+                              timeout_s=60)
+    assert seg_node.GetSegmentation().GetNumberOfSegments() == len(LABELS)
+    assert ("stage1", "tile 3/3") in seen
+    call = json.loads((tmp_path / "args.json").read_text())
+    assert call["input_exists"]
+    for flag in ("--model", "abdomen-ct-demo", "--device", "cpu", "--overlap", "--save-candidates"):
+        assert flag in call["args"]
+    assert "--stage1-only" not in call["args"]
+    assert not Path(call["args"][1]).parent.exists()  # temp folder removed
+
+
+def test_cancel_kills_process_tree_and_leaves_scene(app, sample, fake_logic, tmp_path, monkeypatch):
+    volume, _, _ = sample
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    before = scene_snapshot(app.scene)
+    run = fake_logic.start(volume, SegmentParameters())
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "child.pid").exists() and time.monotonic() < deadline:
+        run.poll()
+        time.sleep(0.05)
+    run.poll()
+    assert run.progress.stage == "stage1" and run.is_running()
+    child = int((tmp_path / "child.pid").read_text())
+    parent = json.loads((tmp_path / "args.json").read_text())["pid"]
+    t0 = time.monotonic()
+    fake_logic.cancel(run)
+    assert time.monotonic() - t0 < 10
+    time.sleep(0.2)
+    assert not _alive(parent) and not _alive(child)
+    assert not run.temp_dir.exists()
+    with pytest.raises(RunCancelled):
+        fake_logic.finish(run)
+    assert scene_snapshot(app.scene) == before
+
+
+@pytest.mark.parametrize("mode,message", [
+    ("error", "input.nrrd is not a CT (values 0..1); load a CT in HU"),
+    ("crash", "RuntimeError: CUDA out of memory"),
+])
+def test_failed_run_gives_one_line_and_leaves_scene(app, sample, fake_logic, monkeypatch, mode, message):
+    volume, labels_path, _ = sample
+    logic = CascadeSegLogic(app.scene)
+    logic.import_result(volume, done_event(labels_path))  # an earlier result must survive
+    before = scene_snapshot(app.scene)
+    seg_before = [s for s in app.scene.GetNodesByClass("vtkMRMLSegmentationNode")]
+    ids_before = [list(s.GetSegmentation().GetSegmentIDs()) for s in seg_before]
+    monkeypatch.setenv("FAKE_MODE", mode)
+    run = fake_logic.start(volume, SegmentParameters())
+    with pytest.raises(RunError) as info:
+        fake_logic.finish(run)
+    assert info.value.message == message and "\n" not in info.value.message
+    assert info.value.exit_code == (2 if mode == "error" else 1)
+    assert message.split(":")[0] in info.value.details
+    assert not run.temp_dir.exists()
+    assert scene_snapshot(app.scene) == before
+    assert [list(s.GetSegmentation().GetSegmentIDs()) for s in seg_before] == ids_before
+
+
+def test_input_checks(app, sample):
+    volume, labels_path, _ = sample
+    logic = CascadeSegLogic(app.scene)
+    with pytest.raises(RunError, match="select a CT volume"):
+        logic.start(None, SegmentParameters())
+    lab = app.load_volume(str(labels_path), "labels", labelmap=True)
+    with pytest.raises(RunError, match="select a CT volume"):
+        logic.start(lab, SegmentParameters())
+    transform = app.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    with pytest.raises(RunError, match="harden the transform"):
+        logic.start(volume, SegmentParameters())
+
+
+def test_parameters_cli_args():
+    p = SegmentParameters(model="m", device="cuda", stage1_only=True, keep_probabilities=True)
+    args = p.cli_args("in.nrrd", "out")
+    assert args[:4] == ["segment", "in.nrrd", "-o", "out"]
+    assert {"--stage1-only", "--save-probabilities", "--progress-json"} <= set(args)
+    assert "--overlap" not in args and "--save-candidates" not in args
+    with pytest.raises(ValueError):
+        SegmentParameters(device="gpu")
+
