@@ -1,0 +1,1 @@
+"""`cascadeseg` sub-commands: each module defines `register(subparsers)` (see cli.py)."""
