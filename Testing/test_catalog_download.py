@@ -426,11 +426,15 @@ def test_install_catalog_sha_mismatch_and_name_mismatch(server: _Server, package
     assert _tree(_isolated_models) == {".downloads"}
 
 
-def test_install_bundled_catalog_name_returns_bundled_folder(tmp_path: Path, monkeypatch) -> None:
+def test_install_bundled_catalog_name_returns_bundled_folder(tmp_path: Path, monkeypatch,
+                                                             capsys) -> None:
     res = _catalog_resources(tmp_path, monkeypatch, _entry(
         name="demo", version="1.0.0", url=None, sha256=None, bundled=True))
     make_package(res / "Models" / "demo", name="demo")
     assert install_model("demo") == res / "Models" / "demo"
+    assert _run(["models", "install", "demo"]) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"demo 1.0.0 is bundled with CascadeSeg in {res / 'Models' / 'demo'}; nothing to install")
     shutil.rmtree(res / "Models" / "demo")
     with pytest.raises(ModelError, match="not bundled"):
         install_model("demo")
@@ -484,3 +488,14 @@ def test_models_install_needs_source() -> None:
     with pytest.raises(SystemExit) as ei:
         _run(["models", "install"])
     assert ei.value.code == 2
+
+
+def test_cli_dispatch_reports_refusal_in_one_line(capsys, _isolated_models: Path) -> None:
+    from CascadeSegLib.cli import main
+
+    assert main(["models", "install", "http://example.com/tiny.zip"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cascadeseg: error: refusing to download http://example.com/tiny.zip")
+    assert err.count("\n") == 1
+    assert main(["models"]) == 2  # a sub-command is required
+    assert not _isolated_models.exists()

@@ -91,6 +91,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
     from ..catalog import read_model_json
     from ..download import install_model
+    from ..resources import bundled_models_dir
 
     bar: tqdm | None = None
 
@@ -111,7 +112,11 @@ def cmd_install(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     meta = read_model_json(path)
-    print(f"installed {meta.get('name')} {meta.get('version')} in {path}")
+    if path.resolve().parent == bundled_models_dir().resolve():
+        print(f"{meta.get('name')} {meta.get('version')} is bundled with CascadeSeg in {path}; "
+              "nothing to install")
+    else:
+        print(f"installed {meta.get('name')} {meta.get('version')} in {path}")
     return 0
 
 
