@@ -404,3 +404,199 @@ def test_parameters_cli_args():
     with pytest.raises(ValueError):
         SegmentParameters(device="gpu")
 
+
+
+# ----------------------------------------------------------------------------- widget (fakes)
+class FakeSignal:
+    def __init__(self):
+        self.slots = []
+
+    def connect(self, fn):
+        self.slots.append(fn)
+
+    def emit(self, *a):
+        for fn in self.slots:
+            fn(*a)
+
+
+class FakeWidget:
+    """Just enough of QPushButton/QCheckBox/QComboBox/QLabel/QProgressBar/qMRMLNodeComboBox."""
+
+    def __init__(self):
+        self.text, self.enabled, self.visible, self.checked = "", True, True, False
+        self.value, self.format, self.items, self.currentIndex, self.node = 0, "", [], -1, None
+        self.clicked, self.currentIndexChanged = FakeSignal(), FakeSignal()
+        self.mrml_slots = []
+
+    def connect(self, signature, fn):
+        self.mrml_slots.append((signature, fn))
+
+    def addItem(self, text, data=None):
+        self.items.append((text, data))
+        if self.currentIndex < 0:
+            self.currentIndex = 0
+
+    def clear(self):
+        self.items, self.currentIndex = [], -1
+
+    def setCurrentIndex(self, i):
+        self.currentIndex = i
+
+    @property
+    def currentData(self):
+        return self.items[self.currentIndex][1] if 0 <= self.currentIndex < len(self.items) else None
+
+    def currentNode(self):
+        return self.node
+
+    def setCurrentNode(self, node):
+        self.node = node
+
+
+class FakeTimer:
+    def __init__(self, callback):
+        self.callback, self.active = callback, False
+
+    def start(self, ms):
+        self.active = True
+
+    def stop(self):
+        self.active = False
+
+
+class FakeGui:
+    def __init__(self, confirm=True):
+        self.errors, self.shown, self.confirms, self.answer = [], [], [], confirm
+
+    def ensure_dependencies(self):
+        return True
+
+    def confirm(self, text):
+        self.confirms.append(text)
+        return self.answer
+
+    def error(self, message, details=""):
+        self.errors.append((message, details))
+
+    def show_result(self, seg, volume):
+        self.shown.append(seg)
+
+
+def ui_widget_names() -> set[str]:
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(REPO / "CascadeSeg" / "Resources" / "UI" / "CascadeSeg.ui")
+    return {w.get("name") for w in tree.iter("widget")}
+
+
+def make_controller(logic, gui):
+    from types import SimpleNamespace
+
+    from CascadeSegSlicer.models import ModelChoice
+    from CascadeSegSlicer.widget import CascadeSegController
+
+    ui = SimpleNamespace(**{name: FakeWidget() for name in ui_widget_names()})
+    ctl = CascadeSegController(ui, logic, gui, FakeTimer)
+    ctl.setup()
+    ctl.models = [ModelChoice("abdomen-ct-demo", "1.0.0", "bundled", labels=tuple(DEFAULT_ORGANS),
+                              license="Apache-2.0")]
+    ui.modelComboBox.clear()
+    ui.modelComboBox.addItem("abdomen-ct-demo 1.0.0", "abdomen-ct-demo")
+    ctl.on_model_changed()
+    return ui, ctl
+
+
+def drive(ctl, timeout=30):
+    deadline = time.monotonic() + timeout
+    while ctl.timer.active and time.monotonic() < deadline:
+        ctl.on_timer()
+        time.sleep(0.05)
+
+
+def test_widget_segment_then_rerun_replaces_after_confirmation(app, sample, fake_logic, monkeypatch):
+    volume, labels_path, _ = sample
+    monkeypatch.setenv("FAKE_MODE", "ok")
+    monkeypatch.setenv("FAKE_LABELS", str(labels_path))
+    gui = FakeGui()
+    ui, ctl = make_controller(fake_logic, gui)
+    assert not ui.segmentButton.enabled  # no input yet
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ctl.update_buttons()
+    assert ui.segmentButton.enabled and ui.segmentButton.text == "Segment"
+    assert "10 labels" in ui.modelInfoLabel.text and "Apache-2.0" in ui.modelInfoLabel.text
+    ui.segmentButton.clicked.emit()
+    assert ui.segmentButton.text == "Cancel" and not ui.inputVolumeSelector.enabled and ui.progressBar.visible
+    drive(ctl)
+    assert not gui.errors, gui.errors
+    assert ui.segmentButton.text == "Segment" and ui.show3DButton.enabled and ui.editButton.enabled
+    seg = ui.outputSegmentationSelector.currentNode()
+    assert seg is not None and gui.shown == [seg]
+    assert ui.statusLabel.text.startswith("Done in 0.4 s") and "stage1 0.2 s" in ui.statusLabel.text
+    n = app.scene.GetNumberOfNodes()
+    # second run: the result is selected, so it is replaced (after a confirmation), not duplicated
+    gui.answer = False
+    ui.segmentButton.clicked.emit()
+    assert len(gui.confirms) == 1 and ctl.run is None
+    gui.answer = True
+    ui.segmentButton.clicked.emit()
+    drive(ctl)
+    assert ui.outputSegmentationSelector.currentNode() is seg and app.scene.GetNumberOfNodes() == n
+
+
+def test_widget_cancel_and_failure(app, sample, fake_logic, monkeypatch):
+    volume, labels_path, _ = sample
+    gui = FakeGui()
+    ui, ctl = make_controller(fake_logic, gui)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    before = scene_snapshot(app.scene)
+    monkeypatch.setenv("FAKE_MODE", "hang")
+    ui.segmentButton.clicked.emit()
+    run = ctl.run
+    ctl.on_timer()
+    ui.segmentButton.clicked.emit()  # the button is Cancel now
+    assert ctl.run is None and not run.is_running() and not run.temp_dir.exists()
+    assert ui.segmentButton.text == "Segment" and "Cancelled" in ui.statusLabel.text
+    monkeypatch.setenv("FAKE_MODE", "error")
+    ui.segmentButton.clicked.emit()
+    drive(ctl)
+    assert gui.errors and gui.errors[-1][0].startswith("input.nrrd is not a CT")
+    assert ui.statusLabel.text.startswith("Failed:")
+    assert scene_snapshot(app.scene) == before
+
+
+def test_widget_names_used_in_code_exist_in_ui():
+    import re
+
+    names = ui_widget_names()
+    code = (REPO / "CascadeSeg" / "CascadeSegSlicer" / "widget.py").read_text()
+    code += (REPO / "CascadeSeg" / "CascadeSeg.py").read_text()
+    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", code))
+    used |= set(re.findall(r'getattr\(ui, name\)', code) and re.findall(
+        r'"(\w+(?:Selector|ComboBox|Button|CheckBox))"', code))
+    assert used, "no widget names found"
+    assert used <= names, f"not in CascadeSeg.ui: {sorted(used - names)}"
+
+
+# ----------------------------------------------------------------------------- self-test class
+def test_module_imports_headless_and_self_test_runs():
+    import importlib.util
+    import unittest
+
+    spec = importlib.util.spec_from_file_location("CascadeSeg", REPO / "CascadeSeg" / "CascadeSeg.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert not mod.IN_SLICER
+    assert {"CascadeSeg", "CascadeSegWidget", "CascadeSegLogic", "CascadeSegTest"} <= set(vars(mod))
+    assert "qt" not in sys.modules and "ctk" not in sys.modules
+    result = unittest.TestResult()
+    mod.CascadeSegTest("test_sample_ct_with_bundled_model").run(result)
+    assert not result.errors and not result.failures, result.errors + result.failures
+    # without a trained bundled model it can only skip; with one it must pass
+    from CascadeSegLib.errors import ModelError
+    from CascadeSegLib.model import find_model
+
+    try:
+        find_model("abdomen-ct-demo")
+        assert result.testsRun == 1 and not result.skipped
+    except ModelError:
+        assert len(result.skipped) == 1

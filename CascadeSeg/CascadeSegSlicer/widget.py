@@ -1,0 +1,296 @@
+"""The module panel's behaviour: wires the .ui widgets to SegmentParameters and the logic.
+
+`CascadeSegController` never imports Qt itself: the `ui` object (widgets by objectName), the
+logic, a `gui` facade (message boxes, views, dependency installer) and a timer factory are
+injected, so tests drive it with fakes. `SlicerGui` is the real facade used inside Slicer.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from .logic import CascadeSegLogic, RunCancelled, RunError, SegmentRun
+from .parameters import SegmentParameters
+
+DEVICE_ITEMS = [("auto", "Auto"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU")]
+POLL_MS = 200
+
+
+class CascadeSegController:
+    def __init__(self, ui: Any, logic: CascadeSegLogic, gui: Any,
+                 timer_factory: Callable[[Callable[[], None]], Any]) -> None:
+        self.ui = ui
+        self.logic = logic
+        self.gui = gui
+        self.timer = timer_factory(self.on_timer)
+        self.run: SegmentRun | None = None
+        self.result_node: Any = None
+        self.models: list[Any] = []
+        self._install_thread: threading.Thread | None = None
+        self._deps_checked = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        ui = self.ui
+        ui.segmentButton.clicked.connect(self.on_segment_clicked)
+        ui.installModelButton.clicked.connect(self.on_install_clicked)
+        ui.show3DButton.clicked.connect(self.on_show_3d)
+        ui.editButton.clicked.connect(self.on_edit)
+        ui.modelComboBox.currentIndexChanged.connect(self.on_model_changed)
+        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.update_buttons)
+        for key, text in DEVICE_ITEMS:
+            ui.deviceComboBox.addItem(text, key)
+        self.refresh_models()
+        self.update_buttons()
+
+    def refresh_models(self, select: str | None = None) -> None:
+        from .models import list_models
+
+        try:
+            self.models = list_models()
+        except Exception as exc:  # noqa: BLE001 - the panel must open even with a broken catalog
+            self.models = []
+            self.ui.modelInfoLabel.text = f"Could not list models: {exc}"
+        combo = self.ui.modelComboBox
+        combo.clear()
+        for m in self.models:
+            combo.addItem(m.title(), m.name)
+        if select:
+            names = [m.name for m in self.models]
+            if select in names:
+                combo.setCurrentIndex(names.index(select))
+        self.on_model_changed()
+
+    def show_devices(self) -> None:
+        from .dependencies import detect_devices, device_summary
+
+        self.ui.deviceInfoLabel.text = device_summary(detect_devices())
+
+    # ------------------------------------------------------------------ state
+    def current_model(self) -> Any:
+        i = self.ui.modelComboBox.currentIndex
+        return self.models[i] if 0 <= i < len(self.models) else None
+
+    def parameters(self) -> SegmentParameters:
+        ui = self.ui
+        model = self.current_model()
+        return SegmentParameters(
+            model=model.name if model else "abdomen-ct-demo",
+            device=ui.deviceComboBox.currentData or "auto",
+            overlap=ui.overlapCheckBox.checked,
+            stage1_only=ui.stage1OnlyCheckBox.checked,
+            keep_probabilities=ui.keepProbabilitiesCheckBox.checked,
+            keep_candidates=ui.keepCandidatesCheckBox.checked,
+            create_new_segmentation=ui.outputSegmentationSelector.currentNode() is None,
+        )
+
+    def update_buttons(self, *_: Any) -> None:
+        ui = self.ui
+        running = self.run is not None
+        model = self.current_model()
+        ui.segmentButton.text = "Cancel" if running else "Segment"
+        ui.segmentButton.enabled = running or (ui.inputVolumeSelector.currentNode() is not None
+                                               and model is not None and model.installed)
+        for name in ("inputVolumeSelector", "modelComboBox", "installModelButton", "deviceComboBox",
+                     "overlapCheckBox", "stage1OnlyCheckBox", "keepProbabilitiesCheckBox",
+                     "keepCandidatesCheckBox", "outputSegmentationSelector"):
+            getattr(ui, name).enabled = not running
+        ui.progressBar.visible = running
+        has_result = self.result_node is not None and self.result_node.GetScene() is not None
+        ui.show3DButton.enabled = has_result and not running
+        ui.editButton.enabled = has_result and not running
+
+    def on_model_changed(self, *_: Any) -> None:
+        model = self.current_model()
+        self.ui.modelInfoLabel.text = model.info() if model else "No model installed: use Install..."
+        self.update_buttons()
+
+    # ------------------------------------------------------------------ run
+    def on_segment_clicked(self) -> None:
+        if self.run is not None:
+            self.cancel()
+            return
+        if not self._deps_checked:
+            if not self.gui.ensure_dependencies():
+                return
+            self._deps_checked = True
+        volume = self.ui.inputVolumeSelector.currentNode()
+        output = self.ui.outputSegmentationSelector.currentNode()
+        if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
+            if not self.gui.confirm(f"Replace the {output.GetSegmentation().GetNumberOfSegments()} "
+                                    f"segments of '{output.GetName()}' with the new result?"):
+                return
+        params = self.parameters()
+        try:
+            self.run = self.logic.start(volume, params, output)
+        except RunError as exc:
+            self.gui.error(exc.message, exc.details)
+            return
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = f"Starting {params.model} on {volume.GetName()}..."
+        self.timer.start(POLL_MS)
+        self.update_buttons()
+
+    def on_timer(self) -> None:
+        run = self.run
+        if run is None:
+            self.timer.stop()
+            return
+        p = run.poll()
+        self.ui.progressBar.value = int(round(100 * p.fraction))
+        self.ui.progressBar.format = f"{p.text() or 'working'}  %p%"
+        self.ui.statusLabel.text = f"{p.text() or 'Working'} ({run.elapsed_s:.0f} s)"
+        if run.is_running():
+            return
+        self.timer.stop()
+        self.run = None
+        try:
+            node = self.logic.finish(run)
+        except RunCancelled:
+            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        except RunError as exc:
+            self.ui.statusLabel.text = f"Failed: {exc.message}"
+            self.gui.error(exc.message, exc.details)
+        else:
+            self.result_node = node
+            self.ui.outputSegmentationSelector.setCurrentNode(node)
+            self.ui.statusLabel.text = timing_text(run)
+            self.gui.show_result(node, self.ui.inputVolumeSelector.currentNode())
+        finally:
+            self.update_buttons()
+
+    def cancel(self) -> None:
+        run, self.run = self.run, None
+        self.timer.stop()
+        if run is not None:
+            self.logic.cancel(run)
+        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        self.update_buttons()
+
+    # ------------------------------------------------------------------ other buttons
+    def on_install_clicked(self) -> None:
+        model = self.current_model()
+        default = model.name if model is not None and not model.installed else ""
+        source = self.gui.ask_text("Install a model",
+                                   "Catalog name, URL or path of a model .zip:", default)
+        if not source:
+            return
+        try:
+            self.gui.busy(f"Installing {source}...")
+            from .models import install_model
+
+            path = install_model(source)
+        except Exception as exc:  # noqa: BLE001 - shown to the user, with details
+            self.gui.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, repr(exc))
+            return
+        finally:
+            self.gui.busy(None)
+        self.refresh_models(select=path.name)
+
+    def on_show_3d(self) -> None:
+        if self.result_node is not None:
+            self.gui.show_result(self.result_node, self.ui.inputVolumeSelector.currentNode())
+
+    def on_edit(self) -> None:
+        if self.result_node is not None:
+            self.gui.edit_in_segment_editor(self.result_node, self.ui.inputVolumeSelector.currentNode())
+
+    def cleanup(self) -> None:
+        """Module panel closed/reloaded: do not leave a process running."""
+        if self.run is not None:
+            self.cancel()
+
+
+def timing_text(run: SegmentRun) -> str:
+    done = run.done_events[-1] if run.done_events else {}
+    timings = done.get("timings") or {}
+    parts = [f"{k} {float(v):.1f} s" for k, v in timings.items()
+             if isinstance(v, (int, float)) and k != "total"]
+    total = timings.get("total", run.elapsed_s)
+    return f"Done in {float(total):.1f} s" + (f" ({', '.join(parts)})" if parts else "")
+
+
+class SlicerGui:
+    """The real facade: Slicer message boxes, views and pip (only imported inside Slicer)."""
+
+    def __init__(self, parent: Any = None) -> None:
+        self.parent = parent
+
+    def confirm(self, text: str) -> bool:
+        import slicer
+
+        return slicer.util.confirmOkCancelDisplay(text, windowTitle="CascadeSeg")
+
+    def error(self, message: str, details: str = "") -> None:
+        import slicer
+
+        slicer.util.errorDisplay(message, windowTitle="CascadeSeg", detailedText=details or None)
+
+    def ask_text(self, title: str, label: str, default: str = "") -> str:
+        import qt
+
+        return qt.QInputDialog.getText(self.parent, title, label, qt.QLineEdit.Normal, default) or ""
+
+    def busy(self, message: str | None) -> None:
+        import qt
+        import slicer
+
+        if message:
+            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
+            slicer.util.showStatusMessage(message)
+            slicer.app.processEvents()
+        else:
+            qt.QApplication.restoreOverrideCursor()
+            slicer.util.showStatusMessage("")
+
+    def ensure_dependencies(self) -> bool:
+        import slicer
+
+        from .dependencies import install_missing, missing_packages
+
+        missing = missing_packages()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                "CascadeSeg needs these Python packages: " + ", ".join(missing) +
+                ".\nInstall them now? (Slicer may need a restart afterwards)", windowTitle="CascadeSeg"):
+            return False
+        torch_logic = None
+        if "torch" in missing:
+            try:
+                import PyTorchUtils  # noqa: F401  (PyTorch Utils extension, when installed)
+
+                torch_logic = slicer.util.getModuleLogic("PyTorchUtils")
+            except ImportError:
+                torch_logic = None
+        try:
+            with slicer.util.WaitCursor():
+                install_missing(missing, slicer.util.pip_install, torch_logic,
+                                progress=lambda m: (slicer.util.showStatusMessage(m), slicer.app.processEvents()))
+        except Exception as exc:  # noqa: BLE001
+            self.error(f"Installing {', '.join(missing)} failed: {exc}", repr(exc))
+            return False
+        return not missing_packages()
+
+    def show_result(self, seg_node: Any, volume_node: Any) -> None:
+        import slicer
+
+        if volume_node is not None:
+            slicer.util.setSliceViewerLayers(background=volume_node, fit=True)
+        seg_node.GetDisplayNode().SetVisibility3D(True)
+        lm = slicer.app.layoutManager()
+        if lm is not None and lm.threeDViewCount > 0:
+            view = lm.threeDWidget(0).threeDView()
+            view.resetFocalPoint()
+            view.resetCamera()
+
+    def edit_in_segment_editor(self, seg_node: Any, volume_node: Any) -> None:
+        import slicer
+
+        slicer.util.selectModule("SegmentEditor")
+        editor = slicer.modules.segmenteditor.widgetRepresentation().self().editor
+        editor.setSegmentationNode(seg_node)
+        if volume_node is not None:
+            editor.setSourceVolumeNode(volume_node) if hasattr(editor, "setSourceVolumeNode") \
+                else editor.setMasterVolumeNode(volume_node)
