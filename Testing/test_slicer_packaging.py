@@ -1,0 +1,106 @@
+"""Slicer packaging: the CMake files list exactly the module's files, the .ui has every widget
+the code uses, the extension metadata is complete and the icon is a 128x128 PNG."""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parent.parent
+MODULE = REPO / "CascadeSeg"
+
+
+def cmake_list(text: str, var: str) -> list[str]:
+    m = re.search(r"set\(\s*" + re.escape(var) + r"\s+(.*?)\)", text, re.S)
+    assert m, f"{var} not set"
+    return [w for w in m.group(1).split() if not w.startswith("#")]
+
+
+def module_cmake() -> str:
+    return (MODULE / "CMakeLists.txt").read_text()
+
+
+def expand(name: str) -> str:
+    return name.replace("${MODULE_NAME}", "CascadeSeg")
+
+
+def test_every_listed_module_file_exists_and_every_module_file_is_listed():
+    text = module_cmake()
+    scripts = [expand(s) for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
+    resources = [expand(s) for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
+    listed = set(scripts) | set(resources)
+    for f in listed:
+        assert (MODULE / f).is_file(), f"listed in CascadeSeg/CMakeLists.txt but missing: {f}"
+    on_disk = {p.relative_to(MODULE).as_posix() for p in MODULE.rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts and p.name != "CMakeLists.txt"}
+    assert on_disk - listed == set(), f"not listed in CascadeSeg/CMakeLists.txt: {sorted(on_disk - listed)}"
+    assert all(s.endswith(".py") for s in scripts) and "CascadeSeg.py" in scripts
+
+
+def test_module_cmake_builds_tests_and_ships_library_and_resources():
+    text = module_cmake()
+    assert "slicerMacroBuildScriptedModule" in text and "WITH_GENERIC_TESTS" in text
+    assert re.search(r"slicer_add_python_unittest\(\s*SCRIPT\s+\$\{MODULE_NAME\}\.py", text)
+    assert "CascadeSegLib/*.py" in text and "ctkMacroCompilePythonScript" in text
+    for f in cmake_list(text, "CascadeSegLib_RESOURCES"):
+        if not f.startswith("$"):
+            assert (REPO / f).is_file(), f"run-time resource missing: {f}"
+    # what CascadeSegLib reads at run time is shipped
+    assert "Resources/labels.json" in text and "Resources/Models.json" in text
+    assert "Resources/SampleData/abdomen_ct_3mm.nii.gz" in text  # the self-test's CT
+
+
+def test_top_level_cmake_metadata():
+    text = (REPO / "CMakeLists.txt").read_text()
+    for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
+                "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        assert re.search(rf'set\({key} "[^"]+"\)', text), key
+    assert 'set(EXTENSION_CATEGORY "Segmentation")' in text
+    assert "add_subdirectory(CascadeSeg)" in text
+    assert "CascadeSeg/Resources/Icons/CascadeSeg.png" in text
+    assert "Resources/Screenshots/cascadeseg_result.png" in text
+
+
+def test_s4ext_and_index_json():
+    s4 = dict(line.split(" ", 1) for line in (REPO / "CascadeSeg.s4ext").read_text().splitlines()
+              if line.strip() and not line.startswith("#"))
+    for key in ("scm", "scmurl", "scmrevision", "category", "iconurl", "screenshoturls", "description", "homepage"):
+        assert s4.get(key, "").strip(), key
+    assert s4["category"].strip() == "Segmentation" and s4["scm"].strip() == "git"
+    index = json.loads((REPO / "CascadeSeg.json").read_text())
+    assert "slicer-extension-catalog-entry-schema" in index["$schema"]
+    assert index["category"] == "Segmentation" and index["scm_url"] == s4["scmurl"].strip()
+    assert index["scm_revision"] == s4["scmrevision"].strip() and index["build_subdirectory"] == "."
+    assert isinstance(index["build_dependencies"], list) and index["tier"] in (1, 3, 5)
+
+
+def test_icon_is_128_png():
+    img = sitk.ReadImage(str(MODULE / "Resources" / "Icons" / "CascadeSeg.png"))
+    assert img.GetSize() == (128, 128) and img.GetNumberOfComponentsPerPixel() in (3, 4)
+
+
+def test_ui_names_used_by_code_exist():
+    tree = ET.parse(MODULE / "Resources" / "UI" / "CascadeSeg.ui")
+    names = {w.get("name") for w in tree.iter("widget")}
+    code = "".join(p.read_text() for p in [MODULE / "CascadeSeg.py", *(MODULE / "CascadeSegSlicer").glob("*.py")])
+    used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", code))
+    used |= set(re.findall(r'"(\w+(?:Selector|ComboBox|Button|CheckBox|Label|Bar))"', code))
+    assert {"segmentButton", "inputVolumeSelector", "progressBar"} <= used
+    assert used - names == set(), f"widgets used in code but missing in CascadeSeg.ui: {sorted(used - names)}"
+    classes = {w.get("name"): w.get("class") for w in tree.iter("widget")}
+    assert classes["inputVolumeSelector"] == "qMRMLNodeComboBox"
+    assert classes["outputSegmentationSelector"] == "qMRMLNodeComboBox"
+
+
+def test_module_file_is_thin_and_logic_has_no_gui_imports():
+    module = (MODULE / "CascadeSeg.py").read_text()
+    assert len(module.splitlines()) < 200
+    for f in ("logic.py", "process.py", "parameters.py", "models.py", "dependencies.py", "headless.py"):
+        top = [ln for ln in (MODULE / "CascadeSegSlicer" / f).read_text().splitlines()
+               if re.match(r"(import|from) ", ln)]
+        assert not any(re.match(r"(import|from) (qt|ctk|slicer\.util|slicer\.ScriptedLoadableModule)\b", ln)
+                       for ln in top), f
