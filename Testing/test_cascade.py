@@ -1,0 +1,163 @@
+"""The cascade end to end: exact input geometry, C1 > C2 > labels, options, cancel, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CascadeSegLib.cascade import CancelToken, Segmenter, resample_labels_to, resolve_device
+from CascadeSegLib.errors import Cancelled, ModelError, UserError
+from CascadeSegLib.model import ModelPackage
+from CascadeSegLib.phantom import make_phantom
+
+from model_factory import make_random_model
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_random_model(tmp_path_factory.mktemp("model"))
+
+
+def _rotation(deg_z: float, deg_x: float) -> tuple[float, ...]:
+    cz, sz = math.cos(math.radians(deg_z)), math.sin(math.radians(deg_z))
+    cx, sx = math.cos(math.radians(deg_x)), math.sin(math.radians(deg_x))
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    return tuple((rz @ rx).ravel().tolist())
+
+
+def _assert_same_grid(a: sitk.Image, b: sitk.Image) -> None:
+    assert a.GetSize() == b.GetSize()
+    assert a.GetOrigin() == b.GetOrigin()
+    assert a.GetSpacing() == b.GetSpacing()
+    assert a.GetDirection() == b.GetDirection()
+
+
+def test_sample_ct_keeps_geometry_and_nests_regions(model, sample_ct_path):
+    image = sitk.ReadImage(str(sample_ct_path))
+    result = Segmenter(model, "cpu", keep_candidates=True, keep_stage1=True).segment(image)
+    for out in (result.labels, result.c1, result.c2, result.stage1_labels):
+        _assert_same_grid(out, image)
+        assert out.GetPixelID() == sitk.sitkUInt8
+    labels = sitk.GetArrayFromImage(result.labels)
+    c1 = sitk.GetArrayFromImage(result.c1).astype(bool)
+    c2 = sitk.GetArrayFromImage(result.c2).astype(bool)
+    assert labels.any()
+    # Labels only where stage 2 looked; stage 2 only looked near stage-1 foreground.
+    assert not (labels > 0)[~c2].any()
+    # C1 is the body: it excludes the air around the patient.
+    hu = sitk.GetArrayFromImage(image)
+    assert c1.mean() < 0.9 and (hu[c1] > -500).mean() > 0.85
+    assert set(np.unique(labels)) <= {0, *[lab.value for lab in model.labels]}
+    assert set(result.timings) >= {"preprocess", "stage1", "c2", "stage2", "postprocess", "total"}
+
+
+@pytest.mark.parametrize("direction,spacing", [
+    ((1, 0, 0, 0, 1, 0, 0, 0, 1), (2.5, 2.5, 4.0)),
+    ((-1, 0, 0, 0, -1, 0, 0, 0, 1), (3.0, 3.0, 3.0)),
+    (_rotation(30, 10), (2.8, 3.1, 3.5)),
+])
+def test_any_orientation_returns_input_grid_and_consistent_anatomy(model, direction, spacing):
+    ct, _ = make_phantom(size=(64, 56, 40), spacing=spacing, origin=(-90.0, 20.0, 300.0), direction=direction,
+                         seed=3)
+    result = Segmenter(model, "cpu").segment(ct)
+    _assert_same_grid(result.labels, ct)
+
+
+def test_labels_are_resampled_to_the_same_physical_place():
+    # A label box on a coarse oblique grid must land at the same physical points on a fine grid.
+    coarse = sitk.Image([20, 20, 20], sitk.sitkUInt8)
+    coarse.SetSpacing([4.0, 4.0, 4.0])
+    coarse.SetOrigin([10.0, -5.0, 3.0])
+    coarse.SetDirection(_rotation(20, 0))
+    arr = np.zeros((20, 20, 20), np.uint8)
+    arr[5:12, 6:14, 4:10] = 3
+    lab = sitk.GetImageFromArray(arr)
+    lab.CopyInformation(coarse)
+    fine = sitk.Image([70, 70, 70], sitk.sitkInt16)
+    fine.SetSpacing([1.0, 1.2, 1.1])
+    fine.SetOrigin([0.0, -10.0, 0.0])
+    fine.SetDirection(_rotation(-15, 5))
+    fast = resample_labels_to(lab, fine)
+    full = sitk.Resample(lab, fine, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(fast), sitk.GetArrayFromImage(full))
+    assert sitk.GetArrayFromImage(fast).any()
+
+
+def test_stage1_only_and_probabilities(model, sample_ct_path):
+    image = sitk.ReadImage(str(sample_ct_path))
+    quick = Segmenter(model, "cpu", stage1_only=True).segment(image)
+    assert "stage2" not in quick.timings
+    _assert_same_grid(quick.labels, image)
+    full = Segmenter(model, "cpu", keep_probabilities=True).segment(image)
+    probs = full.probabilities
+    assert probs.GetNumberOfComponentsPerPixel() == model.labels.num_classes
+    p = sitk.GetArrayViewFromImage(probs)
+    sums = p.sum(-1)
+    assert np.allclose(sums[sums > 0], 1.0, atol=1e-4)
+
+
+def test_overlap_mode_runs_more_tiles(model):
+    image, _ = make_phantom(size=(64, 56, 40), spacing=(3.0, 3.0, 3.0), seed=1)
+    counts = {}
+    for overlap in (0.0, 0.5):
+        seen = []
+        Segmenter(model, "cpu", overlap=overlap,
+                  progress=lambda s, f, m: seen.append(m) if s == "stage2" and m.startswith("tile") else None
+                  ).segment(image)
+        counts[overlap] = int(seen[-1].split("/")[1])
+    assert counts[0.5] > counts[0.0]
+
+
+def test_cancel_token_stops_and_progress_reports_stages(model, sample_ct_path):
+    image = sitk.ReadImage(str(sample_ct_path))
+    token = CancelToken()
+    stages = []
+
+    def progress(stage, fraction, message):
+        stages.append(stage)
+        if stage == "stage2":
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        Segmenter(model, "cpu", progress=progress, cancel=token).segment(image)
+    assert "stage1" in stages and stages[-1] == "stage2"
+
+
+def test_bad_images_are_refused_with_a_message(model):
+    with pytest.raises(UserError, match="2D"):
+        Segmenter(model, "cpu").segment(sitk.Image([32, 32], sitk.sitkInt16))
+    with pytest.raises(UserError, match="components"):
+        Segmenter(model, "cpu").segment(sitk.Image([16, 16, 16], sitk.sitkVectorFloat32, 3))
+    nan = sitk.GetImageFromArray(np.full((16, 16, 16), np.nan, np.float32))
+    with pytest.raises(UserError, match="NaN"):
+        Segmenter(model, "cpu").segment(nan)
+    air = sitk.GetImageFromArray(np.full((16, 16, 16), -1000, np.int16))
+    with pytest.raises(UserError, match="no body"):
+        Segmenter(model, "cpu").segment(air)
+
+
+def test_missing_gpu_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(UserError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type in ("cpu", "mps")
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    pkg = make_random_model(tmp_path)
+    weights = tmp_path / "stage2.pt"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        ModelPackage.load(tmp_path).verify()
+    with pytest.raises(ModelError, match="sha256"):
+        ModelPackage.load(tmp_path).load_network(1)
+    # Stage 1 is intact and still loads.
+    assert ModelPackage.load(tmp_path).load_network(0) is not None
