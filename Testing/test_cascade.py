@@ -102,7 +102,7 @@ def test_stage1_only_and_probabilities(model, sample_ct_path):
 
 
 def test_overlap_mode_runs_more_tiles(model):
-    image, _ = make_phantom(size=(64, 56, 40), spacing=(3.0, 3.0, 3.0), seed=1)
+    image, _ = make_phantom(size=(112, 96, 72), spacing=(3.0, 3.0, 3.0), seed=1)
     counts = {}
     for overlap in (0.0, 0.5):
         seen = []
