@@ -587,3 +587,36 @@ def test_module_imports_headless_and_self_test_runs():
         assert result.testsRun == 1 and not result.skipped
     except ModelError:
         assert len(result.skipped) == 1
+
+
+# ----------------------------------------------------------------------------- real CLI
+def test_end_to_end_through_real_cli_with_small_model(app, tmp_path):
+    """`python -m CascadeSegLib.cli segment --progress-json` on a phantom, random small model."""
+    from model_factory import make_random_model
+
+    from CascadeSegLib.phantom import make_phantom
+
+    organs = ("liver", "spleen", "kidney_right")
+    make_random_model(tmp_path / "model", organs=organs)
+    ct, _ = make_phantom(size=(48, 40, 32), spacing=(4.0, 4.0, 4.0), origin=(10.0, -20.0, 5.0),
+                         direction=(-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0), organs=organs)
+    sitk.WriteImage(ct, str(tmp_path / "phantom.nrrd"))
+    volume = app.load_volume(str(tmp_path / "phantom.nrrd"), "phantom")
+    logic = CascadeSegLogic(app.scene)
+    seen = []
+    seg_node = logic.run(volume, SegmentParameters(model=str(tmp_path / "model"), device="cpu",
+                                                   keep_candidates=True),
+                         on_progress=lambda p: seen.append(p.stage), timeout_s=300)
+    seg = seg_node.GetSegmentation()
+    assert list(seg.GetSegmentIDs()) == list(organs)
+    assert [seg.GetSegment(o).GetLabelValue() for o in organs] == [1, 2, 3]
+    assert {"stage1", "stage2"} & set(seen)
+    for o in organs:
+        _, m, _ = segment_array(seg_node, o)
+        np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-4)
+    # random weights biased to foreground: something was labelled
+    assert sum(int(segment_array(seg_node, o)[0].sum()) for o in organs) > 0
+    c1 = app.scene.GetFirstNodeByName("phantom C1")
+    c2 = app.scene.GetFirstNodeByName("phantom C2")
+    assert c1 is not None and c2 is not None and c1.IsA("vtkMRMLLabelMapVolumeNode")
+    np.testing.assert_allclose(ijk_to_ras(c1), ijk_to_ras(volume), atol=1e-4)

@@ -202,6 +202,9 @@ class CascadeSegLogic:
                     self.cancel(run)
                     raise RunError(f"segmentation took longer than {timeout_s:.0f} s and was stopped")
                 time.sleep(0.1)
+            run.process.wait()  # also waits for the reader threads: the last events are queued
+            if on_progress:
+                on_progress(run.poll())
         except BaseException:
             self.cancel(run)
             raise
