@@ -209,6 +209,8 @@ def _compare(args: argparse.Namespace, a_spec: str, b_spec: str, names, kind: st
     b = _method(b_spec, args.ref, labels, ref_labels, args.quiet)
     if names:
         a, b = (names[0], a[1]), (names[1], b[1])
+    if a[0] == b[0]:
+        a, b = (f"A:{a[0]}", a[1]), (f"B:{b[0]}", b[1])
     common = set(a[1]) & set(b[1])
     if not common:
         raise UserError(f"{a[0]} and {b[0]} share no case; compare results on the same cases")
