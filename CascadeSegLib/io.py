@@ -59,7 +59,10 @@ def _itk_reason(err: BaseException) -> str:
     # "ImageFileReader(0x55..): msg" -> "msg"
     if "): " in text and text.index("): ") < 60:
         text = text.split("): ", 1)[1]
-    text = " ".join(text.split())
+    for prefix in ("sitk::ERROR:", "ERROR:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    text = " ".join(text.split()).rstrip(".;: ")
     return text[:200]
 
 
