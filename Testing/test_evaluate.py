@@ -4,7 +4,6 @@ sample CT's TotalSegmentator labels, a phantom, and the cascade engine's output.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
