@@ -32,6 +32,7 @@ WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 """File endings that can be written atomically (single-file formats only)."""
 _NAME_SUFFIXES = (".seg.nrrd", ".seg.nhdr") + READ_SUFFIXES
 
+_OUTPUT_TAILS = ("_labels", "_probabilities", "_c1", "_c2")  # `cascadeseg segment` outputs
 SEG_REPRESENTATION = "Binary labelmap"
 _SEG_CONTAINED = "Binary labelmap|Closed surface|"
 _SEG_STATUS_TAG = "Segmentation.Status:inprogress"
@@ -234,8 +235,9 @@ def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None) ->
 def find_images(folder: "str | os.PathLike[str]") -> list[Path]:
     """CT inputs of a folder for batch mode: image files and sub-folders holding DICOM.
 
-    Our own outputs (`*.seg.nrrd`, `*_labels.*`) and hidden files (temporary files) are
-    skipped, so a folder can be re-processed in place.
+    Our own outputs (`*.seg.nrrd`, `*_labels.*`, and `*_probabilities.*`, `*_c1.*`, `*_c2.*`
+    of `--save-probabilities/--save-candidates`) and hidden (temporary) files are skipped, so
+    a folder can be re-processed in place without segmenting its outputs.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -251,7 +253,7 @@ def find_images(folder: "str | os.PathLike[str]") -> list[Path]:
             continue
         if _suffix(p, READ_SUFFIXES) is None:
             continue
-        if name.endswith((".seg.nrrd", ".seg.nhdr")) or "_labels." in name:
+        if name.endswith((".seg.nrrd", ".seg.nhdr")) or case_name(p).lower().endswith(_OUTPUT_TAILS):
             continue
         found.append(p)
     return found

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -304,6 +303,7 @@ def test_overwrite_and_protect(tmp_out, sample_ct_path):
 def test_find_images_and_case_names(tmp_path):
     img = _image()
     for name in ["b.nrrd", "a.nii.gz", "c.mha", "d.nii", "x.seg.nrrd", "y_labels.nii.gz",
+                 "y_labels.nrrd", "y_probabilities.nii.gz", "y_c1.nii.gz", "y_c2.nii.gz",
                  ".tmp-1234.nii.gz"]:
         io.write_image(img, tmp_path / name)
     (tmp_path / "notes.txt").write_text("not an image")
