@@ -159,8 +159,9 @@ def _shape_extent(s: _Shape) -> tuple[np.ndarray, np.ndarray]:
     """Reference-mm bounding box of a shape, with room for its deformation."""
     grow = 1.0 + 2.0 * s.wobble + 0.05
     a = np.array(s.a)
-    if s.b is None:
-        r = max(s.radii) * grow
+    if s.b is None:  # rotated about z only: z half-height is its own radius
+        rxy = max(s.radii[:2]) * grow
+        r = np.array([rxy, rxy, s.radii[2] * grow])
         return a - r, a + r
     b = np.array(s.b)
     r = s.radii[0] * grow
