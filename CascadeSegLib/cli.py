@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import tempfile
@@ -46,6 +47,18 @@ def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001 - signal handler signa
     raise KeyboardInterrupt
 
 
+def write_error_log() -> str:
+    """Save the current traceback to a new log file; returns where it is (or the last line)."""
+    text = traceback.format_exc()
+    try:
+        fd, name = tempfile.mkstemp(prefix="cascadeseg-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"cascadeseg {__version__}\n{' '.join(sys.argv)}\n\n{text}")
+        return f"details in {name}"
+    except OSError:
+        return "details: " + text.strip().splitlines()[-1]
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
@@ -59,18 +72,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"cascadeseg: error: {exc}", file=sys.stderr)
+        print(f"cascadeseg: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         print("cascadeseg: cancelled; no output was written for the unfinished case", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("cascadeseg: error: ran out of memory; close other programs, crop the CT or resample it to a "
+              "coarser spacing, or use a machine with more memory", file=sys.stderr)
+        return 2
     except Exception:  # noqa: BLE001 - last resort: keep the traceback in a log, not on screen
-        log = Path(tempfile.gettempdir()) / "cascadeseg-error.log"
-        try:
-            log.write_text(traceback.format_exc())
-            where = f"details in {log}"
-        except OSError:
-            where = "details: " + traceback.format_exc().strip().splitlines()[-1]
+        where = write_error_log()
         print(f"cascadeseg: internal error ({sys.exc_info()[1].__class__.__name__}); {where}; please report it",
               file=sys.stderr)
         return 1

@@ -122,7 +122,8 @@ def is_dicom_folder(path: "str | os.PathLike[str]") -> bool:
         return False
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> sitk.Image:
+def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
+    """The series to read: the only one, or `series_uid`; UserError listing the choices."""
     series = list_dicom_series(folder)
     if not series:
         raise UserError(f"no DICOM series found in {folder}; pass a folder of DICOM files "
@@ -138,6 +139,11 @@ def _read_dicom(folder: Path, series_uid: str | None) -> sitk.Image:
                         f"pass --series-uid UID to choose one")
     else:
         picked = series[0]
+    return picked
+
+
+def _read_dicom(folder: Path, series_uid: str | None) -> sitk.Image:
+    picked = _pick_series(folder, series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(picked.files))
     try:
@@ -220,6 +226,8 @@ def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None) ->
     path = Path(path)
     if not path.exists():
         raise UserError(f"input not found: {path}; check the path")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied; check the file's permissions")
     if path.is_dir():
         return _read_dicom(path, series_uid)
     suffix = _suffix(path, READ_SUFFIXES)
@@ -230,6 +238,80 @@ def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None) ->
     except RuntimeError as e:
         raise UserError(f"cannot read image {path}: {_itk_reason(e)}; check that it is a "
                         f"complete image file ({', '.join(READ_SUFFIXES)}) or a DICOM folder") from None
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says about an image: enough to check it before reading any voxel."""
+
+    size: tuple[int, ...]           # (x, y, z), SimpleITK order
+    spacing: tuple[float, ...]
+    pixel_id: int                   # SimpleITK pixel id of one component
+    components: int
+    dimension: int
+
+    @property
+    def pixel_type(self) -> str:
+        return sitk.GetPixelIDValueAsString(self.pixel_id)
+
+
+def read_image_info(path: "str | os.PathLike[str]", series_uid: str | None = None) -> ImageInfo:
+    """Size, spacing and pixel type from the header only (no voxels read), as `read_image` sees it.
+
+    For a DICOM folder the size along z is the number of files of the chosen series. Used to
+    refuse images that would not fit in memory before reading them.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"input not found: {path}; check the path")
+    if not os.access(path, os.R_OK):
+        raise UserError(f"cannot read {path}: permission denied; check the file's permissions")
+    reader = sitk.ImageFileReader()
+    if path.is_dir():
+        picked = _pick_series(path, series_uid)
+        reader.SetFileName(picked.files[0])
+        n_files = len(picked.files)
+    else:
+        reader.SetFileName(str(path))
+        n_files = 0
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise UserError(f"cannot read image {path}: {_itk_reason(e)}; check that it is a "
+                        f"complete image file ({', '.join(READ_SUFFIXES)}) or a DICOM folder") from None
+    size = tuple(int(v) for v in reader.GetSize())
+    spacing = tuple(float(v) for v in reader.GetSpacing())
+    dim = int(reader.GetDimension())
+    if n_files:
+        # A DICOM file is one slice (size z 1) of a 3D series.
+        size = size[:2] + (n_files,)
+        spacing = spacing[:2] + (_dicom_slice_step(picked.files, reader.GetOrigin()) or
+                                 (spacing[2] if len(spacing) > 2 else 1.0),)
+        dim = 3
+    pixel_id = int(reader.GetPixelID())
+    comps = int(reader.GetNumberOfComponents())
+    if comps > 1:
+        # Vector pixel ids ("vector of 16-bit signed integer") -> the scalar id of one component.
+        scalar = {sitk.sitkVectorUInt8: sitk.sitkUInt8, sitk.sitkVectorInt8: sitk.sitkInt8,
+                  sitk.sitkVectorUInt16: sitk.sitkUInt16, sitk.sitkVectorInt16: sitk.sitkInt16,
+                  sitk.sitkVectorUInt32: sitk.sitkUInt32, sitk.sitkVectorInt32: sitk.sitkInt32,
+                  sitk.sitkVectorFloat32: sitk.sitkFloat32, sitk.sitkVectorFloat64: sitk.sitkFloat64}
+        pixel_id = scalar.get(pixel_id, pixel_id)
+    return ImageInfo(size=size, spacing=spacing, pixel_id=pixel_id, components=comps, dimension=dim)
+
+
+def _dicom_slice_step(files: Sequence[str], first_origin: Sequence[float]) -> float | None:
+    """Mean distance between slice positions (first to last file), from the headers only."""
+    if len(files) < 2:
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[-1])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    dist = float(np.linalg.norm(np.subtract(reader.GetOrigin(), first_origin)))
+    return dist / (len(files) - 1) if dist > 0 else None
 
 
 def find_images(folder: "str | os.PathLike[str]") -> list[Path]:

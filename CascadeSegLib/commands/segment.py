@@ -39,6 +39,8 @@ def register(subparsers: Any) -> None:
                    help="segment even when the image does not look like CT in Hounsfield units")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call")
     p.add_argument("--no-report", action="store_true", help="skip the report and preview picture")
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the memory estimate says the image will not fit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -90,13 +92,28 @@ def run(args: argparse.Namespace) -> int:
 
     reporter = JsonProgress() if args.progress_json else BarProgress(enabled=not args.quiet and sys.stderr.isatty())
     try:
-        return _run(args, io, Segmenter, load_model, reporter)
+        try:
+            return _run(args, io, Segmenter, load_model, reporter)
+        except MemoryError:
+            raise UserError("ran out of memory; close other programs, crop the CT to the abdomen or resample "
+                            "it to a coarser spacing, or use a machine with more memory") from None
+        except RuntimeError as exc:
+            from ..memory import is_out_of_memory
+
+            if not is_out_of_memory(exc):
+                raise
+            raise UserError("the GPU ran out of memory even with one tile per batch; use --device cpu, or close "
+                            "other programs using the GPU") from None
     except UserError as exc:
         if args.progress_json:
-            reporter.emit("error", message=str(exc), exit_code=2)
+            reporter.emit("error", message=one_line(str(exc)), exit_code=2)
         raise
     finally:
         reporter.close()
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - internal
@@ -131,8 +148,8 @@ def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - in
             if len(cases) == 1:
                 raise
             failures += 1
-            print(f"cascadeseg: error: {case}: {exc}", file=sys.stderr)
-            reporter.emit("error", case=case, message=str(exc), exit_code=2)
+            print(f"cascadeseg: error: {case}: {one_line(str(exc))}", file=sys.stderr)
+            reporter.emit("error", case=case, message=one_line(str(exc)), exit_code=2)
     if not args.quiet and not args.progress_json:
         for case, timings in summary:
             steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
@@ -143,63 +160,185 @@ def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - in
     return 0
 
 
+def case_outputs(args: argparse.Namespace, case: str, output: Path, single_file: bool,
+                 stage1_only_model: bool = False) -> dict[str, Path]:
+    """Every file a case will write, by done-event key, decided before any work is done."""
+    outputs: dict[str, Path] = {}
+    if single_file:
+        key = "segmentation" if output.name.lower().endswith(".seg.nrrd") else "labels"
+        outputs[key] = output
+        folder = output.parent
+    else:
+        folder = output
+        outputs["labels"] = folder / f"{case}_labels.nii.gz"
+        outputs["segmentation"] = folder / f"{case}.seg.nrrd"
+    if args.save_probabilities:
+        outputs["probabilities"] = folder / f"{case}_probabilities.nii.gz"
+    if args.save_candidates:
+        outputs["c1"] = folder / f"{case}_c1.nii.gz"
+        if not (args.stage1_only or stage1_only_model):
+            outputs["c2"] = folder / f"{case}_c2.nii.gz"
+    if not args.no_report and not single_file:
+        outputs["preview"] = folder / f"{case}_preview.png"
+        outputs["report"] = folder / f"{case}_report.json"
+        outputs["report_md"] = folder / f"{case}_report.md"
+    return outputs
+
+
+def check_outputs(outputs: dict[str, Path], case_path: Path, overwrite: bool) -> None:
+    """Before any work: never write over the input, existing outputs need --overwrite, the
+    destination folder must be writable (the first existing parent, if it does not exist yet)."""
+    import os
+
+    from ..io import _same_file
+
+    for path in outputs.values():
+        if _same_file(path, case_path):
+            raise UserError(f"refusing to write over the input {case_path}; choose another output path")
+        if path.is_dir():
+            raise UserError(f"cannot write {path}: it is a folder; choose another output path")
+    existing = [p for p in outputs.values() if p.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise UserError(f"{existing[0]} already exists{more}; pass --overwrite to replace it")
+    folder = next(iter(outputs.values())).parent
+    parent = folder
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write into {folder}: {parent} is not a folder; choose another output path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {folder}: permission denied; choose a writable output folder")
+
+
+class StagedOutputs:
+    """Outputs are written under hidden temporary names and renamed into place together.
+
+    A failure (disk full, an exception, Ctrl-C) while writing any of them deletes the
+    temporary files and leaves every existing output exactly as it was.
+    """
+
+    def __init__(self, finals: dict[str, Path]) -> None:
+        import secrets
+
+        token = secrets.token_hex(4)
+        self.finals = finals
+        self.staged = {k: p.parent / f".tmp-{token}-{p.name}" for k, p in finals.items()}
+
+    def __enter__(self) -> "StagedOutputs":
+        return self
+
+    def commit(self) -> None:
+        import os
+
+        for key, tmp in self.staged.items():
+            if tmp.exists():
+                os.replace(tmp, self.finals[key])
+
+    def __exit__(self, *exc: object) -> None:
+        for tmp in self.staged.values():
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+
 def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
                   reporter, announce: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
+    from ..cascade import check_ct
+
     t_start = time.perf_counter()
     if announce:
         reporter.emit("case", case=case, path=str(case_path))
-    image = io.read_image(case_path, series_uid=args.series_uid)
-    from ..cascade import check_ct
+    finals = case_outputs(args, case, output, single_file, len(model.stages) == 1)
+    check_outputs(finals, case_path, args.overwrite)
+    # Header first: refuse what is not a 3D scalar image, or would not fit in memory, before
+    # reading a single voxel.
+    info = io.read_image_info(case_path, series_uid=args.series_uid)
+    check_header(info, case_path)
+    if not args.no_memory_check:
+        from ..memory import check_memory
 
+        check_memory(info.size, info.pixel_id, model, spacing_xyz=info.spacing, components=info.components,
+                     stage1_only=args.stage1_only, overlap=args.overlap,
+                     keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
+                     batch_size=segmenter.batch_size, device=str(segmenter.device))
+    image = io.read_image(case_path, series_uid=args.series_uid)
     check_ct(image)
+    check_finite(image)
     warning = check_looks_like_ct(image, args.allow_non_ct)
     if warning:
         print(f"cascadeseg: warning: {warning}", file=sys.stderr)
+        reporter.emit("warning", case=case, message=warning)
     t_read = time.perf_counter() - t_start
     result = segmenter.segment(image)
     t_write0 = time.perf_counter()
-    protect = [case_path]
-    outputs: dict[str, str] = {}
     labelset = model.labels
-    if single_file:
-        if output.name.lower().endswith(".seg.nrrd"):
-            io.write_segmentation_nrrd(result.labels, labelset, output, overwrite=args.overwrite, protect=protect)
-            outputs["segmentation"] = str(output)
-        else:
-            io.write_image(result.labels, output, overwrite=args.overwrite, protect=protect)
-            outputs["labels"] = str(output)
-        folder, stem = output.parent, case
-    else:
-        folder, stem = output, case
+    folder = next(iter(finals.values())).parent
+    try:
         folder.mkdir(parents=True, exist_ok=True)
-        outputs["labels"] = str(io.write_image(result.labels, folder / f"{stem}_labels.nii.gz",
-                                               overwrite=args.overwrite, protect=protect))
-        outputs["segmentation"] = str(io.write_segmentation_nrrd(result.labels, labelset, folder / f"{stem}.seg.nrrd",
-                                                                 overwrite=args.overwrite, protect=protect))
-    if result.probabilities is not None:
-        outputs["probabilities"] = str(io.write_image(result.probabilities, folder / f"{stem}_probabilities.nii.gz",
-                                                      overwrite=args.overwrite, protect=protect))
-    if result.c1 is not None:
-        outputs["c1"] = str(io.write_image(result.c1, folder / f"{stem}_c1.nii.gz", overwrite=args.overwrite,
-                                           protect=protect))
-    if result.c2 is not None:
-        outputs["c2"] = str(io.write_image(result.c2, folder / f"{stem}_c2.nii.gz", overwrite=args.overwrite,
-                                           protect=protect))
-    timings = {"read": t_read, **{k: v for k, v in result.timings.items() if k != "total"}}
-    timings["write"] = time.perf_counter() - t_write0
-    if not args.no_report and not single_file:
-        from ..preview import render_preview
-        from ..report import build_report, write_report
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable "
+                        "folder") from None
+    outputs = {k: str(v) for k, v in finals.items() if k != "report_md"}
+    protect = [case_path]
+    with StagedOutputs(finals) as staged:
+        tmp = staged.staged
+        if "labels" in tmp:
+            io.write_image(result.labels, tmp["labels"], protect=protect)
+        if "segmentation" in tmp:
+            io.write_segmentation_nrrd(result.labels, labelset, tmp["segmentation"], protect=protect)
+        if "probabilities" in tmp:
+            if result.probabilities is None:
+                raise UserError("probabilities are only kept for two-stage runs; drop --stage1-only")
+            io.write_image(result.probabilities, tmp["probabilities"], protect=protect)
+        for key, img in (("c1", result.c1), ("c2", result.c2)):
+            if key in tmp and img is not None:
+                io.write_image(img, tmp[key], protect=protect)
+            elif key in tmp:
+                outputs.pop(key, None)
+        timings = {"read": t_read, **{k: v for k, v in result.timings.items() if k != "total"}}
+        timings["write"] = time.perf_counter() - t_write0
+        if "report" in tmp:
+            from ..preview import render_preview
+            from ..report import build_report, write_report
 
-        outputs["preview"] = str(render_preview(image, result.labels, labelset, folder / f"{stem}_preview.png"))
-        timings["total"] = time.perf_counter() - t_start
-        info = {"name": model.name, "version": model.version, "path": str(model.root)}
-        report = build_report(case, image, result.labels, labelset, timings, info, outputs, result.stats,
-                              str(segmenter.device))
-        outputs["report"] = str(folder / f"{stem}_report.json")
-        report["outputs"] = outputs
-        write_report(report, labelset, folder / f"{stem}_report.json", folder / f"{stem}_report.md")
+            render_preview(image, result.labels, labelset, tmp["preview"])
+            timings["total"] = time.perf_counter() - t_start
+            info_model = {"name": model.name, "version": model.version, "path": str(model.root)}
+            report = build_report(case, image, result.labels, labelset, timings, info_model, outputs,
+                                  result.stats, str(segmenter.device))
+            report["outputs"] = outputs
+            write_report(report, labelset, tmp["report"], tmp["report_md"])
+        staged.commit()
     timings["total"] = time.perf_counter() - t_start
     reporter.emit("done", case=case, outputs=outputs, labels=labelset.to_json(),
                   timings={k: round(v, 3) for k, v in timings.items()}, stats=result.stats)
     return case, timings
+
+
+def check_header(info, path: Path) -> None:  # noqa: ANN001 - io.ImageInfo
+    """The cascade needs a 3D single-channel volume; say so from the header alone."""
+    if info.dimension != 3:
+        what = {2: "a 2D image (one slice)", 4: "4D (a time series or several volumes)"}.get(
+            info.dimension, f"{info.dimension}D")
+        raise UserError(f"{path} is {what}; CascadeSeg needs a 3D CT volume (export the whole series, "
+                        "or split a 4D image into 3D volumes)")
+    if info.components != 1:
+        raise UserError(f"{path} has {info.components} components per voxel (RGB or vector data); "
+                        "CascadeSeg needs a single-channel CT in HU")
+    if min(info.size) < 2:
+        raise UserError(f"{path} has size {'x'.join(map(str, info.size))}: a single slice; CascadeSeg needs "
+                        "a 3D volume with at least 2 slices along every axis")
+
+
+def check_finite(image: sitk.Image) -> None:
+    """NaN/Inf voxels would spread through resampling; refuse them with a count."""
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return
+    arr = sitk.GetArrayViewFromImage(image)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise UserError(f"the input has {bad} NaN or infinite voxels; replace them (e.g. by -1024) or crop "
+                        "them away before segmenting")
