@@ -148,9 +148,9 @@ class Segmenter:
 
         # Stage 1 grid, body mask C1 and the stage-1 network over C1.
         self._report("preprocess", 0.0, "resampling to the stage-1 grid")
-        image_f = image if image.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(image, sitk.sitkFloat32)
-        _reject_non_finite(image_f)
-        grid1 = preprocess.resample_to_spacing(image_f, s1.spacing, "linear", -1024.0)
+        # Resample straight from the stored pixel type: no full-size float copy of the input.
+        _reject_non_finite(image)
+        grid1 = preprocess.resample_to_spacing(image, s1.spacing, "linear", -1024.0, sitk.sitkFloat32)
         hu1 = self._to_tensor(grid1)
         c1 = preprocess.body_mask(hu1, model.body_threshold_hu)
         t["preprocess"] = time.perf_counter() - start
@@ -175,11 +175,11 @@ class Segmenter:
             # C2: stage-1 foreground on the stage-2 grid, dilated by r voxels.
             t0 = time.perf_counter()
             s2 = model.stages[1]
-            ref2 = preprocess.grid_for_spacing(image_f, s2.spacing)
+            ref2 = preprocess.grid_for_spacing(image, s2.spacing)
             fg1 = preprocess.resample(stage1_img, ref2, "nearest", 0, sitk.sitkUInt8)
             c2 = preprocess.dilate(self._to_tensor(fg1) > 0, model.dilation_radius)
             stats["c2_fraction"] = float(c2.float().mean())
-            grid2 = preprocess.resample(image_f, ref2, "linear", -1024.0, sitk.sitkFloat32)
+            grid2 = preprocess.resample(image, ref2, "linear", -1024.0, sitk.sitkFloat32)
             hu2 = self._to_tensor(grid2)
             t["c2"] = time.perf_counter() - t0
             self._check_cancel()
@@ -221,6 +221,8 @@ class Segmenter:
 
 
 def _reject_non_finite(image: sitk.Image) -> None:
+    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        return  # integer voxels are always finite
     arr = sitk.GetArrayViewFromImage(image)
     if not np.isfinite(arr).all():
         bad = int(arr.size - np.isfinite(arr).sum())

@@ -29,11 +29,11 @@ def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _slice(image: sitk.Image, origin: Sequence[float], size: Sequence[int], spacing: float,
-           interpolator: int, default: float) -> np.ndarray:
-    ref = sitk.Image([int(s) for s in size], image.GetPixelID())
+           interpolator: int, default: float, pixel_type: int) -> np.ndarray:
+    ref = sitk.Image([int(s) for s in size], pixel_type)
     ref.SetOrigin([float(o) for o in origin])
     ref.SetSpacing([spacing] * 3)
-    return sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), interpolator, default))
+    return sitk.GetArrayFromImage(sitk.Resample(image, ref, sitk.Transform(), interpolator, default, pixel_type))
 
 
 def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path: str | Path,
@@ -44,9 +44,11 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path:
     extent = hi - lo
     spacing = pixel_mm or max(float(extent.max()) / 320.0, 0.5)
     n = np.maximum(np.ceil(extent / spacing).astype(int) + 1, 1)
-    lab = sitk.GetArrayViewFromImage(labels)
-    if lab.any():
-        idx = np.argwhere(lab > 0).mean(0)[::-1]
+    fg = sitk.GetArrayViewFromImage(labels) > 0
+    if fg.any():
+        # Centroid from per-axis projections: no list of foreground coordinates is built.
+        idx = np.array([np.average(np.arange(fg.shape[a]), weights=fg.sum(axis=tuple(b for b in range(3) if b != a)))
+                        for a in range(3)])[::-1]
         centre = np.array(labels.TransformContinuousIndexToPhysicalPoint(idx.tolist()))
     else:
         centre = (lo + hi) / 2
@@ -56,8 +58,8 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path:
         origin[axis] = centre[axis]
         size = n.copy()
         size[axis] = 1
-        hu = _slice(sitk.Cast(ct, sitk.sitkFloat32), origin, size, spacing, sitk.sitkLinear, -1024.0)
-        lb = _slice(sitk.Cast(labels, sitk.sitkUInt8), origin, size, spacing, sitk.sitkNearestNeighbor, 0)
+        hu = _slice(ct, origin, size, spacing, sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+        lb = _slice(labels, origin, size, spacing, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         hu, lb = np.squeeze(hu, axis=2 - axis), np.squeeze(lb, axis=2 - axis)
         if axis != 2:  # rows are z: superior (larger z in LPS) at the top
             hu, lb = hu[::-1], lb[::-1]
