@@ -68,10 +68,15 @@ def check_looks_like_ct(image: sitk.Image, allow: bool) -> str | None:
     sample = np.asarray(arr).ravel()[::step]
     lo, hi = np.percentile(sample, [1, 99]) if sample.size else (0.0, 0.0)
     reason = None
+    if sample.size == 0 or float(sample.max()) == float(sample.min()):
+        mm = sitk.MinimumMaximumImageFilter()
+        mm.Execute(image)
+        if mm.GetMinimum() == mm.GetMaximum():
+            # Nothing to segment, whatever the modality: refused even with --allow-non-ct.
+            raise UserError(f"the image is empty: every voxel has the same value ({mm.GetMinimum():g}); check "
+                            "that the right file or series was exported")
     if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
         reason = "it is 8-bit data"
-    elif float(sample.max(initial=0)) == float(sample.min(initial=0)):
-        reason = "every voxel has the same value"
     elif lo > -300:
         reason = f"it has no air (1st percentile {lo:.0f}, CT air is about -1000 HU)"
     elif hi < 0:
