@@ -238,31 +238,64 @@ def _from_tensor(t: torch.Tensor, reference: sitk.Image) -> sitk.Image:
 def resample_labels_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Nearest-neighbour resampling of a label map onto `reference`'s exact grid.
 
-    Only the bounding box of the foreground is resampled (the rest is background), which
-    keeps this fast for 512x512x400 inputs whose organs fill a fraction of the volume.
+    When both grids share their direction (always the case for the cascade's model grids,
+    which keep the input's direction) nearest neighbour is separable: one index gather per
+    axis. Otherwise only the foreground's bounding box is resampled by SimpleITK.
     """
+    arr = _separable_nearest(labels, reference)
+    if arr is None:
+        arr = _boxed_nearest(labels, reference)
+    img = sitk.GetImageFromArray(arr)
+    img.CopyInformation(reference)
+    return img
+
+
+def _separable_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray | None:
+    d_src = np.array(labels.GetDirection()).reshape(3, 3)
+    d_ref = np.array(reference.GetDirection()).reshape(3, 3)
+    if not np.allclose(d_src, d_ref, atol=1e-9, rtol=0):
+        return None
+    # Reference voxel centres expressed in the source's continuous index, axis by axis.
+    offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(labels.GetOrigin()))
+    src = np.asarray(sitk.GetArrayViewFromImage(labels))
+    bad_planes = []
+    for axis in range(3):  # x, y, z; numpy's take copies whole rows/planes (torch's is slow on uint8)
+        n_ref, n_src = reference.GetSize()[axis], labels.GetSize()[axis]
+        j = (offset[axis] + np.arange(n_ref) * reference.GetSpacing()[axis]) / labels.GetSpacing()[axis]
+        idx = np.floor(j + 0.5).astype(np.int64)
+        ok = (idx >= 0) & (idx < n_src)
+        dim = 2 - axis
+        src = np.take(src, np.clip(idx, 0, n_src - 1), axis=dim)
+        bad_planes.append((dim, ~ok))
+    for dim, bad in bad_planes:
+        if bad.any():
+            index = [slice(None)] * 3
+            index[dim] = bad
+            src[tuple(index)] = 0
+    return src
+
+
+def _boxed_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
     arr = sitk.GetArrayViewFromImage(labels)
     out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
     box = preprocess.bounding_box(torch.from_numpy(np.asarray(arr) > 0), pad=1, shape=arr.shape)
-    if box is not None:
-        # Physical corners of the source box -> index box on the reference grid.
-        corners = []
-        for cz in box[0]:
-            for cy in box[1]:
-                for cx in box[2]:
-                    idx = (cx - 0.5, cy - 0.5, cz - 0.5)
-                    pt = labels.TransformContinuousIndexToPhysicalPoint(idx)
-                    corners.append(reference.TransformPhysicalPointToContinuousIndex(pt))
-        c = np.array(corners)
-        lo = np.maximum(np.floor(c.min(0)).astype(int) - 1, 0)
-        hi = np.minimum(np.ceil(c.max(0)).astype(int) + 2, np.array(reference.GetSize()))
-        if np.all(hi > lo):
-            sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
-            sub.SetSpacing(reference.GetSpacing())
-            sub.SetDirection(reference.GetDirection())
-            sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
-            res = sitk.Resample(labels, sub, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-            out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sitk.GetArrayViewFromImage(res)
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(reference)
-    return img
+    if box is None:
+        return out
+    # Physical corners of the source box -> index box on the reference grid.
+    corners = []
+    for cz in box[0]:
+        for cy in box[1]:
+            for cx in box[2]:
+                pt = labels.TransformContinuousIndexToPhysicalPoint((cx - 0.5, cy - 0.5, cz - 0.5))
+                corners.append(reference.TransformPhysicalPointToContinuousIndex(pt))
+    c = np.array(corners)
+    lo = np.maximum(np.floor(c.min(0)).astype(int) - 1, 0)
+    hi = np.minimum(np.ceil(c.max(0)).astype(int) + 2, np.array(reference.GetSize()))
+    if np.all(hi > lo):
+        sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+        sub.SetSpacing(reference.GetSpacing())
+        sub.SetDirection(reference.GetDirection())
+        sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+        res = sitk.Resample(labels, sub, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sitk.GetArrayViewFromImage(res)
+    return out
