@@ -20,7 +20,7 @@ from . import preprocess
 from .errors import Cancelled, UserError
 from .model import ModelPackage
 from .network import fold_batchnorm
-from .tiling import predict_volume
+from .tiling import fit_tile, plan_tiles, predict_volume, tile_geometry
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -109,6 +109,7 @@ class Segmenter:
         self.progress = progress
         self.cancel = cancel
         self._nets: dict[int, torch.nn.Module] = {}
+        self._stats: dict[str, float] = {}
 
     # --- helpers ------------------------------------------------------------------------------
     def network(self, index: int) -> torch.nn.Module:
@@ -131,18 +132,25 @@ class Segmenter:
 
     def _predict(self, index: int, hu: torch.Tensor, mask: torch.Tensor, overlap: float, stage: str) -> torch.Tensor:
         spec = self.model.stages[index]
+        net = self.network(index)
         volume = preprocess.normalize(hu, self.model.window, self.model.normalization)[None]
         pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
+        tile_in = fit_tile(net.cfg, spec.tile_zyx, tuple(hu.shape))
+        plan = plan_tiles(mask, tile_geometry(net.cfg, tile_in)[0], tile_in, overlap)
+        self._stats[f"{stage}_tiles"] = len(plan)
+        self._stats[f"{stage}_tile_voxels"] = int(np.prod(plan.tile_in))
+        self._stats[f"{stage}_grid_voxels"] = int(hu.numel())
         return predict_volume(
-            self.network(index), volume, mask, spec.tile_zyx, self.model.labels.num_classes,
+            net, volume, mask, spec.tile_zyx, self.model.labels.num_classes,
             overlap=overlap, batch_size=self.batch_size, pad_value=pad_value,
-            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel)
+            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel, plan=plan)
 
     # --- the cascade --------------------------------------------------------------------------
     def segment(self, image: sitk.Image) -> SegmentationResult:
         check_ct(image)
         t: dict[str, float] = {}
         stats: dict[str, float] = {}
+        self._stats = stats
         start = time.perf_counter()
         model, s1 = self.model, self.model.stages[0]
 

@@ -1,0 +1,158 @@
+"""Issue 7 benchmark: CascadeSeg vs MONAI's whole-volume sliding window vs the paper, one run.
+
+Same 512x512x400 CT, same network weights (the model's stage-2 network for MONAI), each in
+its own child process (peak RSS measured), medians over repeats for CascadeSeg. Also prints
+the achieved GFLOP/s of the network part against this machine's measured matmul peak, and
+(--scaling) time and memory against the number of slices.
+
+    pip install monai   # benchmark-only dependency
+    python benchmarks/bench_peers.py [--model NAME] [--repeats 3] [--scaling 100,200,400,700,1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import large_ct, measure_module, run_child, MEASURE_WRAPPER, table
+from flops import conv_flops, matmul_peak_gflops
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def cascade_runs(ct: Path, model: str | None, repeats: int) -> dict:
+    runs = []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as out:
+            args = ["segment", str(ct), "-o", out, "--progress-json", "--no-report"]
+            if model:
+                args += ["--model", model]
+            r = measure_module("CascadeSegLib", args)
+            done = [e for e in r["events"] if e["event"] == "done"][-1]
+            runs.append({"wall": r["wall"], "peak": r["peak_rss"], "t": done["timings"], "stats": done["stats"]})
+    med = {k: statistics.median(r["t"].get(k, 0.0) for r in runs) for k in runs[0]["t"]}
+    return {"timings": med, "wall": statistics.median(r["wall"] for r in runs),
+            "peak": max(r["peak"] for r in runs), "stats": runs[0]["stats"], "n": len(runs)}
+
+
+def monai_run(ct: Path, model: str | None, overlap: float) -> dict:
+    with tempfile.TemporaryDirectory() as out:
+        args = [str(HERE / "monai_peer.py"), str(ct), str(Path(out) / "labels.nii.gz"), "--overlap", str(overlap)]
+        if model:
+            args += ["--model", model]
+        wall, _, stdout, err = run_child(["-c", MEASURE_WRAPPER.replace("runpy.run_module(sys.argv[0], run_name=\"__main__\")",
+                                                                         "runpy.run_path(sys.argv[0], run_name=\"__main__\")"),
+                                          *args])
+    stats = json.loads(err.strip().splitlines()[-1])
+    done = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+    return {"timings": done["timings"], "wall": wall, "peak": stats["peak_rss"], "grid": done["grid"]}
+
+
+def windows(grid_xyz, roi_zyx, overlap: float) -> int:
+    n = 1
+    for size, roi in zip(grid_xyz[::-1], roi_zyx):
+        interval = max(int(roi * (1 - overlap)), 1)
+        n *= 1 if size <= roi else math.ceil((size - roi) / interval) + 1
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--overlap", type=float, default=0.5)
+    ap.add_argument("--paper-tiles", type=int, default=2)
+    ap.add_argument("--scaling", default="", help="comma-separated slice counts for the cost-scaling table")
+    ap.add_argument("--skip-monai", action="store_true")
+    args = ap.parse_args()
+
+    from bench_cascade import paper_estimate
+    from CascadeSegLib.model import load_model
+    from CascadeSegLib.network import fold_batchnorm
+
+    model = load_model(args.model)
+    ct = large_ct((512, 512, 400))
+    n_vox = 512 * 512 * 400
+    peak_gflops = matmul_peak_gflops()
+    print(f"model {model.name} {model.version}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"matmul peak {peak_gflops:.0f} GFLOP/s", file=sys.stderr)
+
+    ours = cascade_runs(ct, args.model, args.repeats)
+    flops_ours = 0
+    for i, stage in enumerate(model.stages):
+        key = f"stage{i + 1}"
+        tiles = ours["stats"].get(f"{key}_tiles", 0)
+        if tiles:
+            net = fold_batchnorm(model.load_network(i))
+            side = round(ours["stats"][f"{key}_tile_voxels"] ** (1 / 3))
+            shape = stage.tile_zyx if int(np.prod(stage.tile_zyx)) == ours["stats"][f"{key}_tile_voxels"] else (side,) * 3
+            flops_ours += tiles * conv_flops(net, tuple(shape))
+    t = ours["timings"]
+    net_time = t.get("stage1", 0) + t.get("stage2", 0)
+    rows = [{"cfg": "CascadeSeg cascade", "s1": f"{t.get('stage1', 0):.1f}", "s2": f"{t.get('stage2', 0):.1f}",
+             "total": f"{t['total']:.1f}", "vps": f"{n_vox / t['total'] / 1e6:.1f}", "peak": f"{ours['peak'] / 2**30:.2f}",
+             "gf": f"{flops_ours / net_time / 1e9:.0f} ({flops_ours / net_time / 1e9 / peak_gflops:.0%})",
+             "how": f"median of {ours['n']}; tiles {ours['stats'].get('stage1_tiles')}+{ours['stats'].get('stage2_tiles')}"}]
+    result = {"ours": ours, "peak_gflops": peak_gflops}
+    if not args.skip_monai:
+        peer = monai_run(ct, args.model, args.overlap)
+        stage = model.stages[-1]
+        net = fold_batchnorm(model.load_network(len(model.stages) - 1))
+        n_win = windows(peer["grid"], stage.tile_zyx, args.overlap)
+        flops_peer = n_win * conv_flops(net, stage.tile_zyx)
+        pt = peer["timings"]
+        rows.append({"cfg": f"MONAI sliding window ({args.overlap} overlap)", "s1": "-", "s2": f"{pt['network']:.1f}",
+                     "total": f"{pt['total']:.1f}", "vps": f"{n_vox / pt['total'] / 1e6:.1f}",
+                     "peak": f"{peer['peak'] / 2**30:.2f}",
+                     "gf": f"{flops_peer / pt['network'] / 1e9:.0f} ({flops_peer / pt['network'] / 1e9 / peak_gflops:.0%})",
+                     "how": f"1 run; {n_win} windows over the whole {peer['grid']} grid"})
+        result["monai"] = peer
+    labels_ct = None
+    with tempfile.TemporaryDirectory() as out:
+        r = measure_module("CascadeSegLib", ["segment", str(ct), "-o", str(Path(out) / "l.nii.gz"), "--quiet"]
+                           + (["--model", args.model] if args.model else []))
+        labels_ct = sitk.ReadImage(str(Path(out) / "l.nii.gz"))
+    paper = paper_estimate(ct, labels_ct, args.paper_tiles)
+    other = t["total"] - net_time
+    paper_total = paper["stage1"] + paper["stage2"] + other
+    rows.append({"cfg": "paper 3D U-Net (Roth 2018)", "s1": f"{paper['stage1']:.0f}", "s2": f"{paper['stage2']:.0f}",
+                 "total": f"{paper_total:.0f}", "vps": f"{n_vox / paper_total / 1e6:.2f}", "peak": "-", "gf": "-",
+                 "how": f"{paper['per_tile']:.1f} s/tile x {paper['tiles1']}+{paper['tiles2']} tiles (extrapolated)"})
+    print()
+    print("512x512x400 CT, read -> segment -> write, seconds (2-core CPU)")
+    print(table(rows, [("cfg", "configuration"), ("s1", "stage 1"), ("s2", "stage 2 / network"), ("total", "end to end"),
+                       ("vps", "M input voxels/s"), ("peak", "peak RSS GiB"), ("gf", "network GFLOP/s (of peak)"),
+                       ("how", "how measured")]))
+    print()
+    if "monai" in result:
+        print(f"ratio MONAI / CascadeSeg (end to end): {result['monai']['timings']['total'] / t['total']:.1f}x")
+    print(f"ratio paper / CascadeSeg (end to end): {paper_total / t['total']:.1f}x")
+    print("CascadeSeg steps (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
+
+    if args.scaling:
+        srows = []
+        for n in [int(v) for v in args.scaling.split(",")]:
+            path = large_ct((512, 512, n))
+            r = cascade_runs(path, args.model, 1)
+            srows.append({"n": n, "vox": f"{512 * 512 * n / 1e6:.0f}", "t": f"{r['timings']['total']:.1f}",
+                          "per": f"{r['timings']['total'] / (512 * 512 * n / 1e6) * 1000:.0f}",
+                          "peak": f"{r['peak'] / 2**30:.2f}"})
+            path.unlink()
+        print()
+        print("Cost scaling (512x512xN, same anatomy stretched over N slices)")
+        print(table(srows, [("n", "slices"), ("vox", "M voxels"), ("t", "end to end s"), ("per", "ms per M voxels"),
+                            ("peak", "peak RSS GiB")]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
