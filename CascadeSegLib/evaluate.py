@@ -179,6 +179,13 @@ def _bbox(mask: np.ndarray) -> tuple[slice, ...] | None:
     return sl[0] if sl else None
 
 
+def label_boxes(arr: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """value -> bounding box (slices) of every label present in an integer array."""
+    if arr.size == 0 or int(arr.max()) == 0:
+        return {}
+    return {i + 1: sl for i, sl in enumerate(ndimage.find_objects(arr)) if sl is not None}
+
+
 def _union_box(boxes: Iterable[tuple[slice, ...] | None], shape: Sequence[int],
                pad: int) -> tuple[slice, ...] | None:
     boxes = [b for b in boxes if b is not None]
@@ -265,13 +272,20 @@ def evaluate_images(pred: sitk.Image, ref: sitk.Image, labels: LabelSet,
     p_arr = sitk.GetArrayViewFromImage(pred)
     r_arr = sitk.GetArrayViewFromImage(ref)
     spacing = ref.GetSpacing()
+    # One pass per image finds every label's box; each organ is then measured in its box
+    # (grown by one voxel, so surfaces and distances are those of the whole image).
+    p_boxes, r_boxes = label_boxes(p_arr), label_boxes(r_arr)
     organs: dict[str, Any] = {}
     for lab in labels:
         try:
             rv = ref_labels.by_name(lab.name).value
         except KeyError:
             continue
-        organs[lab.name] = organ_metrics(p_arr == lab.value, r_arr == rv, spacing, distances)
+        box = _union_box([p_boxes.get(lab.value), r_boxes.get(rv)], p_arr.shape, pad=1)
+        if box is None:
+            box = (slice(0, 0),) * 3
+        organs[lab.name] = organ_metrics(p_arr[box] == lab.value, r_arr[box] == rv, spacing,
+                                         distances)
     return {"organs": organs, "resampled": resampled,
             "grid": {"size": list(ref.GetSize()), "spacing": list(spacing)}}
 
@@ -511,8 +525,8 @@ def candidate_curves(stage1: sitk.Image, ref: sitk.Image, labels: LabelSet,
 
     Radii are in voxels of the reference grid, or of a grid with `spacing` (x, y, z; e.g. the
     model's stage-2 spacing, where the engine dilates) onto which both are resampled (nearest).
-    One Euclidean distance transform (in voxels) per organ gives every radius at once: a voxel
-    lies in the ball dilation of radius r exactly when its distance to the mask is <= r.
+    One Euclidean distance map (in voxels) per organ gives every radius at once: a voxel lies
+    in the ball dilation of radius r exactly when its distance to the mask is <= r.
     """
     radii = sorted({int(r) for r in radii})
     if not radii or radii[0] < 0:
@@ -530,41 +544,57 @@ def candidate_curves(stage1: sitk.Image, ref: sitk.Image, labels: LabelSet,
     total = int(s_arr.size)
     rmax = radii[-1]
     out: dict[str, Any] = {}
-    organs: list[tuple[str, np.ndarray, np.ndarray]] = []
-    ref_values = []
+    s_boxes, r_boxes = label_boxes(s_arr), label_boxes(r_arr)
+    shape = s_arr.shape
+    organs: list[tuple[str, Any, Any]] = []  # (name, stage-1 test, reference test)
+    ref_values: list[int] = []
     for lab in labels:
         try:
             rv = ref_labels.by_name(lab.name).value
         except KeyError:
             continue
         ref_values.append(rv)
-        organs.append((lab.name, s_arr == lab.value, r_arr == rv))
-    organs.append(("all", s_arr > 0, np.isin(r_arr, ref_values)))
-    for name, s, r in organs:
-        n_ref = int(np.count_nonzero(r))
+        organs.append((lab.name, (lambda a, v=lab.value: a == v), (lambda a, v=rv: a == v)))
+    organs.append(("all", lambda a: a > 0, lambda a: np.isin(a, ref_values)))
+    for name, s_test, r_test in organs:
+        if name == "all":
+            s_box = _union_box(s_boxes.values(), shape, pad=0)
+            r_box = _union_box([r_boxes.get(v) for v in ref_values], shape, pad=0)
+        else:
+            s_box = s_boxes.get(labels.by_name(name).value)
+            r_box = r_boxes.get(ref_labels.by_name(name).value)
+        n_ref = int(np.count_nonzero(r_test(r_arr[r_box]))) if r_box else 0
+        n_s = int(np.count_nonzero(s_test(s_arr[s_box]))) if s_box else 0
         rec, fpr, fdr, frac = [], [], [], []
-        box = _union_box([_bbox(s)], s.shape, pad=rmax + 1)
+        # Voxels farther than rmax from stage 1 are never covered: work in its grown box.
+        box = _union_box([s_box], shape, pad=rmax + 1) if n_s else None
         if box is None:
             rec = [0.0 if n_ref else None] * len(radii)
             fpr = [0.0] * len(radii)
             fdr = [None] * len(radii)
             frac = [0.0] * len(radii)
         else:
-            sub_s, sub_r = s[box], r[box]
-            dist = ndimage.distance_transform_edt(~sub_s)
-            d_all = np.sort(dist, axis=None)
-            d_ref = np.sort(dist[sub_r])
+            s, r = s_test(s_arr[box]), r_test(r_arr[box])
+            # Smallest integer radius reaching each voxel (dist <= r), capped at rmax + 1;
+            # cumulative counts then give every radius in one pass.
+            # Squared voxel distances to stage 1 (SimpleITK's Maurer map: multi-threaded and
+            # ~3x faster than scipy's EDT; squared values are integers, so no rounding).
+            d2 = sitk.SignedMaurerDistanceMap(sitk.GetImageFromArray(s.astype(np.uint8)),
+                                              insideIsPositive=False, squaredDistance=True,
+                                              useImageSpacing=False)
+            d2 = np.maximum(np.rint(sitk.GetArrayFromImage(d2)), 0.0)
+            reach = np.minimum(np.ceil(np.sqrt(d2) - 1e-9), rmax + 1).astype(np.int64)
+            cum_all = np.cumsum(np.bincount(reach.ravel(), minlength=rmax + 2))
+            cum_ref = np.cumsum(np.bincount(reach[r], minlength=rmax + 2))
             for rad in radii:
-                covered = int(np.searchsorted(d_all, rad + 1e-6, side="right"))
-                tp = int(np.searchsorted(d_ref, rad + 1e-6, side="right"))
+                covered, tp = int(cum_all[rad]), int(cum_ref[rad])
                 fp = covered - tp
                 rec.append(tp / n_ref if n_ref else None)
                 fpr.append(fp / (total - n_ref) if total > n_ref else 0.0)
                 fdr.append(fp / covered if covered else None)
                 frac.append(covered / total)
         out[name] = {"radii": radii, "recall": rec, "fpr": fpr, "fdr": fdr,
-                     "c2_fraction": frac, "ref_voxels": n_ref,
-                     "stage1_voxels": int(np.count_nonzero(s)),
+                     "c2_fraction": frac, "ref_voxels": n_ref, "stage1_voxels": n_s,
                      "grid_spacing": list(ref.GetSpacing())}
     return out
 
