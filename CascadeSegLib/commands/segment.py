@@ -226,9 +226,9 @@ class StagedOutputs:
     def __init__(self, finals: dict[str, Path]) -> None:
         import secrets
 
-        token = secrets.token_hex(4)
+        self.token = secrets.token_hex(4)
         self.finals = finals
-        self.staged = {k: p.parent / f".tmp-{token}-{p.name}" for k, p in finals.items()}
+        self.staged = {k: p.parent / f".tmp-{self.token}-{p.name}" for k, p in finals.items()}
 
     def __enter__(self) -> "StagedOutputs":
         return self
@@ -241,10 +241,13 @@ class StagedOutputs:
                 os.replace(tmp, self.finals[key])
 
     def __exit__(self, *exc: object) -> None:
-        for tmp in self.staged.values():
+        # Our staged files, and the writers' own temporaries of them (".tmp-.tmp-<token>-...").
+        folders = {p.parent for p in self.staged.values()}
+        leftovers = [p for f in folders if f.is_dir() for p in f.glob(f".tmp-*{self.token}-*")]
+        for tmp in set(self.staged.values()) | set(leftovers):
             try:
                 tmp.unlink()
-            except FileNotFoundError:
+            except (FileNotFoundError, IsADirectoryError):
                 pass
 
 
@@ -278,7 +281,6 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
     t_read = time.perf_counter() - t_start
     result = segmenter.segment(image)
     t_write0 = time.perf_counter()
-    labelset = model.labels
     folder = next(iter(finals.values())).parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -286,6 +288,17 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
         raise UserError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable "
                         "folder") from None
     outputs = {k: str(v) for k, v in finals.items() if k != "report_md"}
+    try:
+        return _write_outputs(args, io, segmenter, model, image, result, case, case_path, finals, outputs,
+                              t_start, t_read, t_write0, reporter)
+    except OSError as exc:  # report/preview writers, os.replace: disk full, permissions, ...
+        raise UserError(f"cannot write the outputs to {folder}: {exc.strerror or exc}; check free disk space "
+                        "and write permission (existing outputs were left as they were)") from None
+
+
+def _write_outputs(args, io, segmenter, model, image, result, case, case_path, finals, outputs, t_start,
+                   t_read, t_write0, reporter) -> tuple[str, dict[str, float]]:  # noqa: ANN001 - internal
+    labelset = model.labels
     protect = [case_path]
     with StagedOutputs(finals) as staged:
         tmp = staged.staged
