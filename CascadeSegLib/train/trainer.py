@@ -1,0 +1,568 @@
+"""Training the cascade: stage 1 on C1, then stage 2 on C2 from the trained stage 1.
+
+A run folder holds everything: `config.json` (the effective config), `cache/` (resampled
+cases, memory-mapped), one folder per stage with `log.csv`, `checkpoints/` (every N
+iterations, sha256 sidecars, the newest few kept), `best.pt` (highest validation Dice),
+`done.json`, and finally `model/`, the exported model package. Running the same command again
+resumes where it stopped (after a crash or Ctrl-C) with the same optimizer and RNG state.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import preprocess
+from ..errors import UserError
+from ..labels import LabelSet
+from ..network import build_network
+from . import checkpoint as ckpt
+from .augment import augment_intensity, extract, random_spatial
+from .config import RunConfig, StageConfig, stage_to_json
+from .dataset import CachedCase, build_cached_case, discover_cases, label_lookup, read_split
+from .ddp import DistContext, broadcast_buffers, init_distributed
+from .losses import make_loss
+from .sampling import CandidateSampler
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def resolve_train_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device cuda was requested but PyTorch sees no CUDA GPU; use --device cpu")
+    return dev
+
+
+def lr_factor(it: int, total: int, schedule: str, warmup: int) -> float:
+    """Learning-rate multiplier at iteration `it` (0-based) of `total`."""
+    if warmup > 0 and it < warmup:
+        return (it + 1) / warmup
+    frac = min(1.0, (it - warmup) / max(1, total - warmup))
+    if schedule == "poly":
+        return (1.0 - frac) ** 0.9
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return 1.0
+
+
+def pad_value_for(cfg: RunConfig) -> float:
+    return float(preprocess.normalize(torch.tensor(-1024.0), cfg.window, cfg.normalization))
+
+
+def value_range(cfg: RunConfig) -> tuple[float, float]:
+    lo = float(preprocess.normalize(torch.tensor(cfg.window[0]), cfg.window, cfg.normalization))
+    hi = float(preprocess.normalize(torch.tensor(cfg.window[1]), cfg.window, cfg.normalization))
+    return lo, hi
+
+
+def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, labels: LabelSet) -> dict[str, float]:
+    """Dice per organ (NaN where the organ is absent from both)."""
+    out = {}
+    for lab in labels:
+        p, t = pred == lab.value, truth == lab.value
+        denom = int(p.sum()) + int(t.sum())
+        out[lab.name] = float("nan") if denom == 0 else 2.0 * int((p & t).sum()) / denom
+    return out
+
+
+def predict_labels(net: nn.Module, case: CachedCase, mask: np.ndarray, tile_zyx: Sequence[int], num_classes: int,
+                   pad_value: float, device: torch.device) -> torch.Tensor:
+    """Arg-max labels of `net` over the tiles touching `mask` (zero outside it), on the case's grid."""
+    from ..tiling import predict_volume
+
+    volume = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None].to(device)
+    m = torch.from_numpy(np.asarray(mask, dtype=bool)).to(device)
+    was_training = net.training
+    net.eval()
+    try:
+        probs = predict_volume(net, volume, m, tile_zyx, num_classes, pad_value=pad_value,
+                               batch_size=2 if device.type == "cuda" else 1)
+    finally:
+        net.train(was_training)
+    return (probs.argmax(0) * m).to(torch.uint8).cpu()
+
+
+def candidates_c2(stage1: nn.Module, case1: CachedCase, case2: CachedCase, cfg: RunConfig, stage1_cfg: StageConfig,
+                  device: torch.device) -> np.ndarray:
+    """C2 of one case: stage-1 foreground -> stage-2 grid (nearest) -> dilated by the radius."""
+    import SimpleITK as sitk
+
+    lab1 = predict_labels(stage1, case1, case1.c1, stage1_cfg.tile_zyx, len(cfg.labels) + 1, pad_value_for(cfg),
+                          device)
+    fg = preprocess.resample(case1.to_image(lab1.numpy()), case2.reference(), "nearest", 0, sitk.sitkUInt8)
+    fg_t = torch.from_numpy(sitk.GetArrayFromImage(fg) > 0)
+    return preprocess.dilate(fg_t, cfg.dilation_radius).numpy()
+
+
+# --------------------------------------------------------------------------- one stage
+
+
+class StageTrainer:
+    """Trains one stage's network on sub-volumes centred in its candidate region."""
+
+    def __init__(self, cfg: RunConfig, stage: StageConfig, folder: Path, train_cases: list[CachedCase],
+                 train_masks: list[np.ndarray], val_cases: list[CachedCase], val_masks: list[np.ndarray],
+                 ctx: DistContext, device: torch.device, init_state: dict[str, torch.Tensor] | None = None,
+                 lr_scale: float = 1.0, progress: bool = True) -> None:
+        self.cfg, self.stage, self.folder, self.ctx, self.device = cfg, stage, folder, ctx, device
+        self.train_cases, self.train_masks = train_cases, train_masks
+        self.val_cases, self.val_masks = val_cases, val_masks
+        self.settings = stage.train
+        self.lr_scale = lr_scale
+        self.progress = progress
+        self.labels = cfg.label_set()
+        self.num_classes = self.labels.num_classes
+        s = self.settings
+        torch.manual_seed(s.seed)
+        self.net = build_network(stage.network)
+        if init_state is not None:
+            self.net.load_state_dict(init_state)
+        self.net.to(device)
+        if ctx.active and device.type == "cuda" and stage.network.norm == "batch":
+            self.net = nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+        if s.freeze_encoder:
+            for p in self.net.encoders.parameters():
+                p.requires_grad_(False)
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        base_lr = s.lr * lr_scale
+        if s.optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=base_lr, momentum=s.momentum,
+                                                              nesterov=s.nesterov and s.momentum > 0,
+                                                              weight_decay=s.weight_decay)
+        else:
+            self.opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=s.weight_decay)
+        self.base_lr = base_lr
+        self.use_amp = bool(s.amp and device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.model: nn.Module = self.net
+        if ctx.active:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.loss_fn = make_loss(s.loss)
+        self.sampler = CandidateSampler(train_masks, [c.label for c in train_cases], s.foreground_fraction)
+        self.rng = np.random.default_rng([s.seed, ctx.rank])
+        self.gen = torch.Generator().manual_seed(s.seed * 1000 + ctx.rank)
+        self.iteration = 0
+        self.best_metric = -1.0
+        self.best_iteration = -1
+        self.pad_value = pad_value_for(cfg)
+        self.vrange = value_range(cfg)
+        self.ckpt_dir = folder / "checkpoints"
+
+    # --- state -------------------------------------------------------------------------------
+    def _rng_state(self) -> dict[str, Any]:
+        return {"numpy": self.rng.bit_generator.state, "torch": self.gen.get_state()}
+
+    def state(self) -> dict[str, Any]:
+        rngs = self.ctx.gather_objects(self._rng_state())
+        return {"iteration": self.iteration, "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict(), "best_metric": self.best_metric,
+                "best_iteration": self.best_iteration, "rng": rngs, "world_size": self.ctx.world_size,
+                "stage": stage_to_json(self.stage)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        self.best_metric = float(state.get("best_metric", -1.0))
+        self.best_iteration = int(state.get("best_iteration", -1))
+        rngs = state.get("rng") or []
+        if len(rngs) == self.ctx.world_size:
+            self.rng.bit_generator.state = rngs[self.ctx.rank]["numpy"]
+            self.gen.set_state(rngs[self.ctx.rank]["torch"])
+
+    def save(self) -> None:
+        state = self.state()            # collective: every rank takes part
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(state, self.ckpt_dir / f"ckpt_{self.iteration:07d}.pt")
+            ckpt.prune(self.ckpt_dir, self.settings.keep_checkpoints)
+
+    def try_resume(self) -> bool:
+        found = ckpt.latest_valid(self.ckpt_dir) if self.ctx.is_main else None
+        found = self.ctx.broadcast_object(found[1] if found else None) if self.ctx.active else (found[1] if found else None)
+        if found is None:
+            return False
+        self.load_state(found)
+        return True
+
+    # --- batches -----------------------------------------------------------------------------
+    def make_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, ws = [], [], []
+        aug = self.stage.augment
+        for _ in range(self.settings.batch_size):
+            ci, centre = self.sampler.sample(self.rng)
+            case = self.train_cases[ci]
+            params = random_spatial(aug, self.stage.patch_zyx, self.gen)
+            x, y, w = extract(case.image, case.label, self.train_masks[ci], centre, self.stage.patch_zyx, params,
+                              self.pad_value, self.device)
+            x = augment_intensity(x, aug, self.gen, self.vrange)
+            xs.append(x)
+            ys.append(y)
+            ws.append(w)
+        return torch.stack(xs), torch.stack(ys), torch.stack(ws)
+
+    def step(self) -> float:
+        s = self.settings
+        f = lr_factor(self.iteration, s.iterations, s.schedule, s.warmup)
+        for g in self.opt.param_groups:
+            g["lr"] = self.base_lr * f
+        x, y, w = self.make_batch()
+        self.model.train()
+        if s.freeze_encoder:
+            self.net.encoders.eval()          # frozen BatchNorm statistics stay frozen too
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            logits = self.model(x)
+        loss = self.loss_fn(logits.float(), y, w)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if s.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.iteration += 1
+        return float(loss.detach())
+
+    # --- validation --------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        """Whole-volume prediction over C of each validation case; Dice per organ and mean."""
+        per_case = []
+        for case, mask in zip(self.val_cases, self.val_masks):
+            pred = predict_labels(self.net, case, mask, self.stage.tile_zyx, self.num_classes, self.pad_value,
+                                  self.device)
+            per_case.append(dice_per_label(pred, torch.from_numpy(np.asarray(case.label)), self.labels))
+        result = {}
+        for name in self.labels.names:
+            vals = [d[name] for d in per_case if not math.isnan(d[name])]
+            result[name] = float(np.mean(vals)) if vals else float("nan")
+        present = [v for v in result.values() if not math.isnan(v)]
+        result["mean"] = float(np.mean(present)) if present else float("nan")
+        return result
+
+    # --- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        s = self.settings
+        folder = self.folder
+        resumed = self.try_resume()
+        if self.ctx.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+        log_path = folder / "log.csv"
+        columns = ["iteration", "loss", "lr", "seconds", "val_mean_dice"] + [f"dice_{n}" for n in self.labels.names]
+        writer = None
+        tb = None
+        f_log = None
+        if self.ctx.is_main:
+            rows = []
+            if resumed and log_path.is_file():
+                with open(log_path, newline="") as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
+            f_log = open(log_path, "w", newline="")
+            writer = csv.DictWriter(f_log, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+            f_log.flush()
+            if s.tensorboard:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    tb = SummaryWriter(str(folder / "tensorboard"))
+                except ImportError:
+                    log.warning("TensorBoard is not installed; logging to log.csv only")
+        bar = None
+        if self.ctx.is_main and self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=s.iterations, initial=self.iteration, desc=self.stage.name, unit="it",
+                       dynamic_ncols=True)
+        start = time.perf_counter()
+        elapsed0 = 0.0
+        last_val: dict[str, float] = {}
+        try:
+            while self.iteration < s.iterations:
+                loss = self.ctx.mean(self.step())
+                it = self.iteration
+                row: dict[str, Any] = {"iteration": it, "loss": f"{loss:.5f}", "lr": f"{self.opt.param_groups[0]['lr']:.3g}",
+                                       "seconds": f"{elapsed0 + time.perf_counter() - start:.1f}"}
+                if self.val_cases and (it % max(1, s.val_every) == 0 or it == s.iterations):
+                    if self.ctx.is_main:
+                        last_val = self.validate()
+                    last_val = self.ctx.broadcast_object(last_val)
+                    row["val_mean_dice"] = f"{last_val['mean']:.4f}"
+                    row.update({f"dice_{n}": f"{last_val[n]:.4f}" for n in self.labels.names})
+                    if not math.isnan(last_val["mean"]) and last_val["mean"] > self.best_metric:
+                        self.best_metric, self.best_iteration = last_val["mean"], it
+                        self._save_best(last_val)
+                if writer is not None:
+                    writer.writerow(row)
+                    if it % 10 == 0 or it == s.iterations:
+                        f_log.flush()  # type: ignore[union-attr]
+                if tb is not None:
+                    tb.add_scalar("loss", loss, it)
+                    if "val_mean_dice" in row:
+                        tb.add_scalar("val/mean_dice", last_val["mean"], it)
+                if bar is not None:
+                    post = {"loss": f"{loss:.3f}"}
+                    if last_val:
+                        post["dice"] = f"{last_val['mean']:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if it % max(1, s.checkpoint_every) == 0 or it == s.iterations:
+                    self.save()
+        except KeyboardInterrupt:
+            if not self.ctx.active and self.iteration > 0:
+                self.save()
+                log.warning("interrupted: checkpoint saved at iteration %d; run the command again to resume",
+                            self.iteration)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            if f_log is not None:
+                f_log.close()
+            if tb is not None:
+                tb.close()
+        broadcast_buffers(self.net, self.ctx)
+        if s.save_rank_weights:
+            torch.save(self.net.state_dict(), folder / f"rank{self.ctx.rank}_final.pt")
+        if self.ctx.is_main:
+            if not self.val_cases or self.best_iteration < 0 or not (folder / "best.pt").is_file():
+                self._save_best({})
+            done = {"iterations": self.iteration, "best_iteration": self.best_iteration,
+                    "best_val_mean_dice": self.best_metric if self.best_iteration >= 0 else None,
+                    "seconds_this_session": round(time.perf_counter() - start, 1)}
+            best = ckpt.load_checkpoint(folder / "best.pt")
+            done["best_val_dice"] = best.get("val_dice", {})
+            (folder / "done.json").write_text(json.dumps(done, indent=2))
+        self.ctx.barrier()
+        return json.loads((folder / "done.json").read_text())
+
+    def _save_best(self, val: dict[str, float]) -> None:
+        if self.ctx.is_main:
+            ckpt.save_checkpoint({"model": self.net.state_dict(), "iteration": self.iteration,
+                                  "val_dice": {k: (None if math.isnan(v) else v) for k, v in val.items()}},
+                                 self.folder / "best.pt")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _dump_config(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"config": cfg.raw, "base_dir": str(cfg.base_dir.resolve()), **(extra or {})}
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> None:
+    """Create the run folder, or check that an existing one belongs to the same config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.json"
+    new = _dump_config(cfg, extra)
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        if old.get("config") != new["config"]:
+            raise UserError(f"{run_dir} holds a run of a different config; pass another --run-dir, or "
+                            "--overwrite to start over there")
+        return
+    if overwrite:
+        import shutil
+
+        for sub in [run_dir / s.name for s in cfg.stages] + [run_dir / "model"]:
+            shutil.rmtree(sub, ignore_errors=True)
+    tmp = run_dir / ".config.json.tmp"
+    tmp.write_text(json.dumps(new, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def load_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    from .config import parse_config
+
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a training run folder (no config.json)")
+    data = json.loads(path.read_text())
+    return parse_config(data["config"], data.get("base_dir", ".")), data
+
+
+def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, torch.Tensor] | None] | None = None,
+              lr_scale: float = 1.0, extra: dict[str, Any] | None = None, overwrite: bool = False,
+              stages: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
+              export: bool = True) -> Path:
+    """Train every stage of `cfg` in `run_dir` (resuming), then export the model package."""
+    run_dir = Path(run_dir)
+    dev = resolve_train_device(device or cfg.stages[0].train.device)
+    ctx = init_distributed(dev.type)
+    if ctx.active and dev.type == "cuda":
+        dev = torch.device("cuda", ctx.local_rank)
+    try:
+        if cfg.stages[0].train.threads > 0:
+            torch.set_num_threads(cfg.stages[0].train.threads)
+        if ctx.is_main:
+            prepare_run_dir(cfg, run_dir, extra, overwrite)
+        ctx.barrier()
+        labels = cfg.label_set()
+        cases, source_names = discover_cases(cfg.data, cfg.resolve)
+        table = label_lookup(labels, cfg.data.get("label_map"), source_names, cfg.data.get("label_map_preset"))
+        train_cases, val_cases = read_split(cfg.data, cfg.resolve, cases)
+        cache_dir = cfg.resolve(cfg.data["cache_dir"]) if cfg.data.get("cache_dir") else run_dir / "cache"
+        cache_dir.mkdir(parents=True, exist_ok=True)
+
+        def cached(stage: StageConfig, group: list) -> list[CachedCase]:
+            # Rank 0 builds the cache; the others then memory-map it.
+            out = []
+            if ctx.is_main:
+                out = [build_cached_case(c, cache_dir, stage.spacing, cfg.window, cfg.normalization,
+                                         cfg.body_threshold_hu, table) for c in group]
+            ctx.barrier()
+            if not ctx.is_main:
+                out = [build_cached_case(c, cache_dir, stage.spacing, cfg.window, cfg.normalization,
+                                         cfg.body_threshold_hu, table) for c in group]
+            return out
+
+        results: dict[str, Any] = {}
+        stage1_net = None
+        for index, stage in enumerate(cfg.stages):
+            folder = run_dir / stage.name
+            tr, va = cached(stage, train_cases), cached(stage, val_cases)
+            for c in tr:
+                if not np.asarray(c.label).any():
+                    log.warning("case %s has no labelled voxel of the config's organs", c.name)
+            if index == 0:
+                tr_masks = [np.asarray(c.c1) for c in tr]
+                va_masks = [np.asarray(c.c1) for c in va]
+            else:
+                s1 = cfg.stages[0]
+                tr1, va1 = cached(s1, train_cases), cached(s1, val_cases)
+                if stage1_net is None:
+                    stage1_net = _load_best(run_dir / s1.name, s1, dev)
+                tr_masks, va_masks = _c2_masks(stage1_net, tr1, tr, va1, va, cfg, s1, folder / "c2", ctx, dev)
+                if not any(m.any() for m in tr_masks):
+                    raise UserError("stage 1 finds no organ in any training image, so stage 2 has nothing to train "
+                                    "on; train stage 1 longer")
+            if stages and stage.name not in stages:
+                continue
+            if (folder / "done.json").is_file():
+                results[stage.name] = json.loads((folder / "done.json").read_text())
+                if index == 0:
+                    stage1_net = None
+                continue
+            init = init_states[index] if init_states else None
+            trainer = StageTrainer(cfg, stage, folder, tr, tr_masks, va, va_masks, ctx, dev, init, lr_scale, progress)
+            results[stage.name] = trainer.run()
+            if index == 0:
+                stage1_net = None
+        if ctx.is_main:
+            (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+            if export and all((run_dir / s.name / "done.json").is_file() for s in cfg.stages):
+                export_run(run_dir, run_dir / "model")
+        ctx.barrier()
+        return run_dir
+    finally:
+        ctx.close()
+
+
+def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> nn.Module:
+    try:
+        state = ckpt.load_checkpoint(folder / "best.pt")
+    except ckpt.CheckpointError as exc:
+        raise UserError(f"stage {stage.name} has no usable best.pt in {folder} ({exc}); train it first") from None
+    net = build_network(stage.network)
+    net.load_state_dict(state["model"])
+    return net.to(device).eval()
+
+
+def _c2_masks(stage1: nn.Module, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageConfig, folder: Path,
+              ctx: DistContext, dev: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """C2 of every case from the trained stage 1, cached per stage-1 weights (rank 0 computes)."""
+    best = folder.parent.parent / s1.name / "best.pt"
+    digest = ckpt.sidecar(best).read_text().split()[0][:12]
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def one(c1: CachedCase, c2: CachedCase) -> np.ndarray:
+        path = folder / f"{c2.name}-{digest}.npy"
+        if ctx.is_main and not path.is_file():
+            mask = candidates_c2(stage1, c1, c2, cfg, s1, dev)
+            tmp = folder / f".tmp-{c2.name}.npy"
+            np.save(tmp, mask)
+            tmp.replace(path)
+        return path  # type: ignore[return-value]
+
+    paths_tr = [one(a, b) for a, b in zip(tr1, tr2)]
+    paths_va = [one(a, b) for a, b in zip(va1, va2)]
+    ctx.barrier()
+    return [np.load(p) for p in paths_tr], [np.load(p) for p in paths_va]  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- export
+
+
+def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
+    """Write the run's best weights as a model package folder (or .zip when `out` ends in .zip)."""
+    from ..model import ModelPackage, StageSpec
+
+    run_dir = Path(run_dir)
+    cfg, meta = load_run_config(run_dir)
+    states, specs, metrics = [], [], {}
+    for stage in cfg.stages:
+        folder = run_dir / stage.name
+        try:
+            best = ckpt.load_checkpoint(folder / "best.pt")
+        except ckpt.CheckpointError as exc:
+            raise UserError(f"{run_dir}: stage {stage.name} has no usable best.pt ({exc}); train it first") from None
+        states.append(best["model"])
+        specs.append(StageSpec(stage.name, stage.spacing, stage.tile, stage.network, f"{stage.name}.pt"))
+        done = folder / "done.json"
+        metrics[stage.name] = {"best_iteration": best.get("iteration"), "val_dice": best.get("val_dice", {}),
+                               **({"done": json.loads(done.read_text())} if done.is_file() else {})}
+    card = dict(cfg.model_card)
+    prov: dict[str, Any] = {"trained_on": card.pop("trained_on", None) or [str(c.get("name", c.get("image")))
+                                                                         for c in cfg.data.get("cases", [])],
+                            "command": card.pop("command", None) or "cascadeseg train CONFIG",
+                            "training": {s.name: {"spacing": list(s.spacing), "patch": list(s.patch),
+                                                  **asdict(s.train), "augment": s.augment.to_json()}
+                                         for s in cfg.stages},
+                            "metrics": metrics}
+    if meta.get("finetuned_from"):
+        prov["finetuned_from"] = meta["finetuned_from"]
+    prov.update(card)
+    prov.update(provenance or {})
+    pkg = ModelPackage(name=cfg.name, version=cfg.version, labels=cfg.label_set(), stages=specs, window=cfg.window,
+                       normalization=cfg.normalization, body_threshold_hu=cfg.body_threshold_hu,
+                       dilation_radius=cfg.dilation_radius, description=cfg.description, license=cfg.license,
+                       provenance=prov)
+    out = Path(out)
+    if out.suffix.lower() == ".zip":
+        import tempfile
+        import zipfile
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            pkg.save(tmp, states)
+            part = out.with_name(f".{out.name}.part")
+            with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
+                for p in sorted(Path(tmp).iterdir()):
+                    zf.write(p, p.name)
+            part.replace(out)
+        return out
+    pkg.save(out, states)
+    return out
