@@ -419,3 +419,25 @@ def test_gpu_oom_in_the_cli_is_one_line(pristine_model, ct_path, tmp_path, capsy
     assert segment(ct_path, pristine_model, tmp_path / "o.nii.gz") == 2
     line = one_error(capsys)
     assert "GPU ran out of memory" in line and "--device cpu" in line
+
+
+@pytest.mark.xfail(not _HAS_FALLBACK, strict=True,
+                   reason="needs the CPU fallback in cascade.Segmenter (diff in the reliability report)")
+def test_cli_reports_the_fallback_and_still_succeeds(pristine_model, ct_path, tmp_path, capsys, monkeypatch):
+    import functools
+
+    original = Segmenter.__init__
+
+    @functools.wraps(original)
+    def gpu_that_fills_up(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.fallback_device = torch.device("cpu")
+        self._nets = {i: OOMForBatches(build_network(s.network), limit=0) for i, s in enumerate(self.model.stages)}
+
+    monkeypatch.setattr(Segmenter, "__init__", gpu_that_fills_up)
+    out = tmp_path / "o.nii.gz"
+    assert segment(ct_path, pristine_model, out, "--batch-size", "4") == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cascadeseg: warning:")]
+    assert any("retrying with 2 tile(s) per batch" in w for w in warnings), warnings
+    assert any("continuing on the CPU" in w for w in warnings), warnings
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(ct_path)).GetSize()

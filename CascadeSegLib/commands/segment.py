@@ -139,9 +139,17 @@ def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - in
         raise UserError(f"output {output} exists and is not a folder; choose a folder or a .nii.gz/.seg.nrrd file")
 
     model = load_model(args.model)
+
+    def warn(message: str) -> None:  # GPU out of memory -> fewer tiles per batch / CPU fallback
+        print(f"cascadeseg: warning: {message}", file=sys.stderr)
+        reporter.emit("warning", message=message)
+
+    import inspect
+
+    extra = {"on_warning": warn} if "on_warning" in inspect.signature(Segmenter).parameters else {}
     segmenter = Segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
                           keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
-                          batch_size=args.batch_size, progress=reporter)
+                          batch_size=args.batch_size, progress=reporter, **extra)
     failures = 0
     summary = []
     for case_path in cases:
