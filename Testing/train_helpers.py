@@ -33,7 +33,7 @@ def small_config(cases: list[dict[str, str]], train: Sequence[str], val: Sequenc
         "data": {"cases": cases, "split": {"train": list(train), "val": list(val)}},
         "intensity": {"window": [-200, 300], "normalization": "window01"},
         "train": {"iterations": iterations, "batch_size": 2, "optimizer": "adamw", "lr": 3e-3,
-                  "checkpoint_every": 2, "val_every": max(2, iterations), "seed": 0, "device": "cpu",
+                  "checkpoint_every": 2, "val_every": max(2, iterations), "seed": 0, "device": "cpu", "threads": 1,
                   **train_overrides},
         "augment": {"enabled": False},
         "stages": [{"name": "stage1", "spacing": list(spacing), "tile": [48, 40, 32], "patch": list(patch),

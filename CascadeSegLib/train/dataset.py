@@ -172,7 +172,7 @@ def read_split(data: dict[str, Any], resolve, cases: Sequence[Case]) -> tuple[li
     if split is None:
         return list(cases), []
     if isinstance(split, str):
-        path = resolve(split)
+        path = Path(resolve(split))
         try:
             split = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:

@@ -1,0 +1,93 @@
+"""Checkpoints: an interrupted run resumes at the same step with the same optimizer and RNG
+state and ends with the weights of an uninterrupted run; damaged checkpoints are skipped."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+
+from train_helpers import small_config, write_phantom_cases
+
+
+@pytest.fixture(scope="module")
+def phantom_cases(tmp_path_factory):
+    return write_phantom_cases(tmp_path_factory.mktemp("data"), seeds=[1], size=(32, 32, 24), spacing=(8.0, 8.0, 8.0))
+
+
+def _config(cases, tmp_path):
+    from CascadeSegLib.train.config import parse_config
+
+    data = small_config(cases, train=["ph1"], val=[], iterations=6, patch=(16, 16, 16), checkpoint_every=2,
+                        keep_checkpoints=5, optimizer="sgd", lr=0.01, momentum=0.9)
+    data["augment"] = {"enabled": True, "elastic_max": 2.0, "translation_vox": 3.0, "extra_prob": 0.5,
+                       "noise_std": 0.02, "gamma": 0.2}      # the RNG streams must continue too
+    return parse_config(data, tmp_path)
+
+
+def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatch):
+    from CascadeSegLib.train import checkpoint as ckpt
+    from CascadeSegLib.train.trainer import StageTrainer, train_run
+
+    cfg = _config(phantom_cases, tmp_path)
+    straight = train_run(cfg, tmp_path / "a", progress=False, export=False)
+
+    original_step = StageTrainer.step
+
+    def interrupted_step(self):
+        if self.iteration == 3:
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(StageTrainer, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "b", progress=False, export=False)
+    monkeypatch.undo()
+    folder = tmp_path / "b" / "stage1" / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt_0000003.pt", "ckpt_0000002.pt"]
+    saved = ckpt.load_checkpoint(folder / "ckpt_0000003.pt")
+    assert saved["iteration"] == 3
+
+    seen = {}
+    original_load = StageTrainer.load_state
+
+    def spy_load(self, state):
+        original_load(self, state)
+        seen["iteration"] = self.iteration
+        seen["optimizer"] = copy.deepcopy(self.opt.state_dict())
+
+    monkeypatch.setattr(StageTrainer, "load_state", spy_load)
+    resumed = train_run(cfg, tmp_path / "b", progress=False, export=False)
+    assert seen["iteration"] == 3
+    for key, state in saved["optimizer"]["state"].items():
+        assert torch.equal(seen["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
+
+    a = ckpt.load_checkpoint(straight / "stage1" / "best.pt")["model"]
+    b = ckpt.load_checkpoint(resumed / "stage1" / "best.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    start = ckpt.load_checkpoint(folder / "ckpt_0000002.pt")["model"]
+    assert any(not torch.equal(start[k], b[k]) for k in b)          # training did change the weights
+    with open(resumed / "stage1" / "log.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
+    from CascadeSegLib.train import checkpoint as ckpt
+
+    for it in (2, 4):
+        ckpt.save_checkpoint({"iteration": it, "w": torch.full((3,), float(it))}, tmp_path / f"ckpt_{it:07d}.pt")
+    path, state = ckpt.latest_valid(tmp_path)
+    assert path.name == "ckpt_0000004.pt" and state["iteration"] == 4
+    data = bytearray((tmp_path / "ckpt_0000004.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tmp_path / "ckpt_0000004.pt").write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="sha256"):
+        ckpt.load_checkpoint(tmp_path / "ckpt_0000004.pt")
+    path, state = ckpt.latest_valid(tmp_path)
+    assert path.name == "ckpt_0000002.pt" and state["iteration"] == 2
+    (tmp_path / "ckpt_0000002.pt.sha256").unlink()                   # no sidecar: not trusted either
+    assert ckpt.latest_valid(tmp_path) is None
