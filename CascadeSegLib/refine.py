@@ -204,7 +204,7 @@ def _compose(labels_in: sitk.Image, refined: dict[str, torch.Tensor], labels: La
         fine[refined[name].cpu()] = labels.by_name(name).value
     fine_img = sitk.GetImageFromArray(fine.numpy())
     fine_img.CopyInformation(ref2)
-    back = sitk.GetArrayViewFromImage(resample_labels_to(fine_img, labels_in))
+    back = sitk.GetArrayFromImage(resample_labels_to(fine_img, labels_in))
     arr = sitk.GetArrayFromImage(labels_in).astype(np.uint8)
     values = np.array([labels.by_name(n).value for n in refined], dtype=np.uint8)
     arr[np.isin(arr, values)] = 0
