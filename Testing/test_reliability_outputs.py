@@ -142,7 +142,9 @@ def test_full_disk_leaves_old_outputs_intact(ct_path, model_dir, tmp_path, capsy
     capsys.readouterr()
     assert main(seg_args(ct_path, out, model_dir, "--overwrite")) == 2
     line = one_error(capsys)
-    assert "No space left on device" in line and "disk space" in line
+    assert "No space left on device" in line and "disk space" in line and ".tmp-" not in line
+    if fail_at != "report":
+        assert f"cannot write {out / 'case_labels.nii.gz' if fail_at == 1 else out / 'case.seg.nrrd'}:" in line
     assert snapshot(out) == before  # every old output byte-identical, no temporary file left
 
 

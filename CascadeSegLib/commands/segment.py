@@ -306,9 +306,22 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
 
 def _write_outputs(args, io, segmenter, model, image, result, case, case_path, finals, outputs, t_start,
                    t_read, t_write0, reporter) -> tuple[str, dict[str, float]]:  # noqa: ANN001 - internal
+    staged = StagedOutputs(finals)
+    try:
+        return _write_staged(args, io, segmenter, model, image, result, case, case_path, outputs, t_start, t_read,
+                             t_write0, reporter, staged)
+    except UserError as exc:  # name the output the user asked for, not our temporary file
+        text = str(exc)
+        for key, tmp in staged.staged.items():
+            text = text.replace(str(tmp), str(finals[key]))
+        raise UserError(text) from None
+
+
+def _write_staged(args, io, segmenter, model, image, result, case, case_path, outputs, t_start, t_read, t_write0,
+                  reporter, staged) -> tuple[str, dict[str, float]]:  # noqa: ANN001 - internal
     labelset = model.labels
     protect = [case_path]
-    with StagedOutputs(finals) as staged:
+    with staged:
         tmp = staged.staged
         if "labels" in tmp:
             io.write_image(result.labels, tmp["labels"], protect=protect)
