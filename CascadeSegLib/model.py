@@ -65,10 +65,12 @@ class ModelPackage:
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     root: Path | None = None
+    architecture: str = "3d-cascade"             # or "2d-three-view" (baseline2d.py)
+    architecture_options: dict[str, Any] = field(default_factory=dict)
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": self.format_version, "name": self.name, "version": self.version,
             "description": self.description, "license": self.license,
             "labels": self.labels.to_json(),
@@ -78,6 +80,10 @@ class ModelPackage:
             "stages": [s.to_json() for s in self.stages],
             "provenance": self.provenance,
         }
+        if self.architecture != "3d-cascade":
+            d["architecture"] = self.architecture
+            d["three_view"] = self.architecture_options
+        return d
 
     @staticmethod
     def from_json(d: dict[str, Any], root: Path | None = None) -> "ModelPackage":
@@ -95,7 +101,9 @@ class ModelPackage:
                 body_threshold_hu=float(d.get("body_mask", {}).get("threshold_hu", -500.0)),
                 dilation_radius=int(d.get("dilation_radius", 3)),
                 description=str(d.get("description", "")), license=str(d.get("license", "")),
-                provenance=dict(d.get("provenance", {})), format_version=int(version), root=root)
+                provenance=dict(d.get("provenance", {})), format_version=int(version), root=root,
+                architecture=str(d.get("architecture", "3d-cascade")),
+                architecture_options=dict(d.get("three_view", {})))
         except (KeyError, TypeError, ValueError) as exc:
             where = f" in {root / 'model.json'}" if root else ""
             raise ModelError(f"model.json{where} is invalid ({type(exc).__name__}: {exc}); "
@@ -169,6 +177,9 @@ class ModelPackage:
 
     def load_network(self, stage_index: int, device: str | torch.device = "cpu") -> UNet3D:
         """Build the stage's network and load its checksum-verified weights (eval mode)."""
+        if self.architecture != "3d-cascade":
+            raise ModelError(f"model {self.name} is a {self.architecture} package; run it through "
+                             "baseline2d.make_segmenter (cascadeseg segment does this)")
         stage = self.stages[stage_index]
         path = self.weight_path(stage)
         if not path.is_file():

@@ -201,7 +201,7 @@ def test_trained_three_view_model_segments_unseen_phantom(trained_2d, tmp_path):
 
 
 def test_plain_segmenter_refuses_a_2d_package(trained_2d):
-    with pytest.raises(ModelError, match="does not fit"):
+    with pytest.raises(ModelError, match="2d-three-view package"):
         Segmenter(trained_2d, "cpu").network(0)
     assert not B.is_three_view(ModelPackage(trained_2d.name, "0", trained_2d.labels, trained_2d.stages))
 
