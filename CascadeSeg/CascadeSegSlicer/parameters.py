@@ -19,6 +19,7 @@ class SegmentParameters:
     keep_probabilities: bool = False
     keep_candidates: bool = False
     create_new_segmentation: bool = False
+    refine: bool = False            # Zhou et al. iterative refinement of every organ's box
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -36,6 +37,8 @@ class SegmentParameters:
             args.append("--save-probabilities")
         if self.keep_candidates:
             args.append("--save-candidates")
+        if self.refine and not self.stage1_only:
+            args.append("--refine")
         return args
 
     def to_dict(self) -> dict:

@@ -82,6 +82,7 @@ class CascadeSegController:
             stage1_only=ui.stage1OnlyCheckBox.checked,
             keep_probabilities=ui.keepProbabilitiesCheckBox.checked,
             keep_candidates=ui.keepCandidatesCheckBox.checked,
+            refine=ui.refineCheckBox.checked,
             create_new_segmentation=ui.outputSegmentationSelector.currentNode() is None,
         )
 
@@ -94,7 +95,7 @@ class CascadeSegController:
                                                and model is not None and model.installed)
         for name in ("inputVolumeSelector", "modelComboBox", "installModelButton", "deviceComboBox",
                      "overlapCheckBox", "stage1OnlyCheckBox", "keepProbabilitiesCheckBox",
-                     "keepCandidatesCheckBox", "outputSegmentationSelector"):
+                     "keepCandidatesCheckBox", "refineCheckBox", "outputSegmentationSelector"):
             getattr(ui, name).enabled = not running
         ui.progressBar.visible = running
         has_result = self.result_node is not None and self.result_node.GetScene() is not None
