@@ -13,7 +13,6 @@ import signal
 import sys
 import tempfile
 import traceback
-from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, UserError

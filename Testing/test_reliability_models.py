@@ -30,7 +30,6 @@ from CascadeSegLib import memory, tiling
 from CascadeSegLib.archive import make_zip
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
-from CascadeSegLib.errors import ModelError
 from CascadeSegLib.model import ModelPackage
 from CascadeSegLib.network import NetConfig, build_network
 from CascadeSegLib.phantom import make_phantom

@@ -18,11 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CascadeSegLib import cli
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.phantom import make_phantom

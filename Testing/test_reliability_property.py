@@ -9,7 +9,6 @@ second. Examples are derandomised and not shrunk so the run time is fixed.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
