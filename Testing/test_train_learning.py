@@ -13,7 +13,7 @@ import time
 import numpy as np
 import SimpleITK as sitk
 
-from train_helpers import ORGANS, small_config, write_phantom_cases
+from train_helpers import small_config, write_phantom_cases
 
 
 def test_small_network_learns_phantom_organs(tmp_path):
@@ -22,29 +22,32 @@ def test_small_network_learns_phantom_organs(tmp_path):
     from CascadeSegLib.train.config import parse_config
     from CascadeSegLib.train.trainer import train_run
 
-    cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2, 7])
-    data = small_config(cases, train=["ph1", "ph2"], val=["ph7"], iterations=120, patch=(32, 32, 32), base=8,
-                        norm="instance", lr=4e-3, schedule="poly", loss="wce+dice", val_every=60,
-                        checkpoint_every=60, foreground_fraction=0.5)
-    data["augment"] = {"enabled": True, "elastic_max": 2.0, "rotation_deg": 5.0, "translation_vox": 4.0,
-                       "intensity_scale": 0.05, "intensity_shift": 0.02}
+    organs = ("liver", "spleen", "stomach")
+    cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2, 7], size=(45, 32, 24), spacing=(8.0, 8.0, 8.0),
+                                organs=organs)
+    data = small_config(cases, train=["ph1", "ph2"], val=["ph7"], iterations=400, patch=(24, 24, 24), base=8,
+                        organs=organs, spacing=(8.0, 8.0, 8.0), norm="instance", lr=1e-2, schedule="poly",
+                        loss="wce+dice", val_every=100, checkpoint_every=100, foreground_fraction=0.5)
+    data["stages"][0]["tile"] = [48, 32, 24]
+    data["augment"] = {"enabled": False}      # augmentation has its own tests; here it would only slow learning
     cfg = parse_config(data, tmp_path)
     start = time.perf_counter()
     run = train_run(cfg, tmp_path / "run", progress=False)
     seconds = time.perf_counter() - start
     done = json.loads((run / "stage1" / "done.json").read_text())
-    assert done["iterations"] == 120
+    assert done["iterations"] == 400
     val = done["best_val_dice"]
     assert val["mean"] > 0.9, f"validation Dice after {seconds:.0f}s: {val}"
+    print(f"trained in {seconds:.0f}s, validation Dice {val}")
 
     # The exported package segments the held-out phantom on its own grid with the same quality.
     pkg = ModelPackage.load(run / "model")
     pkg.verify()
-    assert pkg.labels.names == list(ORGANS)
+    assert pkg.labels.names == list(organs)
     image = sitk.ReadImage(cases[2]["image"])
     truth = sitk.GetArrayFromImage(sitk.ReadImage(cases[2]["label"]))
     result = Segmenter(pkg, device="cpu").segment(image)
     pred = sitk.GetArrayFromImage(result.labels)
     assert result.labels.GetOrigin() == image.GetOrigin() and result.labels.GetSpacing() == image.GetSpacing()
-    dice = [2 * np.sum((pred == v) & (truth == v)) / (np.sum(pred == v) + np.sum(truth == v)) for v in range(1, 5)]
+    dice = [2 * np.sum((pred == v) & (truth == v)) / (np.sum(pred == v) + np.sum(truth == v)) for v in range(1, 4)]
     assert np.mean(dice) > 0.9, dice

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("wce", "dice", "wce+dice")
+LOSSES = ("wce", "dice", "wce+dice", "ce", "ce+dice")
 
 
 def class_weights(target: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -71,6 +71,13 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return 1.0 - dice[1:][present].mean()
 
 
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Unweighted cross-entropy over C (nnU-Net's choice, paired with Dice), for comparison."""
+    w = weight.float()
+    ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
+    return (ce * w).sum() / w.sum().clamp_min(1.0)
+
+
 def make_loss(name: str):
     """The loss function selected in the config: 'wce', 'dice' or 'wce+dice'."""
     if name == "wce":
@@ -79,4 +86,8 @@ def make_loss(name: str):
         return soft_dice_loss
     if name == "wce+dice":
         return lambda lo, t, w: weighted_cross_entropy(lo, t, w) + soft_dice_loss(lo, t, w)
+    if name == "ce":
+        return cross_entropy
+    if name == "ce+dice":
+        return lambda lo, t, w: cross_entropy(lo, t, w) + soft_dice_loss(lo, t, w)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

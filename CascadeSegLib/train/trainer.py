@@ -90,7 +90,7 @@ def predict_labels(net: nn.Module, case: CachedCase, mask: np.ndarray, tile_zyx:
     from ..tiling import predict_volume
 
     volume = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None].to(device)
-    m = torch.from_numpy(np.asarray(mask, dtype=bool)).to(device)
+    m = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
     was_training = net.training
     net.eval()
     try:
