@@ -280,3 +280,22 @@ def test_slicer_cancel_stops_the_real_cli_and_removes_its_folder(slow_case, tmp_
     assert "cancelled" in process.stderr_text
     assert stop_s < 3.0
     assert not temp_dir.exists()
+
+
+def test_segment_accepts_every_flag_the_slicer_module_passes(tmp_path):
+    """The Slicer module and the CLI are released together; a flag one sends and the other does
+    not know would fail every run with that option ticked."""
+    import dataclasses
+
+    from CascadeSegLib.cli import build_parser
+    from CascadeSegSlicer.parameters import SegmentParameters
+
+    flags = {f.name: True for f in dataclasses.fields(SegmentParameters) if f.type in (bool, "bool")}
+    for stage1_only in (True, False):  # some options are only sent without --stage1-only
+        params = SegmentParameters(**{**flags, "stage1_only": stage1_only})
+        args = build_parser().parse_args(params.cli_args(tmp_path / "in.nrrd", tmp_path / "out"))
+        assert args.stage1_only == stage1_only
+    assert getattr(args, "refine", None) is not None or "refine" not in flags
+    assert args.func is not None and args.progress_json and args.no_report and args.overwrite
+    for name in ("overlap", "save_probabilities", "save_candidates"):
+        assert getattr(args, name), name

@@ -42,6 +42,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate says the image will not fit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from ..refine import add_refine_arguments
+
+    add_refine_arguments(p)  # --refine [ORGANS] ...: Zhou et al. refinement (the Slicer module passes it)
     p.set_defaults(func=run)
 
 
@@ -146,8 +149,10 @@ def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - in
 
     import inspect
 
+    from ..baseline2d import make_segmenter  # Segmenter, or ThreeViewSegmenter for 2D baseline packages
+
     extra = {"on_warning": warn} if "on_warning" in inspect.signature(Segmenter).parameters else {}
-    segmenter = Segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
+    segmenter = make_segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
                           keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
                           batch_size=args.batch_size, progress=reporter, **extra)
     failures = 0
@@ -272,7 +277,7 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
     # reading a single voxel.
     info = io.read_image_info(case_path, series_uid=args.series_uid)
     check_header(info, case_path)
-    if not args.no_memory_check:
+    if not args.no_memory_check and _estimable(model):
         from ..memory import check_memory
 
         check_memory(info.size, info.pixel_id, model, spacing_xyz=info.spacing, components=info.components,
@@ -288,6 +293,9 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
         reporter.emit("warning", case=case, message=warning)
     t_read = time.perf_counter() - t_start
     result = segmenter.segment(image)
+    from ..refine import refine_from_args
+
+    result = refine_from_args(args, segmenter, image, result)  # no-op without --refine
     t_write0 = time.perf_counter()
     folder = next(iter(finals.values())).parent
     try:
@@ -354,6 +362,14 @@ def _write_staged(args, io, segmenter, model, image, result, case, case_path, ou
     reporter.emit("done", case=case, outputs=outputs, labels=labelset.to_json(),
                   timings={k: round(v, 3) for k, v in timings.items()}, stats=result.stats)
     return case, timings
+
+
+def _estimable(model) -> bool:  # noqa: ANN001
+    """The memory estimate knows 3D cascades (3 spacings, 3D tiles); other package kinds skip it."""
+    try:
+        return all(len(s.spacing) == 3 and len(s.tile) == 3 for s in model.stages)
+    except (AttributeError, TypeError):
+        return False
 
 
 def check_header(info, path: Path) -> None:  # noqa: ANN001 - io.ImageInfo
