@@ -18,6 +18,7 @@ import torch
 
 from . import preprocess
 from .errors import Cancelled, UserError
+from .memory import free_accelerator_memory, is_out_of_memory
 from .model import ModelPackage
 from .network import fold_batchnorm
 from .tiling import fit_tile, plan_tiles, predict_volume, tile_geometry
@@ -97,7 +98,8 @@ class Segmenter:
     def __init__(self, model: ModelPackage, device: str | torch.device = "auto", overlap: float = 0.0,
                  stage1_only: bool = False, keep_stage1: bool = False, keep_probabilities: bool = False,
                  keep_candidates: bool = False, batch_size: int | None = None,
-                 progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None) -> None:
+                 progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+                 on_warning: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.device = resolve_device(device)
         self.overlap = float(overlap)
@@ -108,6 +110,9 @@ class Segmenter:
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
         self.progress = progress
         self.cancel = cancel
+        self.on_warning = on_warning
+        # Where to go when the GPU runs out of memory even at one tile per batch (None: nowhere).
+        self.fallback_device: torch.device | None = torch.device("cpu") if self.device.type != "cpu" else None
         self._nets: dict[int, torch.nn.Module] = {}
         self._stats: dict[str, float] = {}
 
@@ -122,6 +127,14 @@ class Segmenter:
     def _report(self, stage: str, fraction: float, message: str) -> None:
         if self.progress is not None:
             self.progress(stage, float(fraction), message)
+
+    def _warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            import warnings
+
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel():
@@ -143,10 +156,29 @@ class Segmenter:
         return predict_volume(
             net, volume, mask, spec.tile_zyx, self.model.labels.num_classes,
             overlap=overlap, batch_size=self.batch_size, pad_value=pad_value,
-            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel, plan=plan)
+            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel, plan=plan,
+            on_oom=self._smaller_batches)
+
+    def _smaller_batches(self, batch_size: int) -> None:
+        self.batch_size = batch_size  # keep the size that fits for the next stage and case
+        self._warn(f"{self.device.type.upper()} out of memory; retrying with {batch_size} tile(s) per batch")
 
     # --- the cascade --------------------------------------------------------------------------
     def segment(self, image: sitk.Image) -> SegmentationResult:
+        """Labels for `image` on its grid; falls back to the CPU if the GPU runs out of memory."""
+        try:
+            return self._segment(image)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back
+            if self.fallback_device is None or not is_out_of_memory(exc):
+                raise
+        self._warn(f"{self.device.type.upper()} ran out of memory even with one tile per batch; continuing on the "
+                   f"{self.fallback_device.type.upper()} (slower)")
+        self.device, self.fallback_device = self.fallback_device, None
+        self._nets.clear()
+        free_accelerator_memory()
+        return self._segment(image)
+
+    def _segment(self, image: sitk.Image) -> SegmentationResult:
         check_ct(image)
         t: dict[str, float] = {}
         stats: dict[str, float] = {}
@@ -208,11 +240,14 @@ class Segmenter:
         t0 = time.perf_counter()
         self._report("postprocess", 0.0, "resampling labels to the input grid")
         labels = resample_labels_to(_from_tensor(final, final_grid), image)
+        # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
+        c1_in = resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), image)
+        labels = sitk.Mask(labels, c1_in)
         result = SegmentationResult(labels=labels, timings=t, stats=stats)
         if self.keep_stage1 or self.stage1_only:
             result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image)
         if self.keep_candidates:
-            result.c1 = resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), image)
+            result.c1 = c1_in
             if c2_img is not None:
                 result.c2 = resample_labels_to(c2_img, image)
         if self.keep_probabilities:

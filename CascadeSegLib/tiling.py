@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import Cancelled
+from .memory import free_accelerator_memory, is_out_of_memory
 from .network import NetConfig, output_shape, valid_input_size
 
 ProgressFn = Callable[[float, str], None]
@@ -109,12 +110,14 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
                    tile_zyx: Sequence[int], num_classes: int, overlap: float = 0.0,
                    batch_size: int = 2, pad_value: float = 0.0, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None, autocast: bool | None = None,
-                   plan: TilePlan | None = None) -> torch.Tensor:
+                   plan: TilePlan | None = None, on_oom: Callable[[int], None] | None = None) -> torch.Tensor:
     """Softmax probabilities (K, z, y, x) of `net` over the tiles touching `mask`.
 
     `volume` is (C, z, y, x), already normalised, on the network's device. Voxels in no tile
     get probability 0 for every class (callers treat them as background). Input beyond the
-    volume's edge is `pad_value` (the normalised value of air).
+    volume's edge is `pad_value` (the normalised value of air). A GPU out-of-memory error halves
+    the tiles per batch and retries the same tiles (`on_oom(new_batch_size)` is told); at one
+    tile per batch it propagates.
     """
     cfg: NetConfig = getattr(net, "cfg")
     device = volume.device
@@ -135,8 +138,9 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
     use_autocast = (device.type == "cuda") if autocast is None else autocast
     n = len(plan.starts)
     ti, to = plan.tile_in, plan.tile_out
+    b = 0
     with torch.inference_mode():
-        for b in range(0, n, batch_size):
+        while b < n:
             if cancel is not None and cancel():
                 raise Cancelled("cancelled")
             batch_starts = plan.starts[b:b + batch_size]
@@ -145,11 +149,21 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
                           s[1] - m[1] + lo_pad[1]: s[1] - m[1] + lo_pad[1] + ti[1],
                           s[2] - m[2] + lo_pad[2]: s[2] - m[2] + lo_pad[2] + ti[2]]
                 for s in batch_starts])
-            if use_autocast:
-                with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+            try:
+                if use_autocast:
+                    with torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16):
+                        logits = net(inputs)
+                else:
                     logits = net(inputs)
-            else:
-                logits = net(inputs)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
+                if batch_size <= 1 or not is_out_of_memory(exc):
+                    raise
+                del inputs
+                batch_size = max(1, batch_size // 2)
+                free_accelerator_memory()
+                if on_oom is not None:
+                    on_oom(batch_size)
+                continue
             out = torch.softmax(logits.float(), dim=1)
             for s, p in zip(batch_starts, out):
                 # Clip tiles that extend past the volume (small volumes, edge tiles).
@@ -161,9 +175,9 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
                 else:
                     probs[:, z0:z1, y0:y1, x0:x1] += piece
                     counts[z0:z1, y0:y1, x0:x1] += 1
+            b += len(batch_starts)
             if progress is not None:
-                done = min(n, b + batch_size)
-                progress(done / n, f"tile {done}/{n}")
+                progress(b / n, f"tile {b}/{n}")
     if counts is not None:
         probs /= counts.clamp_min(1.0)
     return probs

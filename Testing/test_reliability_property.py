@@ -89,9 +89,6 @@ def test_output_has_exactly_the_input_geometry(model, g):
     assert float(dist[c1].max(initial=0.0)) <= tolerance
 
 
-@pytest.mark.xfail(strict=True, reason="C2's dilation reaches ~3 stage-2 voxels outside the body; needs the "
-                   "sitk.Mask(labels, C1) line in cascade.Segmenter (diff in the reliability report) - "
-                   "remove this marker when it is in")
 @settings(max_examples=10, **SETTINGS)
 @given(g=grids)
 def test_labels_stay_inside_the_body_mask(model, g):
