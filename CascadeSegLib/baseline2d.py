@@ -36,7 +36,7 @@ from torch import nn
 from .cascade import Segmenter
 from .errors import Cancelled, ModelError, UserError
 from .model import ModelPackage, StageSpec
-from .network import NetConfig
+from .network import NetConfig, fold_batchnorm
 
 ARCHITECTURE = "2d-three-view"
 VIEWS = ("axial", "coronal", "sagittal")
@@ -172,20 +172,6 @@ class ThreeViewNet(nn.Module):
 
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
         return super().load_state_dict({f"nets.{k}": v for k, v in state.items()}, strict=strict, assign=assign)
-
-
-def fold_batchnorm2d(model: nn.Module) -> nn.Module:
-    """Fold eval-mode BatchNorm2d into the preceding Conv2d (inference speed-up)."""
-    from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-    for module in model.modules():
-        if isinstance(module, nn.Sequential):
-            children = list(module.named_children())
-            for (name_a, a), (name_b, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
-                    setattr(module, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
-                    setattr(module, name_b, nn.Identity())
-    return model
 
 
 # --------------------------------------------------------------------------- prediction
@@ -363,7 +349,7 @@ class ThreeViewSegmenter(Segmenter):
     def network(self, index: int) -> torch.nn.Module:
         if index not in self._nets:
             net = load_three_view_network(self.model, index, self.options.views)
-            fold_batchnorm2d(net)
+            fold_batchnorm(net)
             self._nets[index] = net.to(self.device).eval()
         return self._nets[index]
 

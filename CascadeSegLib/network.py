@@ -194,14 +194,15 @@ def valid_input_size(cfg: NetConfig, at_least_output: int) -> int:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold eval-mode BatchNorm into the preceding convolution (inference speed-up)."""
+    """Fold eval-mode BatchNorm into the preceding convolution (inference speed-up; 2D or 3D)."""
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+    pairs = ((nn.Conv3d, nn.BatchNorm3d), (nn.Conv2d, nn.BatchNorm2d))
     for module in model.modules():
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (name_a, a), (name_b, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv3d) and isinstance(b, nn.BatchNorm3d):
+                if any(isinstance(a, conv) and isinstance(b, norm) for conv, norm in pairs):
                     setattr(module, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
                     setattr(module, name_b, nn.Identity())
     return model
