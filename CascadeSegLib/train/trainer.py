@@ -252,7 +252,7 @@ class StageTrainer:
         for case, mask in zip(self.val_cases, self.val_masks):
             pred = predict_labels(self.net, case, mask, self.stage.tile_zyx, self.num_classes, self.pad_value,
                                   self.device)
-            per_case.append(dice_per_label(pred, torch.from_numpy(np.asarray(case.label)), self.labels))
+            per_case.append(dice_per_label(pred, torch.from_numpy(np.array(case.label)), self.labels))
         result = {}
         for name in self.labels.names:
             vals = [d[name] for d in per_case if not math.isnan(d[name])]
