@@ -128,9 +128,6 @@ def _logged(run: Path) -> list[int]:
         return [int(line.split(",")[0]) for line in f.read().splitlines()[1:]]
 
 
-@pytest.mark.xfail(strict=True, reason="log.csv is flushed every 10 iterations, so a hard kill loses the rows "
-                   "before the checkpoint; needs a flush in StageTrainer.run before each save (see the "
-                   "reliability report) - remove this marker when it is in")
 def test_log_keeps_every_iteration_after_a_kill(setup, tmp_path):
     from CascadeSegLib.train.trainer import train_run
 

@@ -13,6 +13,7 @@ import csv
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -329,6 +330,9 @@ class StageTrainer:
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
                 if it % max(1, s.checkpoint_every) == 0 or it == s.iterations:
+                    if f_log is not None:  # the log must reach the checkpoint even if we are killed next
+                        f_log.flush()
+                        os.fsync(f_log.fileno())
                     self.save()
         except KeyboardInterrupt:
             if not self.ctx.active and self.iteration > 0:
