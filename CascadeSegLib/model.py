@@ -200,8 +200,11 @@ class ModelPackage:
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise ModelError(f"model {self.name}: {stage.weights} does not fit its network config ({first})") from None
+            # torch's first line is a heading; the reason ("size mismatch for head.weight ...") follows.
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            reason = lines[1] if len(lines) > 1 else lines[0]
+            raise ModelError(f"model {self.name}: {stage.weights} does not fit its network config ({reason[:200]}); "
+                             "re-export the model") from None
         return net.to(device).eval()
 
 

@@ -138,6 +138,7 @@ def test_label_set_not_matching_the_networks(model_dir, ct_path, tmp_path, capsy
     assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
     line = one_error(capsys)
     assert "stage1.pt does not fit its network config" in line
+    assert "size mismatch for head" in line and "re-export the model" in line
 
 
 def test_invalid_model_json(model_dir, ct_path, tmp_path, capsys):
