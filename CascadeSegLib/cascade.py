@@ -48,7 +48,7 @@ class SegmentationResult:
     labels: sitk.Image                          # uint8 on the input grid
     timings: dict[str, float] = field(default_factory=dict)
     stage1_labels: sitk.Image | None = None     # on the input grid (keep_stage1)
-    probabilities: sitk.Image | None = None     # float32 vector image on the stage-2 grid
+    probabilities: sitk.Image | None = None     # float32 vector image, input grid cropped to stage 2's box
     c1: sitk.Image | None = None                # uint8 masks on the input grid (keep_candidates)
     c2: sitk.Image | None = None
     stats: dict[str, float] = field(default_factory=dict)
@@ -253,10 +253,7 @@ class Segmenter:
         if self.keep_probabilities:
             if probs is None:
                 raise UserError("probabilities are only kept for two-stage runs; drop --stage1-only")
-            arr = probs.permute(1, 2, 3, 0).contiguous().cpu().numpy()
-            pimg = sitk.GetImageFromArray(arr, isVector=True)
-            pimg.CopyInformation(final_grid)
-            result.probabilities = pimg
+            result.probabilities = resample_probabilities_to(probs, final_grid, image)
         t["postprocess"] = time.perf_counter() - t0
         t["total"] = time.perf_counter() - start
         self._report("done", 1.0, "done")
@@ -318,27 +315,55 @@ def _separable_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray 
     return src
 
 
-def _boxed_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
-    arr = sitk.GetArrayViewFromImage(labels)
-    out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
-    box = preprocess.bounding_box(torch.from_numpy(np.asarray(arr) > 0), pad=1, shape=arr.shape)
-    if box is None:
-        return out
-    # Physical corners of the source box -> index box on the reference grid.
+def _reference_box(source: sitk.Image, box: list[tuple[int, int]], reference: sitk.Image) -> sitk.Image | None:
+    """An empty sub-grid of `reference` covering `box` (z, y, x index ranges) of `source`."""
     corners = []
     for cz in box[0]:
         for cy in box[1]:
             for cx in box[2]:
-                pt = labels.TransformContinuousIndexToPhysicalPoint((cx - 0.5, cy - 0.5, cz - 0.5))
+                pt = source.TransformContinuousIndexToPhysicalPoint((cx - 0.5, cy - 0.5, cz - 0.5))
                 corners.append(reference.TransformPhysicalPointToContinuousIndex(pt))
     c = np.array(corners)
     lo = np.maximum(np.floor(c.min(0)).astype(int) - 1, 0)
     hi = np.minimum(np.ceil(c.max(0)).astype(int) + 2, np.array(reference.GetSize()))
-    if np.all(hi > lo):
-        sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
-        sub.SetSpacing(reference.GetSpacing())
-        sub.SetDirection(reference.GetDirection())
-        sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+    if not np.all(hi > lo):
+        return None
+    sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
+    sub.SetSpacing(reference.GetSpacing())
+    sub.SetDirection(reference.GetDirection())
+    sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+    return sub
+
+
+def _boxed_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
+    arr = sitk.GetArrayViewFromImage(labels)
+    out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
+    box = preprocess.bounding_box(torch.from_numpy(np.asarray(arr) > 0), pad=1, shape=arr.shape)
+    sub = _reference_box(labels, box, reference) if box is not None else None
+    if sub is not None:
+        lo = np.array(reference.TransformPhysicalPointToIndex(sub.GetOrigin()))
+        hi = lo + np.array(sub.GetSize())
         res = sitk.Resample(labels, sub, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         out[lo[2]:hi[2], lo[1]:hi[1], lo[0]:hi[0]] = sitk.GetArrayViewFromImage(res)
     return out
+
+
+def resample_probabilities_to(probs: torch.Tensor, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """Class probabilities (K, z, y, x) on a model grid -> linear interpolation on the input grid.
+
+    Only the box where stage 2 computed anything is returned (same spacing and direction as the
+    input, origin at the box's first voxel), since everything outside it is background: a
+    full-size float copy per class would dwarf the CT itself.
+    """
+    covered = probs.sum(0) > 0
+    box = preprocess.bounding_box(covered, pad=1, shape=tuple(covered.shape))
+    arr = probs.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    pimg = sitk.GetImageFromArray(arr, isVector=True)
+    pimg.CopyInformation(grid)
+    sub = _reference_box(grid, box, reference) if box is not None else None
+    if sub is None:
+        sub = sitk.Image([1, 1, 1], sitk.sitkUInt8)
+        sub.SetSpacing(reference.GetSpacing())
+        sub.SetDirection(reference.GetDirection())
+        sub.SetOrigin(reference.GetOrigin())
+    return sitk.Resample(pimg, sub, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)

@@ -120,7 +120,8 @@ def estimate_memory(size_xyz: Sequence[int], pixel_type: Any, model: Any,
     stage1 = n1 * (34 + 4 * k) + net1
     left1 = n1 * 10  # grid1 + hu1 + c1 + stage-1 labels stay alive during stage 2
     stage2 = (n2 * (36 + 4 * k + (4 if overlap > 0 else 0)) + net2 + left1) if two_stage else 0
-    probs_out = 8 * k * n2 if (keep_probabilities and two_stage) else 0
+    # model-grid copy + the linear resampling onto (a box of) the input grid, float32 per class
+    probs_out = (8 * k * n2 + 4 * k * n_in) if (keep_probabilities and two_stage) else 0
     final_grid = n2 if two_stage else n1
     post = n_in * (4 + (2 if keep_candidates else 0)) + final_grid * 10 + left1 + probs_out
     phases = {"stage 1": stage1, "stage 2": stage2, "writing the outputs": post}

@@ -180,3 +180,23 @@ def test_separable_nearest_matches_simpleitk_on_shared_direction(direction):
                                                 sitk.sitkUInt8))
     assert (fast == full).mean() > 0.999   # ties at exactly half a voxel may round either way
     assert (full > 0).sum() > 1000
+
+
+def test_probabilities_are_resampled_linearly_onto_the_input_grid(model, sample_ct_path):
+    image = sitk.ReadImage(str(sample_ct_path))
+    result = Segmenter(model, "cpu", keep_probabilities=True).segment(image)
+    probs = result.probabilities
+    # Same spacing and direction as the input; the origin is an input voxel centre (a box of the grid).
+    assert probs.GetSpacing() == image.GetSpacing() and probs.GetDirection() == image.GetDirection()
+    start = image.TransformPhysicalPointToContinuousIndex(probs.GetOrigin())
+    assert np.allclose(start, np.round(start), atol=1e-6)
+    assert all(0 <= s and s + n <= m for s, n, m in zip(np.round(start), probs.GetSize(), image.GetSize()))
+    # Inside the box, the argmax of the resampled probabilities agrees with the labels almost everywhere.
+    lo = [int(v) for v in np.round(start)]
+    labels = sitk.GetArrayViewFromImage(result.labels)[lo[2]:lo[2] + probs.GetSize()[2],
+                                                        lo[1]:lo[1] + probs.GetSize()[1],
+                                                        lo[0]:lo[0] + probs.GetSize()[0]]
+    p = sitk.GetArrayViewFromImage(probs)
+    fg = labels > 0
+    assert fg.sum() > 1000
+    assert (p.argmax(-1)[fg] == labels[fg]).mean() > 0.9
