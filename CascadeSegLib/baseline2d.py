@@ -577,7 +577,6 @@ def _train_baseline(cfg: Baseline2DConfig, run_dir: Path, out: str | Path | None
     (run_dir / "config.json").write_text(json.dumps({"config": cfg.raw, "base_dir": str(cfg.base_dir)}, indent=2))
     dev = resolve_train_device(device or cfg.stages[0].train.device)
     labels = cfg.label_set()
-    k = labels.num_classes
     cases, source_names = discover_cases(cfg.data, cfg.resolve)
     table = label_lookup(labels, cfg.data.get("label_map"), source_names, cfg.data.get("label_map_preset"))
     train_cases, _ = read_split(cfg.data, cfg.resolve, cases)

@@ -595,3 +595,15 @@ def read_segmentation_nrrd(path: "str | os.PathLike[str]") -> tuple[sitk.Image, 
     for k in keys:  # the returned label map is plain data; its Slicer header is in `segments`
         img.EraseMetaData(k)
     return img, segments
+
+
+def collect_inputs(path: "str | os.PathLike[str]") -> tuple[list[Path], bool]:
+    """(cases, is_batch) for a command's INPUT: one image or DICOM folder, or every CT in a folder."""
+    source = Path(path).expanduser()
+    if not source.exists():
+        raise UserError(f"input {source} does not exist; give a CT file, a DICOM folder or a folder of CTs")
+    batch = source.is_dir() and not is_dicom_folder(source)
+    cases = find_images(source) if batch else [source]
+    if batch and not cases:
+        raise UserError(f"no CT images (.nii.gz, .nrrd, .mha or DICOM folders) found in {source}")
+    return cases, batch

@@ -150,7 +150,7 @@ def test_missing_gpu_is_a_clear_error():
 
 
 def test_tampered_weights_are_refused(tmp_path):
-    pkg = make_random_model(tmp_path)
+    make_random_model(tmp_path)
     weights = tmp_path / "stage2.pt"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, large_ct, measure_module, table
+from common import large_ct, measure_module, table
 
 import numpy as np
 import SimpleITK as sitk

@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from common import REPO  # noqa: F401 - puts the repository on sys.path
+import common  # noqa: F401 - puts the repository on sys.path
 
 import SimpleITK as sitk
 import torch

@@ -75,7 +75,7 @@ def main() -> int:
             v = results[case][0][name]
             cells.append("not in the image" if v is None else f"{v:.3f}")
         print(f"| {name} | {cells[0]} | {cells[1]} |")
-    print(f"\nseconds per case: " + ", ".join(f"{c} {results[c][1]:.1f}" for c in CASES))
+    print("\nseconds per case: " + ", ".join(f"{c} {results[c][1]:.1f}" for c in CASES))
     return 0
 
 

@@ -156,14 +156,8 @@ def run_segment2d(args: argparse.Namespace) -> int:
     from ..cascade import check_ct
     from ..model import load_model
 
-    source = Path(args.input).expanduser()
     output = Path(args.output).expanduser()
-    if not source.exists():
-        raise UserError(f"input {source} does not exist; give a CT file, a DICOM folder or a folder of CTs")
-    batch = source.is_dir() and not io.is_dicom_folder(source)
-    cases = io.find_images(source) if batch else [source]
-    if batch and not cases:
-        raise UserError(f"no CT images found in {source}")
+    cases, _ = io.collect_inputs(args.input)
     single = output.name.lower().endswith(_OUT_SUFFIXES)
     if single and len(cases) != 1:
         raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")

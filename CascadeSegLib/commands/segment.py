@@ -125,14 +125,8 @@ def one_line(text: str) -> str:
 
 
 def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - internal
-    source = Path(args.input).expanduser()
     output = Path(args.output).expanduser()
-    if not source.exists():
-        raise UserError(f"input {source} does not exist; give a CT file, a DICOM folder or a folder of CTs")
-    batch = source.is_dir() and not io.is_dicom_folder(source)
-    cases = io.find_images(source) if batch else [source]
-    if batch and not cases:
-        raise UserError(f"no CT images (.nii.gz, .nrrd, .mha or DICOM folders) found in {source}")
+    cases, _ = io.collect_inputs(args.input)
     shard_i, shard_n = parse_shard(args.shard)
     cases = cases[shard_i::shard_n]
     single_file = _output_is_file(output)
