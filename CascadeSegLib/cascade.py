@@ -21,7 +21,7 @@ from .errors import Cancelled, UserError
 from .memory import free_accelerator_memory, is_out_of_memory
 from .model import ModelPackage
 from .network import fold_batchnorm
-from .tiling import fit_tile, plan_tiles, predict_volume, tile_geometry
+from .tiling import DEFAULT_BOX_TILE_VOXELS, box_tile, fit_tile, plan_tiles, predict_volume, tile_geometry
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -99,6 +99,8 @@ class Segmenter:
                  stage1_only: bool = False, keep_stage1: bool = False, keep_probabilities: bool = False,
                  keep_candidates: bool = False, batch_size: int | None = None,
                  progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
+                 max_tile_voxels: int = DEFAULT_BOX_TILE_VOXELS,
+                 largest_component: bool = True,
                  on_warning: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.device = resolve_device(device)
@@ -108,6 +110,11 @@ class Segmenter:
         self.keep_probabilities = keep_probabilities
         self.keep_candidates = keep_candidates
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
+        # A candidate box up to this size is one tile (no tile seams, far less padding work).
+        self.max_tile_voxels = max_tile_voxels
+        # Organs the model lists as one connected structure lose stray islands (False: keep all).
+        names = model.largest_component if largest_component else []
+        self.largest_component_values = [model.labels.by_name(n).value for n in names]
         self.progress = progress
         self.cancel = cancel
         self.on_warning = on_warning
@@ -148,7 +155,8 @@ class Segmenter:
         net = self.network(index)
         volume = preprocess.normalize(hu, self.model.window, self.model.normalization)[None]
         pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
-        tile_in = fit_tile(net.cfg, spec.tile_zyx, tuple(hu.shape))
+        tile_in = (box_tile(net.cfg, spec.tile_zyx, mask, self.max_tile_voxels) if overlap == 0
+                   else fit_tile(net.cfg, spec.tile_zyx, tuple(hu.shape)))
         plan = plan_tiles(mask, tile_geometry(net.cfg, tile_in)[0], tile_in, overlap)
         self._stats[f"{stage}_tiles"] = len(plan)
         self._stats[f"{stage}_tile_voxels"] = int(np.prod(plan.tile_in))
@@ -231,6 +239,8 @@ class Segmenter:
             else:
                 probs = torch.zeros((model.labels.num_classes,) + tuple(hu2.shape), device=self.device)
                 final = torch.zeros(hu2.shape, dtype=torch.uint8, device=self.device)
+            if self.largest_component_values:
+                final = keep_largest_components(final, self.largest_component_values)
             t["stage2"] = time.perf_counter() - t0
             final_grid = grid2
             c2_img = _from_tensor(c2.to(torch.uint8), grid2) if self.keep_candidates else None
@@ -258,6 +268,24 @@ class Segmenter:
         t["total"] = time.perf_counter() - start
         self._report("done", 1.0, "done")
         return result
+
+
+def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """Keep only the largest 26-connected component of each label in `values` (rest: background)."""
+    from scipy import ndimage
+
+    arr = labels.cpu().numpy()
+    out = arr.copy()
+    structure = np.ones((3, 3, 3), bool)
+    for value in set(np.unique(arr).tolist()) & set(values):
+        box = ndimage.find_objects((arr == value).astype(np.uint8))[0]
+        mask = arr[box] == value
+        comp, n = ndimage.label(mask, structure=structure)
+        if n > 1:
+            sizes = np.bincount(comp.ravel())
+            sizes[0] = 0
+            out[box][(comp > 0) & (comp != int(sizes.argmax()))] = 0
+    return torch.from_numpy(out).to(labels.device)
 
 
 def _reject_non_finite(image: sitk.Image) -> None:

@@ -65,6 +65,7 @@ class ModelPackage:
     provenance: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     root: Path | None = None
+    largest_component: list[str] = field(default_factory=list)  # organs kept as one connected piece
     architecture: str = "3d-cascade"             # or "2d-three-view" (baseline2d.py)
     architecture_options: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +78,7 @@ class ModelPackage:
             "intensity": {"window": list(self.window), "normalization": self.normalization},
             "body_mask": {"threshold_hu": self.body_threshold_hu},
             "dilation_radius": self.dilation_radius,
+            "postprocess": {"largest_component": list(self.largest_component)},
             "stages": [s.to_json() for s in self.stages],
             "provenance": self.provenance,
         }
@@ -100,6 +102,7 @@ class ModelPackage:
                 normalization=str(d["intensity"].get("normalization", "window01")),
                 body_threshold_hu=float(d.get("body_mask", {}).get("threshold_hu", -500.0)),
                 dilation_radius=int(d.get("dilation_radius", 3)),
+                largest_component=[str(n) for n in d.get("postprocess", {}).get("largest_component", [])],
                 description=str(d.get("description", "")), license=str(d.get("license", "")),
                 provenance=dict(d.get("provenance", {})), format_version=int(version), root=root,
                 architecture=str(d.get("architecture", "3d-cascade")),
@@ -108,6 +111,9 @@ class ModelPackage:
             where = f" in {root / 'model.json'}" if root else ""
             raise ModelError(f"model.json{where} is invalid ({type(exc).__name__}: {exc}); "
                              "re-export or re-install the model") from None
+        unknown = set(pkg.largest_component) - set(pkg.labels.names)
+        if unknown:
+            raise ModelError(f"model {pkg.name}: postprocess names unknown organs {sorted(unknown)}; fix model.json")
         if not 1 <= len(pkg.stages) <= 2:
             raise ModelError(f"model {pkg.name} has {len(pkg.stages)} stages; a cascade has 1 or 2")
         for stage in pkg.stages:

@@ -200,3 +200,16 @@ def test_probabilities_are_resampled_linearly_onto_the_input_grid(model, sample_
     fg = labels > 0
     assert fg.sum() > 1000
     assert (p.argmax(-1)[fg] == labels[fg]).mean() > 0.9
+
+
+def test_largest_component_removes_islands_only_for_listed_organs():
+    from CascadeSegLib.cascade import keep_largest_components
+
+    labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    labels[2:12, 2:12, 2:12] = 1          # liver body
+    labels[20:22, 20:22, 20:22] = 1       # liver island
+    labels[15:18, 2:6, 2:6] = 2           # spleen: two pieces, not listed
+    labels[25:27, 2:6, 2:6] = 2
+    out = keep_largest_components(labels, [1])
+    assert int((out == 1).sum()) == 1000 and int(out[21, 21, 21]) == 0
+    assert torch.equal(out == 2, labels == 2)

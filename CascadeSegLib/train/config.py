@@ -105,7 +105,7 @@ class RunConfig:
 
 _TOP_KEYS = {"name", "version", "description", "license", "labels", "data", "intensity", "body_threshold_hu",
              "dilation_radius", "stages", "train", "augment", "run_dir", "model_card", "finetune", "$schema",
-             "comment"}
+             "comment", "postprocess"}
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

@@ -553,7 +553,8 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
     pkg = ModelPackage(name=cfg.name, version=cfg.version, labels=cfg.label_set(), stages=specs, window=cfg.window,
                        normalization=cfg.normalization, body_threshold_hu=cfg.body_threshold_hu,
                        dilation_radius=cfg.dilation_radius, description=cfg.description, license=cfg.license,
-                       provenance=prov)
+                       provenance=prov,
+                       largest_component=list((cfg.raw.get("postprocess") or {}).get("largest_component", [])))
     out = Path(out)
     if out.suffix.lower() == ".zip":
         import tempfile
