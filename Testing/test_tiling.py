@@ -118,3 +118,20 @@ def test_cancel_stops_between_tiles():
         predict_volume(net, torch.zeros(1, 32, 32, 32), torch.ones(32, 32, 32, dtype=torch.bool), (8, 8, 8), 2,
                        cancel=cancel)
     assert len(calls) == 2
+
+
+def test_box_tile_covers_a_compact_candidate_region_in_one_tile():
+    from CascadeSegLib.tiling import box_tile
+
+    cfg = NetConfig(kind="padded", num_classes=2, base_channels=2, depth=3)
+    mask = _mask((80, 90, 100), [((10, 47), (20, 61), (5, 44))])     # box 37 x 41 x 39
+    tile = box_tile(cfg, (32, 32, 32), mask, max_voxels=100_000)
+    assert tile == (40, 44, 40)                                         # box rounded up to multiples of 4
+    plan = plan_tiles(mask, tile)
+    assert len(plan) == 1
+    z, y, x = plan.starts[0]
+    assert z <= 10 and z + 40 >= 47 and y <= 20 and y + 44 >= 61 and x <= 5 and x + 40 >= 44
+    # Too large a box (or a valid network) keeps the nominal tile.
+    assert box_tile(cfg, (32, 32, 32), mask, max_voxels=50_000) == (32, 32, 32)
+    valid = NetConfig(kind="valid", num_classes=2, base_channels=2, depth=2)
+    assert box_tile(valid, (28, 28, 28), mask, max_voxels=10**9) == (28, 28, 28)
