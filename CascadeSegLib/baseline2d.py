@@ -260,7 +260,7 @@ def _model_json(model: ModelPackage) -> dict[str, Any]:
     if model.root is None or not (model.root / "model.json").is_file():
         return {}
     try:
-        return json.loads((model.root / "model.json").read_text())
+        return json.loads((model.root / "model.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -290,7 +290,7 @@ def save_three_view_package(pkg: ModelPackage, folder: str | Path, state_dicts: 
     """Write a 2D three-view package: the normal files plus the architecture keys in model.json."""
     folder = Path(folder)
     pkg.save(folder, state_dicts)
-    meta = json.loads((folder / "model.json").read_text())
+    meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     meta["architecture"] = ARCHITECTURE
     meta["three_view"] = options.to_json()
     tmp = folder / ".model.json.tmp"

@@ -89,10 +89,10 @@ def resolve_labels(spec: str | None) -> LabelSet:
             return LabelSet.from_json(json.loads(spec))
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix.lower() == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
             return LabelSet.from_json(data["labels"] if isinstance(data, dict) else data)
         if path.is_dir() and (path / "model.json").is_file():
-            return LabelSet.from_json(json.loads((path / "model.json").read_text())["labels"])
+            return LabelSet.from_json(json.loads((path / "model.json").read_text(encoding="utf-8"))["labels"])
         if path.is_file() and path.suffix.lower() == ".zip":
             import zipfile
             with zipfile.ZipFile(path) as zf:
@@ -920,7 +920,7 @@ def load_method(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         raise UserError(f"no metrics.json at {text}; run `cascadeseg evaluate` first or pass "
                         "--ref to evaluate prediction folders")
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(path.read_text(encoding="utf-8"))
         methods = doc["methods"]
     except (ValueError, KeyError, TypeError):
         raise UserError(f"{path} is not a CascadeSeg metrics.json") from None

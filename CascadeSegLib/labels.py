@@ -142,7 +142,7 @@ def _fallback_color(value: int) -> tuple[int, int, int]:
 def standard_labels() -> dict[str, dict[str, Any]]:
     """name -> entry of Resources/labels.json."""
     path = resources_dir() / "labels.json"
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return {d["name"]: d for d in data["labels"]}
 
 

@@ -146,13 +146,13 @@ def _cgroup_available() -> int | None:
                    Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"))]
     for limit_path, usage_path in candidates:
         try:
-            text = limit_path.read_text().strip()
+            text = limit_path.read_text(encoding="utf-8").strip()
             if text == "max":
                 return None
             limit = int(text)
             if limit >= 1 << 60:  # v1 "unlimited"
                 return None
-            return max(0, limit - int(usage_path.read_text().strip()))
+            return max(0, limit - int(usage_path.read_text(encoding="utf-8").strip()))
         except (OSError, ValueError):
             continue
     return None

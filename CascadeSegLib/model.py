@@ -135,7 +135,7 @@ class ModelPackage:
             raise ModelError(f"no model.json in {p}; pass a model folder, a model .zip, or an installed "
                              "model name (see `cascadeseg models list`)")
         try:
-            data = json.loads(meta.read_text())
+            data = json.loads(meta.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise ModelError(f"cannot read {meta} ({exc}); re-install the model") from None
         return ModelPackage.from_json(data, root=p.resolve())

@@ -180,7 +180,7 @@ def test_bundled_configs_parse():
 
 
 def test_trained_three_view_model_segments_unseen_phantom(trained_2d, tmp_path):
-    meta = json.loads((trained_2d.root / "model.json").read_text())
+    meta = json.loads((trained_2d.root / "model.json").read_text(encoding="utf-8"))
     assert meta["architecture"] == "2d-three-view" and meta["three_view"]["views"] == list(B.VIEWS)
     assert [s.name for s in trained_2d.stages] == ["coarse", "fine"]
     trained_2d.verify()                                          # sha256 recorded like any package
@@ -222,10 +222,10 @@ def test_cli_segment_and_compare_mean_vs_vote(trained_2d, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", str(tmp_path / "mean"), str(tmp_path / "vote"), "--ref", str(refs), "--labels",
                  ",".join(ORGANS), "-o", str(tmp_path / "cmp"), "--no-plots", "--quiet"]) == 0
-    table = (tmp_path / "cmp" / "compare.md").read_text()
+    table = (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8")
     for organ in ORGANS:
         assert organ in table
-    doc = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    doc = json.loads((tmp_path / "cmp" / "metrics.json").read_text(encoding="utf-8"))
     assert doc["wilcoxon"]["liver"]["n"] == 2
     # A mistake is one line and exit 2.
     assert main(["baseline2d", "segment", str(cts), "-o", str(tmp_path / "x.nii.gz"), "--model",

@@ -372,7 +372,7 @@ def test_install_local_zip_overwrite_and_upgrade(tmp_path: Path, package_zip: Pa
     newer = make_package(tmp_path / "v2" / "tiny-organs", version="1.1.0", seed=1)
     z2 = make_zip(newer, tmp_path / "v2.zip")
     assert install_model(z2, models_dir=models) == p
-    assert json.loads((p / "model.json").read_text())["version"] == "1.1.0"
+    assert json.loads((p / "model.json").read_text(encoding="utf-8"))["version"] == "1.1.0"
     assert (p / "stage1.pt").read_bytes() == (newer / "stage1.pt").read_bytes() != first
     assert sorted(x.name for x in models.iterdir()) == ["tiny-organs"]
 

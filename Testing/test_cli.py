@@ -57,7 +57,7 @@ def test_folder_output_has_segmentation_report_and_picture(model_dir, phantom_pa
     assert seg.GetDirection() == ct.GetDirection() and seg.GetSpacing() == ct.GetSpacing()
     assert [s["name"] for s in segments] == ["Liver", "Spleen", "Right kidney"]
     np.testing.assert_array_equal(sitk.GetArrayFromImage(seg), sitk.GetArrayFromImage(labels))
-    report = json.loads((out / "phantom_report.json").read_text())
+    report = json.loads((out / "phantom_report.json").read_text(encoding="utf-8"))
     assert set(report["organs"]) == {"liver", "spleen", "kidney_right"}
     counts = np.bincount(sitk.GetArrayFromImage(labels).ravel(), minlength=4)
     assert report["organs"]["spleen"]["voxels"] == counts[2]

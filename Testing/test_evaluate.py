@@ -371,7 +371,7 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     rc = run_cli(["evaluate", str(pred_dir), str(ref_dir), "-o", str(out),
                   "--ref-labels", ref_labels, "--quiet"])
     assert rc == 0
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert doc["kind"] == "evaluation" and list(doc["methods"]) == ["pred"]
     cases = doc["methods"]["pred"]["cases"]
     assert sorted(cases) == ["case1", "case2"]
@@ -390,7 +390,7 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     summary = doc["methods"]["pred"]["summary"]
     assert summary["gallbladder"]["dice"]["min"] == 0.0
     assert summary["liver"]["dice"]["n"] == 2
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     assert "### Dice [%]" in md and "### HD95 [mm]" in md and "missing_in_prediction" in md
     assert "| gallbladder |" in md and "case2" in md
     rows = list(csv.DictReader((out / "per_case.csv").open()))
@@ -429,10 +429,10 @@ def test_compare_command_equals_scipy(tmp_path: Path, sample_ref: sitk.Image) ->
     cmp_dir = tmp_path / "cmp"
     assert run_cli(["compare", str(reports[1]), str(reports[0] / "metrics.json"),
                     "-o", str(cmp_dir)]) == 0
-    doc = json.loads((cmp_dir / "metrics.json").read_text())
+    doc = json.loads((cmp_dir / "metrics.json").read_text(encoding="utf-8"))
     assert doc["method_a"] == "bad" and doc["method_b"] == "good"
-    ma = json.loads((reports[1] / "metrics.json").read_text())["methods"]["bad"]["cases"]
-    mb = json.loads((reports[0] / "metrics.json").read_text())["methods"]["good"]["cases"]
+    ma = json.loads((reports[1] / "metrics.json").read_text(encoding="utf-8"))["methods"]["bad"]["cases"]
+    mb = json.loads((reports[0] / "metrics.json").read_text(encoding="utf-8"))["methods"]["good"]["cases"]
     for organ in ("liver", "spleen", "kidney_right"):
         xa = [ma[f"case{i}"]["organs"][organ]["dice"] for i in range(6)]
         xb = [mb[f"case{i}"]["organs"][organ]["dice"] for i in range(6)]
@@ -446,14 +446,14 @@ def test_compare_command_equals_scipy(tmp_path: Path, sample_ref: sitk.Image) ->
     # six cases, all better: the exact two-sided p is 2/64 = 0.03125 -> significant, marked.
     assert doc["wilcoxon"]["liver"]["p_value"] == pytest.approx(0.03125)
     assert doc["wilcoxon"]["liver"]["mark"] == "*"
-    md = (cmp_dir / "compare.md").read_text()
+    md = (cmp_dir / "compare.md").read_text(encoding="utf-8")
     assert "| liver |" in md and "**" in md and "Wilcoxon" in md
     _png_ok(cmp_dir / "boxplot_dice.png")
     # Table 5 command: the same tables with fixed names.
     ft = tmp_path / "ft"
     assert run_cli(["experiment", "finetune", str(reports[1]), str(reports[0]), "-o",
                     str(ft), "--no-plots"]) == 0
-    fdoc = json.loads((ft / "metrics.json").read_text())
+    fdoc = json.loads((ft / "metrics.json").read_text(encoding="utf-8"))
     assert fdoc["kind"] == "experiment-finetune" and list(fdoc["methods"]) == ["scratch",
                                                                                "fine-tuned"]
     assert fdoc["wilcoxon"]["liver"]["p_value"] == pytest.approx(0.03125)
@@ -468,7 +468,7 @@ def test_candidates_command_report(tmp_path: Path, sample_ref: sitk.Image) -> No
     assert run_cli(["candidates", str(tmp_path / "s1" / "case.nii.gz"), str(SAMPLE_SEG),
                     "-o", str(out), "--radii", "0..10", "--quiet", "--ref-labels",
                     json.dumps([{"value": v, "name": n} for n, v in TS_IDS.items()])]) == 0
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     mean = doc["mean"]
     assert set(mean) == set(DEFAULT_ORGANS) | {"all"}
     assert mean["all"]["radii"] == list(range(11))
@@ -479,7 +479,7 @@ def test_candidates_command_report(tmp_path: Path, sample_ref: sitk.Image) -> No
     assert len(rows) == 11 * 11
     px = _png_ok(out / "candidates.png", (800, 350))
     assert _has_color(px, STD.by_name("spleen").color_float, 0.03)
-    assert "Recall" in (out / "candidates.md").read_text()
+    assert "Recall" in (out / "candidates.md").read_text(encoding="utf-8")
 
 
 def test_user_errors_are_one_line(tmp_path: Path, capsys) -> None:
@@ -537,7 +537,7 @@ def test_experiments_on_engine_output(tmp_path: Path) -> None:
     assert run_cli(["experiment", "stages", str(ct_dir / "phantom.nii.gz"),
                     str(ref_dir / "phantom.nii.gz"), "-o", str(out), "--model", str(model),
                     "--device", "cpu", "--radii", "0..4", "--save-predictions", "--quiet"]) == 0
-    doc = json.loads((out / "metrics.json").read_text())
+    doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     assert doc["kind"] == "experiment-stages" and set(doc["methods"]) == {"stage1", "stage2"}
     assert doc["model"]["name"] == "tiny-eval" and doc["mean_timings"]["stage2"] > 0
     assert doc["candidates"]["mean"]["all"]["radii"] == [0, 1, 2, 3, 4]
@@ -550,7 +550,7 @@ def test_experiments_on_engine_output(tmp_path: Path) -> None:
         check = tmp_path / f"check_{stage}"
         assert run_cli(["evaluate", str(pred), str(ref_dir / "phantom.nii.gz"), "-o",
                         str(check), "--quiet", "--no-plots"]) == 0
-        direct = json.loads((check / "metrics.json").read_text())["methods"]
+        direct = json.loads((check / "metrics.json").read_text(encoding="utf-8"))["methods"]
         direct_case = next(iter(next(iter(direct.values()))["cases"].values()))
         for organ in DEFAULT_ORGANS:
             assert doc["methods"][stage]["cases"]["phantom"]["organs"][organ] == \
@@ -558,14 +558,14 @@ def test_experiments_on_engine_output(tmp_path: Path) -> None:
     for f in ("compare.md", "compare.csv", "difference.csv", "candidates.csv",
               "boxplot_dice.png", "candidates.png"):
         assert (out / f).is_file(), f
-    assert "stage2 minus stage1" in (out / "compare.md").read_text()
+    assert "stage2 minus stage1" in (out / "compare.md").read_text(encoding="utf-8")
 
     out2 = tmp_path / "overlap"
     assert run_cli(["experiment", "overlap", str(ct_dir / "sample.nii.gz"),
                     str(ref_dir / "sample.nii.gz"), "-o", str(out2), "--model", str(model),
                     "--device", "cpu", "--overlap", "0.5", "--quiet", "--ref-labels",
                     json.dumps([{"value": v, "name": n} for n, v in TS_IDS.items()])]) == 0
-    doc2 = json.loads((out2 / "metrics.json").read_text())
+    doc2 = json.loads((out2 / "metrics.json").read_text(encoding="utf-8"))
     assert set(doc2["methods"]) == {"non-overlapping", "overlapping"}
     assert doc2["overlap"] == 0.5
     t = doc2["mean_timings"]

@@ -200,7 +200,7 @@ def test_cli_refine_with_oracle_and_report(model3d, case3d, tmp_path, capsys):
     assert rc == 0
     refined = sitk.ReadImage(str(out))
     assert same_geometry(refined, ct) and same_geometry(sitk.ReadImage(str(init)), ct)
-    doc = json.loads(report.read_text())
+    doc = json.loads(report.read_text(encoding="utf-8"))
     assert doc["oracle"] and doc["iterations"]["spleen"] >= 1 and doc["converged"]["spleen"]
     assert "spleen" in capsys.readouterr().err
     assert main(["refine", str(ct_path), "-o", str(tmp_path / "x.nii.gz"), "--model", str(model3d.root),

@@ -81,7 +81,7 @@ def segment(ct_path: Path, model: Path, out: Path, *extra: str) -> int:
 
 
 def edit_json(model_dir: Path, change) -> None:
-    meta = json.loads((model_dir / "model.json").read_text())
+    meta = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))
     change(meta)
     (model_dir / "model.json").write_text(json.dumps(meta))
 

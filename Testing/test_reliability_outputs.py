@@ -158,7 +158,7 @@ def test_unexpected_error_exits_1_with_a_log_file(ct_path, model_dir, tmp_path, 
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "internal error (ZeroDivisionError)" in err[0] and "Traceback" not in err[0]
     log = Path(err[0].split("details in ", 1)[1].split("; please report")[0])
-    text = log.read_text()
+    text = log.read_text(encoding="utf-8")
     assert "Traceback" in text and "simulated bug" in text and "segment" in text
     log.unlink()
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []

@@ -113,7 +113,7 @@ def test_killed_run_resumes_from_the_last_good_checkpoint_with_the_same_result(s
     assert len(skipped) == (0 if damage is None else 1)
     if damage:
         assert "ckpt_0000004.pt" in skipped[0]
-    done = json.loads((run / "stage1" / "done.json").read_text())
+    done = json.loads((run / "stage1" / "done.json").read_text(encoding="utf-8"))
     assert done["iterations"] == ITERATIONS
     a, b = _weights(straight), _weights(run)
     assert a.keys() == b.keys()

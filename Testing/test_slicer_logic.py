@@ -311,7 +311,7 @@ def _alive(pid: int) -> bool:
         return False
     # a zombie is dead for our purposes
     try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").split()[2] != "Z"
     except FileNotFoundError:
         return False
 
@@ -326,7 +326,7 @@ def test_run_through_fake_cli_reports_progress_and_imports(app, sample, fake_log
                               timeout_s=60)
     assert seg_node.GetSegmentation().GetNumberOfSegments() == len(LABELS)
     assert ("stage1", "tile 3/3") in seen
-    call = json.loads((tmp_path / "args.json").read_text())
+    call = json.loads((tmp_path / "args.json").read_text(encoding="utf-8"))
     assert call["input_exists"]
     for flag in ("--model", "abdomen-ct-demo", "--device", "cpu", "--overlap", "--save-candidates"):
         assert flag in call["args"]
@@ -345,8 +345,8 @@ def test_cancel_kills_process_tree_and_leaves_scene(app, sample, fake_logic, tmp
         time.sleep(0.05)
     run.poll()
     assert run.progress.stage == "stage1" and run.is_running()
-    child = int((tmp_path / "child.pid").read_text())
-    parent = json.loads((tmp_path / "args.json").read_text())["pid"]
+    child = int((tmp_path / "child.pid").read_text(encoding="utf-8"))
+    parent = json.loads((tmp_path / "args.json").read_text(encoding="utf-8"))["pid"]
     t0 = time.monotonic()
     fake_logic.cancel(run)
     assert time.monotonic() - t0 < 10

@@ -21,7 +21,7 @@ def cmake_list(text: str, var: str) -> list[str]:
 
 
 def module_cmake() -> str:
-    return (MODULE / "CMakeLists.txt").read_text()
+    return (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
 
 
 def expand(name: str) -> str:
@@ -55,7 +55,7 @@ def test_module_cmake_builds_tests_and_ships_library_and_resources():
 
 
 def test_top_level_cmake_metadata():
-    text = (REPO / "CMakeLists.txt").read_text()
+    text = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     for key in ("EXTENSION_HOMEPAGE", "EXTENSION_CATEGORY", "EXTENSION_CONTRIBUTORS", "EXTENSION_DESCRIPTION",
                 "EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
         assert re.search(rf'set\({key} "[^"]+"\)', text), key
@@ -66,12 +66,12 @@ def test_top_level_cmake_metadata():
 
 
 def test_s4ext_and_index_json():
-    s4 = dict(line.split(" ", 1) for line in (REPO / "CascadeSeg.s4ext").read_text().splitlines()
+    s4 = dict(line.split(" ", 1) for line in (REPO / "CascadeSeg.s4ext").read_text(encoding="utf-8").splitlines()
               if line.strip() and not line.startswith("#"))
     for key in ("scm", "scmurl", "scmrevision", "category", "iconurl", "screenshoturls", "description", "homepage"):
         assert s4.get(key, "").strip(), key
     assert s4["category"].strip() == "Segmentation" and s4["scm"].strip() == "git"
-    index = json.loads((REPO / "CascadeSeg.json").read_text())
+    index = json.loads((REPO / "CascadeSeg.json").read_text(encoding="utf-8"))
     assert "slicer-extension-catalog-entry-schema" in index["$schema"]
     assert index["category"] == "Segmentation" and index["scm_url"] == s4["scmurl"].strip()
     assert index["scm_revision"] == s4["scmrevision"].strip() and index["build_subdirectory"] == "."
@@ -86,7 +86,7 @@ def test_icon_is_128_png():
 def test_ui_names_used_by_code_exist():
     tree = ET.parse(MODULE / "Resources" / "UI" / "CascadeSeg.ui")
     names = {w.get("name") for w in tree.iter("widget")}
-    code = "".join(p.read_text() for p in [MODULE / "CascadeSeg.py", *(MODULE / "CascadeSegSlicer").glob("*.py")])
+    code = "".join(p.read_text(encoding="utf-8") for p in [MODULE / "CascadeSeg.py", *(MODULE / "CascadeSegSlicer").glob("*.py")])
     used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", code))
     used |= set(re.findall(r'"(\w+(?:Selector|ComboBox|Button|CheckBox|Label|Bar))"', code))
     assert {"segmentButton", "inputVolumeSelector", "progressBar"} <= used
@@ -97,10 +97,10 @@ def test_ui_names_used_by_code_exist():
 
 
 def test_module_file_is_thin_and_logic_has_no_gui_imports():
-    module = (MODULE / "CascadeSeg.py").read_text()
+    module = (MODULE / "CascadeSeg.py").read_text(encoding="utf-8")
     assert len(module.splitlines()) < 200
     for f in ("logic.py", "process.py", "parameters.py", "models.py", "dependencies.py", "headless.py"):
-        top = [ln for ln in (MODULE / "CascadeSegSlicer" / f).read_text().splitlines()
+        top = [ln for ln in (MODULE / "CascadeSegSlicer" / f).read_text(encoding="utf-8").splitlines()
                if re.match(r"(import|from) ", ln)]
         assert not any(re.match(r"(import|from) (qt|ctk|slicer\.util|slicer\.ScriptedLoadableModule)\b", ln)
                        for ln in top), f

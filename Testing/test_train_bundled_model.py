@@ -29,7 +29,7 @@ def test_bundled_model_is_intact_small_and_documented():
     assert "configs/abdomen-ct-demo.json" in prov["command"]
     held_out = prov["held_out_dice"]
     assert held_out["case"] == "dicom_slab" and 0.0 <= held_out["dice"]["liver"] <= 1.0
-    card = (MODEL / "MODEL_CARD.md").read_text()
+    card = (MODEL / "MODEL_CARD.md").read_text(encoding="utf-8")
     for needle in ("demonstration", "cascadeseg train configs/abdomen-ct-demo.json", "dicom_slab", "BTCV", "AMOS",
                    "TotalSegmentator", "Pancreas-CT", "training data"):
         assert needle in card, needle
@@ -63,5 +63,5 @@ def test_bundled_model_segments_the_held_out_dicom_slab(dicom_slab_dir, dicom_sl
     truth_liver = sitk.GetArrayFromImage(seg) == 5                      # TotalSegmentator's liver id
     pred_liver = sitk.GetArrayFromImage(labels) == 1
     dice = 2 * np.sum(truth_liver & pred_liver) / (truth_liver.sum() + pred_liver.sum())
-    recorded = json.loads((MODEL / "model.json").read_text())["provenance"]["held_out_dice"]["dice"]["liver"]
+    recorded = json.loads((MODEL / "model.json").read_text(encoding="utf-8"))["provenance"]["held_out_dice"]["dice"]["liver"]
     assert abs(dice - recorded) < 0.02                                  # the model card's number is reproducible

@@ -82,7 +82,7 @@ def test_config_may_not_change_the_models_geometry(source_model, tmp_path):
 
     folder, _ = source_model
     cfg = _finetune_config(tmp_path, list(ORGANS), iterations=0)
-    data = json.loads(cfg.read_text())
+    data = json.loads(cfg.read_text(encoding="utf-8"))
     data["stages"][0]["spacing"] = [3, 3, 3]
     cfg.write_text(json.dumps(data))
     with pytest.raises(UserError, match="come from the model"):

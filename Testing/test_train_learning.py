@@ -34,7 +34,7 @@ def test_small_network_learns_phantom_organs(tmp_path):
     start = time.perf_counter()
     run = train_run(cfg, tmp_path / "run", progress=False)
     seconds = time.perf_counter() - start
-    done = json.loads((run / "stage1" / "done.json").read_text())
+    done = json.loads((run / "stage1" / "done.json").read_text(encoding="utf-8"))
     assert done["iterations"] == 400
     val = done["best_val_dice"]
     assert val["mean"] > 0.9, f"validation Dice after {seconds:.0f}s: {val}"

@@ -58,7 +58,7 @@ def main() -> int:
     args = ap.parse_args()
     model = ModelPackage.load(args.model)
     results = {case: dice_per_organ(model, *paths) for case, paths in CASES.items()}
-    meta = json.loads((Path(args.model) / "model.json").read_text())
+    meta = json.loads((Path(args.model) / "model.json").read_text(encoding="utf-8"))
     meta["provenance"]["held_out_dice"] = {"case": "dicom_slab", "dice": results["dicom_slab"][0],
                                            "seconds": round(results["dicom_slab"][1], 2)}
     meta["provenance"]["training_data_dice"] = {"case": "ts_example_3mm", "note": "TRAINED ON this CT",

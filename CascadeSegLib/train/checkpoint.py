@@ -61,7 +61,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file() or not side.is_file():
         raise CheckpointError(f"{path.name}: file or sha256 sidecar missing")
     data = path.read_bytes()
-    expected = side.read_text().split()[0] if side.read_text().split() else ""
+    expected = side.read_text(encoding="utf-8").split()[0] if side.read_text(encoding="utf-8").split() else ""
     digest = hashlib.sha256(data).hexdigest()
     if digest != expected.lower():
         raise CheckpointError(f"{path.name}: sha256 {digest[:12]}... does not match its sidecar {expected[:12]}...")

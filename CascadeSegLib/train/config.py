@@ -113,7 +113,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise UserError(f"config file {p} not found; pass the path of a training config (JSON)")
-    text = p.read_text()
+    text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml  # type: ignore[import-not-found]

@@ -61,7 +61,7 @@ def _case_name(path: Path) -> str:
 def _cases_from_dataset_json(path: Path) -> tuple[list[Case], dict[int, str]]:
     """nnU-Net v2 (labels: name -> id, imagesTr/<case>_0000<ending>) or MSD (training list)."""
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read {path} ({exc}); pass an nnU-Net or Decathlon dataset.json") from None
     root = path.parent
@@ -174,7 +174,7 @@ def read_split(data: dict[str, Any], resolve, cases: Sequence[Case]) -> tuple[li
     if isinstance(split, str):
         path = Path(resolve(split))
         try:
-            split = json.loads(path.read_text())
+            split = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as exc:
             raise UserError(f"cannot read split file {path} ({exc})") from None
     if isinstance(split, list):
@@ -274,7 +274,7 @@ def build_cached_case(case: Case, cache_dir: Path, spacing: Sequence[float], win
 
 
 def load_cached_case(folder: Path) -> CachedCase:
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
     return CachedCase(meta["case"], folder, np.load(folder / "image.npy", mmap_mode="r"),
                       np.load(folder / "label.npy", mmap_mode="r"), np.load(folder / "c1.npy", mmap_mode="r"),
                       meta)

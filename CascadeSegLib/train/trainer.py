@@ -360,7 +360,7 @@ class StageTrainer:
             done["best_val_dice"] = best.get("val_dice", {})
             (folder / "done.json").write_text(json.dumps(done, indent=2))
         self.ctx.barrier()
-        return json.loads((folder / "done.json").read_text())
+        return json.loads((folder / "done.json").read_text(encoding="utf-8"))
 
     def _save_best(self, val: dict[str, float]) -> None:
         if self.ctx.is_main:
@@ -383,7 +383,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None 
     path = run_dir / "config.json"
     new = _dump_config(cfg, extra)
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
+        old = json.loads(path.read_text(encoding="utf-8"))
         if old.get("config") != new["config"]:
             raise UserError(f"{run_dir} holds a run of a different config; pass another --run-dir, or "
                             "--overwrite to start over there")
@@ -404,7 +404,7 @@ def load_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a training run folder (no config.json)")
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text(encoding="utf-8"))
     return parse_config(data["config"], data.get("base_dir", ".")), data
 
 
@@ -466,7 +466,7 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
             if stages and stage.name not in stages:
                 continue
             if (folder / "done.json").is_file():
-                results[stage.name] = json.loads((folder / "done.json").read_text())
+                results[stage.name] = json.loads((folder / "done.json").read_text(encoding="utf-8"))
                 if index == 0:
                     stage1_net = None
                 continue
@@ -499,7 +499,7 @@ def _c2_masks(stage1: nn.Module, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageCo
               ctx: DistContext, dev: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """C2 of every case from the trained stage 1, cached per stage-1 weights (rank 0 computes)."""
     best = folder.parent.parent / s1.name / "best.pt"
-    digest = ckpt.sidecar(best).read_text().split()[0][:12]
+    digest = ckpt.sidecar(best).read_text(encoding="utf-8").split()[0][:12]
     folder.mkdir(parents=True, exist_ok=True)
 
     def one(c1: CachedCase, c2: CachedCase) -> np.ndarray:
@@ -537,7 +537,7 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
         specs.append(StageSpec(stage.name, stage.spacing, stage.tile, stage.network, f"{stage.name}.pt"))
         done = folder / "done.json"
         metrics[stage.name] = {"best_iteration": best.get("iteration"), "val_dice": best.get("val_dice", {}),
-                               **({"done": json.loads(done.read_text())} if done.is_file() else {})}
+                               **({"done": json.loads(done.read_text(encoding="utf-8"))} if done.is_file() else {})}
     card = dict(cfg.model_card)
     prov: dict[str, Any] = {"trained_on": card.pop("trained_on", None) or [str(c.get("name", c.get("image")))
                                                                          for c in cfg.data.get("cases", [])],
