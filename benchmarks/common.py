@@ -67,7 +67,15 @@ try:
     runpy.run_module(sys.argv[0], run_name="__main__")
 except SystemExit as e:
     code = e.code or 0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM belongs to this program's own address space; ru_maxrss would also count the pages
+# of the benchmark process it was forked from (Linux carries the high-water mark over exec).
+peak = 0
+with open("/proc/self/status") as status:
+    for line in status:
+        if line.startswith("VmHWM:"):
+            peak = int(line.split()[1]) * 1024
+if not peak:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 sys.stderr.write("\n" + json.dumps({"peak_rss": peak, "wall": time.perf_counter() - t0, "code": code}) + "\n")
 sys.exit(code)
 """
