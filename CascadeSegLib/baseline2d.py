@@ -301,30 +301,8 @@ def save_three_view_package(pkg: ModelPackage, folder: str | Path, state_dicts: 
 
 def load_three_view_network(model: ModelPackage, index: int, views: Sequence[str]) -> ThreeViewNet:
     """Build a stage's ThreeViewNet and load its sha256-checked weights (the package's checks)."""
-    import hashlib
-    import io as _io
-
-    stage = model.stages[index]
-    path = model.weight_path(stage)
-    if not path.is_file():
-        raise ModelError(f"model {model.name}: weight file {stage.weights} is missing; re-install the model")
-    data = path.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != stage.sha256.lower():
-        raise ModelError(f"model {model.name}: {stage.weights} fails its sha256 check (got {digest[:12]}..., "
-                         f"expected {stage.sha256[:12] or 'nothing'}...); re-install the model")
-    try:
-        state = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling problem is a damaged model
-        raise ModelError(f"model {model.name}: cannot load {stage.weights} ({type(exc).__name__}); "
-                         "re-install the model") from None
-    net = ThreeViewNet(stage.network, views)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ModelError(f"model {model.name}: {stage.weights} does not fit its 2D network config "
-                         f"({str(exc).splitlines()[0]})") from None
-    return net.eval()
+    net = ThreeViewNet(model.stages[index].network, views)
+    return model.fill_network(index, net, what="2D network")
 
 
 class ThreeViewSegmenter(Segmenter):

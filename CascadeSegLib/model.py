@@ -181,11 +181,8 @@ class ModelPackage:
             result[stage.weights] = digest
         return result
 
-    def load_network(self, stage_index: int, device: str | torch.device = "cpu") -> UNet3D:
-        """Build the stage's network and load its checksum-verified weights (eval mode)."""
-        if self.architecture != "3d-cascade":
-            raise ModelError(f"model {self.name} is a {self.architecture} package; run it through "
-                             "baseline2d.make_segmenter (cascadeseg segment does this)")
+    def load_weights(self, stage_index: int) -> dict[str, torch.Tensor]:
+        """A stage's state_dict, only after its sha256 matched, unpickled with weights_only=True."""
         stage = self.stages[stage_index]
         path = self.weight_path(stage)
         if not path.is_file():
@@ -198,19 +195,29 @@ class ModelPackage:
         import io as _io
 
         try:
-            state = torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
+            return torch.load(_io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unpickling problem is a damaged model
             raise ModelError(f"model {self.name}: cannot load {stage.weights} ({type(exc).__name__}); "
                              "re-install the model") from None
-        net = build_network(stage.network)
+
+    def fill_network(self, stage_index: int, net: torch.nn.Module, what: str = "network") -> torch.nn.Module:
+        """Load the stage's checked weights into `net`; a mismatch names the layer (eval mode)."""
         try:
-            net.load_state_dict(state)
+            net.load_state_dict(self.load_weights(stage_index))
         except RuntimeError as exc:
             # torch's first line is a heading; the reason ("size mismatch for head.weight ...") follows.
             lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
             reason = lines[1] if len(lines) > 1 else lines[0]
-            raise ModelError(f"model {self.name}: {stage.weights} does not fit its network config ({reason[:200]}); "
-                             "re-export the model") from None
+            raise ModelError(f"model {self.name}: {self.stages[stage_index].weights} does not fit its {what} config "
+                             f"({reason[:200]}); re-export the model") from None
+        return net.eval()
+
+    def load_network(self, stage_index: int, device: str | torch.device = "cpu") -> UNet3D:
+        """Build the stage's network and load its checksum-verified weights (eval mode)."""
+        if self.architecture != "3d-cascade":
+            raise ModelError(f"model {self.name} is a {self.architecture} package; run it through "
+                             "baseline2d.make_segmenter (cascadeseg segment does this)")
+        net = self.fill_network(stage_index, build_network(self.stages[stage_index].network))
         return net.to(device).eval()
 
 
