@@ -822,6 +822,21 @@ def _header(kind: str, labels: LabelSet, **extra: Any) -> dict[str, Any]:
             "definitions": DEFINITIONS, **extra}
 
 
+def _finish_report(report_dir: Path, markdown_name: str, doc: dict[str, Any], md: list[str], files: list[str],
+                   make: Callable[[Any], list[str]] | None) -> dict[str, Any]:
+    """Draw the plots (if asked and possible), then write the Markdown and metrics.json."""
+    if make is not None:
+        written, warn = _plots(report_dir, make)
+        files += written
+        if warn:
+            doc["warnings"] = [warn]
+        md += [f"![{f}]({f})\n" for f in written]
+    doc["files"] = files
+    atomic_write(report_dir / markdown_name, "\n".join(md))
+    write_json(report_dir / "metrics.json", doc)
+    return doc
+
+
 def _plots(report_dir: Path, make: Callable[[Any], list[str]]) -> tuple[list[str], str | None]:
     """Run plotting code when matplotlib is installed; (written files, warning)."""
     try:
@@ -895,16 +910,7 @@ def write_evaluation_report(report_dir: str | os.PathLike, methods: Mapping[str,
         out.append("volumes.png")
         return out
 
-    if plots:
-        written, warn = _plots(report_dir, make)
-        files += written
-        if warn:
-            doc["warnings"] = [warn]
-        md += [f"![{f}]({f})\n" for f in written]
-    doc["files"] = files
-    atomic_write(report_dir / "summary.md", "\n".join(md))
-    write_json(report_dir / "metrics.json", doc)
-    return doc
+    return _finish_report(report_dir, "summary.md", doc, md, files, make if plots else None)
 
 
 def load_method(spec: str | os.PathLike) -> tuple[str, dict[str, Any]]:
@@ -980,16 +986,7 @@ def write_comparison_report(report_dir: str | os.PathLike, a: tuple[str, Mapping
                             title=f"{na} vs {nb} (* p < {alpha:g}, Wilcoxon)", marks=marks)
         return [fname] + (extra_plots(rp) if extra_plots else [])
 
-    if plots:
-        written, warn = _plots(report_dir, make)
-        files += written
-        if warn:
-            doc["warnings"] = [warn]
-        md += [f"![{f}]({f})\n" for f in written]
-    doc["files"] = files
-    atomic_write(report_dir / "compare.md", "\n".join(md))
-    write_json(report_dir / "metrics.json", doc)
-    return doc
+    return _finish_report(report_dir, "compare.md", doc, md, files, make if plots else None)
 
 
 def write_candidates_report(report_dir: str | os.PathLike, result: Mapping[str, Any],
@@ -1012,16 +1009,7 @@ def write_candidates_report(report_dir: str | os.PathLike, result: Mapping[str, 
                             mark_radius=mark_radius)
         return ["candidates.png"]
 
-    if plots:
-        written, warn = _plots(report_dir, make)
-        files += written
-        if warn:
-            doc["warnings"] = [warn]
-        md += [f"![{f}]({f})\n" for f in written]
-    doc["files"] = files
-    atomic_write(report_dir / "candidates.md", "\n".join(md))
-    write_json(report_dir / "metrics.json", doc)
-    return doc
+    return _finish_report(report_dir, "candidates.md", doc, md, files, make if plots else None)
 
 
 # --------------------------------------------------------------------------- experiments
