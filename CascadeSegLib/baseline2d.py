@@ -36,7 +36,8 @@ from torch import nn
 from .cascade import Segmenter
 from .errors import Cancelled, ModelError, UserError
 from .model import ModelPackage, StageSpec
-from .network import NetConfig, fold_batchnorm
+from .network import NetConfig, fold_batchnorm, make_norm
+from .train.config import ConfigPaths
 
 ARCHITECTURE = "2d-three-view"
 VIEWS = ("axial", "coronal", "sagittal")
@@ -99,19 +100,11 @@ def fuse(per_view: Sequence[torch.Tensor], method: str = "mean") -> tuple[torch.
 # --------------------------------------------------------------------------- network
 
 
-def _norm2d(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
-    return nn.Identity()
-
-
 class _Block2d(nn.Sequential):
     def __init__(self, cin: int, cout: int, norm: str) -> None:
         bias = norm == "none"
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), _norm2d(norm, cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=bias), _norm2d(norm, cout), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2), nn.ReLU(inplace=True))
 
 
 class UNet2D(nn.Module):
@@ -365,7 +358,7 @@ class Stage2DConfig:
 
 
 @dataclass
-class Baseline2DConfig:
+class Baseline2DConfig(ConfigPaths):
     name: str
     labels: list[str]
     data: dict[str, Any]
@@ -382,14 +375,6 @@ class Baseline2DConfig:
     intensity_aug: float = 0.1
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def resolve(self, path: str | Path) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    def label_set(self):
-        from .labels import LabelSet
-
-        return LabelSet.from_names(self.labels)
 
 
 _KEYS = {"name", "version", "description", "license", "labels", "data", "intensity", "body_threshold_hu",

@@ -55,11 +55,12 @@ class NetConfig:
                          base_channels=32, depth=4, norm="batch", max_channels=512)
 
 
-def _norm(kind: str, channels: int) -> nn.Module:
+def make_norm(kind: str, channels: int, dims: int = 3) -> nn.Module:
+    """The normalisation layer named in a NetConfig, for 3D (or, for the 2D baseline, 2D) maps."""
     if kind == "batch":
-        return nn.BatchNorm3d(channels)
+        return (nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d)(channels)
     if kind == "instance":
-        return nn.InstanceNorm3d(channels, affine=True)
+        return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
     return nn.Identity()
 
 
@@ -69,8 +70,8 @@ class ConvBlock(nn.Sequential):
     def __init__(self, cin: int, cmid: int, cout: int, norm: str, padding: int) -> None:
         bias = norm == "none"
         super().__init__(
-            nn.Conv3d(cin, cmid, 3, padding=padding, bias=bias), _norm(norm, cmid), nn.ReLU(inplace=True),
-            nn.Conv3d(cmid, cout, 3, padding=padding, bias=bias), _norm(norm, cout), nn.ReLU(inplace=True),
+            nn.Conv3d(cin, cmid, 3, padding=padding, bias=bias), make_norm(norm, cmid), nn.ReLU(inplace=True),
+            nn.Conv3d(cmid, cout, 3, padding=padding, bias=bias), make_norm(norm, cout), nn.ReLU(inplace=True),
         )
 
 

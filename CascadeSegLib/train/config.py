@@ -75,8 +75,24 @@ class StageConfig:
         return (self.tile[2], self.tile[1], self.tile[0])
 
 
+class ConfigPaths:
+    """What every run config (3D cascade, 2D baseline) derives from `base_dir` and `labels`."""
+
+    base_dir: Path
+    labels: list[str]
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.base_dir / p)
+
+    def label_set(self):
+        from ..labels import LabelSet
+
+        return LabelSet.from_names(self.labels)
+
+
 @dataclass
-class RunConfig:
+class RunConfig(ConfigPaths):
     name: str
     labels: list[str]
     data: dict[str, Any]
@@ -93,14 +109,6 @@ class RunConfig:
     base_dir: Path = Path(".")
     raw: dict[str, Any] = field(default_factory=dict)
 
-    def resolve(self, path: str | Path) -> Path:
-        p = Path(path).expanduser()
-        return p if p.is_absolute() else (self.base_dir / p)
-
-    def label_set(self):
-        from ..labels import LabelSet
-
-        return LabelSet.from_names(self.labels)
 
 
 _TOP_KEYS = {"name", "version", "description", "license", "labels", "data", "intensity", "body_threshold_hu",
