@@ -324,16 +324,19 @@ class ThreeViewSegmenter(Segmenter):
             self._nets[index] = net.to(self.device).eval()
         return self._nets[index]
 
-    def _predict(self, index: int, hu: torch.Tensor, mask: torch.Tensor, overlap: float, stage: str) -> torch.Tensor:
+    def _predict(self, index: int, hu: Any, mask: torch.Tensor, overlap: float, stage: str,
+                 labels_only: bool = False) -> torch.Tensor:
         from . import preprocess
 
+        if isinstance(hu, preprocess.GridWindows):
+            hu = hu.full()                  # views need whole slices
         volume = preprocess.normalize(hu, self.model.window, self.model.normalization)
         pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
         probs, labels = predict_three_view(
             self.network(index), volume, mask, self.model.labels.num_classes, self.options.fusion,
             self.options.context, pad_value, batch_size=self.batch_size,
             progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel)
-        return probs
+        return labels.to(torch.uint8) if labels_only else probs
 
 
 def make_segmenter(model: ModelPackage, *args: Any, **kwargs: Any) -> Segmenter:

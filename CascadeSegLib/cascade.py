@@ -18,10 +18,12 @@ import torch
 
 from . import preprocess
 from .errors import Cancelled, UserError
+from .io import nonzero_box
 from .memory import free_accelerator_memory, is_out_of_memory
 from .model import ModelPackage
-from .network import fold_batchnorm
-from .tiling import DEFAULT_BOX_TILE_VOXELS, box_tile, fit_tile, plan_tiles, predict_volume, tile_geometry
+from .network import fold_batchnorm, prefer_onednn
+from .tiling import (BOX_HALO, DEFAULT_BOX_TILE_VOXELS, box_tile, fit_tile, plan_boxes, plan_tiles, predict_boxes,
+                     predict_volume, tile_geometry)
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -100,7 +102,7 @@ class Segmenter:
                  keep_candidates: bool = False, batch_size: int | None = None,
                  progress: ProgressCallback | None = None, cancel: Callable[[], bool] | None = None,
                  max_tile_voxels: int = DEFAULT_BOX_TILE_VOXELS,
-                 largest_component: bool = True,
+                 largest_component: bool = True, tiling: str = "boxes", box_halo: int = BOX_HALO,
                  on_warning: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.device = resolve_device(device)
@@ -112,6 +114,12 @@ class Segmenter:
         self.batch_size = batch_size or (4 if self.device.type == "cuda" else 1)
         # A candidate box up to this size is one tile (no tile seams, far less padding work).
         self.max_tile_voxels = max_tile_voxels
+        # "boxes": cover the candidates with a few tight boxes (padded networks, no overlap);
+        # "tiles": the model's regular tile grid (the paper's way; always used with overlap).
+        if tiling not in ("boxes", "tiles"):
+            raise ValueError(f"tiling must be 'boxes' or 'tiles', got {tiling!r}")
+        self.tiling = tiling
+        self.box_halo = int(box_halo)
         # Organs the model lists as one connected structure lose stray islands (False: keep all).
         names = model.largest_component if largest_component else []
         self.largest_component_values = [model.labels.by_name(n).value for n in names]
@@ -127,7 +135,7 @@ class Segmenter:
     def network(self, index: int) -> torch.nn.Module:
         if index not in self._nets:
             net = self.model.load_network(index, "cpu")
-            fold_batchnorm(net)
+            prefer_onednn(fold_batchnorm(net))
             self._nets[index] = net.to(self.device).eval()
         return self._nets[index]
 
@@ -150,22 +158,44 @@ class Segmenter:
     def _to_tensor(self, image: sitk.Image) -> torch.Tensor:
         return torch.from_numpy(sitk.GetArrayViewFromImage(image).copy()).to(self.device)
 
-    def _predict(self, index: int, hu: torch.Tensor, mask: torch.Tensor, overlap: float, stage: str) -> torch.Tensor:
+    def _predict(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
+                 stage: str, labels_only: bool = False) -> torch.Tensor:
+        """Class probabilities (K, z, y, x) of stage `index` over `mask`, or (`labels_only`) the
+        uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box."""
         spec = self.model.stages[index]
         net = self.network(index)
-        volume = preprocess.normalize(hu, self.model.window, self.model.normalization)[None]
-        pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
+        k = self.model.labels.num_classes
+        window, mode = self.model.window, self.model.normalization
+        pad_value = float(preprocess.normalize(torch.tensor(-1024.0), window, mode))
+        progress = lambda f, msg: self._report(stage, f, msg)  # noqa: E731
+        self._stats[f"{stage}_grid_voxels"] = int(mask.numel())
+        if self.tiling == "boxes" and overlap == 0 and net.cfg.kind == "padded":
+            boxes = plan_boxes(mask, net.cfg, self.max_tile_voxels, self.box_halo)
+            self._stats[f"{stage}_tiles"] = len(boxes)
+            self._stats[f"{stage}_computed_voxels"] = sum(b.voxels for b in boxes)
+            if isinstance(hu, preprocess.GridWindows):
+                source = hu
+                volume = lambda box: preprocess.normalize(source.window(box.in_lo, box.in_size), window, mode)[None]  # noqa: E731
+            else:
+                volume = preprocess.normalize(hu, window, mode)[None]
+            return predict_boxes(net, volume, boxes, k, pad_value=pad_value, progress=progress, cancel=self.cancel,
+                                 on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape))
+        if isinstance(hu, preprocess.GridWindows):
+            hu = hu.full()
+        volume = preprocess.normalize(hu, window, mode)[None]
         tile_in = (box_tile(net.cfg, spec.tile_zyx, mask, self.max_tile_voxels) if overlap == 0
                    else fit_tile(net.cfg, spec.tile_zyx, tuple(hu.shape)))
         plan = plan_tiles(mask, tile_geometry(net.cfg, tile_in)[0], tile_in, overlap)
         self._stats[f"{stage}_tiles"] = len(plan)
-        self._stats[f"{stage}_tile_voxels"] = int(np.prod(plan.tile_in))
-        self._stats[f"{stage}_grid_voxels"] = int(hu.numel())
-        return predict_volume(
-            net, volume, mask, spec.tile_zyx, self.model.labels.num_classes,
-            overlap=overlap, batch_size=self.batch_size, pad_value=pad_value,
-            progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel, plan=plan,
-            on_oom=self._smaller_batches)
+        self._stats[f"{stage}_computed_voxels"] = len(plan) * int(np.prod(plan.tile_in))
+        probs = predict_volume(net, volume, mask, spec.tile_zyx, k, overlap=overlap, batch_size=self.batch_size,
+                               pad_value=pad_value, progress=progress, cancel=self.cancel, plan=plan,
+                               on_oom=self._smaller_batches)
+        return probs.argmax(0).to(torch.uint8) if labels_only else probs
+
+    def _smaller_boxes(self, voxels: int) -> None:
+        self.max_tile_voxels = min(self.max_tile_voxels, voxels)  # keep what fits for the next stage and case
+        self._warn(f"{self.device.type.upper()} out of memory; retrying with smaller boxes ({voxels} voxels)")
 
     def _smaller_batches(self, batch_size: int) -> None:
         self.batch_size = batch_size  # keep the size that fits for the next stage and case
@@ -209,9 +239,7 @@ class Segmenter:
         self._check_cancel()
         t0 = time.perf_counter()
         self._report("stage1", 0.0, "stage 1")
-        p1 = self._predict(0, hu1, c1, 0.0, "stage1")
-        labels1 = p1.argmax(0).to(torch.uint8) * c1
-        del p1
+        labels1 = self._predict(0, hu1, c1, 0.0, "stage1", labels_only=True) * c1
         t["stage1"] = time.perf_counter() - t0
         stage1_img = _from_tensor(labels1, grid1)
 
@@ -227,37 +255,39 @@ class Segmenter:
             fg1 = preprocess.resample(stage1_img, ref2, "nearest", 0, sitk.sitkUInt8)
             c2 = preprocess.dilate(self._to_tensor(fg1) > 0, model.dilation_radius)
             stats["c2_fraction"] = float(c2.float().mean())
-            grid2 = preprocess.resample(image, ref2, "linear", -1024.0, sitk.sitkFloat32)
-            hu2 = self._to_tensor(grid2)
+            hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
             self._check_cancel()
             t0 = time.perf_counter()
             self._report("stage2", 0.0, "stage 2")
-            if bool(c2.any()):
+            probs = None
+            if not bool(c2.any()):
+                final = torch.zeros(c2.shape, dtype=torch.uint8, device=self.device)
+                if self.keep_probabilities:
+                    probs = torch.zeros((model.labels.num_classes,) + tuple(c2.shape), device=self.device)
+            elif self.keep_probabilities:
                 probs = self._predict(1, hu2, c2, self.overlap, "stage2")
                 final = probs.argmax(0).to(torch.uint8) * c2
             else:
-                probs = torch.zeros((model.labels.num_classes,) + tuple(hu2.shape), device=self.device)
-                final = torch.zeros(hu2.shape, dtype=torch.uint8, device=self.device)
+                final = self._predict(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values)
             t["stage2"] = time.perf_counter() - t0
-            final_grid = grid2
-            c2_img = _from_tensor(c2.to(torch.uint8), grid2) if self.keep_candidates else None
+            final_grid = ref2
+            c2_img = _from_tensor(c2.to(torch.uint8), ref2) if self.keep_candidates else None
 
         # Back to the input grid (nearest neighbour for labels).
         self._check_cancel()
         t0 = time.perf_counter()
         self._report("postprocess", 0.0, "resampling labels to the input grid")
-        labels = resample_labels_to(_from_tensor(final, final_grid), image)
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
-        c1_in = resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), image)
-        labels = sitk.Mask(labels, c1_in)
+        c1_img = _from_tensor(c1.to(torch.uint8), grid1)
+        labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img)
         result = SegmentationResult(labels=labels, timings=t, stats=stats)
         if self.keep_stage1 or self.stage1_only:
             result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image)
         if self.keep_candidates:
-            result.c1 = c1_in
+            result.c1 = resample_labels_to(c1_img, image)
             if c2_img is not None:
                 result.c2 = resample_labels_to(c2_img, image)
         if self.keep_probabilities:
@@ -277,8 +307,11 @@ def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Te
     arr = labels.cpu().numpy()
     out = arr.copy()
     structure = np.ones((3, 3, 3), bool)
-    for value in set(np.unique(arr).tolist()) & set(values):
-        box = ndimage.find_objects((arr == value).astype(np.uint8))[0]
+    boxes = ndimage.find_objects(arr, max_label=max(values, default=0))  # one pass for every label
+    for value in sorted(set(values)):
+        box = boxes[value - 1] if value - 1 < len(boxes) else None
+        if box is None:
+            continue
         mask = arr[box] == value
         comp, n = ndimage.label(mask, structure=structure)
         if n > 1:
@@ -303,38 +336,78 @@ def _from_tensor(t: torch.Tensor, reference: sitk.Image) -> sitk.Image:
     return img
 
 
-def resample_labels_to(labels: sitk.Image, reference: sitk.Image) -> sitk.Image:
-    """Nearest-neighbour resampling of a label map onto `reference`'s exact grid.
+def resample_labels_to(labels: sitk.Image, reference: sitk.Image, mask: sitk.Image | None = None) -> sitk.Image:
+    """Nearest-neighbour resampling of a label map onto `reference`'s exact grid; with `mask`
+    (a binary map on any grid), voxels whose nearest mask voxel is 0 become background.
 
-    When both grids share their direction (always the case for the cascade's model grids,
+    When the grids share their direction (always the case for the cascade's model grids,
     which keep the input's direction) nearest neighbour is separable: one index gather per
-    axis. Otherwise only the foreground's bounding box is resampled by SimpleITK.
+    axis, done only over the labels' bounding box. Otherwise only the foreground's bounding
+    box is resampled by SimpleITK.
     """
-    arr = _separable_nearest(labels, reference)
+    arr = _separable_nearest(labels, reference, mask)
     if arr is None:
         arr = _boxed_nearest(labels, reference)
+        if mask is not None:
+            arr *= _boxed_nearest(mask, reference) != 0
     img = sitk.GetImageFromArray(arr)
     img.CopyInformation(reference)
     return img
 
 
-def _separable_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray | None:
-    d_src = np.array(labels.GetDirection()).reshape(3, 3)
+def _index_maps(src: sitk.Image, reference: sitk.Image) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Per axis (x, y, z): the source index nearest to each reference index, and whether it is
+    inside the source; None when the grids' directions differ (not separable)."""
+    d_src = np.array(src.GetDirection()).reshape(3, 3)
     d_ref = np.array(reference.GetDirection()).reshape(3, 3)
     if not np.allclose(d_src, d_ref, atol=1e-9, rtol=0):
         return None
     # Reference voxel centres expressed in the source's continuous index, axis by axis.
-    offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(labels.GetOrigin()))
-    src = np.asarray(sitk.GetArrayViewFromImage(labels))
-    bad_planes = []
-    for axis in range(3):  # x, y, z; numpy's take copies whole rows/planes (torch's is slow on uint8)
-        n_ref, n_src = reference.GetSize()[axis], labels.GetSize()[axis]
-        j = (offset[axis] + np.arange(n_ref) * reference.GetSpacing()[axis]) / labels.GetSpacing()[axis]
+    offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(src.GetOrigin()))
+    maps = []
+    for axis in range(3):
+        n_ref, n_src = reference.GetSize()[axis], src.GetSize()[axis]
+        j = (offset[axis] + np.arange(n_ref) * reference.GetSpacing()[axis]) / src.GetSpacing()[axis]
         idx = np.floor(j + 0.5).astype(np.int64)
-        ok = (idx >= 0) & (idx < n_src)
+        maps.append((idx, (idx >= 0) & (idx < n_src)))
+    return maps
+
+
+def _separable_nearest(labels: sitk.Image, reference: sitk.Image, mask: sitk.Image | None = None) -> np.ndarray | None:
+    maps = _index_maps(labels, reference)
+    mask_maps = _index_maps(mask, reference) if mask is not None else None
+    if maps is None or (mask is not None and mask_maps is None):
+        return None
+    src = np.asarray(sitk.GetArrayViewFromImage(labels))
+    out = np.zeros(reference.GetSize()[::-1], dtype=src.dtype)
+    box = nonzero_box(src)   # (z, y, x) ranges on the source grid
+    if box is None:
+        return out
+    # Reference indices whose nearest source voxel lies in the box: one contiguous range per
+    # axis, since the index maps are monotone.
+    ranges = []
+    for axis in range(3):
+        idx, ok = maps[axis]
+        lo, hi = box[2 - axis]
+        hit = np.flatnonzero(ok & (idx >= lo) & (idx < hi))
+        ranges.append((int(hit[0]), int(hit[-1]) + 1))
+    block = _gather(src, maps, ranges)
+    if mask is not None:
+        block *= _gather(np.asarray(sitk.GetArrayViewFromImage(mask)), mask_maps, ranges) != 0
+    (x0, x1), (y0, y1), (z0, z1) = ranges
+    out[z0:z1, y0:y1, x0:x1] = block
+    return out
+
+
+def _gather(src: np.ndarray, maps: list[tuple[np.ndarray, np.ndarray]], ranges: list[tuple[int, int]]) -> np.ndarray:
+    """src's nearest voxels for the reference block `ranges` (x, y, z); 0 outside the source."""
+    bad_planes = []
+    for axis in range(3):  # numpy's take copies whole rows/planes (torch's is slow on uint8)
+        idx, ok = maps[axis]
+        lo, hi = ranges[axis]
         dim = 2 - axis
-        src = np.take(src, np.clip(idx, 0, n_src - 1), axis=dim)
-        bad_planes.append((dim, ~ok))
+        src = np.take(src, np.clip(idx[lo:hi], 0, src.shape[dim] - 1), axis=dim)
+        bad_planes.append((dim, ~ok[lo:hi]))
     for dim, bad in bad_planes:
         if bad.any():
             index = [slice(None)] * 3

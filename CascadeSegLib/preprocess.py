@@ -45,6 +45,42 @@ def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolato
     return resample(image, grid_for_spacing(image, spacing), interpolator, default_value, output_type)
 
 
+class GridWindows:
+    """A CT on a model grid, resampled only inside the windows a network asks for.
+
+    Stage 2 computes a few boxes covering ~30% of its grid; resampling the whole grid first
+    would be most of its non-network time at fine spacings. Windows are resampled straight
+    from the input at the grid's own voxel centres, so they equal crops of a full resampling;
+    voxels beyond the grid get `default` (air), as padding of a full grid would.
+    """
+
+    def __init__(self, image: sitk.Image, reference: sitk.Image, device: torch.device | str = "cpu",
+                 default: float = -1024.0) -> None:
+        self.image, self.reference, self.device, self.default = image, reference, torch.device(device), default
+        self.shape = tuple(int(n) for n in reversed(reference.GetSize()))  # (z, y, x)
+
+    def window(self, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+        """HU (z, y, x) float32 of the grid voxels [start, start + size), padded beyond the grid."""
+        lo = [max(0, int(a)) for a in start]
+        hi = [min(int(a) + int(n), dim) for a, n, dim in zip(start, size, self.shape)]
+        before = [l - int(a) for l, a in zip(lo, start)]
+        after = [int(a) + int(n) - h for a, n, h in zip(start, size, hi)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            return torch.full(tuple(int(n) for n in size), self.default, dtype=torch.float32, device=self.device)
+        sub = sitk.Image([h - l for l, h in zip(lo[::-1], hi[::-1])], sitk.sitkUInt8)
+        sub.SetSpacing(self.reference.GetSpacing())
+        sub.SetDirection(self.reference.GetDirection())
+        sub.SetOrigin(self.reference.TransformIndexToPhysicalPoint(lo[::-1]))
+        hu = resample(self.image, sub, "linear", self.default, sitk.sitkFloat32)
+        out = torch.from_numpy(sitk.GetArrayViewFromImage(hu).copy()).to(self.device)
+        if any(before) or any(after):
+            out = F.pad(out, (before[2], after[2], before[1], after[1], before[0], after[0]), value=self.default)
+        return out
+
+    def full(self) -> torch.Tensor:
+        return self.window((0, 0, 0), self.shape)
+
+
 def normalize(hu: torch.Tensor, window: Sequence[float], mode: str = "window01") -> torch.Tensor:
     """Clip HU to the model's window and scale: 'window01' -> [0, 1], 'window11' -> [-1, 1]."""
     lo, hi = float(window[0]), float(window[1])

@@ -132,7 +132,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
     names = resolve_organs(organs, model.labels) or model.labels.names
 
     ref2 = preprocess.grid_for_spacing(image, model.stages[1].spacing)
-    hu2 = seg._to_tensor(preprocess.resample(image, ref2, "linear", -1024.0, sitk.sitkFloat32))
+    hu2 = preprocess.GridWindows(image, ref2, seg.device)   # resampled only inside each organ's box
     cur = seg._to_tensor(preprocess.resample(labels_in, ref2, "nearest", 0, sitk.sitkUInt8))
     start_from = cur
     oracle_values: dict[str, int] = {}
@@ -166,9 +166,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
             region, box = grown
             if progress is not None:
                 progress("refine", (i + t / max_iter) / len(names), f"{name}: iteration {t + 1}")
-            probs = seg._predict(1, hu2, region, seg.overlap, "refine")
-            new = (probs.argmax(0) == value) & region
-            del probs
+            new = (seg._predict(1, hu2, region, seg.overlap, "refine", labels_only=True) == value) & region
             history.append(mask_dice(prev, new))
             prev = new
             if history[-1] > tol:

@@ -52,10 +52,10 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
     if fractions:
         lines += ["", "Candidate regions (share of the model grid): "
                   + ", ".join(f"{k.upper()} {v:.1%}" for k, v in fractions.items())]
-    tiles = [f"{stage} {int(stats[f'{stage}_tiles'])} tile(s) of {int(stats[f'{stage}_tile_voxels']):,} voxels"
+    tiles = [f"{stage} {int(stats[f'{stage}_tiles'])} pass(es) over {int(stats[f'{stage}_computed_voxels']):,} voxels"
              for stage in ("stage1", "stage2") if f"{stage}_tiles" in stats]
     if tiles:
-        lines += ["Network tiles: " + ", ".join(tiles)]
+        lines += ["Network work: " + ", ".join(tiles)]
     return "\n".join(lines) + "\n"
 
 

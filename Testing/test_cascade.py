@@ -101,16 +101,17 @@ def test_stage1_only_and_probabilities(model, sample_ct_path):
     assert np.allclose(sums[sums > 0], 1.0, atol=1e-4)
 
 
-def test_overlap_mode_runs_more_tiles(model):
+def test_overlap_mode_computes_more_than_the_box_cover(model):
     image, _ = make_phantom(size=(112, 96, 72), spacing=(3.0, 3.0, 3.0), seed=1)
-    counts = {}
+    work = {}
     for overlap in (0.0, 0.5):
         seen = []
-        Segmenter(model, "cpu", overlap=overlap,
-                  progress=lambda s, f, m: seen.append(m) if s == "stage2" and m.startswith("tile") else None
-                  ).segment(image)
-        counts[overlap] = int(seen[-1].split("/")[1])
-    assert counts[0.5] > counts[0.0]
+        result = Segmenter(model, "cpu", overlap=overlap,
+                           progress=lambda s, f, m: seen.append(m) if s == "stage2" else None).segment(image)
+        work[overlap] = result.stats["stage2_computed_voxels"]
+        assert seen[-1].startswith("box" if overlap == 0 else "tile")
+    # Overlapping tiles (each voxel ~8x) cost more than a cover of disjoint output boxes.
+    assert work[0.5] > 2 * work[0.0]
 
 
 def test_cancel_token_stops_and_progress_reports_stages(model, sample_ct_path):
@@ -180,6 +181,37 @@ def test_separable_nearest_matches_simpleitk_on_shared_direction(direction):
                                                 sitk.sitkUInt8))
     assert (fast == full).mean() > 0.999   # ties at exactly half a voxel may round either way
     assert (full > 0).sum() > 1000
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), _rotation(25, 15)])
+def test_masked_nearest_resampling_equals_simpleitk_resample_then_mask(direction):
+    # What the cascade does last: stage-2 labels (a small blob: only its box is gathered) onto
+    # the input grid, cleared where the nearest voxel of the stage-1 body mask C1 is 0.
+    labels = np.zeros((23, 19, 17), np.uint8)
+    labels[6:15, 4:12, 3:9] = np.random.default_rng(1).integers(0, 4, (9, 8, 6))
+    coarse = sitk.GetImageFromArray(labels)
+    coarse.SetSpacing([3.1, 2.9, 3.7])
+    coarse.SetOrigin([12.3, -40.1, 7.7])
+    coarse.SetDirection(direction)
+    body = np.zeros((12, 10, 9), np.uint8)
+    body[2:9, 3:10, 1:7] = 1
+    c1 = sitk.GetImageFromArray(body)
+    c1.SetSpacing([6.2, 5.8, 7.4])
+    c1.SetOrigin(coarse.TransformContinuousIndexToPhysicalPoint([0.37, 0.41, 0.29]))
+    c1.SetDirection(direction)
+    fine = sitk.Image([61, 57, 80], sitk.sitkInt16)
+    fine.SetSpacing([0.93, 1.07, 0.81])
+    fine.SetDirection(direction)
+    fine.SetOrigin(coarse.TransformContinuousIndexToPhysicalPoint([-1.37, 0.41, 2.13]))
+    got = resample_labels_to(coarse, fine, mask=c1)
+    assert got.GetSize() == fine.GetSize() and got.GetOrigin() == fine.GetOrigin()
+    assert got.GetSpacing() == fine.GetSpacing() and got.GetDirection() == fine.GetDirection()
+    nearest = dict(referenceImage=fine, transform=sitk.Transform(), interpolator=sitk.sitkNearestNeighbor,
+                   defaultPixelValue=0, outputPixelType=sitk.sitkUInt8)
+    want = sitk.GetArrayFromImage(sitk.Mask(sitk.Resample(coarse, **nearest), sitk.Resample(c1, **nearest)))
+    got = sitk.GetArrayFromImage(got)
+    assert (got == want).mean() > 0.999
+    assert (want > 0).sum() > 1000 and (want == 0).sum() > 1000
 
 
 def test_probabilities_are_resampled_linearly_onto_the_input_grid(model, sample_ct_path):

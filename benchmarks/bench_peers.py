@@ -114,9 +114,9 @@ def main() -> int:
         tiles = ours["stats"].get(f"{key}_tiles", 0)
         if tiles:
             net = fold_batchnorm(model.load_network(i))
-            side = round(ours["stats"][f"{key}_tile_voxels"] ** (1 / 3))
-            shape = stage.tile_zyx if int(np.prod(stage.tile_zyx)) == ours["stats"][f"{key}_tile_voxels"] else (side,) * 3
-            flops_ours += tiles * conv_flops(net, tuple(shape))
+            # A padded network's FLOPs are proportional to the voxels it computes.
+            per_voxel = conv_flops(net, tuple(stage.tile_zyx)) / int(np.prod(stage.tile_zyx))
+            flops_ours += per_voxel * ours["stats"][f"{key}_computed_voxels"]
     t = ours["timings"]
     net_time = t.get("stage1", 0) + t.get("stage2", 0)
     rows = [{"cfg": "CascadeSeg cascade", "s1": f"{t.get('stage1', 0):.1f}", "s2": f"{t.get('stage2', 0):.1f}",
