@@ -156,7 +156,7 @@ class Segmenter:
             raise Cancelled("cancelled")
 
     def _to_tensor(self, image: sitk.Image) -> torch.Tensor:
-        return torch.from_numpy(sitk.GetArrayViewFromImage(image).copy()).to(self.device)
+        return preprocess.to_device(sitk.GetArrayViewFromImage(image), self.device)
 
     def _predict(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
                  stage: str, labels_only: bool = False) -> torch.Tensor:

@@ -45,6 +45,14 @@ def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolato
     return resample(image, grid_for_spacing(image, spacing), interpolator, default_value, output_type)
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A copy of `array` on `device`; to a GPU through pinned memory (one DMA, no staging copy)."""
+    t = torch.from_numpy(np.array(array, copy=True))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class GridWindows:
     """A CT on a model grid, resampled only inside the windows a network asks for.
 
@@ -72,7 +80,7 @@ class GridWindows:
         sub.SetDirection(self.reference.GetDirection())
         sub.SetOrigin(self.reference.TransformIndexToPhysicalPoint(lo[::-1]))
         hu = resample(self.image, sub, "linear", self.default, sitk.sitkFloat32)
-        out = torch.from_numpy(sitk.GetArrayViewFromImage(hu).copy()).to(self.device)
+        out = to_device(sitk.GetArrayViewFromImage(hu), self.device)
         if any(before) or any(after):
             out = F.pad(out, (before[2], after[2], before[1], after[1], before[0], after[0]), value=self.default)
         return out
