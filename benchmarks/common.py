@@ -44,6 +44,30 @@ def large_ct(size=(512, 512, 400), cache_dir: Path | None = None) -> Path:
     return path
 
 
+def long_ct(slices: int, cache_dir: Path | None = None) -> Path:
+    """A longer scan: the 512x512x400 CT's slices continued by mirror images of itself to
+    `slices` slices at the same 0.84 mm spacing, so body, organs and candidate regions grow
+    with the volume (a whole-body-length scan at 1000 slices)."""
+    import numpy as np
+
+    base = sitk.ReadImage(str(large_ct((512, 512, 400), cache_dir)))
+    cache_dir = Path(cache_dir or tempfile.gettempdir()) / "cascadeseg-bench"
+    path = cache_dir / f"ct_512x512x{slices}_long.nii.gz"
+    if path.is_file():
+        return path
+    arr = sitk.GetArrayViewFromImage(base)
+    reps = -(-slices // arr.shape[0])
+    stack = np.concatenate([arr if i % 2 == 0 else arr[::-1] for i in range(reps)])[:slices]
+    img = sitk.GetImageFromArray(stack)
+    img.SetSpacing(base.GetSpacing())
+    img.SetOrigin(base.GetOrigin())
+    img.SetDirection(base.GetDirection())
+    tmp = path.with_name(".tmp-" + path.name)
+    sitk.WriteImage(img, str(tmp), True)
+    tmp.replace(path)
+    return path
+
+
 def run_child(args: list[str], env: dict | None = None) -> tuple[float, int, str, str]:
     """Run a Python child; return (wall seconds, peak RSS bytes, stdout, stderr)."""
     t0 = time.perf_counter()
