@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +52,7 @@ def monai_run(ct: Path, model: str | None, overlap: float) -> dict:
             args += ["--model", model]
         wall, _, stdout, err = run_child(["-c", MEASURE_WRAPPER.replace("runpy.run_module(sys.argv[0], run_name=\"__main__\")",
                                                                          "runpy.run_path(sys.argv[0], run_name=\"__main__\")"),
-                                          *args])
+                                          *args], env={"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])})
     stats = json.loads(err.strip().splitlines()[-1])
     done = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
     return {"timings": done["timings"], "wall": wall, "peak": stats["peak_rss"], "grid": done["grid"]}
