@@ -516,10 +516,14 @@ def write_segmentation_nrrd(labelmap: sitk.Image, labels: LabelSet,
     arr = sitk.GetArrayViewFromImage(labelmap)
     if np.issubdtype(arr.dtype, np.floating) and not np.array_equal(arr, np.round(arr)):
         raise ValueError("label map has non-integer values")
-    # A histogram is 10x faster than np.unique on a 512x512x400 uint8 map.
-    present = (np.flatnonzero(np.bincount(np.asarray(arr).ravel(), minlength=256)) if arr.dtype == np.uint8
-               else np.unique(arr))
-    unknown = sorted(set(int(v) for v in present) - {0} - {lab.value for lab in labels})
+    known = {lab.value for lab in labels}
+    unknown: list[int] = []
+    if arr.size:
+        low, top = float(arr.min()), float(arr.max())
+        # Values within [0, top] with every 1..top a label cannot hold an unknown value; only
+        # otherwise pay for np.unique (~1 s on a 512x512x400 map, min/max take 0.02 s).
+        if not (low >= 0 and top.is_integer() and set(range(1, int(top) + 1)) <= known):
+            unknown = sorted(set(int(v) for v in np.unique(arr)) - {0} - known)
     if unknown:
         raise ValueError(f"label map holds values {unknown} that are not in the label set")
     arr8 = np.ascontiguousarray(arr, dtype=np.uint8)
