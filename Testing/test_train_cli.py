@@ -12,7 +12,8 @@ def test_train_export_finetune_commands(tmp_path, capsys):
     from CascadeSegLib.cli import main
     from CascadeSegLib.model import ModelPackage
 
-    cases = write_phantom_cases(tmp_path / "data", seeds=[1], size=(32, 32, 24), spacing=(8.0, 8.0, 8.0))
+    # ph2 is listed in the config but in neither split list: it must not be called training data.
+    cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2], size=(32, 32, 24), spacing=(8.0, 8.0, 8.0))
     data = small_config(cases, train=["ph1"], val=[], iterations=2, patch=(16, 16, 16))
     cfg = tmp_path / "train.json"
     cfg.write_text(json.dumps(data))

@@ -539,8 +539,7 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
         metrics[stage.name] = {"best_iteration": best.get("iteration"), "val_dice": best.get("val_dice", {}),
                                **({"done": json.loads(done.read_text(encoding="utf-8"))} if done.is_file() else {})}
     card = dict(cfg.model_card)
-    prov: dict[str, Any] = {"trained_on": card.pop("trained_on", None) or [str(c.get("name", c.get("image")))
-                                                                         for c in cfg.data.get("cases", [])],
+    prov: dict[str, Any] = {"trained_on": card.pop("trained_on", None) or _training_split_names(cfg),
                             "command": card.pop("command", None) or "cascadeseg train CONFIG",
                             "training": {s.name: {"spacing": list(s.spacing), "patch": list(s.patch),
                                                   **asdict(s.train), "augment": s.augment.to_json()}
@@ -571,3 +570,13 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
         return out
     pkg.save(out, states)
     return out
+
+
+def _training_split_names(cfg: RunConfig) -> list[str]:
+    """Names of the cases the config trains on (its split's train list; validation cases are not)."""
+    try:
+        cases, _ = discover_cases(cfg.data, cfg.resolve)
+        train, _ = read_split(cfg.data, cfg.resolve, cases)
+    except UserError:   # data no longer where the config says: name what the config lists
+        return [str(c.get("name", c.get("image"))) for c in cfg.data.get("cases", [])]
+    return [c.name for c in train]
