@@ -491,8 +491,14 @@ def compare_methods(a: Mapping[str, Any], b: Mapping[str, Any], metric: str = "d
         sig = p is not None and p < alpha
         better = None
         if sig:
+            from scipy.stats import rankdata
+
             higher_is_better = metric == "dice"
-            d = float(np.median(xb - xa))
+            # The test ranks only the nonzero differences (scipy's default zero_method), so the
+            # winner is the side of the larger signed-rank sum, never "none" when it is significant.
+            diff = (xb - xa)[(xb - xa) != 0]
+            ranks = rankdata(np.abs(diff))
+            d = float(ranks[diff > 0].sum() - ranks[diff < 0].sum())
             better = ("B" if (d > 0) == higher_is_better else "A") if d != 0 else None
         out[organ] = {**test, "mean_a": float(xa.mean()) if xa.size else None,
                       "mean_b": float(xb.mean()) if xb.size else None,

@@ -243,6 +243,14 @@ def test_wilcoxon_equals_scipy_on_known_example() -> None:
     assert res["liver"]["better"] == "B"
     assert not res["spleen"]["significant"] and res["spleen"]["mark"] == ""
     assert ev.wilcoxon_test([0.5, 0.6], [0.5, 0.6])["p_value"] == 1.0
+    # Mostly ties: the median difference is 0, but the test (zeros dropped) is significant and
+    # every nonzero difference favours B, so B is named the better method.
+    tied = {f"c{i}": {"organs": {"liver": {"dice": 0.8}}} for i in range(20)}
+    up = {f"c{i}": {"organs": {"liver": {"dice": 0.8 + (0.01 * (i + 1) if i < 7 else 0.0)}}} for i in range(20)}
+    res = ev.compare_methods(tied, up)
+    assert res["liver"]["median_diff"] == 0.0 and res["liver"]["significant"]
+    assert res["liver"]["better"] == "B"
+    assert ev.compare_methods(up, tied)["liver"]["better"] == "A"
 
 
 # --------------------------------------------------------------------------- C2 analysis
