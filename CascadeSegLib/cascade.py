@@ -209,7 +209,7 @@ class Segmenter:
         except Exception as exc:  # noqa: BLE001 - only out-of-memory falls back
             if self.fallback_device is None or not is_out_of_memory(exc):
                 raise
-        self._warn(f"{self.device.type.upper()} ran out of memory even with one tile per batch; continuing on the "
+        self._warn(f"{self.device.type.upper()} ran out of memory even with its smallest tiles; continuing on the "
                    f"{self.fallback_device.type.upper()} (slower)")
         self.device, self.fallback_device = self.fallback_device, None
         self._nets.clear()

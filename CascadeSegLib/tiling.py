@@ -94,6 +94,9 @@ class Box:
 BOX_HALO = 4
 BOX_MIN_EDGE = 32
 BOX_PASS_COST = 40_000
+# Out of memory on a window this small means the device is full, not that the box is too big:
+# stop splitting and let the caller fall back (to the CPU).
+BOX_MIN_SPLIT_VOXELS = 64 ** 3
 
 
 def plan_boxes(mask: torch.Tensor, cfg: NetConfig, max_voxels: int = DEFAULT_BOX_TILE_VOXELS,
@@ -318,7 +321,8 @@ def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], t
                   boxes: Sequence[Box], num_classes: int, pad_value: float = 0.0,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                   autocast: bool | None = None, on_oom: Callable[[int], None] | None = None,
-                  labels_only: bool = False, shape: Sequence[int] | None = None) -> torch.Tensor:
+                  labels_only: bool = False, shape: Sequence[int] | None = None,
+                  min_split_voxels: int = BOX_MIN_SPLIT_VOXELS) -> torch.Tensor:
     """Softmax probabilities (K, z, y, x) over a box cover from `plan_boxes`, or with
     `labels_only` their argmax as uint8 (z, y, x), computed box by box (no K-channel volume).
 
@@ -327,7 +331,7 @@ def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], t
     Each box is one network pass over its window; only its output box is kept, so no voxel is
     computed twice. A window reaching past the grid sees `pad_value`. An out-of-memory error
     splits the failing box in two along its longest axis and goes on (`on_oom(voxels of the
-    larger half's window)` is told); a box that cannot be split re-raises.
+    larger half's window)` is told); a window of at most `min_split_voxels` re-raises.
     """
     cfg: NetConfig = getattr(net, "cfg")
     if callable(volume):
@@ -354,7 +358,8 @@ def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], t
             try:
                 logits = _forward(net, window[None], use_autocast)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is retried
-                halves = _split_box(cfg, box) if is_out_of_memory(exc) else None
+                halves = (_split_box(cfg, box) if is_out_of_memory(exc) and box.voxels > min_split_voxels
+                          else None)
                 if not halves:
                     raise
                 del window

@@ -110,10 +110,15 @@ def test_out_of_memory_splits_the_box_and_gives_the_same_answer():
     limit = boxes[0].voxels // 3
     fake = OOMAbove(limit)
     told = []
-    got = predict_boxes(fake, volume, boxes, 3, on_oom=told.append)
+    got = predict_boxes(fake, volume, boxes, 3, on_oom=told.append, min_split_voxels=1000)
     assert told and all(v < boxes[0].voxels for v in told)
     assert len(fake.sizes) >= 4 and max(fake.sizes) <= limit    # split until the windows fit
     torch.testing.assert_close(got, expected)
+    # A device that fails even small windows is full: no endless splitting, the error goes up.
+    told.clear()
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        predict_boxes(OOMAbove(0), volume, boxes, 3, on_oom=told.append, min_split_voxels=boxes[0].voxels - 1)
+    assert len(told) == 1
 
 
 def test_grid_windows_equal_crops_of_the_full_resampling(sample_ct_path):

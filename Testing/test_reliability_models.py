@@ -428,16 +428,26 @@ def test_cli_reports_the_fallback_and_still_succeeds(pristine_model, ct_path, tm
 
     original = Segmenter.__init__
 
+    failing = {"stages": (1,)}
+
     @functools.wraps(original)
     def gpu_that_fills_up(self, *args, **kwargs):
         original(self, *args, **kwargs)
         self.fallback_device = torch.device("cpu")
-        self._nets = {i: OOMForBatches(build_network(s.network), limit=0) for i, s in enumerate(self.model.stages)}
+        self._nets = {i: OOMForBatches(build_network(s.network), limit=0) for i, s in enumerate(self.model.stages)
+                      if i in failing["stages"]}
 
     monkeypatch.setattr(Segmenter, "__init__", gpu_that_fills_up)
     out = tmp_path / "o.nii.gz"
-    assert segment(ct_path, pristine_model, out, "--batch-size", "4") == 0
+    # Stage 2's overlapping tiles run in batches: fewer tiles per batch first, then the CPU.
+    assert segment(ct_path, pristine_model, out, "--batch-size", "4", "--overlap", "0.5") == 0
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cascadeseg: warning:")]
     assert any("retrying with 2 tile(s) per batch" in w for w in warnings), warnings
+    assert any("continuing on the CPU" in w for w in warnings), warnings
+    assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(ct_path)).GetSize()
+    # The default box cover: a window this small failing means a full device, so straight to the CPU.
+    failing["stages"] = (0, 1)
+    assert segment(ct_path, pristine_model, out, "--overwrite") == 0
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("cascadeseg: warning:")]
     assert any("continuing on the CPU" in w for w in warnings), warnings
     assert sitk.ReadImage(str(out)).GetSize() == sitk.ReadImage(str(ct_path)).GetSize()

@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
             if not is_out_of_memory(exc):
                 raise
-            raise UserError("the GPU ran out of memory even with one tile per batch; use --device cpu, or close "
+            raise UserError("the GPU ran out of memory even with its smallest tiles; use --device cpu, or close "
                             "other programs using the GPU") from None
     except UserError as exc:
         if args.progress_json:
