@@ -51,12 +51,13 @@ class RefinementResult:
     seconds_per_organ: dict[str, float] = field(default_factory=dict)
     boxes: dict[str, list[list[int]]] = field(default_factory=dict)     # final box, stage-2 grid (z, y, x)
     oracle: bool = False
+    cycled: list[str] = field(default_factory=list)   # stopped early: the masks alternated between two
 
     def to_json(self) -> dict[str, Any]:
         return {"iterations": self.iterations, "converged": self.converged, "seconds": round(self.seconds, 3),
                 "seconds_per_organ": {k: round(v, 3) for k, v in self.seconds_per_organ.items()},
                 "dice_history": {k: [round(d, 5) for d in v] for k, v in self.dice_history.items()},
-                "boxes_zyx": self.boxes, "oracle": self.oracle}
+                "boxes_zyx": self.boxes, "oracle": self.oracle, "cycled": self.cycled}
 
 
 def random_margin(rng: np.random.Generator, low: int = TRAIN_MARGIN[0], high: int = TRAIN_MARGIN[1]) -> int:
@@ -167,6 +168,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
         history: list[float] = []
         converged = False
         box = None
+        older = None                                    # the mask two iterations back
         for t in range(max_iter):
             seg._check_cancel()
             grown = box_mask(prev, margin)
@@ -179,10 +181,14 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
                 progress("refine", (i + t / max_iter) / len(names), f"{name}: iteration {t + 1}")
             new = (seg._predict(1, hu2, region, seg.overlap, "refine", labels_only=True) == value) & region
             history.append(mask_dice(prev, new))
-            prev = new
+            before, prev = prev, new
             if history[-1] > tol:
                 converged = True
                 break
+            if older is not None and torch.equal(new, older):
+                out.cycled.append(name)                 # alternating between two masks: more runs change nothing
+                break
+            older = before
         if history and not bool(prev.any()):
             prev = initial                              # the fine network lost the organ: keep stage 2's
         if history:

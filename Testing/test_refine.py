@@ -108,6 +108,33 @@ def test_refinement_converges_and_keeps_dice_3d(model3d, case3d):
     assert out.seconds > 0 and set(out.seconds_per_organ) == set(RANGES)
 
 
+def test_refinement_stops_when_the_masks_alternate(model3d, case3d):
+    # A fine network whose answer flips between a cube and the cube less a 2-voxel slab (Dice
+    # 0.89 < tol): iterating further can only repeat the pair, so it stops at the first repeat.
+    ct, _ = case3d
+    seg = Segmenter(model3d, "cpu")
+    res = seg.segment(ct)
+    liver = model3d.labels.by_name("liver").value
+    calls = []
+
+    def flipping(index, hu, region, overlap, stage, labels_only=False):
+        if not calls:   # a fixed place: the centre of the first region
+            calls.append(tuple(int(v.float().mean()) for v in torch.nonzero(region, as_tuple=True)))
+        z, y, x = calls[0]
+        out = torch.zeros(region.shape, dtype=torch.uint8)
+        out[z - 5:z + 5 - (2 if len(calls) % 2 == 0 else 0), y - 5:y + 5, x - 5:x + 5] = liver
+        calls.append(1)
+        return out
+
+    seg._predict = flipping
+    out = R.refine(seg, ct, res, organs="liver")
+    assert out.cycled == ["liver"] and not out.converged["liver"]
+    # m1 = cube within the first region, m2 = cube less slab, m3 = cube (== m1, or m4 == m2 when
+    # the start mask did not reach the whole cube): stopped there, not at the 10-iteration cap.
+    assert out.iterations["liver"] in (3, 4) and len(calls) == 1 + out.iterations["liver"], out.to_json()
+    assert out.to_json()["cycled"] == ["liver"]
+
+
 def test_refinement_recovers_a_missed_half_and_leaves_other_organs(model3d, case3d):
     ct, ref = case3d
     liver, spleen = model3d.labels.by_name("liver").value, model3d.labels.by_name("spleen").value
