@@ -70,3 +70,4 @@ def test_reference_is_remapped_to_model_values_on_the_ct_grid(tmp_path):
 def test_iteration_cells():
     cell = _script().iteration_cell
     assert [cell(0, False, 10), cell(3, True, 10), cell(10, False, 10), cell(1, False, 10)] == ["0", "3c", "10m", "1x"]
+    assert cell(4, False, 10, cycled=True) == "4r"

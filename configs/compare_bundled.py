@@ -62,6 +62,7 @@ class Run:
     refine_seconds: float | None = None
     iterations: dict[str, int] = field(default_factory=dict)
     converged: dict[str, bool] = field(default_factory=dict)
+    cycled: list[str] = field(default_factory=list)   # stopped when the masks alternated
 
 
 def reference_on_grid(label_path: Path, image: sitk.Image, organs: list[str], values: dict[str, int]) -> sitk.Image:
@@ -122,7 +123,7 @@ def run_case(image: sitk.Image, ref: sitk.Image, segmenters: dict[str, Any], val
         rr, sec = timed(refine, segmenters[start], image, res, None, MARGIN, MAX_ITER, TOL,
                         oracle=oracle)
         out[key] = Run(rr.labels, *dice_per_organ(rr.labels, ref, values), seg_sec + sec, sec,
-                       dict(rr.iterations), dict(rr.converged))
+                       dict(rr.iterations), dict(rr.converged), list(rr.cycled))
     return out
 
 
@@ -141,11 +142,12 @@ def fmt(v: float | None, false_positive: bool = False) -> str:
     return (NOT_IN_IMAGE + ("\u2020" if false_positive else "")) if v is None else f"{v:.3f}"
 
 
-def iteration_cell(n: int, converged: bool, max_iter: int) -> str:
-    """'3c' converged, '10m' stopped at max_iter, '1x' the organ vanished (start mask kept), '0' absent."""
+def iteration_cell(n: int, converged: bool, max_iter: int, cycled: bool = False) -> str:
+    """'3c' converged, '4r' masks alternated, '10m' stopped at max_iter, '1x' the organ vanished
+    (start mask kept), '0' absent."""
     if n == 0:
         return "0"
-    return f"{n}" + ("c" if converged else "m" if n >= max_iter else "x")
+    return f"{n}" + ("c" if converged else "r" if cycled else "m" if n >= max_iter else "x")
 
 
 def markdown(results: dict[str, dict[str, Run]], organs: list[str]) -> str:
@@ -164,7 +166,7 @@ def markdown(results: dict[str, dict[str, Run]], organs: list[str]) -> str:
     lines += ["\u2020 not in the reference but labelled by the method (a false positive; `cascadeseg evaluate` "
               "and `compare` score it Dice 0, this table leaves it out of the mean).", "",
               f"Refinement iterations per organ (c: stopped by the Dice > {TOL} rule, m: stopped at "
-              f"{MAX_ITER}, x: the fine network lost the organ, its start mask was kept, "
+              f"{MAX_ITER}, r: the masks alternated between two, x: the fine network lost the organ, its start mask was kept, "
               "0: absent from the start mask, left as it was)", "",
               "| case | method | " + " | ".join(SHORT.get(o, o) for o in organs) + " |",
               "|---|---|" + "---:|" * len(organs)]
@@ -172,7 +174,7 @@ def markdown(results: dict[str, dict[str, Run]], organs: list[str]) -> str:
         for key, run in runs.items():
             if run.refine_seconds is None:
                 continue
-            cells = [iteration_cell(run.iterations.get(o, 0), run.converged.get(o, False), MAX_ITER)
+            cells = [iteration_cell(run.iterations.get(o, 0), run.converged.get(o, False), MAX_ITER, o in run.cycled)
                      for o in organs]
             lines.append(f"| {case} | {METHODS[key]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -231,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             k: {"name": METHODS[k], "dice": r.dice, "false_positive_absent_organs": r.false_positive,
                 "seconds": round(r.seconds, 3),
                 "refine_seconds": None if r.refine_seconds is None else round(r.refine_seconds, 3),
-                "iterations": r.iterations, "converged": r.converged} for k, r in runs.items()}}
+                "iterations": r.iterations, "converged": r.converged, "cycled": r.cycled} for k, r in runs.items()}}
                   for case, runs in results.items()}}, indent=1) + "\n", encoding="utf-8")
     print(markdown(results, organs))
     print(f"\n{env['torch_threads']} torch threads, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, "
