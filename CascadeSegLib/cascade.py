@@ -18,7 +18,6 @@ import torch
 
 from . import preprocess
 from .errors import Cancelled, UserError
-from .io import nonzero_box
 from .memory import free_accelerator_memory, is_out_of_memory
 from .model import ModelPackage
 from .network import fold_batchnorm, prefer_onednn
@@ -383,7 +382,7 @@ def _separable_nearest(labels: sitk.Image, reference: sitk.Image, mask: sitk.Ima
         return None
     src = np.asarray(sitk.GetArrayViewFromImage(labels))
     out = np.zeros(reference.GetSize()[::-1], dtype=src.dtype)
-    box = nonzero_box(src)   # (z, y, x) ranges on the source grid
+    box = preprocess.bounding_box(src != 0)   # (z, y, x) ranges on the source grid
     if box is None:
         return out
     # Reference indices whose nearest source voxel lies in the box: one contiguous range per
@@ -432,11 +431,7 @@ def _reference_box(source: sitk.Image, box: list[tuple[int, int]], reference: si
     hi = np.minimum(np.ceil(c.max(0)).astype(int) + 2, np.array(reference.GetSize()))
     if not np.all(hi > lo):
         return None
-    sub = sitk.Image([int(v) for v in hi - lo], sitk.sitkUInt8)
-    sub.SetSpacing(reference.GetSpacing())
-    sub.SetDirection(reference.GetDirection())
-    sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in lo]))
-    return sub
+    return preprocess.subgrid(reference, lo, hi - lo)
 
 
 def _boxed_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
@@ -466,8 +461,5 @@ def resample_probabilities_to(probs: torch.Tensor, grid: sitk.Image, reference: 
     pimg.CopyInformation(grid)
     sub = _reference_box(grid, box, reference) if box is not None else None
     if sub is None:
-        sub = sitk.Image([1, 1, 1], sitk.sitkUInt8)
-        sub.SetSpacing(reference.GetSpacing())
-        sub.SetDirection(reference.GetDirection())
-        sub.SetOrigin(reference.GetOrigin())
+        sub = preprocess.subgrid(reference, (0, 0, 0), (1, 1, 1))
     return sitk.Resample(pimg, sub, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)

@@ -483,7 +483,7 @@ def _extent_string(sl: tuple[slice, ...] | None) -> str:
     return f"{x.start} {x.stop - 1} {y.start} {y.stop - 1} {z.start} {z.stop - 1}"
 
 
-def nonzero_box(array: np.ndarray) -> list[tuple[int, int]] | None:
+def _nonzero_box(array: np.ndarray) -> list[tuple[int, int]] | None:
     """[(start, stop), ...] per axis of the nonzero voxels, from axis projections (no labelling
     pass); None if there are none."""
     nz = array != 0
@@ -535,7 +535,7 @@ def write_segmentation_nrrd(labelmap: sitk.Image, labels: LabelSet,
     # that layer, so a per-label box would cut the other organs off. Like Slicer's own writer,
     # every segment of the shared layer therefore carries the extent of the union of all
     # labels ('0 -1 0 -1 0 -1' when the whole map is empty).
-    box = nonzero_box(arr8)
+    box = _nonzero_box(arr8)
     union = _extent_string(tuple(slice(a, b) for a, b in box) if box else None)
 
     meta: dict[str, str] = {

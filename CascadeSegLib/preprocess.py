@@ -45,6 +45,27 @@ def resample_to_spacing(image: sitk.Image, spacing: Sequence[float], interpolato
     return resample(image, grid_for_spacing(image, spacing), interpolator, default_value, output_type)
 
 
+def subgrid(reference: sitk.Image, start_xyz: Sequence[int], size_xyz: Sequence[int]) -> sitk.Image:
+    """An empty image of `size_xyz` voxels on `reference`'s grid, starting at its voxel `start_xyz`
+    (same spacing and direction; the index may lie outside the reference)."""
+    sub = sitk.Image([int(n) for n in size_xyz], sitk.sitkUInt8)
+    sub.SetSpacing(reference.GetSpacing())
+    sub.SetDirection(reference.GetDirection())
+    sub.SetOrigin(reference.TransformIndexToPhysicalPoint([int(v) for v in start_xyz]))
+    return sub
+
+
+def clip_window(start: Sequence[int], size: Sequence[int],
+                shape: Sequence[int]) -> tuple[list[int], list[int], tuple[int, ...]]:
+    """The part [lo, hi) of the window [start, start + size) inside a grid of `shape` (z, y, x),
+    and the F.pad widths (x first) that grow that part back to the whole window."""
+    lo = [max(0, int(a)) for a in start]
+    hi = [min(int(a) + int(n), int(dim)) for a, n, dim in zip(start, size, shape)]
+    before = [l - int(a) for l, a in zip(lo, start)]
+    after = [int(a) + int(n) - h for a, n, h in zip(start, size, hi)]
+    return lo, hi, (before[2], after[2], before[1], after[1], before[0], after[0])
+
+
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """A copy of `array` on `device`; to a GPU through pinned memory (one DMA, no staging copy)."""
     t = torch.from_numpy(np.array(array, copy=True))
@@ -69,21 +90,13 @@ class GridWindows:
 
     def window(self, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
         """HU (z, y, x) float32 of the grid voxels [start, start + size), padded beyond the grid."""
-        lo = [max(0, int(a)) for a in start]
-        hi = [min(int(a) + int(n), dim) for a, n, dim in zip(start, size, self.shape)]
-        before = [l - int(a) for l, a in zip(lo, start)]
-        after = [int(a) + int(n) - h for a, n, h in zip(start, size, hi)]
+        lo, hi, pad = clip_window(start, size, self.shape)
         if any(h <= l for l, h in zip(lo, hi)):
             return torch.full(tuple(int(n) for n in size), self.default, dtype=torch.float32, device=self.device)
-        sub = sitk.Image([h - l for l, h in zip(lo[::-1], hi[::-1])], sitk.sitkUInt8)
-        sub.SetSpacing(self.reference.GetSpacing())
-        sub.SetDirection(self.reference.GetDirection())
-        sub.SetOrigin(self.reference.TransformIndexToPhysicalPoint(lo[::-1]))
+        sub = subgrid(self.reference, lo[::-1], [h - l for l, h in zip(lo[::-1], hi[::-1])])
         hu = resample(self.image, sub, "linear", self.default, sitk.sitkFloat32)
         out = to_device(sitk.GetArrayViewFromImage(hu), self.device)
-        if any(before) or any(after):
-            out = F.pad(out, (before[2], after[2], before[1], after[1], before[0], after[0]), value=self.default)
-        return out
+        return F.pad(out, pad, value=self.default) if any(pad) else out
 
     def full(self) -> torch.Tensor:
         return self.window((0, 0, 0), self.shape)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from .errors import Cancelled
 from .memory import free_accelerator_memory, is_out_of_memory
 from .network import NetConfig, output_shape, valid_input_size
+from .preprocess import clip_window
 
 ProgressFn = Callable[[float, str], None]
 # A candidate box of up to this many voxels runs as one tile (padded networks): on the demo model
@@ -170,12 +171,12 @@ def _tighten(cum: np.ndarray, lo: Sequence[int], hi: Sequence[int]):
             s, e = list(lo), list(hi)
             s[axis], e[axis] = a, b
             return _box_sum(cum, s, [y - x for x, y in zip(s, e)])
-        a, b = lo[axis], hi[axis]           # first slab with mask: smallest k with count(lo, k) > 0
+        a, b = lo[axis], hi[axis]           # first slab with mask: count(lo, a) == 0 < count(lo, b)
         while b - a > 1:
             mid = (a + b) // 2
             a, b = (a, mid) if count(lo[axis], mid) > 0 else (mid, b)
-        new_lo = a if count(lo[axis], a + 1) > 0 else b
-        a, b = new_lo, hi[axis]             # last slab with mask: largest k with count(k, hi) > 0
+        new_lo = a
+        a, b = new_lo, hi[axis]             # last slab with mask: count(a, hi) > 0 == count(b, hi)
         while b - a > 1:
             mid = (a + b) // 2
             a, b = (mid, b) if count(mid, hi[axis]) > 0 else (a, mid)
@@ -384,15 +385,9 @@ def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], t
 
 def _window(volume: torch.Tensor, box: Box, pad_value: float) -> torch.Tensor:
     """The box's input window of `volume` (C, z, y, x), padded with `pad_value` past the edges."""
-    shape = volume.shape[-3:]
-    lo = [max(0, s) for s in box.in_lo]
-    hi = [min(s + n, dim) for s, n, dim in zip(box.in_lo, box.in_size, shape)]
+    lo, hi, pad = clip_window(box.in_lo, box.in_size, volume.shape[-3:])
     crop = volume[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
-    before = [l - s for l, s in zip(lo, box.in_lo)]
-    after = [s + n - h for s, n, h in zip(box.in_lo, box.in_size, hi)]
-    if any(before) or any(after):
-        crop = F.pad(crop, (before[2], after[2], before[1], after[1], before[0], after[0]), value=pad_value)
-    return crop
+    return F.pad(crop, pad, value=pad_value) if any(pad) else crop
 
 
 def _split_box(cfg: NetConfig, box: Box) -> list[Box] | None:
