@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -24,6 +23,7 @@ from CascadeSegLib.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.model import ModelPackage  # noqa: E402
 from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402
+from compare_bundled import dice_per_organ as organ_dice, reference_on_grid  # noqa: E402 - same folder
 
 CASES = {
     "dicom_slab": (REPO / "Testing/Data/dicom_slab", REPO / "Testing/Data/dicom_slab_seg.nii.gz"),
@@ -35,19 +35,12 @@ CASES = {
 def dice_per_organ(model: ModelPackage, image_path: Path, label_path: Path) -> tuple[dict, float]:
     image = read_image(image_path)
     t0 = time.perf_counter()
-    pred = sitk.GetArrayFromImage(Segmenter(model, device="cpu").segment(image).labels)
+    pred = Segmenter(model, device="cpu").segment(image).labels
     seconds = time.perf_counter() - t0
-    ref_ts = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(label_path)), image, sitk.Transform(),
-                                                  sitk.sitkNearestNeighbor, 0))
-    out = {}
-    for ts_id, name in TOTALSEGMENTATOR_IDS.items():
-        ref = ref_ts == ts_id
-        got = pred == model.labels.by_name(name).value
-        if not ref.any():
-            out[name] = None                      # organ not in this image
-            continue
-        out[name] = round(float(2 * (ref & got).sum() / (ref.sum() + got.sum())), 3)
-    present = [v for v in out.values() if v is not None]
+    values = {name: model.labels.by_name(name).value for name in TOTALSEGMENTATOR_IDS.values()}
+    dice, _ = organ_dice(pred, reference_on_grid(label_path, image, list(values), values), values)
+    out = {name: None if d is None else round(d, 3) for name, d in dice.items() if name != "mean"}
+    present = [v for v in out.values() if v is not None]   # None: organ not in this image
     out["mean"] = round(float(np.mean(present)), 3)
     return out, seconds
 
