@@ -9,21 +9,26 @@ spacing, direction) is passed through untouched: no resampling or re-orientation
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
+import sys
 import os
 import secrets
 import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from .errors import UserError
+from .itkwarnings import captured_itk_messages
 from .labels import LabelSet
+from .orientation import (MAX_DEVIATION, WARN_DEVIATION, deviation, nearest_orthonormal, nifti_sform,
+                          orthonormalize, permissive_nifti)
 
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -39,6 +44,28 @@ _SEG_STATUS_TAG = "Segmentation.Status:inprogress"
 
 
 # --------------------------------------------------------------------------- helpers
+
+Warn = Callable[[str], None]
+# ITK messages that our own error or warning already says better.
+_SAID_BETTER = ("No Series were found", "non-orthogonal sform", "orthonormal")
+
+
+def print_warning(message: str) -> None:
+    """The default `on_warning`: one `cascadeseg: warning:` line on stderr."""
+    print(f"cascadeseg: warning: {message}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _itk_messages(on_warning: Warn | None) -> Iterator[None]:
+    """Run ITK calls with their raw warnings caught; each becomes one warning line.
+
+    On an exception the caught messages are dropped: the one-line error says what went wrong.
+    """
+    with captured_itk_messages() as caught:
+        yield
+    for message in caught:
+        if not any(s in message for s in _SAID_BETTER):
+            (on_warning or print_warning)(message)
 
 
 def _suffix(path: Path, choices: Sequence[str]) -> str | None:
@@ -92,22 +119,23 @@ def _dicom_tag(path: str, tag: str) -> str:
     return ""
 
 
-def list_dicom_series(folder: "str | os.PathLike[str]") -> list[DicomSeries]:
+def list_dicom_series(folder: "str | os.PathLike[str]", on_warning: Warn | None = None) -> list[DicomSeries]:
     """All DICOM series directly inside `folder` (not recursive), sorted by UID."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"DICOM folder not found: {folder}; pass an existing folder")
-    try:
-        uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
-    except RuntimeError as e:  # pragma: no cover - GDCM rarely throws here
-        raise UserError(f"cannot scan DICOM folder {folder}: {_itk_reason(e)}") from None
-    series = []
-    for uid in sorted(uids):
-        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
-        if not files:
-            continue
-        desc = _dicom_tag(files[0], "0008|103e")
-        series.append(DicomSeries(uid=uid, files=files, description=desc, n_slices=len(files)))
+    with _itk_messages(on_warning):
+        try:
+            uids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+        except RuntimeError as e:  # pragma: no cover - GDCM rarely throws here
+            raise UserError(f"cannot scan DICOM folder {folder}: {_itk_reason(e)}") from None
+        series = []
+        for uid in sorted(uids):
+            files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+            if not files:
+                continue
+            desc = _dicom_tag(files[0], "0008|103e")
+            series.append(DicomSeries(uid=uid, files=files, description=desc, n_slices=len(files)))
     return series
 
 
@@ -116,15 +144,16 @@ def is_dicom_folder(path: "str | os.PathLike[str]") -> bool:
     path = Path(path)
     if not path.is_dir():
         return False
-    try:
-        return len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))) > 0
-    except RuntimeError:  # pragma: no cover
-        return False
+    with _itk_messages(lambda message: None):  # only a question: GDCM's complaints are no news
+        try:
+            return len(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))) > 0
+        except RuntimeError:  # pragma: no cover
+            return False
 
 
-def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
+def _pick_series(folder: Path, series_uid: str | None, on_warning: Warn | None = None) -> DicomSeries:
     """The series to read: the only one, or `series_uid`; UserError listing the choices."""
-    series = list_dicom_series(folder)
+    series = list_dicom_series(folder, on_warning)
     if not series:
         raise UserError(f"no DICOM series found in {folder}; pass a folder of DICOM files "
                         f"or an image file ({', '.join(READ_SUFFIXES)})")
@@ -142,8 +171,8 @@ def _pick_series(folder: Path, series_uid: str | None) -> DicomSeries:
     return picked
 
 
-def _read_dicom(folder: Path, series_uid: str | None) -> sitk.Image:
-    picked = _pick_series(folder, series_uid)
+def _read_dicom(folder: Path, series_uid: str | None, on_warning: Warn | None) -> sitk.Image:
+    picked = _pick_series(folder, series_uid, on_warning)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(picked.files))
     try:
@@ -217,27 +246,84 @@ def _check_nifti_complete(path: Path, gz: bool) -> None:
 # --------------------------------------------------------------------------- reading
 
 
-def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None) -> sitk.Image:
-    """Read a CT from an image file or a DICOM folder, geometry and pixel type untouched.
+def _cannot_read(path: Path, err: RuntimeError) -> UserError:
+    return UserError(f"cannot read image {path}: {_itk_reason(err)}; check that it is a "
+                     f"complete image file ({', '.join(READ_SUFFIXES)}) or a DICOM folder")
+
+
+def _sheared(path: Path, dev: float, what: str = "direction cosines") -> UserError:
+    return UserError(f"{path} has {what} that are not orthonormal (axes off by {dev:.2g}, more than "
+                     f"{MAX_DEVIATION:g}): the image is sheared or its header is damaged; resample it "
+                     f"onto an orthonormal grid or export it again")
+
+
+def _is_nifti(path: Path) -> bool:
+    return _suffix(path, READ_SUFFIXES) in (".nii", ".nii.gz")
+
+
+def _itk_read(path: Path, call: Callable[[], Any]) -> Any:
+    """`call()` (an ITK read of `path`); a near-orthonormal NIfTI sform is read permissively."""
+    try:
+        return call()
+    except RuntimeError as e:
+        header = nifti_sform(path) if _is_nifti(path) and "orthonormal" in str(e) else None
+        if header is None:
+            raise _cannot_read(path, e) from None
+    dev = deviation(header[2].ravel())
+    if dev > MAX_DEVIATION:
+        raise _sheared(path, dev, "a NIfTI sform whose axes")
+    with permissive_nifti():
+        try:
+            return call()
+        except RuntimeError as e:
+            raise _cannot_read(path, e) from None
+
+
+def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> None:
+    """Near-orthonormal directions -> the nearest orthonormal one and a warning; shears -> error."""
+    dev = orthonormalize(image)
+    if dev > MAX_DEVIATION:
+        raise _sheared(path, dev)
+    header = nifti_sform(path) if path.is_file() and _is_nifti(path) else None
+    sform_dev = deviation(header[2].ravel()) if header and header[1] > 0 else 0.0
+    worst = max(dev, sform_dev)
+    if worst <= WARN_DEVIATION:
+        return
+    how = "the nearest orthonormal direction"
+    if sform_dev > WARN_DEVIATION and header[0] > 0 and image.GetDimension() == 3:
+        # ITK falls back to the qform when it has one; say which direction was used.
+        nearest = np.asarray(nearest_orthonormal(header[2].ravel())).reshape(3, 3)
+        if not np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), nearest, atol=1e-5):
+            how = "the qform's direction"
+    what = "NIfTI sform" if sform_dev > WARN_DEVIATION else "direction"
+    (on_warning or print_warning)(f"{path}: the {what} is orthonormal only to {worst:.1e}; read with {how}, "
+                                  "which the outputs carry")
+
+
+def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None,
+               on_warning: Warn | None = None) -> sitk.Image:
+    """Read a CT from an image file or a DICOM folder, geometry and pixel type as read.
 
     A DICOM folder with several series needs `series_uid`; the error lists the choices.
-    Vector images are returned as read; checking dimensions is the caller's job.
+    Vector images are returned as read; checking dimensions is the caller's job. Axes that are
+    orthogonal only to ~1e-3 (float32 headers of public data) get their nearest orthonormal
+    direction and one warning; ITK's own warnings become `on_warning` lines, never raw text.
     """
     path = Path(path)
     if not path.exists():
         raise UserError(f"input not found: {path}; check the path")
     if not os.access(path, os.R_OK):
         raise UserError(f"cannot read {path}: permission denied; check the file's permissions")
-    if path.is_dir():
-        return _read_dicom(path, series_uid)
-    suffix = _suffix(path, READ_SUFFIXES)
-    if suffix in (".nii", ".nii.gz"):
-        _check_nifti_complete(path, gz=suffix == ".nii.gz")
-    try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as e:
-        raise UserError(f"cannot read image {path}: {_itk_reason(e)}; check that it is a "
-                        f"complete image file ({', '.join(READ_SUFFIXES)}) or a DICOM folder") from None
+    with _itk_messages(on_warning):
+        if path.is_dir():
+            image = _read_dicom(path, series_uid, on_warning)
+        else:
+            suffix = _suffix(path, READ_SUFFIXES)
+            if suffix in (".nii", ".nii.gz"):
+                _check_nifti_complete(path, gz=suffix == ".nii.gz")
+            image = _itk_read(path, lambda: sitk.ReadImage(str(path)))
+    _check_direction(image, path, on_warning)
+    return image
 
 
 @dataclass(frozen=True)
@@ -274,11 +360,8 @@ def read_image_info(path: "str | os.PathLike[str]", series_uid: str | None = Non
     else:
         reader.SetFileName(str(path))
         n_files = 0
-    try:
-        reader.ReadImageInformation()
-    except RuntimeError as e:
-        raise UserError(f"cannot read image {path}: {_itk_reason(e)}; check that it is a "
-                        f"complete image file ({', '.join(READ_SUFFIXES)}) or a DICOM folder") from None
+    with _itk_messages(lambda message: None):  # read_image reports them; say each once
+        _itk_read(path, reader.ReadImageInformation)
     size = tuple(int(v) for v in reader.GetSize())
     spacing = tuple(float(v) for v in reader.GetSpacing())
     dim = int(reader.GetDimension())
