@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -11,9 +12,11 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from ..errors import UserError
+from ..errors import Cancelled, UserError
 
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+# A name ending like a file type (".png", ".nii.zip"), as opposed to a folder such as "out" or "run_2".
+_LOOKS_LIKE_FILE = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 
 
 def register(subparsers: Any) -> None:
@@ -24,7 +27,9 @@ def register(subparsers: Any) -> None:
                    help="output folder, or a file (.seg.nrrd, .nii.gz, .nrrd, .mha) for a single input")
     p.add_argument("--model", default=None, help="installed model name, model folder or .zip "
                    "(default: the bundled abdomen-ct-demo)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the "
+                   "CPU; cuda or mps fail with a one-line error when that device is missing")
     p.add_argument("--overlap", nargs="?", type=float, const=0.37, default=0.0, metavar="FRACTION",
                    help="overlap stage-2 tiles and average (bare flag: 0.37, each voxel ~4 times)")
     p.add_argument("--stage1-only", action="store_true", help="quick mode: stop after stage 1")
@@ -34,7 +39,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--series-uid", default=None, help="DICOM series to read when a folder holds several")
     p.add_argument("--shard", default=None, metavar="i/n",
                    help="batch mode: process only cases i, i+n, ... (0 <= i < n) for job arrays")
-    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs (re-segment every case)")
+    p.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=None,
+                   help="skip cases whose outputs all exist (default for an input folder; a single input "
+                   "with existing outputs is an error unless this is given)")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="segment even when the image does not look like CT in Hounsfield units")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call")
@@ -62,6 +70,14 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 def _output_is_file(output: Path) -> bool:
     return output.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def check_output_name(output: Path) -> None:
+    """Refuse `-o out.png` before any work: it is neither a folder nor a segmentation file type."""
+    if _output_is_file(output) or output.is_dir() or not _LOOKS_LIKE_FILE.search(output.name):
+        return
+    raise UserError(f"cannot write {output}: {output.suffix} is not an output type; give a folder, or a file "
+                    f"ending in {', '.join(IMAGE_SUFFIXES)}")
 
 
 def check_looks_like_ct(image: sitk.Image, allow: bool) -> str | None:
@@ -94,14 +110,13 @@ def check_looks_like_ct(image: sitk.Image, allow: bool) -> str | None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..cascade import Segmenter
     from ..model import load_model
     from ..progress import BarProgress, JsonProgress
 
     reporter = JsonProgress() if args.progress_json else BarProgress(enabled=not args.quiet and sys.stderr.isatty())
     try:
         try:
-            return _run(args, io, Segmenter, load_model, reporter)
+            return _run(args, io, load_model, reporter)
         except MemoryError:
             raise UserError("ran out of memory; close other programs, crop the CT to the abdomen or resample "
                             "it to a coarser spacing, or use a machine with more memory") from None
@@ -116,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         if args.progress_json:
             reporter.emit("error", message=one_line(str(exc)), exit_code=2)
         raise
+    except (KeyboardInterrupt, Cancelled):
+        reporter.close()  # the bar's line is cleared before main() prints its line
+        reporter.emit("cancelled", message="cancelled; no output was written for the unfinished case",
+                      exit_code=130)
+        raise
     finally:
         reporter.close()
 
@@ -124,9 +144,12 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - internal
+def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
+    from ..batch import BatchSummary
+
     output = Path(args.output).expanduser()
-    cases, _ = io.collect_inputs(args.input)
+    check_output_name(output)
+    cases, batch = io.collect_inputs(args.input)
     shard_i, shard_n = parse_shard(args.shard)
     cases = cases[shard_i::shard_n]
     single_file = _output_is_file(output)
@@ -134,42 +157,76 @@ def _run(args, io, Segmenter, load_model, reporter) -> int:  # noqa: ANN001 - in
         raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")
     if not single_file and output.exists() and not output.is_dir():
         raise UserError(f"output {output} exists and is not a folder; choose a folder or a .nii.gz/.seg.nrrd file")
+    skip_existing = (batch if args.skip_existing is None else args.skip_existing) and not args.overwrite
 
-    model = load_model(args.model)
+    def say(line: str) -> None:  # a line of its own, never glued to a progress bar
+        reporter.close()
+        print(line, file=sys.stderr)
 
-    def warn(message: str) -> None:  # GPU out of memory -> fewer tiles per batch / CPU fallback
-        print(f"cascadeseg: warning: {message}", file=sys.stderr)
-        reporter.emit("warning", message=message)
+    def warn(message: str, case: str | None = None) -> None:
+        say(f"cascadeseg: warning: {message}")
+        reporter.emit("warning", message=message, **({"case": case} if case else {}))
 
-    import inspect
-
-    from ..baseline2d import make_segmenter  # Segmenter, or ThreeViewSegmenter for 2D baseline packages
-
-    extra = {"on_warning": warn} if "on_warning" in inspect.signature(Segmenter).parameters else {}
-    segmenter = make_segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
-                          keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
-                          batch_size=args.batch_size, progress=reporter, **extra)
-    failures = 0
-    summary = []
+    summary = BatchSummary(shard=(shard_i, shard_n), input=str(args.input))
+    todo = []
     for case_path in cases:
         case = io.case_name(case_path)
+        if skip_existing and _outputs_complete(args, case, output, single_file):
+            summary.record(case, "skipped")
+            reporter.emit("skipped", case=case, message="outputs exist")
+        else:
+            todo.append((case_path, case))
+    if todo:  # a re-run with every output in place needs no model
+        model, segmenter = _load(args, load_model, reporter, warn)
+    timings_of = []
+    for case_path, case in todo:
+        t0 = time.perf_counter()
         try:
-            summary.append(_segment_case(args, io, segmenter, model, case_path, case, output, single_file,
-                                         reporter, len(cases) > 1))
+            timings_of.append(_segment_case(args, io, segmenter, model, case_path, case, output, single_file,
+                                            reporter, len(cases) > 1, warn))
+            summary.record(case, "done", seconds=time.perf_counter() - t0)
         except UserError as exc:
-            if len(cases) == 1:
+            if not batch:
                 raise
-            failures += 1
-            print(f"cascadeseg: error: {case}: {one_line(str(exc))}", file=sys.stderr)
+            summary.record(case, "failed", one_line(str(exc)), time.perf_counter() - t0)
+            say(f"cascadeseg: error: {case}: {one_line(str(exc))}")
             reporter.emit("error", case=case, message=one_line(str(exc)), exit_code=2)
+    reporter.close()
     if not args.quiet and not args.progress_json:
-        for case, timings in summary:
+        for case, timings in timings_of:
             steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
             print(f"{case}: {timings['total']:.1f} s ({steps})", file=sys.stderr)
-    if failures:
-        print(f"cascadeseg: {failures} of {len(cases)} cases failed", file=sys.stderr)
-        return 2
-    return 0
+    if not batch:
+        if summary.count("skipped"):
+            print(f"cascadeseg: skipped {cases[0]}: its outputs exist (--overwrite replaces them)", file=sys.stderr)
+        return 0
+    summary.write(output)
+    reporter.emit("summary", counts=summary.to_json()["counts"], failures=summary.failed)
+    for line in summary.lines():
+        print(line, file=sys.stderr)
+    return 2 if summary.count("failed") else 0
+
+
+def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
+    """The model and its segmenter (a 3D cascade, or a 2D baseline package's segmenter)."""
+    import inspect
+
+    from ..baseline2d import make_segmenter
+    from ..cascade import Segmenter
+
+    model = load_model(args.model)
+    extra = {"on_warning": warn} if "on_warning" in inspect.signature(Segmenter).parameters else {}
+    segmenter = make_segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
+                               keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
+                               batch_size=args.batch_size, progress=reporter, **extra)
+    return model, segmenter
+
+
+def _outputs_complete(args: argparse.Namespace, case: str, output: Path, single_file: bool) -> bool:
+    """Every output this run would write for `case` exists (written together, so complete)."""
+    finals = case_outputs(args, case, output, single_file)
+    finals.pop("c2", None)  # absent for one-stage models; its presence is not needed to skip
+    return all(p.is_file() for p in finals.values())
 
 
 def case_outputs(args: argparse.Namespace, case: str, output: Path, single_file: bool,
@@ -259,7 +316,7 @@ class StagedOutputs:
 
 
 def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
-                  reporter, announce: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
+                  reporter, announce: bool, warn) -> tuple[str, dict[str, float]]:  # noqa: ANN001
     from ..cascade import check_ct
 
     t_start = time.perf_counter()
@@ -278,13 +335,12 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
                      stage1_only=args.stage1_only, overlap=args.overlap,
                      keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
                      batch_size=segmenter.batch_size, device=str(segmenter.device))
-    image = io.read_image(case_path, series_uid=args.series_uid)
+    image = io.read_image(case_path, series_uid=args.series_uid, on_warning=lambda m: warn(m, case))
     check_ct(image)
     check_finite(image)
     warning = check_looks_like_ct(image, args.allow_non_ct)
     if warning:
-        print(f"cascadeseg: warning: {warning}", file=sys.stderr)
-        reporter.emit("warning", case=case, message=warning)
+        warn(warning, case)
     t_read = time.perf_counter() - t_start
     result = segmenter.segment(image)
     from ..refine import refine_from_args
