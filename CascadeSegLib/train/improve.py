@@ -1,0 +1,353 @@
+"""`cascadeseg improve`: fine-tune a model on its stored corrections, install it as a new model.
+
+Each stage starts from the parent's weights (fine-tuning, Roth et al. 2017) and trains on
+(a) every stored correction, with voxels near organs the user did not review weighted 0 in
+the loss (see corrections.py), and (b) replayed predictions: the parent's own labels on replay
+CTs (by default the bundled sample CT), so the model keeps what it knew while it learns the
+corrections. Everything happens in a hidden folder of the models folder; only a finished,
+verified package is renamed into place, so a crash or Cancel leaves the parent, the store and
+any older NEW_NAME exactly as they were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from .. import preprocess
+from ..errors import Cancelled, UserError
+from ..labels import LabelSet
+
+Progress = Callable[[str, float, str], None]
+DEFAULT_ITERATIONS = 120          # per stage: a few minutes on a two-core CPU
+UNREVIEWED_MARGIN = 2             # voxels (stage grid) around unreviewed organs left out of the loss
+
+
+@dataclass
+class ImproveOptions:
+    """How `improve` trains; the defaults suit a CPU (minutes)."""
+
+    iterations: int = DEFAULT_ITERATIONS
+    lr: float = 1e-3
+    batch_size: int = 2
+    replay: Sequence[Path] | None = None        # CTs whose parent labels are replayed; None: the sample CT
+    left_out: int = 1                           # cases held out once for an honest check (>= 2 cases)
+    stages: Sequence[str] | None = None         # train only these stages (the others keep the parent's)
+    device: str = "auto"
+    seed: int = 0
+    threads: int = 0
+    patch: Sequence[int] | None = None          # training sub-volume (x, y, z); default: the parent's
+
+
+@dataclass
+class TrainItem:
+    """One training image: CT, labels in the parent's values, voxels to leave out (or None)."""
+
+    name: str
+    ct: Path
+    labels: Path
+    ignore: Path | None = None
+    reviewed: tuple[str, ...] = ()
+
+
+@dataclass
+class ImproveResult:
+    path: Path
+    report: dict[str, Any]
+    seconds: float
+    files: list[Path] = field(default_factory=list)
+
+
+class _Steps:
+    """Reports training progress over all stages and raises Cancelled when asked to stop."""
+
+    def __init__(self, total: int, progress: Progress | None, cancel: Callable[[], bool] | None,
+                 phase: str) -> None:
+        self.total, self.done, self.progress, self.cancel, self.phase = max(1, total), 0, progress, cancel, phase
+
+    def __call__(self, stage: str, it: int, n: int) -> None:
+        self.done += 1
+        if self.cancel is not None and self.cancel():
+            raise Cancelled()
+        if self.progress is not None:
+            self.progress(self.phase, self.done / self.total, f"{stage} iteration {it}/{n}")
+
+
+def _trainer_class():
+    from .trainer import StageTrainer
+
+    class ReportingTrainer(StageTrainer):
+        """A StageTrainer that reports each step (progress, Cancel)."""
+
+        on_step: Callable[[str, int, int], None] | None = None
+
+        def step(self) -> float:
+            loss = super().step()
+            if self.on_step is not None:
+                self.on_step(self.stage.name, self.iteration, self.settings.iterations)
+            return loss
+
+    return ReportingTrainer
+
+
+# --------------------------------------------------------------------------- config
+
+
+def improve_config(pkg, name: str, opts: ImproveOptions):
+    """A RunConfig with the parent's stages and fine-tuning settings for `opts`."""
+    from .config import parse_config
+    from .finetune import merge_with_package
+
+    training = (pkg.provenance or {}).get("training", {}) or {}
+    stages = []
+    for spec in pkg.stages:
+        patch = list(opts.patch) if opts.patch else list(training.get(spec.name, {}).get("patch") or spec.tile)
+        stages.append({"name": spec.name, "patch": patch})
+    iters = int(opts.iterations)
+    data = {"name": name, "labels": list(pkg.labels.names), "data": {}, "stages": stages,
+            "train": {"iterations": iters, "batch_size": opts.batch_size, "optimizer": "adamw", "lr": opts.lr,
+                      "weight_decay": 1e-4, "schedule": "poly", "warmup": min(10, iters // 10),
+                      "foreground_fraction": 0.5, "checkpoint_every": max(1, iters), "keep_checkpoints": 1,
+                      "val_every": max(1, iters), "seed": opts.seed, "device": opts.device,
+                      "threads": opts.threads},
+            "augment": {"enabled": True, "elastic_prob": 0.0, "rotation_deg": 5.0, "translation_vox": 10.0,
+                        "scale": 0.1}}
+    return parse_config(merge_with_package(data, pkg, freeze_encoder=False), Path("."))
+
+
+def _value_table(parent: LabelSet, ours: LabelSet) -> np.ndarray:
+    table = np.zeros(256, dtype=np.uint8)
+    for lab in parent:
+        table[lab.value] = ours.by_name(lab.name).value
+    return table
+
+
+# --------------------------------------------------------------------------- training
+
+
+def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: ImproveOptions,
+                  steps: _Steps) -> list[dict[str, torch.Tensor]]:
+    """Fine-tune every stage of `pkg` on `items`; returns one state_dict per stage."""
+    from .dataset import Case, build_cached_case
+    from .ddp import DistContext
+    from .finetune import transfer_state
+    from .trainer import candidates_c2, resolve_train_device
+
+    dev = resolve_train_device(opts.device)
+    if opts.threads > 0:
+        torch.set_num_threads(opts.threads)
+    labels = cfg.label_set()
+    table = _value_table(pkg.labels, labels)
+    cases = [Case(it.name, it.ct, it.labels) for it in items]
+    states: list[dict[str, torch.Tensor]] = []
+    stage1 = None
+    trainer_cls = _trainer_class()
+    for index, stage in enumerate(cfg.stages):
+        init = transfer_state(pkg.load_network(index).state_dict(), pkg.labels, stage.network, labels,
+                              stage.train.seed)
+        cached = [build_cached_case(c, folder / "cache", stage.spacing, cfg.window, cfg.normalization,
+                                    cfg.body_threshold_hu, table) for c in cases]
+        masks = []
+        for item, case in zip(items, cached):
+            base = np.asarray(case.c1, dtype=bool)
+            if index > 0:
+                s1 = cfg.stages[0]
+                c1case = build_cached_case(Case(item.name, item.ct, item.labels), folder / "cache", s1.spacing,
+                                           cfg.window, cfg.normalization, cfg.body_threshold_hu, table)
+                truth = torch.from_numpy(np.asarray(case.label) > 0)
+                base = candidates_c2(stage1, c1case, case, cfg, s1, dev) | \
+                    preprocess.dilate(truth, cfg.dilation_radius).numpy()
+            masks.append(base & _known(item, case, labels))
+        if opts.stages and stage.name not in opts.stages:
+            states.append(init)
+        else:
+            trainer = trainer_cls(cfg, stage, folder / stage.name, cached, masks, [], [], DistContext(), dev, init,
+                                  1.0, progress=False)
+            trainer.on_step = steps
+            trainer.run()
+            states.append({k: v.detach().cpu() for k, v in trainer.net.state_dict().items()})
+        if index == 0:
+            from ..network import build_network
+
+            stage1 = build_network(stage.network)
+            stage1.load_state_dict(states[0])
+            stage1 = stage1.to(dev).eval()
+    return states
+
+
+def _known(item: TrainItem, case, labels: LabelSet) -> np.ndarray:
+    """Voxels whose label is trusted: all but those near unreviewed organs (reviewed ones always)."""
+    if item.ignore is None:
+        return np.ones(np.asarray(case.c1).shape, dtype=bool)
+    from ..io import read_image
+
+    ign = preprocess.resample(read_image(item.ignore), case.reference(), "nearest", 0, sitk.sitkUInt8)
+    near = preprocess.dilate(torch.from_numpy(sitk.GetArrayFromImage(ign) > 0), UNREVIEWED_MARGIN).numpy()
+    reviewed = np.isin(np.asarray(case.label), [labels.by_name(n).value for n in item.reviewed])
+    return ~near | reviewed
+
+
+# --------------------------------------------------------------------------- predictions
+
+
+def predict(pkg, ct: Path, device: str, cancel: Callable[[], bool] | None) -> sitk.Image:
+    from ..cascade import Segmenter
+    from ..io import read_image
+
+    return Segmenter(pkg, device=device, cancel=cancel).segment(read_image(ct)).labels
+
+
+def reviewed_dice(pred: sitk.Image, pred_labels: LabelSet, truth: sitk.Image, truth_labels: LabelSet,
+                  organs: Sequence[str]) -> dict[str, float | None]:
+    """Dice of each reviewed organ (the corrected labels are the reference)."""
+    from ..evaluate import evaluate_images
+
+    wanted = LabelSet(tuple(lab for lab in pred_labels if lab.name in organs))
+    res = evaluate_images(pred, truth, wanted, ref_labels=truth_labels, distances=False)
+    return {name: res["organs"][name]["dice"] for name in organs if name in res["organs"]}
+
+
+def ignore_map(pred: sitk.Image, truth: sitk.Image, labels: LabelSet, reviewed: Sequence[str]) -> sitk.Image | None:
+    """Voxels the parent or the correction give an unreviewed organ (None: every organ reviewed)."""
+    unreviewed = [lab.value for lab in labels if lab.name not in reviewed]
+    if not unreviewed:
+        return None
+    a = np.isin(sitk.GetArrayViewFromImage(pred), unreviewed) | np.isin(sitk.GetArrayViewFromImage(truth), unreviewed)
+    out = sitk.GetImageFromArray(a.astype(np.uint8))
+    out.CopyInformation(truth)
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder: Path):
+    """Save the improved package (the parent's settings, labels by name) and check it loads."""
+    from ..model import ModelPackage, StageSpec
+
+    ours = cfg.label_set()
+    labels = LabelSet(tuple(dataclasses.replace(pkg.labels.by_name(l.name), value=l.value) for l in ours))
+    stages = [StageSpec(s.name, s.spacing, s.tile, c.network, s.weights) for s, c in zip(pkg.stages, cfg.stages)]
+    new = ModelPackage(name=name, version=pkg.version, labels=labels, stages=stages, window=pkg.window,
+                       normalization=pkg.normalization, body_threshold_hu=pkg.body_threshold_hu,
+                       dilation_radius=pkg.dilation_radius,
+                       description=f"{pkg.name} improved on {len(provenance['corrections'])} correction(s)",
+                       license=pkg.license, provenance=provenance, largest_component=list(pkg.largest_component))
+    new.save(folder, states)
+    loaded = ModelPackage.load(folder)
+    loaded.verify()
+    return loaded
+
+
+def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, progress: Progress | None = None,
+                  cancel: Callable[[], bool] | None = None, overwrite: bool = False,
+                  root: str | Path | None = None) -> ImproveResult:
+    """Fine-tune `parent` on its corrections and install the result as model `name`."""
+    import shutil
+    import tempfile
+
+    from ..corrections import _swap_in, list_corrections
+    from ..download import _SAFE_NAME
+    from ..model import load_model
+    from ..resources import models_dir, sample_ct
+    from .improve_report import write_report
+
+    opts = opts or ImproveOptions()
+    t0 = time.perf_counter()
+    pkg = load_model(parent)
+    pkg.verify()
+    if pkg.architecture != "3d-cascade":
+        raise UserError(f"model {pkg.name} is a {pkg.architecture} model; improve fine-tunes 3D cascades only")
+    if not _SAFE_NAME.match(name) or name == pkg.name:
+        raise UserError(f"-o {name!r} must be a new model name (letters, digits, '.', '_', '-'), not the parent's")
+    if opts.iterations < 1:
+        raise UserError(f"--iterations must be at least 1, got {opts.iterations}")
+    unknown = set(opts.stages or ()) - {s.name for s in pkg.stages}
+    if unknown:
+        raise UserError(f"model {pkg.name} has no stage(s) {sorted(unknown)}; it has "
+                        f"{', '.join(s.name for s in pkg.stages)}")
+    base = Path(root) if root is not None else models_dir()
+    target = base / name
+    if target.exists() and not overwrite:
+        raise UserError(f"model {name} is already installed in {target}; choose another -o name, or --overwrite")
+    cases = list_corrections(pkg.name, base)
+    if not cases:
+        raise UserError(f"model {pkg.name} has no stored corrections; add some with "
+                        f"`cascadeseg corrections add CT SEGMENTATION --model {pkg.name}`")
+    replay = [Path(p) for p in (opts.replay if opts.replay is not None else [sample_ct()]) if Path(p).exists()]
+    base.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".improve-{name}-", dir=base))
+    try:
+        cfg = improve_config(pkg, name, opts)
+        say = progress or (lambda *a: None)
+        items, before, truths = [], {}, {}
+        from ..io import read_image, write_image
+
+        for i, case in enumerate(cases):
+            say("parent", i / (len(cases) + len(replay)), f"segmenting {case.id} with {pkg.name}")
+            pred = predict(pkg, case.ct, opts.device, cancel)
+            truth = read_image(case.labels)
+            truths[case.id] = truth
+            before[case.id] = reviewed_dice(pred, pkg.labels, truth, pkg.labels, case.reviewed)
+            ign = ignore_map(pred, truth, pkg.labels, case.reviewed)
+            ign_path = write_image(ign, work / f"ignore-{case.id}.nii.gz") if ign is not None else None
+            items.append(TrainItem(case.id, case.ct, case.labels, ign_path, case.reviewed))
+        replays = []
+        for j, ct in enumerate(replay):
+            say("parent", (len(cases) + j) / (len(cases) + len(replay)), f"replaying {ct.name}")
+            lab = write_image(predict(pkg, ct, opts.device, cancel), work / f"replay-{j}.nii.gz")
+            replays.append(TrainItem(f"replay-{j}", ct, lab))
+        held = [c.id for c in sorted(cases, key=lambda c: c.created)[-opts.left_out:]] \
+            if len(cases) >= 2 and opts.left_out > 0 else []
+        total = opts.iterations * len(opts.stages or cfg.stages) * (1 + len(held))
+        steps = _Steps(total, progress, cancel, "training")
+        states = train_cascade(pkg, cfg, items + replays, work / "run", opts, steps)
+        prov = {"improved_from": {"name": pkg.name, "version": pkg.version,
+                                  "sha256": {s.name: s.sha256 for s in pkg.stages}},
+                "corrections": [{"id": c.id, "reviewed": list(c.reviewed), "created": c.created,
+                                 "sha256": _sha(c.labels)} for c in cases],
+                "replay": [str(p) for p in replay],
+                "command": f"cascadeseg improve {pkg.name} -o {name} --iterations {opts.iterations}",
+                "training": {"iterations": opts.iterations, "lr": opts.lr, "stages": list(opts.stages or []),
+                             "unreviewed_organs": f"weight 0 within {UNREVIEWED_MARGIN} voxels"},
+                "trained_on": [c.id for c in cases] + (pkg.provenance or {}).get("trained_on", [])}
+        new = new_package(pkg, cfg, name, states, prov, work / "model")
+        after = {}
+        for case in cases:
+            say("checking", 0.5, f"segmenting {case.id} with {name}")
+            after[case.id] = reviewed_dice(predict(new, case.ct, opts.device, cancel), new.labels, truths[case.id],
+                                           pkg.labels, case.reviewed)
+        left_out = {}
+        for k, hid in enumerate(held):
+            rest = [it for it in items if it.name != hid]
+            st = train_cascade(pkg, cfg, rest + replays, work / f"run-without-{hid}", opts, steps)
+            check = new_package(pkg, cfg, f"{name}-check", st, prov, work / f"check-{k}")
+            case = next(c for c in cases if c.id == hid)
+            left_out[hid] = {"before": before[hid], "after": reviewed_dice(
+                predict(check, case.ct, opts.device, cancel), check.labels, truths[hid], pkg.labels, case.reviewed)}
+        report = {"model": name, "parent": pkg.name, "seconds": round(time.perf_counter() - t0, 1),
+                  "iterations": opts.iterations, "cases": {c.id: {"reviewed": list(c.reviewed),
+                                                                  "before": before[c.id], "after": after[c.id]}
+                                                           for c in cases},
+                  "left_out": left_out, "replay": [str(p) for p in replay]}
+        files = write_report(work / "model", report)
+        if cancel is not None and cancel():
+            raise Cancelled()
+        _swap_in(work / "model", target)
+        return ImproveResult(target, report, time.perf_counter() - t0, [target / f.name for f in files])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _sha(path: Path) -> str:
+    from ..model import sha256_file
+
+    return sha256_file(path)
