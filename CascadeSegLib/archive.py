@@ -130,9 +130,14 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest_dir: str | os.PathLike,
                 target = tmp.joinpath(*parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 written += _extract_member(zf, info, target, zip_name, max_total_bytes, written)
-            if dest.exists():
-                dest.rmdir()  # empty (checked above); os.replace onto a directory is not portable
-            os.replace(tmp, dest)
+            try:
+                if dest.exists():
+                    dest.rmdir()  # empty (checked above); os.replace onto a directory is not portable
+                os.replace(tmp, dest)
+            except OSError:
+                if not dest.joinpath(*top, "model.json").is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # another process put the same files there first
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

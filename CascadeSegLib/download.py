@@ -25,6 +25,7 @@ from typing import Callable
 from . import __version__
 from .archive import safe_extract_zip
 from .errors import ModelError
+from .locking import file_lock
 from .resources import bundled_models_dir, models_dir as default_models_dir
 
 Progress = Callable[[int, "int | None"], None]   # (bytes done, bytes total or None)
@@ -304,8 +305,9 @@ def install_model(source: str | os.PathLike, models_dir: str | os.PathLike | Non
     try:
         if url is not None:
             downloads = root / DOWNLOADS
-            downloaded = download(url, downloads / _download_name(url), sha256, progress,
-                                  timeout=timeout)
+            downloads.mkdir(parents=True, exist_ok=True)
+            with file_lock(downloads):  # one writer per .part file; the others wait, then resume or reuse
+                downloaded = download(url, downloads / _download_name(url), sha256, progress, timeout=timeout)
             archive: Path | None = downloaded
             folder = None
         elif local is not None and local.is_dir():
@@ -337,25 +339,31 @@ def install_model(source: str | os.PathLike, models_dir: str | os.PathLike | Non
             raise ModelError(f"the download for {entry.name} {entry.version} contains "
                              f"{name} {version}; the catalog entry is out of date")
         target = root / name
-        if target.exists():
-            old_version = _installed_version(target)
-            if old_version == version and not overwrite:
-                raise ModelError(f"{name} {version} is already installed in {target}; pass "
-                                 "--overwrite to replace it")
-            old = work / "old"
-            os.replace(target, old)
-            try:
-                os.replace(folder, target)
-            except BaseException:
-                os.replace(old, target)
-                raise
-        else:
-            os.replace(folder, target)
+        with file_lock(root):  # check-then-move, one process at a time
+            _move_into_place(folder, target, work, name, version, overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
     return target
+
+
+def _move_into_place(folder: Path, target: Path, work: Path, name: str, version: str, overwrite: bool) -> None:
+    """Rename the checked package to `target`, keeping the old one until the new one is in place."""
+    if target.exists():
+        old_version = _installed_version(target)
+        if old_version == version and not overwrite:
+            raise ModelError(f"{name} {version} is already installed in {target}; pass "
+                             "--overwrite to replace it")
+        old = work / "old"
+        os.replace(target, old)
+        try:
+            os.replace(folder, target)
+        except BaseException:
+            os.replace(old, target)
+            raise
+    else:
+        os.replace(folder, target)
 
 
 def _looks_like_zip(path: Path) -> bool:

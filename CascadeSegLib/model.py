@@ -241,16 +241,38 @@ def _atomic_torch_save(obj: Any, target: Path) -> None:
 
 
 def _extract_cached(zip_path: Path) -> Path:
+    """The zip's extraction in the models cache, extracted once even when many processes start at once.
+
+    The extraction appears with one rename, so a reader never sees half of it; the lock makes
+    concurrent processes wait for the first extraction instead of racing it.
+    """
     from .archive import safe_extract_zip
+    from .locking import file_lock
 
     digest = sha256_file(zip_path)[:16]
     cache = models_dir() / ".cache" / f"{zip_path.stem}-{digest}"
-    if (cache / "model.json").is_file():
-        return cache
-    for found in cache.glob("*/model.json") if cache.is_dir() else []:
-        return found.parent
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    return safe_extract_zip(zip_path, cache)
+
+    def extracted() -> Path | None:
+        if (cache / "model.json").is_file():
+            return cache
+        for found in cache.glob("*/model.json") if cache.is_dir() else []:
+            return found.parent
+        return None
+
+    done = extracted()
+    if done is not None:
+        return done
+    try:
+        with file_lock(cache.parent / f".{cache.name}.lock"):
+            done = extracted()
+            if done is not None:
+                return done
+            if cache.is_dir() and not any(cache.iterdir()):
+                cache.rmdir()
+            return safe_extract_zip(zip_path, cache)
+    except PermissionError as exc:
+        raise ModelError(f"cannot extract {zip_path.name} into {cache.parent}: {exc.strerror}; set "
+                         "CASCADESEG_MODELS to a writable folder") from None
 
 
 DEFAULT_MODEL = "abdomen-ct-demo"
