@@ -29,6 +29,9 @@ class CascadeSegController:
         self.models: list[Any] = []
         self._install_thread: threading.Thread | None = None
         self._deps_checked = False
+        from .training_widget import TrainingPanel
+
+        self.training = TrainingPanel(self, timer_factory)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -39,6 +42,8 @@ class CascadeSegController:
         ui.editButton.clicked.connect(self.on_edit)
         ui.modelComboBox.currentIndexChanged.connect(self.on_model_changed)
         ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.update_buttons)
+        ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.update_buttons)
+        self.training.setup()
         for key, text in DEVICE_ITEMS:
             ui.deviceComboBox.addItem(text, key)
         self.refresh_models()
@@ -101,6 +106,7 @@ class CascadeSegController:
         has_result = self.result_node is not None and self.result_node.GetScene() is not None
         ui.show3DButton.enabled = has_result and not running
         ui.editButton.enabled = has_result and not running
+        self.training.update_buttons()
 
     def on_model_changed(self, *_: Any) -> None:
         model = self.current_model()
@@ -201,6 +207,7 @@ class CascadeSegController:
         """Module panel closed/reloaded: do not leave a process running."""
         if self.run is not None:
             self.cancel()
+        self.training.cleanup()
 
 
 def timing_text(run: SegmentRun) -> str:
@@ -227,6 +234,11 @@ class SlicerGui:
         import slicer
 
         slicer.util.errorDisplay(message, windowTitle="CascadeSeg", detailedText=details or None)
+
+    def show_report(self, message: str, markdown: str) -> None:
+        import slicer
+
+        slicer.util.infoDisplay(message, windowTitle="CascadeSeg", detailedText=markdown or None)
 
     def ask_text(self, title: str, label: str, default: str = "") -> str:
         import qt
