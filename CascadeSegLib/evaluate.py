@@ -84,6 +84,12 @@ def resolve_labels(spec: str | None) -> LabelSet:
     if spec is None or not str(spec).strip():
         return LabelSet.from_names(DEFAULT_ORGANS)
     spec = str(spec).strip()
+    from .label_presets import PRESETS  # dataset presets: totalsegmentator, btcv, amos, msd-*
+
+    if spec.lower() in PRESETS:
+        from .label_presets import preset_labels
+
+        return preset_labels(spec.lower())
     try:
         if spec.startswith("["):
             return LabelSet.from_json(json.loads(spec))

@@ -18,7 +18,8 @@ from ..errors import UserError
 _LABELS_HELP = ("label names/values of the predictions: a model name or path, a JSON label list "
                 "(file or inline), or comma-separated organ names (values 1..N); default: the "
                 "standard 10 organs")
-_REF_LABELS_HELP = "label values of the references when they differ (same forms as --labels)"
+_REF_LABELS_HELP = ("label values of the references when they differ: a dataset preset (totalsegmentator, btcv, "
+                    "amos, msd-liver, msd-spleen, msd-pancreas, ircadb) or the same forms as --labels")
 
 
 def parse_radii(text: str) -> list[int]:
@@ -75,6 +76,9 @@ def register(subparsers: Any) -> None:
                    "prediction's folder/file name)")
     p.add_argument("--no-distances", action="store_true",
                    help="Dice and volumes only (skip HD95/ASSD, faster)")
+    p.add_argument("--no-label-check", action="store_true",
+                   help="score even when a map holds values its label spec does not name, or an organ's "
+                   "volumes differ 10x between prediction and reference (checked by default)")
     _common(p)
     p.set_defaults(func=run_evaluate)
 
@@ -152,9 +156,32 @@ def _missing_experiment(p: argparse.ArgumentParser) -> int:
 
 def _labels(args: argparse.Namespace):
     from ..evaluate import resolve_labels
+    from ..label_presets import IRCADB, ircadb_labels
+
     labels = resolve_labels(getattr(args, "labels", None))
     ref_spec = getattr(args, "ref_labels", None)
+    if ref_spec and ref_spec.strip().lower() == IRCADB:
+        return labels, ircadb_labels(getattr(args, "reference", None) or getattr(args, "ref", None) or "")
     return labels, (resolve_labels(ref_spec) if ref_spec else None)
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> None:  # noqa: ANN001
+    """Stop before scoring when the label values cannot mean what the label specs say."""
+    from ..label_presets import NAMES
+    from ..labelcheck import check_pairs
+
+    if args.no_label_check:
+        return
+    problems = check_pairs(pairs, labels, ref_labels)
+    if problems:
+        labels_hint = f"--labels {_short(args.labels)}" if args.labels else "--labels (default: the standard 10 organs)"
+        ref_hint = (f"--ref-labels {_short(args.ref_labels)}" if args.ref_labels
+                    else "--ref-labels (not given: the same values as the prediction)")
+        raise UserError(problems.message(labels_hint, ref_hint, NAMES))
 
 
 def _report_line(path: Path, doc: dict[str, Any]) -> None:
@@ -172,6 +199,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if names:
             print(f"cascadeseg: warning: {len(names)} {kind}: {', '.join(names[:5])}"
                   + (" ..." if len(names) > 5 else ""), file=sys.stderr)
+    _check_labels(args, pairs, labels, ref_labels)
     cases = ev.evaluate_pairs(pairs, labels, ref_labels, distances=not args.no_distances,
                               progress=not args.quiet)
     name = args.name or Path(args.prediction).name.split(".")[0] or "prediction"
