@@ -1,0 +1,120 @@
+"""Real-world headers: near-orthonormal directions are read with one warning, shears refused,
+and ITK/GDCM never prints its raw multi-line warnings (real `cascadeseg` processes)."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from CascadeSegLib import io
+from CascadeSegLib.orientation import deviation
+
+from cli_process import SAMPLE_CT, cascadeseg, error_lines
+
+
+def _sample_nii(path: Path) -> Path:
+    """The sample CT as an uncompressed NIfTI (sform code 2, qform code 0, like the original)."""
+    sitk.WriteImage(io.read_image(SAMPLE_CT), str(path), False)
+    head = path.read_bytes()[:348]
+    qcode, scode = struct.unpack("<hh", head[252:256])
+    if qcode:  # keep only the sform, as in the TotalSegmentator file: ITK then needs it orthonormal
+        _patch(path, 252, struct.pack("<h", 0))
+    assert struct.unpack("<h", path.read_bytes()[254:256])[0] > 0
+    return path
+
+
+def _patch(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def _shear_sform(path: Path, amount: float) -> None:
+    """Add `amount` x (spacing) of the y axis into srow_x: axes then meet at ~90 deg - amount rad."""
+    srow = np.frombuffer(path.read_bytes()[280:328], "<f4").reshape(3, 4).copy()
+    srow[0, 1] += amount * np.linalg.norm(srow[:, 1])
+    _patch(path, 280, srow.astype("<f4").tobytes())
+
+
+def test_near_orthonormal_nifti_is_segmented_with_one_warning(tmp_path):
+    ct = _sample_nii(tmp_path / "near.nii")
+    _shear_sform(ct, 1e-3)
+    with pytest.raises(RuntimeError, match="orthonormal"):
+        sitk.ReadImage(str(ct))  # what ITK alone does with it
+    out = tmp_path / "out.nii.gz"
+    res = cascadeseg("segment", ct, "-o", out, "--stage1-only", "--quiet")
+    assert res.returncode == 0, res.stderr
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("cascadeseg: warning: ") and "orthonormal only to 1.0e-03" in lines[0]
+    read = io.read_image(ct, on_warning=lambda m: None)
+    labels = sitk.ReadImage(str(out))
+    assert deviation(read.GetDirection()) < 1e-12
+    # The labels carry the CT's geometry as read (exactly, through a NIfTI round trip of float32).
+    assert labels.GetSize() == read.GetSize()
+    np.testing.assert_array_equal(np.float32(labels.GetSpacing()), np.float32(read.GetSpacing()))
+    np.testing.assert_array_equal(np.float32(labels.GetOrigin()), np.float32(read.GetOrigin()))
+    np.testing.assert_allclose(labels.GetDirection(), read.GetDirection(), atol=1e-6)
+    # ...and the organs are where they are in the original sample CT's segmentation.
+    ref = cascadeseg("segment", SAMPLE_CT, "-o", tmp_path / "ref.nii.gz", "--stage1-only", "--quiet")
+    assert ref.returncode == 0, ref.stderr
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ref.nii.gz"))))
+
+
+def test_sheared_nifti_is_refused_in_one_line(tmp_path):
+    ct = _sample_nii(tmp_path / "sheared.nii")
+    _shear_sform(ct, 0.2)
+    res = cascadeseg("segment", ct, "-o", tmp_path / "out", "--quiet")
+    assert res.returncode == 2
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0].startswith("cascadeseg: error: ") and "not orthonormal" in lines[0]
+    assert "sheared or its header is damaged" in lines[0] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_near_orthonormal_nrrd_and_mha(tmp_path, suffix):
+    img = io.read_image(SAMPLE_CT)
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    d[0, 1] += 1e-3  # what a float32 export of a resampled direction looks like
+    img.SetDirection(d.ravel().tolist())
+    ct = tmp_path / f"near{suffix}"
+    sitk.WriteImage(img, str(ct))
+    assert deviation(sitk.ReadImage(str(ct)).GetDirection()) > 5e-4  # ITK passes it through as it is
+    caught: list[str] = []
+    read = io.read_image(ct, on_warning=caught.append)
+    assert len(caught) == 1 and "orthonormal only to 1.0e-03" in caught[0]
+    assert deviation(read.GetDirection()) < 1e-12
+    np.testing.assert_allclose(read.GetDirection(), d.ravel(), atol=1e-3)
+    assert read.GetOrigin() == img.GetOrigin() and read.GetSize() == img.GetSize()
+    out = tmp_path / "out.nii.gz"
+    res = cascadeseg("segment", ct, "-o", out, "--stage1-only", "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert [ln for ln in error_lines(res.stderr)] == [f"cascadeseg: warning: {caught[0]}"]
+    labels = sitk.ReadImage(str(out))
+    np.testing.assert_allclose(labels.GetDirection(), read.GetDirection(), atol=1e-6)
+    np.testing.assert_allclose(labels.GetOrigin(), read.GetOrigin(), atol=1e-4)
+
+
+def test_folders_without_ct_give_one_line_and_no_itk_blocks(tmp_path, dicom_slab_dir):
+    empty = tmp_path / "notes"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "readme.txt").write_text("not a CT")
+    (empty / "sub" / "data.bin").write_bytes(b"\0" * 300)
+    for target in (empty, empty / "sub"):
+        res = cascadeseg("segment", target, "-o", tmp_path / "out", "--quiet")
+        assert res.returncode == 2
+        lines = error_lines(res.stderr)
+        assert len(lines) == 1 and lines[0].startswith("cascadeseg: error: "), res.stderr
+        assert "WARNING" not in res.stderr and ".cxx" not in res.stderr
+    # A DICOM series with one slice missing: GDCM's complaint, if any, is a warning line.
+    slab = tmp_path / "slab"
+    shutil.copytree(dicom_slab_dir, slab)
+    sorted(slab.iterdir())[10].unlink()
+    res = cascadeseg("segment", slab, "-o", tmp_path / "slab_out", "--stage1-only", "--quiet")
+    assert ".cxx" not in res.stderr and "WARNING: In" not in res.stderr
+    assert all(ln.startswith(("cascadeseg: warning: ", "cascadeseg: error: ")) for ln in error_lines(res.stderr))
