@@ -182,8 +182,9 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
     for case_path, case in todo:
         t0 = time.perf_counter()
         try:
+            # With --skip-existing, a case left incomplete (killed mid-write) is simply done again.
             timings_of.append(_segment_case(args, io, segmenter, model, case_path, case, output, single_file,
-                                            reporter, len(cases) > 1, warn))
+                                            reporter, len(cases) > 1, warn, args.overwrite or skip_existing))
             summary.record(case, "done", seconds=time.perf_counter() - t0)
         except UserError as exc:
             if not batch:
@@ -316,14 +317,14 @@ class StagedOutputs:
 
 
 def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
-                  reporter, announce: bool, warn) -> tuple[str, dict[str, float]]:  # noqa: ANN001
+                  reporter, announce: bool, warn, overwrite: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
     from ..cascade import check_ct
 
     t_start = time.perf_counter()
     if announce:
         reporter.emit("case", case=case, path=str(case_path))
     finals = case_outputs(args, case, output, single_file, len(model.stages) == 1)
-    check_outputs(finals, case_path, args.overwrite)
+    check_outputs(finals, case_path, overwrite)
     # Header first: refuse what is not a 3D scalar image, or would not fit in memory, before
     # reading a single voxel.
     info = io.read_image_info(case_path, series_uid=args.series_uid)
