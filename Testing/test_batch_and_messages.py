@@ -15,6 +15,7 @@ import termios
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 
@@ -176,3 +177,33 @@ def test_device_option_is_explained():
     assert res.returncode == 0
     text = " ".join(res.stdout.split())
     assert "--device {auto,cpu,cuda,mps}" in text and "auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU" in text
+
+
+def test_output_grids_are_as_documented(tmp_path):
+    """README/architecture.md: labels, .seg.nrrd, C1, C2 on the input grid; probabilities on the
+    input's lattice (spacing, direction) cropped to stage 2's box, origin at the box's first voxel."""
+    out = tmp_path / "out"
+    res = cascadeseg("segment", SAMPLE_CT, "-o", out, "--save-probabilities", "--save-candidates", "--quiet",
+                     "--no-report")
+    assert res.returncode == 0, res.stderr
+    ct = sitk.ReadImage(str(SAMPLE_CT))
+    for name in ("abdomen_ct_3mm_labels.nii.gz", "abdomen_ct_3mm.seg.nrrd", "abdomen_ct_3mm_c1.nii.gz",
+                 "abdomen_ct_3mm_c2.nii.gz"):
+        img = sitk.ReadImage(str(out / name))
+        assert (img.GetSize(), img.GetSpacing(), img.GetDirection()) == (ct.GetSize(), ct.GetSpacing(),
+                                                                         ct.GetDirection()), name
+        assert img.GetOrigin() == pytest.approx(ct.GetOrigin(), abs=1e-4), name
+    probs = sitk.ReadImage(str(out / "abdomen_ct_3mm_probabilities.nii.gz"))
+    assert probs.GetSpacing() == ct.GetSpacing() and probs.GetDirection() == ct.GetDirection()
+    assert probs.GetNumberOfComponentsPerPixel() == 11  # background + 10 organs
+    index = ct.TransformPhysicalPointToContinuousIndex(probs.GetOrigin())
+    assert index == pytest.approx([round(v) for v in index], abs=1e-3)  # a voxel of the CT's lattice
+    start = [round(v) for v in index]
+    assert all(s >= 0 for s in start) and any(s > 0 for s in start)  # cropped: its origin is not the CT's
+    assert all(s + n <= m for s, n, m in zip(start, probs.GetSize(), ct.GetSize()))
+    # Outside the box nothing was labelled: every organ voxel of the labels lies inside it.
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "abdomen_ct_3mm_labels.nii.gz")))
+    z, y, x = np.nonzero(labels)
+    assert x.min() >= start[0] and x.max() < start[0] + probs.GetSize()[0]
+    assert y.min() >= start[1] and y.max() < start[1] + probs.GetSize()[1]
+    assert z.min() >= start[2] and z.max() < start[2] + probs.GetSize()[2]
