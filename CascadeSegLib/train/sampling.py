@@ -16,7 +16,7 @@ class CandidateSampler:
     """Draws (case index, centre (z, y, x)) pairs; every draw comes from `rng` (repeatable)."""
 
     def __init__(self, candidates: Sequence[np.ndarray], labels: Sequence[np.ndarray],
-                 foreground_fraction: float = 0.0) -> None:
+                 foreground_fraction: float = 0.0, case_weights: Sequence[float] | None = None) -> None:
         self.shapes = [c.shape for c in candidates]
         self.c_index = []
         self.class_index: list[dict[int, np.ndarray]] = []
@@ -39,9 +39,17 @@ class CandidateSampler:
         if not self.usable:
             raise ValueError("no case has any voxel in its candidate region")
         self.foreground_fraction = float(foreground_fraction)
+        # Cases are drawn uniformly unless weighted (e.g. real vs synthetic shares).
+        self.weights: np.ndarray | None = None
+        if case_weights is not None:
+            w = np.array([float(case_weights[i]) for i in self.usable])
+            self.weights = w / w.sum() if w.sum() > 0 else None
 
     def sample(self, rng: np.random.Generator) -> tuple[int, tuple[int, int, int]]:
-        case = int(self.usable[rng.integers(len(self.usable))])
+        if self.weights is None:
+            case = int(self.usable[rng.integers(len(self.usable))])
+        else:
+            case = int(self.usable[int(rng.choice(len(self.usable), p=self.weights))])
         pool = self.c_index[case]
         classes = self.class_index[case]
         if classes and rng.random() < self.foreground_fraction:

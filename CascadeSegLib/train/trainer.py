@@ -123,7 +123,7 @@ class StageTrainer:
     def __init__(self, cfg: RunConfig, stage: StageConfig, folder: Path, train_cases: list[CachedCase],
                  train_masks: list[np.ndarray], val_cases: list[CachedCase], val_masks: list[np.ndarray],
                  ctx: DistContext, device: torch.device, init_state: dict[str, torch.Tensor] | None = None,
-                 lr_scale: float = 1.0, progress: bool = True) -> None:
+                 lr_scale: float = 1.0, progress: bool = True, case_weights: Sequence[float] | None = None) -> None:
         self.cfg, self.stage, self.folder, self.ctx, self.device = cfg, stage, folder, ctx, device
         self.train_cases, self.train_masks = train_cases, train_masks
         self.val_cases, self.val_masks = val_cases, val_masks
@@ -160,7 +160,8 @@ class StageTrainer:
 
             self.model = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = make_loss(s.loss)
-        self.sampler = CandidateSampler(train_masks, [c.label for c in train_cases], s.foreground_fraction)
+        self.sampler = CandidateSampler(train_masks, [c.label for c in train_cases], s.foreground_fraction,
+                                        case_weights)
         self.rng = np.random.default_rng([s.seed, ctx.rank])
         self.gen = torch.Generator().manual_seed(s.seed * 1000 + ctx.rank)
         self.iteration = 0
@@ -428,6 +429,10 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
         cases, source_names = discover_cases(cfg.data, cfg.resolve)
         table = label_lookup(labels, cfg.data.get("label_map"), source_names, cfg.data.get("label_map_preset"))
         train_cases, val_cases = read_split(cfg.data, cfg.resolve, cases)
+        weights = None
+        if cfg.data.get("synthetic"):
+            measurable = [c for c in cases if c not in val_cases]     # never the validation cases' look
+            train_cases, weights = _with_synthetic(cfg, train_cases, measurable, run_dir / "synthetic", ctx, progress)
         cache_dir = cfg.resolve(cfg.data["cache_dir"]) if cfg.data.get("cache_dir") else run_dir / "cache"
         cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -471,7 +476,8 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
                     stage1_net = None
                 continue
             init = init_states[index] if init_states else None
-            trainer = StageTrainer(cfg, stage, folder, tr, tr_masks, va, va_masks, ctx, dev, init, lr_scale, progress)
+            trainer = StageTrainer(cfg, stage, folder, tr, tr_masks, va, va_masks, ctx, dev, init, lr_scale, progress,
+                                   weights)
             results[stage.name] = trainer.run()
             if index == 0:
                 stage1_net = None
@@ -483,6 +489,40 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
         return run_dir
     finally:
         ctx.close()
+
+
+def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path, ctx: DistContext,
+                    progress: bool) -> tuple[list, list[float]]:
+    """Real training cases plus the config's synthetic ones, and each case's sampling weight:
+    synthetic cases together get `share` of the sub-volumes, real ones the rest."""
+    from ..synthesis.source import synthetic_cases
+
+    spec = dict(cfg.data["synthetic"])
+    bar = None
+    if ctx.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="synthesis", unit="CT", dynamic_ncols=True)
+
+    def report(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    syn: list = []
+    if ctx.is_main:
+        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir, report)
+    ctx.barrier()
+    if not ctx.is_main:
+        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir)
+    if bar is not None:
+        bar.close()
+    share = float(spec.get("share", 0.5)) if real else 1.0
+    if not 0.0 <= share <= 1.0:
+        raise UserError(f"data.synthetic.share must be between 0 and 1, got {share}")
+    weights = [(1.0 - share) / max(1, len(real))] * len(real) + [share / len(syn)] * len(syn)
+    return list(real) + syn, weights
 
 
 def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> nn.Module:

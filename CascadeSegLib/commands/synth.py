@@ -1,0 +1,93 @@
+"""`cascadeseg synth LABELMAP... -o OUT [--n N] [--seed S]`: synthetic CTs from label maps.
+
+Each label map gives N CTs in HU (`<case>_synth<i>.nii.gz`) with their deformed label maps
+(`<case>_synth<i>_label.nii.gz`, same values, same grid as the CT) and `<case>_synth<i>.json`
+(seed, contrast phase, crop). TotalSegmentator label maps work as they are; any other label
+map needs `--structures FILE`, a JSON object {"value": "structure name or tissue"} (tissues:
+see `CascadeSegLib.synthesis.TISSUES`). The same seed always gives the same images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("synth", help="make synthetic CTs (HU) from label maps, for training",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("labelmaps", nargs="+", metavar="LABELMAP", help="label map files (.nii.gz, .nrrd, .mha)")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=1, help="CTs per label map (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                   help="output grid spacing in mm (default: the label map's grid)")
+    p.add_argument("--phase", choices=("native", "arterial", "portal", "delayed"),
+                   help="contrast phase (default: drawn at random per CT)")
+    p.add_argument("--structures", default=None, help="JSON {value: structure name or tissue} for label maps "
+                                                      "that are not TotalSegmentator's")
+    p.add_argument("--table", default=None, help="intensity table JSON (default: the shipped one, measured on "
+                                                 "the sample CT and TotalSegmentator s0009)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import SimpleITK as sitk
+
+    from ..errors import UserError
+    from ..io import read_image, write_image
+    from ..synthesis import (IntensityTable, SynthSettings, default_table_path, structure_names, synthesize,
+                             unknown_structures, with_phase)
+
+    if args.n < 1:
+        raise UserError("--n must be at least 1")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; -o takes a folder")
+    table_path = Path(args.table) if args.table else default_table_path()
+    try:
+        table = IntensityTable.load(table_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read the intensity table {table_path} ({exc})") from None
+    names = structure_names(args.structures)
+    settings = SynthSettings(spacing=tuple(args.spacing) if args.spacing else None)
+    if args.phase:
+        settings = with_phase(settings, args.phase)
+    jobs = []
+    for lm in args.labelmaps:
+        path = Path(lm)
+        labels = read_image(path)
+        if labels.GetDimension() != 3 or labels.GetNumberOfComponentsPerPixel() != 1:
+            raise UserError(f"{path} is not a 3D label map; give one scalar 3D label image per file")
+        if labels.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
+                                       sitk.sitkUInt32, sitk.sitkInt32):
+            raise UserError(f"{path} holds {labels.GetPixelIDTypeAsString()} values; a label map holds integers")
+        import numpy as np
+
+        values = np.unique(sitk.GetArrayViewFromImage(labels)).tolist()
+        bad = unknown_structures(names, values)
+        if bad:
+            raise UserError(f"{path}: label value(s) {', '.join(bad[:8])} have no known tissue; pass --structures "
+                            "with a JSON {value: structure name or tissue}")
+        if len(values) < 2:
+            raise UserError(f"{path} is empty (no labelled voxel); give a label map with structures")
+        jobs.append((path, labels))
+    from ..io import case_name
+
+    targets = [(path, labels, i, out / f"{case_name(path)}_synth{i}") for path, labels in jobs for i in range(args.n)]
+    existing = [str(t[3]) + ".nii.gz" for t in targets if Path(str(t[3]) + ".nii.gz").exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} already exists (and {len(existing) - 1} more); pass --overwrite to replace")
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (path, labels, i, stem) in enumerate(targets):
+        seed = args.seed * 100003 + k
+        result = synthesize(labels, names, table, seed=seed, settings=replace(settings))
+        write_image(result.ct, Path(str(stem) + ".nii.gz"), overwrite=True)
+        write_image(result.labels, Path(str(stem) + "_label.nii.gz"), overwrite=True)
+        Path(str(stem) + ".json").write_text(json.dumps({"label_map": str(path), **result.info}, indent=1) + "\n",
+                                             encoding="utf-8")
+        print(f"{stem}.nii.gz: {result.info['phase']} phase, size {'x'.join(map(str, result.ct.GetSize()))}")
+    return 0

@@ -1,0 +1,107 @@
+"""The `synthetic` data source of a training config: CTs drawn from label maps, cached per run.
+
+    "data": {"cases": [...real cases...],
+             "synthetic": {"label_maps": ["s0004_label.nii.gz", ...], "per_label_map": 8, "seed": 0,
+                           "spacing": [3, 3, 3], "share": 0.5,
+                           "table": {"measure": ["real case", ...]} | "default" | "table.json",
+                           "structures": "totalsegmentator" | "structures.json"}}
+
+Each sample is a deterministic function of (label map, index, seed, table, settings), written
+once into the run folder (atomically) and then trained on like a real case, so a resumed run
+sees exactly the same images. `table: {"measure": [...]}` measures the intensity table on the
+named real cases of this run only, so a leave-one-out fold never learns the look of its test
+patient. `share` is the fraction of training sub-volumes drawn from synthetic cases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from ..errors import UserError
+from .render import SynthSettings, synthesize
+from .tissues import IntensityTable, default_table_path, measure_table, structure_names, unknown_structures
+
+_KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "comment"}
+
+
+def _table_for(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases: Sequence[Any]) -> IntensityTable:
+    table = spec.get("table", "default")
+    if table == "default":
+        return IntensityTable.load(default_table_path())
+    if isinstance(table, dict) and "measure" in table:
+        by_name = {c.name: c for c in real_cases}
+        missing = [n for n in table["measure"] if n not in by_name]
+        if missing:
+            raise UserError(f"data.synthetic.table.measure names case(s) {missing} that this run does not train on")
+        from ..io import read_image
+
+        cases = [(n, read_image(by_name[n].image), read_image(by_name[n].label)) for n in table["measure"]]
+        return measure_table(cases)
+    try:
+        return IntensityTable.load(resolve(table))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read data.synthetic.table {table} ({exc})") from None
+
+
+def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases: Sequence[Any], out_dir: Path,
+                    progress: Callable[[int, int], None] | None = None) -> list[Any]:
+    """Generate (or find) the run's synthetic cases; returns training `Case`s."""
+    from ..train.dataset import Case
+
+    unknown = set(spec) - _KEYS
+    if unknown:
+        raise UserError(f"unknown data.synthetic setting(s) {sorted(unknown)}; known: {', '.join(sorted(_KEYS))}")
+    maps = [resolve(p) for p in spec.get("label_maps", [])]
+    if not maps:
+        raise UserError("data.synthetic needs label_maps: a list of label map files")
+    for p in maps:
+        if not p.is_file():
+            raise UserError(f"data.synthetic: label map {p} does not exist")
+    n = int(spec.get("per_label_map", 4))
+    seed = int(spec.get("seed", 0))
+    spacing = spec.get("spacing")
+    settings = SynthSettings(spacing=tuple(float(s) for s in spacing) if spacing else None)  # type: ignore[arg-type]
+    table = _table_for(spec, resolve, real_cases)
+    names = structure_names(spec.get("structures"))
+    blob = json.dumps([table.to_json(), spacing, seed, sorted(names.items()), repr(settings)], sort_keys=True)
+    key = hashlib.sha1(blob.encode()).hexdigest()[:10]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"table-{key}.json").write_text(json.dumps(table.to_json(), indent=1), encoding="utf-8")
+    cases = []
+    total, done = len(maps) * n, 0
+    for m_index, path in enumerate(maps):
+        stem = path.name.split(".")[0]
+        labels = None
+        for i in range(n):
+            folder = out_dir / f"synth-{stem}-{i:03d}-{key}"
+            if not (folder / "label.nii.gz").is_file():
+                if labels is None:
+                    labels = sitk.ReadImage(str(path))
+                    bad = unknown_structures(names, np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
+                    if bad:
+                        raise UserError(f"{path}: label value(s) {', '.join(bad[:8])} have no tissue; give "
+                                        "data.synthetic.structures a {value: name or tissue} table")
+                result = synthesize(labels, names, table, seed=seed * 100003 + m_index * 1009 + i, settings=settings)
+                tmp = out_dir / f".tmp-{folder.name}-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+                sitk.WriteImage(result.ct, str(tmp / "ct.nii.gz"), True)
+                sitk.WriteImage(result.labels, str(tmp / "label.nii.gz"), True)
+                (tmp / "info.json").write_text(json.dumps({"label_map": str(path), **result.info}), encoding="utf-8")
+                try:
+                    os.replace(tmp, folder)
+                except OSError:          # another process wrote it first
+                    shutil.rmtree(tmp, ignore_errors=True)
+            cases.append(Case(folder.name, folder / "ct.nii.gz", folder / "label.nii.gz"))
+            done += 1
+            if progress:
+                progress(done, total)
+    return cases
