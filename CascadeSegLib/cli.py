@@ -17,7 +17,7 @@ import traceback
 from . import __version__
 from .errors import Cancelled, UserError
 
-COMMANDS = ("segment", "models", "evaluate", "train", "refine", "corrections", "improve", "summarize")
+COMMANDS = ("segment", "models", "evaluate", "train", "refine", "corrections", "improve", "summarize", "synth")
 
 
 class _Parser(argparse.ArgumentParser):
