@@ -207,3 +207,26 @@ def test_output_grids_are_as_documented(tmp_path):
     assert x.min() >= start[0] and x.max() < start[0] + probs.GetSize()[0]
     assert y.min() >= start[1] and y.max() < start[1] + probs.GetSize()[1]
     assert z.min() >= start[2] and z.max() < start[2] + probs.GetSize()[2]
+
+
+def test_measurement_script_leaves_tracked_files_alone(tmp_path):
+    """configs/measure_demo_model.py writes its model.json to -o, never over the bundled package."""
+    import sys
+
+    from CascadeSegLib.resources import bundled_models_dir
+
+    source = bundled_models_dir() / "abdomen-ct-demo" / "model.json"
+    before = source.read_bytes()
+    out = tmp_path / "measured" / "model.json"
+    script = Path(__file__).resolve().parents[1] / "configs" / "measure_demo_model.py"
+    res = subprocess.run([sys.executable, str(script), "-o", str(out)], capture_output=True, text=True,
+                         env=child_env(), timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert source.read_bytes() == before
+    measured = json.loads(out.read_text(encoding="utf-8"))
+    assert measured["provenance"]["held_out_dice"]["case"] == "dicom_slab"
+    assert "| mean |" in res.stdout
+    res = subprocess.run([sys.executable, str(script), "-o", str(source)], capture_output=True, text=True,
+                         env=child_env(), timeout=600)
+    assert res.returncode == 2 and "is the model's own model.json" in res.stderr
+    assert source.read_bytes() == before

@@ -1,9 +1,11 @@
-"""Measure the bundled demo model's Dice per organ and record it in its model.json provenance.
+"""Measure the bundled demo model's Dice per organ; optionally write a model.json that records it.
 
 Held out: the DICOM slab (never trained on, not used to pick checkpoints). Training data: the
-3 mm sample CT, reported as such. Prints the Markdown table used in MODEL_CARD.md.
+3 mm sample CT, reported as such. Prints the Markdown table used in MODEL_CARD.md. A measurement
+never edits tracked files: `-o` writes the model.json with the new provenance to another path
+(copy it over the package's own model.json by hand when the numbers are meant to be published).
 
-    python configs/measure_demo_model.py [--model Resources/Models/abdomen-ct-demo]
+    python configs/measure_demo_model.py [--model Resources/Models/abdomen-ct-demo] [-o measured/model.json]
 """
 
 from __future__ import annotations
@@ -48,18 +50,26 @@ def dice_per_organ(model: ModelPackage, image_path: Path, label_path: Path) -> t
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=str(REPO / "Resources/Models/abdomen-ct-demo"))
+    ap.add_argument("-o", "--output", default=None, type=Path,
+                    help="write the model.json with the measured provenance here (never over the model's own)")
     args = ap.parse_args()
+    source = Path(args.model) / "model.json"
+    if args.output is not None and args.output.resolve() == source.resolve():
+        ap.error(f"-o {args.output} is the model's own model.json; write the measurement elsewhere")
     model = ModelPackage.load(args.model)
     results = {case: dice_per_organ(model, *paths) for case, paths in CASES.items()}
-    meta = json.loads((Path(args.model) / "model.json").read_text(encoding="utf-8"))
+    meta = json.loads(source.read_text(encoding="utf-8"))
     meta["provenance"]["held_out_dice"] = {"case": "dicom_slab", "dice": results["dicom_slab"][0],
                                            "seconds": round(results["dicom_slab"][1], 2)}
     meta["provenance"]["training_data_dice"] = {"case": "ts_example_3mm", "note": "TRAINED ON this CT",
                                                 "dice": results["ts_example_3mm"][0],
                                                 "seconds": round(results["ts_example_3mm"][1], 2)}
-    tmp = Path(args.model) / ".model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(Path(args.model) / "model.json")
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.output.with_name(f".{args.output.name}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(args.output)
+        print(f"wrote {args.output}", file=sys.stderr)
     print("| organ | held-out `dicom_slab` | training data `ts_example_3mm` (TRAINED ON) |")
     print("|---|---:|---:|")
     for name in [*TOTALSEGMENTATOR_IDS.values(), "mean"]:
