@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .segment import DEVICE_HELP
 
 _LABELS_HELP = ("label names/values of the predictions: a model name or path, a JSON label list "
                 "(file or inline), or comma-separated organ names (values 1..N); default: the "
@@ -124,7 +125,8 @@ def register(subparsers: Any) -> None:
         e.add_argument("reference", help="reference label map or folder (matched by case name)")
         e.add_argument("-o", "--output", required=True, metavar="REPORT_DIR")
         e.add_argument("--model", default=None, help="model name, folder or .zip")
-        e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+        e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help=DEVICE_HELP)
         e.add_argument("--overlap", type=float, default=0.0 if name == "stages" else 0.37,
                        metavar="FRACTION", help="stage-2 tile overlap" + (
                            " (0)" if name == "stages" else " of the overlapping run (0.37)"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from .segment import DEVICE_HELP
 
 _OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
@@ -28,7 +29,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("input", help="CT file or DICOM folder")
     p.add_argument("-o", "--output", required=True, help="refined label map (.nii.gz, .nrrd, .mha, .seg.nrrd)")
     p.add_argument("--model", default=None, help="model name, folder or .zip (3D cascade or 2D baseline)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help=DEVICE_HELP)
     p.add_argument("--labels", default=None, metavar="SEG",
                    help="start from this label map (on the CT's grid, model label values) instead of segmenting")
     p.add_argument("--organs", default=None, help="comma-separated organs to refine (default: all)")
@@ -65,7 +67,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("--model", required=True, help="model name, folder or .zip")
     s.add_argument("--fusion", default=None, choices=["mean", "vote"],
                    help="fuse the views by mean probability or majority vote (default: the model's)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                       help=DEVICE_HELP)
     s.add_argument("--stage1-only", action="store_true", help="coarse stage only")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     s.set_defaults(func=run_segment2d)

@@ -15,6 +15,8 @@ import SimpleITK as sitk
 from ..errors import Cancelled, UserError
 
 IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+DEVICE_HELP = ("where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU; "
+               "cuda or mps fail with a one-line error when that device is missing")
 # A name ending like a file type (".png", ".nii.zip"), as opposed to a folder such as "out" or "run_2".
 _LOOKS_LIKE_FILE = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,4}$")
 
@@ -27,9 +29,7 @@ def register(subparsers: Any) -> None:
                    help="output folder, or a file (.seg.nrrd, .nii.gz, .nrrd, .mha) for a single input")
     p.add_argument("--model", default=None, help="installed model name, model folder or .zip "
                    "(default: the bundled abdomen-ct-demo)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the "
-                   "CPU; cuda or mps fail with a one-line error when that device is missing")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
     p.add_argument("--overlap", nargs="?", type=float, const=0.37, default=0.0, metavar="FRACTION",
                    help="overlap stage-2 tiles and average (bare flag: 0.37, each voxel ~4 times)")
     p.add_argument("--stage1-only", action="store_true", help="quick mode: stop after stage 1")
