@@ -6,6 +6,7 @@ tensors on the inference device. Arrays are (z, y, x); spacings are (x, y, z) li
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -146,19 +147,34 @@ def ball(radius: int, device: torch.device | str = "cpu") -> torch.Tensor:
 def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     """Binary dilation with a ball of `radius` voxels (the paper's C2 uses r = 3).
 
-    Only the bounding box of the mask (plus the radius) is convolved, which keeps this cheap
-    when the foreground is ~10% of the volume.
+    The ball is a union of x-segments: for each (dz, dy) with dz^2 + dy^2 <= r^2 the segment's
+    half-width is floor(sqrt(r^2 - dz^2 - dy^2)). So the dilation is one 1D max-pool along x per
+    distinct half-width (r + 1 of them), then an OR of shifted copies - a few cheap passes instead
+    of a float convolution with (2r + 1)^3 taps. Only the bounding box of the mask (plus the
+    radius) is touched, which keeps this cheap when the foreground is ~10% of the volume.
     """
-    if radius <= 0 or not bool(mask.any()):
+    r = int(radius)
+    if r <= 0 or not bool(mask.any()):
         return mask.clone()
-    box = bounding_box(mask, pad=radius, shape=mask.shape)
+    box = bounding_box(mask, pad=r, shape=mask.shape)
     sl = tuple(slice(a, b) for a, b in box)
-    sub = mask[sl].float()[None, None]
-    kernel = ball(radius, mask.device).float()[None, None]
-    # Pad with zeros so the ball reaches the box edge, then any overlap marks a voxel.
-    out = F.conv3d(F.pad(sub, [radius] * 6), kernel) > 0.5
+    sub = mask[sl]
+    z, y, x = sub.shape
+    padded = F.pad(sub.to(torch.float16 if sub.is_cuda else torch.float32)[None, None], [r] * 6)
+    pooled: dict[int, torch.Tensor] = {}
+    out = torch.zeros((z, y, x), dtype=torch.bool, device=mask.device)
+    for dz in range(-r, r + 1):
+        for dy in range(-r, r + 1):
+            rest = r * r - dz * dz - dy * dy
+            if rest < 0:
+                continue
+            w = math.isqrt(rest)
+            if w not in pooled:
+                wide = padded if w == 0 else F.max_pool3d(padded, (1, 1, 2 * w + 1), stride=1, padding=(0, 0, w))
+                pooled[w] = wide[0, 0] > 0.5
+            out |= pooled[w][r + dz:r + dz + z, r + dy:r + dy + y, r:r + x]
     result = torch.zeros_like(mask)
-    result[sl] = out[0, 0]
+    result[sl] = out
     return result
 
 
