@@ -15,8 +15,17 @@ from scipy import ndimage
 
 from CascadeSegLib.cascade import check_ct
 from CascadeSegLib.commands.segment import check_finite, check_looks_like_ct
-from CascadeSegLib.synthesis import (AnatomySettings, IntensityTable, ScanSettings, SynthSettings, default_table_path,
-                                     measure_table, synthesize, tissue_of, totalsegmentator_names)
+from CascadeSegLib.synthesis import (
+    AnatomySettings,
+    IntensityTable,
+    ScanSettings,
+    SynthSettings,
+    default_table_path,
+    measure_table,
+    synthesize,
+    tissue_of,
+    totalsegmentator_names,
+)
 from CascadeSegLib.synthesis.source import synthetic_cases
 
 REPO = Path(__file__).resolve().parents[1]

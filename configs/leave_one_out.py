@@ -80,7 +80,8 @@ def train(args: argparse.Namespace) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = run_dir / "fold_config.json"
             cfg_path.write_text(json.dumps(fold_config(raw, test, variant, args.threads), indent=1), encoding="utf-8")
-            jobs.append([sys.executable, "-m", "CascadeSegLib", "train", str(cfg_path), "--run-dir", str(run_dir / "run")])
+            jobs.append([sys.executable, "-m", "CascadeSegLib", "train", str(cfg_path),
+                         "--run-dir", str(run_dir / "run")])
 
     def one(cmd: list[str]) -> int:
         return _run(cmd, Path(cmd[-1]).parent / "train.log")
@@ -127,9 +128,11 @@ def evaluate(args: argparse.Namespace) -> int:
                 print(f"{variant}/{c['name']}: not trained yet", file=sys.stderr)
                 continue
             _run([sys.executable, "-m", "CascadeSegLib", "segment", _abs(c["image"]), "-o",
-                  str(pred / f"{c['name']}.nii.gz"), "--model", str(model), "--overwrite"], root / variant / "segment.log")
-        _run([sys.executable, "-m", "CascadeSegLib", "evaluate", str(pred), str(refs), "-o", str(root / variant / "report"),
-              "--name", variant, "--quiet", "--no-plots", "--no-label-check"], root / variant / "evaluate.log")
+                  str(pred / f"{c['name']}.nii.gz"), "--model", str(model), "--overwrite"],
+                 root / variant / "segment.log")
+        _run([sys.executable, "-m", "CascadeSegLib", "evaluate", str(pred), str(refs),
+              "-o", str(root / variant / "report"), "--name", variant, "--quiet", "--no-plots", "--no-label-check"],
+             root / variant / "evaluate.log")
     return table(root, args.variants.split(","))
 
 

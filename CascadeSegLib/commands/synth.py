@@ -39,8 +39,15 @@ def run(args) -> int:
 
     from ..errors import UserError
     from ..io import read_image, write_image
-    from ..synthesis import (IntensityTable, SynthSettings, default_table_path, structure_names, synthesize,
-                             unknown_structures, with_phase)
+    from ..synthesis import (
+        IntensityTable,
+        SynthSettings,
+        default_table_path,
+        structure_names,
+        synthesize,
+        unknown_structures,
+        with_phase,
+    )
 
     if args.n < 1:
         raise UserError("--n must be at least 1")

@@ -6,8 +6,17 @@
 
 from .anatomy import AnatomySettings, warp_labels
 from .render import ScanSettings, SynthResult, SynthSettings, synthesize, with_phase
-from .tissues import (PHASES, TISSUES, IntensityTable, default_table_path, measure_table, structure_names,
-                      tissue_of, totalsegmentator_names, unknown_structures)
+from .tissues import (
+                      PHASES,
+                      TISSUES,
+                      IntensityTable,
+                      default_table_path,
+                      measure_table,
+                      structure_names,
+                      tissue_of,
+                      totalsegmentator_names,
+                      unknown_structures,
+)
 
 __all__ = ["AnatomySettings", "IntensityTable", "PHASES", "ScanSettings", "SynthResult", "SynthSettings", "TISSUES",
            "default_table_path", "measure_table", "structure_names", "synthesize", "tissue_of",

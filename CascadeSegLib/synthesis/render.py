@@ -310,7 +310,8 @@ def _truncate(hu: np.ndarray, lab: np.ndarray, body: np.ndarray, spacing_zyx: np
     ext = (coords.max(0) - coords.min(0)) / 2 * spacing_zyx[axes]
     radius = float(np.max(ext) * rng.uniform(0.75, 0.95))
     yy, xx = np.meshgrid(np.arange(hu.shape[axes[0]]), np.arange(hu.shape[axes[1]]), indexing="ij")
-    outside = ((yy - centre[0]) * spacing_zyx[axes[0]]) ** 2 + ((xx - centre[1]) * spacing_zyx[axes[1]]) ** 2 > radius ** 2
+    dy, dx = (yy - centre[0]) * spacing_zyx[axes[0]], (xx - centre[1]) * spacing_zyx[axes[1]]
+    outside = dy ** 2 + dx ** 2 > radius ** 2
     sl: list = [slice(None)] * 3
     sl[si_axis] = None
     hu[np.broadcast_to(outside[tuple(sl)], hu.shape)] = HU_MIN
