@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from CascadeSegLib.cli import main
 from CascadeSegLib.corrections import add_correction, list_corrections
 from CascadeSegLib.errors import Cancelled, UserError
 from CascadeSegLib.io import read_image
@@ -107,7 +108,7 @@ def test_damaged_model_learns_its_corrections_back(damaged):
     assert sorted(p.name for p in root.iterdir()) == [".corrections", "damaged", "repaired"]
 
 
-def test_cancel_and_errors_leave_everything_as_it_was(damaged):
+def test_cancel_and_errors_leave_everything_as_it_was(damaged, capsys):
     pkg, root = damaged
     parent, store = _snapshot(pkg.root), _snapshot(root / ".corrections")
     seen = []
@@ -126,4 +127,7 @@ def test_cancel_and_errors_leave_everything_as_it_was(damaged):
     shutil.rmtree(root / ".corrections" / "damaged")
     with pytest.raises(UserError, match="no stored corrections"):
         improve_model("damaged", "repaired", ImproveOptions(**FAST), root=root)
+    assert main(["improve", "damaged", "-o", "repaired"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("cascadeseg: error: model damaged has no stored corrections") and "\n" not in err
     assert list_corrections("damaged") == []
