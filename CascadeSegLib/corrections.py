@@ -234,7 +234,7 @@ def add_correction(model: str, labels: LabelSet, ct_path: str | os.PathLike, seg
                 "source": {"ct": str(Path(ct_path).resolve()), "segmentation": str(Path(segmentation).resolve())},
                 "voxels": {n: v for n, v in voxels.items() if v}, "labels": labels.to_json()}
         (work / "case.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-        _swap_in(work, target)
+        replace_folder(work, target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return load_case(target)
@@ -247,7 +247,7 @@ def _fits_int16(ct: sitk.Image) -> bool:
     return bool(np.issubdtype(arr.dtype, np.integer) and arr.min() >= -32768 and arr.max() <= 32767)
 
 
-def _swap_in(new: Path, target: Path) -> None:
+def replace_folder(new: Path, target: Path) -> None:
     """Rename `new` to `target`; an old `target` is moved aside first and deleted after."""
     old = None
     if target.exists():

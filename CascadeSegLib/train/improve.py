@@ -276,23 +276,9 @@ def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder:
     return loaded
 
 
-def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, progress: Progress | None = None,
-                  cancel: Callable[[], bool] | None = None, overwrite: bool = False,
-                  root: str | Path | None = None) -> ImproveResult:
-    """Fine-tune `parent` on its corrections and install the result as model `name`."""
-    import shutil
-    import tempfile
-
-    from ..corrections import _swap_in, list_corrections
+def _check_request(pkg, name: str, opts: ImproveOptions, target: Path, overwrite: bool) -> None:
     from ..download import _SAFE_NAME
-    from ..model import load_model
-    from ..resources import models_dir, sample_ct
-    from .improve_report import write_report
 
-    opts = opts or ImproveOptions()
-    t0 = time.perf_counter()
-    pkg = load_model(parent)
-    pkg.verify()
     if pkg.architecture != "3d-cascade":
         raise UserError(f"model {pkg.name} is a {pkg.architecture} model; improve fine-tunes 3D cascades only")
     if not _SAFE_NAME.match(name) or name == pkg.name:
@@ -303,80 +289,131 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
     if unknown:
         raise UserError(f"model {pkg.name} has no stage(s) {sorted(unknown)}; it has "
                         f"{', '.join(s.name for s in pkg.stages)}")
-    base = Path(root) if root is not None else models_dir()
-    target = base / name
+    missing = [str(p) for p in opts.replay or () if not Path(p).exists()]
+    if missing:
+        raise UserError(f"--replay CT(s) {', '.join(missing)} not found; check the path(s)")
     if target.exists() and not overwrite:
         raise UserError(f"model {name} is already installed in {target}; choose another -o name, or --overwrite")
+
+
+def _snapshot(case, folder: Path):
+    """The case's files linked (or copied) into `folder`: a concurrent `remove` cannot pull them away."""
+    import os
+    import shutil
+
+    folder.mkdir(parents=True)
+    for f in (case.ct, case.labels):
+        try:
+            os.link(f, folder / f.name)
+        except OSError:
+            shutil.copy2(f, folder / f.name)
+    return dataclasses.replace(case, folder=folder)
+
+
+@dataclass
+class _ParentPass:
+    """What the parent model says about each correction, and the replayed cases."""
+
+    items: list[TrainItem]
+    replays: list[TrainItem]
+    before: dict[str, dict[str, float | None]]
+    truths: dict[str, sitk.Image]
+
+
+def _parent_pass(pkg, cases, replay: Sequence[Path], work: Path, opts: ImproveOptions, say: Progress,
+                 cancel: Callable[[], bool] | None) -> _ParentPass:
+    from ..io import read_image, write_image
+
+    out = _ParentPass([], [], {}, {})
+    n = len(cases) + len(replay)
+    for i, case in enumerate(cases):
+        say("parent", i / n, f"segmenting {case.id} with {pkg.name}")
+        pred = predict(pkg, case.ct, opts.device, cancel)
+        out.truths[case.id] = read_image(case.labels)
+        out.before[case.id] = reviewed_dice(pred, pkg.labels, out.truths[case.id], pkg.labels, case.reviewed)
+        out.items.append(TrainItem(case.id, case.ct, case.labels, write_image(pred, work / f"parent-{case.id}.nii.gz"),
+                                   case.reviewed))
+    for j, ct in enumerate(replay):
+        say("parent", (len(cases) + j) / n, f"replaying {ct.name}")
+        lab = write_image(predict(pkg, ct, opts.device, cancel), work / f"replay-{j}.nii.gz")
+        out.replays.append(TrainItem(f"replay-{j}", ct, lab))
+    return out
+
+
+def _provenance(pkg, name: str, cases, replay: Sequence[Path], opts: ImproveOptions) -> dict[str, Any]:
+    from ..model import sha256_file
+
+    return {"improved_from": {"name": pkg.name, "version": pkg.version,
+                              "sha256": {s.name: s.sha256 for s in pkg.stages}},
+            "corrections": [{"id": c.id, "reviewed": list(c.reviewed), "created": c.created,
+                             "sha256": sha256_file(c.labels)} for c in cases],
+            "replay": [str(p) for p in replay],
+            "command": f"cascadeseg improve {pkg.name} -o {name} --iterations {opts.iterations}",
+            "training": {"iterations": opts.iterations, "lr": opts.lr, "stages": list(opts.stages or []),
+                         "unreviewed_organs": f"weight 0; background trusted within {TRUSTED_BAND_MM} mm "
+                                              "of reviewed organs"},
+            "trained_on": [c.id for c in cases] + list((pkg.provenance or {}).get("trained_on", []) or [])}
+
+
+def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, progress: Progress | None = None,
+                  cancel: Callable[[], bool] | None = None, overwrite: bool = False,
+                  root: str | Path | None = None) -> ImproveResult:
+    """Fine-tune `parent` on its corrections and install the result as model `name`."""
+    import shutil
+    import tempfile
+
+    from ..corrections import list_corrections, replace_folder
+    from ..model import load_model
+    from ..resources import models_dir, sample_ct
+    from .improve_report import write_report
+
+    opts = opts or ImproveOptions()
+    t0 = time.perf_counter()
+    pkg = load_model(parent)
+    pkg.verify()
+    base = Path(root) if root is not None else models_dir()
+    target = base / name
+    _check_request(pkg, name, opts, target, overwrite)
     cases = list_corrections(pkg.name, base)
     if not cases:
         raise UserError(f"model {pkg.name} has no stored corrections; add some with "
                         f"`cascadeseg corrections add CT SEGMENTATION --model {pkg.name}`")
-    replay = [Path(p) for p in (opts.replay if opts.replay is not None else [sample_ct()]) if Path(p).exists()]
-    base.mkdir(parents=True, exist_ok=True)
+    replay = [Path(p) for p in opts.replay] if opts.replay is not None else [p for p in [sample_ct()] if p.exists()]
+    say = progress or (lambda *a: None)
     work = Path(tempfile.mkdtemp(prefix=f".improve-{name}-", dir=base))
     try:
+        cases = [_snapshot(c, work / "cases" / c.id) for c in cases]
         cfg = improve_config(pkg, name, opts)
-        say = progress or (lambda *a: None)
-        items, before, truths = [], {}, {}
-        from ..io import read_image, write_image
-
-        for i, case in enumerate(cases):
-            say("parent", i / (len(cases) + len(replay)), f"segmenting {case.id} with {pkg.name}")
-            pred = predict(pkg, case.ct, opts.device, cancel)
-            truth = read_image(case.labels)
-            truths[case.id] = truth
-            before[case.id] = reviewed_dice(pred, pkg.labels, truth, pkg.labels, case.reviewed)
-            items.append(TrainItem(case.id, case.ct, case.labels, write_image(pred, work / f"parent-{case.id}.nii.gz"),
-                                   case.reviewed))
-        replays = []
-        for j, ct in enumerate(replay):
-            say("parent", (len(cases) + j) / (len(cases) + len(replay)), f"replaying {ct.name}")
-            lab = write_image(predict(pkg, ct, opts.device, cancel), work / f"replay-{j}.nii.gz")
-            replays.append(TrainItem(f"replay-{j}", ct, lab))
+        seen = _parent_pass(pkg, cases, replay, work, opts, say, cancel)
         held = [c.id for c in sorted(cases, key=lambda c: c.created)[-opts.left_out:]] \
             if len(cases) >= 2 and opts.left_out > 0 else []
-        total = opts.iterations * len(opts.stages or cfg.stages) * (1 + len(held))
-        steps = _Steps(total, progress, cancel, "training")
-        states = train_cascade(pkg, cfg, items + replays, work / "run", opts, steps)
-        prov = {"improved_from": {"name": pkg.name, "version": pkg.version,
-                                  "sha256": {s.name: s.sha256 for s in pkg.stages}},
-                "corrections": [{"id": c.id, "reviewed": list(c.reviewed), "created": c.created,
-                                 "sha256": _sha(c.labels)} for c in cases],
-                "replay": [str(p) for p in replay],
-                "command": f"cascadeseg improve {pkg.name} -o {name} --iterations {opts.iterations}",
-                "training": {"iterations": opts.iterations, "lr": opts.lr, "stages": list(opts.stages or []),
-                             "unreviewed_organs": f"weight 0; background trusted within {TRUSTED_BAND_MM} mm "
-                                                  "of reviewed organs"},
-                "trained_on": [c.id for c in cases] + (pkg.provenance or {}).get("trained_on", [])}
+        steps = _Steps(opts.iterations * len(opts.stages or cfg.stages) * (1 + len(held)), progress, cancel,
+                       "training")
+        states = train_cascade(pkg, cfg, seen.items + seen.replays, work / "run", opts, steps)
+        prov = _provenance(pkg, name, cases, replay, opts)
         new = new_package(pkg, cfg, name, states, prov, work / "model")
-        after = {}
-        for case in cases:
-            say("checking", 0.5, f"segmenting {case.id} with {name}")
-            after[case.id] = reviewed_dice(predict(new, case.ct, opts.device, cancel), new.labels, truths[case.id],
-                                           pkg.labels, case.reviewed)
-        left_out = {}
+
+        def dice_of(model, case) -> dict[str, float | None]:
+            say("checking", 0.5, f"segmenting {case.id} with {model.name}")
+            return reviewed_dice(predict(model, case.ct, opts.device, cancel), model.labels, seen.truths[case.id],
+                                 pkg.labels, case.reviewed)
+
+        report: dict[str, Any] = {
+            "model": name, "parent": pkg.name, "iterations": opts.iterations, "replay": [str(p) for p in replay],
+            "cases": {c.id: {"reviewed": list(c.reviewed), "before": seen.before[c.id], "after": dice_of(new, c)}
+                      for c in cases},
+            "left_out": {}}
         for k, hid in enumerate(held):
-            rest = [it for it in items if it.name != hid]
-            st = train_cascade(pkg, cfg, rest + replays, work / f"run-without-{hid}", opts, steps)
+            rest = [it for it in seen.items if it.name != hid]
+            st = train_cascade(pkg, cfg, rest + seen.replays, work / f"run-without-{hid}", opts, steps)
             check = new_package(pkg, cfg, f"{name}-check", st, prov, work / f"check-{k}")
             case = next(c for c in cases if c.id == hid)
-            left_out[hid] = {"before": before[hid], "after": reviewed_dice(
-                predict(check, case.ct, opts.device, cancel), check.labels, truths[hid], pkg.labels, case.reviewed)}
-        report = {"model": name, "parent": pkg.name, "seconds": round(time.perf_counter() - t0, 1),
-                  "iterations": opts.iterations, "cases": {c.id: {"reviewed": list(c.reviewed),
-                                                                  "before": before[c.id], "after": after[c.id]}
-                                                           for c in cases},
-                  "left_out": left_out, "replay": [str(p) for p in replay]}
+            report["left_out"][hid] = {"before": seen.before[hid], "after": dice_of(check, case)}
+        report["seconds"] = round(time.perf_counter() - t0, 1)
         files = write_report(work / "model", report)
         if cancel is not None and cancel():
             raise Cancelled()
-        _swap_in(work / "model", target)
+        replace_folder(work / "model", target)
         return ImproveResult(target, report, time.perf_counter() - t0, [target / f.name for f in files])
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _sha(path: Path) -> str:
-    from ..model import sha256_file
-
-    return sha256_file(path)
