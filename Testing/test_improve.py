@@ -48,7 +48,7 @@ def damaged(tmp_path, monkeypatch, sample_ct_path, dicom_slab_dir, dicom_slab_se
     root = tmp_path / "models"
     monkeypatch.setenv("CASCADESEG_MODELS", str(root))
     try:
-        src = load_model("abdomen-ct-demo")
+        src = load_model()                # the default model, whichever it is
     except UserError:
         pytest.skip("no bundled model")
     ts = sample_ct_path.parent / "abdomen_ct_3mm_totalseg.nii.gz"
