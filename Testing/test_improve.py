@@ -25,7 +25,7 @@ from CascadeSegLib.model import ModelPackage, load_model, sha256_file
 from CascadeSegLib.train.improve import ImproveOptions, improve_model, predict, reviewed_dice
 
 TS = {5: "liver", 1: "spleen"}
-DAMAGES = (6.0, 7.0, 8.0, 10.0)   # tried in turn on stage 2's liver logit until the liver is mostly lost
+DAMAGES = (6.0, 7.0, 8.0, 10.0, 14.0)   # tried in turn on stage 2's liver logit until the liver is mostly lost
 FAST = dict(iterations=25, lr=3e-3, batch_size=2, replay=[], device="cpu", stages=["stage2"], patch=(32, 32, 16))
 
 
