@@ -137,7 +137,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def table(root: Path, variants: list[str]) -> int:
-    """Markdown: Dice (HD95 mm) per organ, per left-out patient, per variant."""
+    """Markdown: Dice (HD95 mm) per organ, per left-out patient, per variant; '-' where the organ
+    is not in the left-out CT (and not predicted), 'FP x ml' where it is not there but predicted."""
     raw = json.loads(MAIN.read_text(encoding="utf-8"))
     organs = raw["labels"]
     print("| variant | left-out CT | " + " | ".join(organs) + " | mean |")
@@ -147,30 +148,22 @@ def table(root: Path, variants: list[str]) -> int:
         if not path.is_file():
             continue
         metrics = json.loads(path.read_text(encoding="utf-8"))
-        for case, per in sorted(_per_case(metrics).items()):
-            cells, dices = [], []
-            for o in organs:
-                m = per.get(o)
-                if not m or m.get("dice") is None or m.get("reference_ml", 1) == 0:
-                    cells.append("-")
-                    continue
-                dices.append(m["dice"])
-                hd = m.get("hd95_mm")
-                cells.append(f"{m['dice']:.2f}" + (f" ({hd:.0f})" if isinstance(hd, (int, float)) else ""))
-            mean = sum(dices) / len(dices) if dices else float("nan")
-            print(f"| {variant} | {case} | " + " | ".join(cells) + f" | {mean:.2f} |")
+        for method in metrics.get("methods", {}).values():
+            for case, result in sorted(method.get("cases", {}).items()):
+                cells, dices = [], []
+                for o in organs:
+                    m = result.get("organs", {}).get(o)
+                    if not m or m.get("status") == "absent":
+                        cells.append("-")
+                    elif not m.get("ref_ml"):
+                        cells.append(f"FP {m.get('pred_ml', 0):.0f} ml")
+                    else:
+                        dices.append(m["dice"])
+                        hd = m.get("hd95_mm")
+                        cells.append(f"{m['dice']:.2f}" + (f" ({hd:.0f})" if isinstance(hd, (int, float)) else ""))
+                mean = sum(dices) / len(dices) if dices else float("nan")
+                print(f"| {variant} | {case} | " + " | ".join(cells) + f" | {mean:.2f} |")
     return 0
-
-
-def _per_case(metrics: dict) -> dict[str, dict[str, dict]]:
-    """{case: {organ: {dice, hd95_mm, reference_ml}}} from evaluate's metrics.json."""
-    out: dict[str, dict[str, dict]] = {}
-    for row in metrics.get("cases", metrics.get("per_case", [])):
-        case = row.get("case")
-        organ = row.get("organ")
-        if case and organ:
-            out.setdefault(case, {})[organ] = row
-    return out
 
 
 def main() -> int:
