@@ -33,11 +33,12 @@ from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
 
 
 def _soft(ct: sitk.Image, spacing: float = 3.0) -> sitk.Image:
-    """HU clipped to [-200, 300] on an isotropic grid: what both registrations compare."""
+    """HU clipped to [-200, 300] and shifted to [0, 500] on an isotropic grid: what both
+    registrations compare (non-negative, so the moments initialiser finds the body, not the air)."""
     from CascadeSegLib.preprocess import resample_to_spacing
 
     img = resample_to_spacing(sitk.Cast(ct, sitk.sitkFloat32), [spacing] * 3, "linear", -1024.0, sitk.sitkFloat32)
-    return sitk.Clamp(img, sitk.sitkFloat32, -200.0, 300.0)
+    return sitk.Clamp(img, sitk.sitkFloat32, -200.0, 300.0) + 200.0
 
 
 def register(fixed_ct: sitk.Image, moving_ct: sitk.Image) -> sitk.Transform:
@@ -56,7 +57,7 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image) -> sitk.Transform:
     reg.SetSmoothingSigmasPerLevel([2, 1, 0])
     reg.SetInitialTransform(init, inPlace=False)
     affine = reg.Execute(fixed, moving)
-    aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, -200.0, sitk.sitkFloat32)
+    aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(60)
     demons.SetStandardDeviations(2.0)
@@ -79,6 +80,7 @@ def fuse(label_maps: list[np.ndarray], coverage: list[np.ndarray], num_classes: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "runs" / "loo"))
+    ap.add_argument("--folds", default=None, help="comma-separated left-out cases (default: every real case)")
     args = ap.parse_args()
     raw = json.loads((REPO / "configs" / "abdomen-ct.json").read_text(encoding="utf-8"))
     labels = LabelSet.from_names(raw["labels"])
@@ -88,6 +90,8 @@ def main() -> int:
     pred_dir = Path(args.out) / "registration" / "predictions"
     pred_dir.mkdir(parents=True, exist_ok=True)
     for test, (ct_path, _) in cases.items():
+        if args.folds and test not in args.folds.split(","):
+            continue
         fixed = read_image(ct_path)
         t0 = time.perf_counter()
         warped, coverage = [], []
