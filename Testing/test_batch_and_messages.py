@@ -22,6 +22,12 @@ import SimpleITK as sitk
 from cli_process import SAMPLE_CT, cascadeseg, child_env, command, error_lines
 
 
+def default_sigint() -> None:
+    """Ctrl-C must reach the child even when this test runs in a background job (which starts
+    with SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def cohort(tmp_path) -> Path:
     """Two real CTs, a truncated file and a constant volume: two must fail, with their reasons."""
@@ -116,7 +122,8 @@ def test_unknown_output_ending_is_refused_before_any_work(tmp_path):
 def test_cancel_gives_a_json_event(tmp_path, sig):
     proc = subprocess.Popen(command("segment", SAMPLE_CT, "-o", tmp_path / "out", "--progress-json",
                                     "--overlap", "0.75", "--batch-size", "1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+                            preexec_fn=default_sigint)
     try:
         events = []
         for line in proc.stdout:

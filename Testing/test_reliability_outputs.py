@@ -31,6 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CascadeSeg"))
 
 
+def default_sigint() -> None:
+    """Ctrl-C must reach the child even when this test runs in a background job (which starts
+    with SIGINT ignored, and Python then keeps ignoring it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
@@ -228,7 +234,7 @@ def test_ctrl_c_stops_within_a_tile_and_leaves_files_as_they_were(slow_case, tmp
     proc = subprocess.Popen([sys.executable, "-m", "CascadeSegLib", "segment", str(ct), "-o", str(out),
                              "--model", str(model), "--progress-json", "--overwrite", "--batch-size", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env(),
-                            cwd=tmp_path)
+                            cwd=tmp_path, preexec_fn=default_sigint)
     try:
         events = _wait_for_stage1(proc.stdout, time.monotonic() + 120)
         t0 = time.monotonic()
