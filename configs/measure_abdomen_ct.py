@@ -23,10 +23,11 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from compare_bundled import dice_per_organ, reference_on_grid  # noqa: E402 - same folder
+
 from CascadeSegLib.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.model import ModelPackage  # noqa: E402
-from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
 
 TS = REPO / "Resources" / "TrainingData" / "totalsegmentator"
 TRAINING = {
@@ -38,31 +39,22 @@ TRAINING = {
 NEGATIVE = TS / "s0003_ct.nii.gz"
 
 
-def _dice(pred: np.ndarray, ref: np.ndarray, value: int) -> float | None:
-    p, r = pred == value, ref == value
-    if not r.any():
-        return None
-    return float(2 * np.count_nonzero(p & r) / (np.count_nonzero(p) + np.count_nonzero(r)))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=str(REPO / "runs" / "abdomen-ct" / "model"))
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args()
     model = ModelPackage.load(args.model)
-    table = label_lookup(model.labels, None, None, "totalsegmentator")
     organs = model.labels.names
+    values = {o: model.labels.by_name(o).value for o in organs}
     out: dict = {"model": f"{model.name} {model.version}", "training_cts": {}, "negative": {}}
     for case, (ct_path, lab_path) in TRAINING.items():
         ct = read_image(ct_path)
         t0 = time.perf_counter()
-        pred = sitk.GetArrayFromImage(Segmenter(model, device="cpu").segment(ct).labels)
+        pred = Segmenter(model, device="cpu").segment(ct).labels
         seconds = time.perf_counter() - t0
-        ref_img = sitk.Resample(sitk.ReadImage(str(lab_path)), ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                sitk.sitkUInt16)
-        ref = table[sitk.GetArrayFromImage(ref_img)]
-        dice = {o: _dice(pred, ref, model.labels.by_name(o).value) for o in organs}
+        dice, _ = dice_per_organ(pred, reference_on_grid(lab_path, ct, organs, values), values)
+        dice.pop("mean")
         out["training_cts"][case] = {"dice": dice, "seconds": round(seconds, 1)}
     ct = read_image(NEGATIVE)
     pred = sitk.GetArrayFromImage(Segmenter(model, device="cpu").segment(ct).labels)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
 
@@ -35,19 +34,20 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    import numpy as np
     import SimpleITK as sitk
 
     from ..errors import UserError
-    from ..io import read_image, write_image
+    from ..io import case_name, read_image, write_image
     from ..synthesis import (
         IntensityTable,
         SynthSettings,
         default_table_path,
         structure_names,
         synthesize,
-        unknown_structures,
         with_phase,
     )
+    from ..synthesis.tissues import require_known_structures
 
     if args.n < 1:
         raise UserError("--n must be at least 1")
@@ -72,18 +72,12 @@ def run(args) -> int:
         if labels.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
                                        sitk.sitkUInt32, sitk.sitkInt32):
             raise UserError(f"{path} holds {labels.GetPixelIDTypeAsString()} values; a label map holds integers")
-        import numpy as np
-
         values = np.unique(sitk.GetArrayViewFromImage(labels)).tolist()
-        bad = unknown_structures(names, values)
-        if bad:
-            raise UserError(f"{path}: label value(s) {', '.join(bad[:8])} have no known tissue; pass --structures "
-                            "with a JSON {value: structure name or tissue}")
+        require_known_structures(names, values, path,
+                                 "pass --structures with a JSON {value: structure name or tissue}")
         if len(values) < 2:
             raise UserError(f"{path} is empty (no labelled voxel); give a label map with structures")
         jobs.append((path, labels))
-    from ..io import case_name
-
     targets = [(path, labels, i, out / f"{case_name(path)}_synth{i}") for path, labels in jobs for i in range(args.n)]
     existing = [str(t[3]) + ".nii.gz" for t in targets if Path(str(t[3]) + ".nii.gz").exists()]
     if existing and not args.overwrite:
@@ -91,7 +85,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for k, (path, labels, i, stem) in enumerate(targets):
         seed = args.seed * 100003 + k
-        result = synthesize(labels, names, table, seed=seed, settings=replace(settings))
+        result = synthesize(labels, names, table, seed=seed, settings=settings)
         write_image(result.ct, Path(str(stem) + ".nii.gz"), overwrite=True)
         write_image(result.labels, Path(str(stem) + "_label.nii.gz"), overwrite=True)
         Path(str(stem) + ".json").write_text(json.dumps({"label_map": str(path), **result.info}, indent=1) + "\n",

@@ -22,6 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from ..preprocess import grid_for_spacing
 from .anatomy import AnatomySettings, warp_labels
 from .tissues import BOWEL_GAS_SHARE, PHASES, TISSUES, IntensityTable, tissue_of
 
@@ -126,7 +127,7 @@ def synthesize(labels: sitk.Image, names: Mapping[int, str], table: IntensityTab
     """One synthetic CT for a label map (`names`: label value -> structure name)."""
     rng = np.random.default_rng(seed)
     scan = settings.scan
-    ref = labels if settings.spacing is None else _grid(labels, settings.spacing)
+    ref = labels if settings.spacing is None else grid_for_spacing(labels, settings.spacing)
     lab = warp_labels(labels, ref, dict(names), settings.anatomy, rng)
     spacing_zyx = np.array(ref.GetSpacing()[::-1], dtype=float)
     direction = np.array(ref.GetDirection()).reshape(3, 3)
@@ -176,12 +177,6 @@ def synthesize(labels: sitk.Image, names: Mapping[int, str], table: IntensityTab
     if rng.random() < scan.crop_prob:
         ct, out_lab, info["crop_mm"] = _crop_axial(ct, out_lab, names, si_axis, scan, rng)
     return SynthResult(ct, out_lab, info)
-
-
-def _grid(labels: sitk.Image, spacing) -> sitk.Image:
-    from ..preprocess import grid_for_spacing
-
-    return grid_for_spacing(labels, spacing)
 
 
 def _image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:

@@ -27,7 +27,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from .render import SynthSettings, synthesize
-from .tissues import IntensityTable, default_table_path, measure_table, structure_names, unknown_structures
+from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
 
 _KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "comment"}
 
@@ -85,10 +85,8 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
             if not (folder / "label.nii.gz").is_file():
                 if labels is None:
                     labels = sitk.ReadImage(str(path))
-                    bad = unknown_structures(names, np.unique(sitk.GetArrayViewFromImage(labels)).tolist())
-                    if bad:
-                        raise UserError(f"{path}: label value(s) {', '.join(bad[:8])} have no tissue; give "
-                                        "data.synthetic.structures a {value: name or tissue} table")
+                    require_known_structures(names, np.unique(sitk.GetArrayViewFromImage(labels)).tolist(), path,
+                                             "give data.synthetic.structures a {value: name or tissue} table")
                 result = synthesize(labels, names, table, seed=seed * 100003 + m_index * 1009 + i, settings=settings)
                 tmp = out_dir / f".tmp-{folder.name}-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)

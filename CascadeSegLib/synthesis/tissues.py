@@ -118,6 +118,15 @@ def structure_names(table: Mapping[Any, str] | str | Path | None = None) -> dict
     return {int(k): str(v) for k, v in table.items()}
 
 
+def require_known_structures(names: Mapping[int, str], values: Iterable[int], source: Any, hint: str) -> None:
+    """Refuse a label map holding values without a tissue, naming them and `hint` (how to map them)."""
+    from ..errors import UserError
+
+    bad = unknown_structures(names, values)
+    if bad:
+        raise UserError(f"{source}: label value(s) {', '.join(bad[:8])} have no known tissue; {hint}")
+
+
 def unknown_structures(names: Mapping[int, str], values: Iterable[int]) -> list[str]:
     """Values present in a label map whose structure has no tissue (named for the error message)."""
     out = []
