@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from CascadeSegLib.train.losses import class_weights, make_loss, soft_dice_loss, weighted_cross_entropy
+from CascadeSegLib.train.losses import (class_weights, image_class_weights, make_loss, soft_dice_loss,
+                                         weighted_cross_entropy)
 
 LOGITS = np.array([[2.0, 0.5, -1.0, 0.3, 1.0],     # class 0
                    [0.0, 1.5, 0.2, 2.0, -0.5],     # class 1
@@ -77,3 +78,19 @@ def test_perfect_prediction_has_small_loss_and_unknown_loss_is_rejected():
     assert float(soft_dice_loss(logits, target, weight)) < 1e-3
     with pytest.raises(ValueError):
         make_loss("focal")
+
+
+def test_image_class_balance_penalises_false_positives_in_a_background_only_sub_volume():
+    """Per sub-volume, a background-only patch gets lambda_background = 0 and no loss at all;
+    with the image's lambda_k (the paper) a false positive there costs lambda_0 * -log p_0."""
+    target = torch.zeros((1, 1, 1, 5), dtype=torch.long)
+    weight = torch.ones_like(target, dtype=torch.bool)
+    logits = torch.tensor(LOGITS, dtype=torch.float32).reshape(1, 3, 1, 1, 5)
+    assert float(weighted_cross_entropy(logits, target, weight)) == 0.0
+    counts = torch.tensor([[90, 8, 2]])                           # the whole image inside C
+    lam = image_class_weights(counts)
+    assert lam[0].tolist() == pytest.approx([0.1 / 2, 0.92 / 2, 0.98 / 2])
+    p0 = _softmax()[0]
+    expected = lam[0, 0].item() * -np.log(p0).sum() / 5
+    assert float(weighted_cross_entropy(logits, target, weight, lam)) == pytest.approx(expected, rel=1e-5)
+    assert float(make_loss("wce+dice")(logits, target, weight, lam)) == pytest.approx(expected, rel=1e-5)

@@ -33,6 +33,7 @@ class TrainSettings:
     warmup: int = 0                   # linear warm-up iterations
     grad_clip: float = 12.0           # 0 = off
     loss: str = "wce+dice"
+    class_balance: str = "patch"      # lambda_k of the weighted CE from the "image" (paper) or the sub-volume
     amp: bool = True                  # mixed precision (CUDA only)
     foreground_fraction: float = 0.33 # share of sub-volumes centred on a labelled voxel of C
     checkpoint_every: int = 100
@@ -52,6 +53,8 @@ class TrainSettings:
             raise UserError(f"train.schedule must be 'poly', 'cosine' or 'constant', got {self.schedule!r}")
         if self.loss not in LOSSES:
             raise UserError(f"train.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.class_balance not in ("patch", "image"):
+            raise UserError(f"train.class_balance must be 'patch' or 'image', got {self.class_balance!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise UserError("train.iterations must be >= 0 and train.batch_size >= 1")
 

@@ -104,6 +104,7 @@ def _trainer_class():
                 ci, centre = self.sampler.sample(self.rng)
                 if ci == picks[0][0]:
                     picks.append((ci, centre))
+            self.last_cases = [ci for ci, _ in picks]
             case = self.train_cases[picks[0][0]]
             patch = [min(p, valid_input_size(self.stage.network, n))
                      for p, n in zip(self.stage.patch_zyx, case.image.shape)]

@@ -25,16 +25,33 @@ def class_weights(target: torch.Tensor, weight: torch.Tensor, num_classes: int) 
     return torch.where(n_c > 0, lam, torch.zeros_like(lam))
 
 
-def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def image_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """lambda_k from a whole image's class counts inside C, (N, K) -> (N, K), as in the paper.
+
+    Computed per sub-volume instead (`class_weights`), a sub-volume of background alone gives
+    background the weight 0: nothing is then learned against false positives far from organs.
+    """
+    counts = counts.float()
+    k = counts.shape[1]
+    n_c = counts.sum(1, keepdim=True)
+    lam = (1.0 - counts / n_c.clamp_min(1.0)) / max(1, k - 1)
+    return torch.where(n_c > 0, lam, torch.zeros_like(lam))
+
+
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                           lam: torch.Tensor | None = None) -> torch.Tensor:
     """Roth et al.'s class-balanced cross-entropy over C.
 
     L = -(1/N_C) sum_k lambda_k sum_{x in S_k} log p_k(x), averaged over the samples of the batch
-    that have any voxel in C.
+    that have any voxel in C. `lam` (N, K) gives each sample its image's weights
+    (`image_class_weights`); without it they are computed on the sub-volume.
     """
     n, k = logits.shape[:2]
     target = target.long()
     w = weight.float()
-    lam = class_weights(target, w, k)                                   # (N, K)
+    if lam is None:
+        lam = class_weights(target, w, k)                               # (N, K)
+    lam = lam.to(logits.device, torch.float32)
     logp = F.log_softmax(logits.float(), dim=1)
     logp_true = logp.gather(1, target[:, None]).squeeze(1)              # (N, z, y, x)
     voxel_w = lam.gather(1, target.reshape(n, -1)).reshape(target.shape) * w
@@ -47,7 +64,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: t
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
-                   smooth: float = 1.0) -> torch.Tensor:
+                   lam: torch.Tensor | None = None, smooth: float = 1.0) -> torch.Tensor:
     """1 - mean over foreground classes present in C of 2 sum(p y) / (sum p + sum y).
 
     Sums run over the whole batch inside C (batch Dice). Background is left out (it would
@@ -71,8 +88,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Ten
     return 1.0 - dice[1:][present].mean()
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Unweighted cross-entropy over C (nnU-Net's choice, paired with Dice), for comparison."""
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                  lam: torch.Tensor | None = None) -> torch.Tensor:
+    """Unweighted cross-entropy over C (nnU-Net's choice, paired with Dice), for comparison; no `lam`."""
     w = weight.float()
     ce = F.cross_entropy(logits.float(), target.long(), reduction="none")
     return (ce * w).sum() / w.sum().clamp_min(1.0)
@@ -85,9 +103,9 @@ def make_loss(name: str):
     if name == "dice":
         return soft_dice_loss
     if name == "wce+dice":
-        return lambda lo, t, w: weighted_cross_entropy(lo, t, w) + soft_dice_loss(lo, t, w)
+        return lambda lo, t, w, lam=None: weighted_cross_entropy(lo, t, w, lam) + soft_dice_loss(lo, t, w)
     if name == "ce":
         return cross_entropy
     if name == "ce+dice":
-        return lambda lo, t, w: cross_entropy(lo, t, w) + soft_dice_loss(lo, t, w)
+        return lambda lo, t, w, lam=None: cross_entropy(lo, t, w) + soft_dice_loss(lo, t, w)
     raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}")

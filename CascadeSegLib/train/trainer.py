@@ -32,7 +32,7 @@ from .augment import augment_intensity, extract, random_spatial
 from .config import RunConfig, StageConfig, stage_to_json
 from .dataset import CachedCase, build_cached_case, discover_cases, label_lookup, read_split
 from .ddp import DistContext, broadcast_buffers, init_distributed
-from .losses import make_loss
+from .losses import image_class_weights, make_loss
 from .sampling import CandidateSampler
 
 log = logging.getLogger(__name__)
@@ -160,6 +160,14 @@ class StageTrainer:
 
             self.model = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.loss_fn = make_loss(s.loss)
+        # The paper's lambda_k come from each training image's class counts inside its C.
+        self.case_lam: torch.Tensor | None = None
+        if s.class_balance == "image":
+            counts = np.stack([np.bincount(np.asarray(c.label)[np.asarray(m, bool)].ravel().astype(np.int64),
+                                           minlength=self.num_classes)[:self.num_classes]
+                               for c, m in zip(train_cases, train_masks)])
+            self.case_lam = image_class_weights(torch.from_numpy(counts))
+        self.last_cases: list[int] = []
         self.sampler = CandidateSampler(train_masks, [c.label for c in train_cases], s.foreground_fraction,
                                         case_weights)
         self.rng = np.random.default_rng([s.seed, ctx.rank])
@@ -213,8 +221,10 @@ class StageTrainer:
     def make_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         xs, ys, ws = [], [], []
         aug = self.stage.augment
+        self.last_cases = []
         for _ in range(self.settings.batch_size):
             ci, centre = self.sampler.sample(self.rng)
+            self.last_cases.append(ci)
             case = self.train_cases[ci]
             params = random_spatial(aug, self.stage.patch_zyx, self.gen)
             x, y, w = extract(case.image, case.label, self.train_masks[ci], centre, self.stage.patch_zyx, params,
@@ -236,7 +246,8 @@ class StageTrainer:
             self.net.encoders.eval()          # frozen BatchNorm statistics stay frozen too
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             logits = self.model(x)
-        loss = self.loss_fn(logits.float(), y, w)
+        lam = self.case_lam[self.last_cases] if self.case_lam is not None else None
+        loss = self.loss_fn(logits.float(), y, w, lam)
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if s.grad_clip > 0:
