@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,6 +27,17 @@ log = logging.getLogger(__name__)
 ATTR_INPUT = "CascadeSeg.InputVolumeID"
 ATTR_MODEL = "CascadeSeg.Model"
 ATTR_LABEL_NAME = "CascadeSeg.LabelName"
+
+
+@contextmanager
+def _timed(timings: dict[str, float] | None, key: str):
+    """Add the seconds the block took to `timings[key]` (no-op without a dict)."""
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
 
 
 class RunError(Exception):
@@ -114,6 +126,9 @@ class CascadeSegLogic:
         self.process_factory = process_factory
         # what runs the CLI; tests point this at a fake CLI script
         self.command_prefix = command_prefix
+        #: seconds per handoff step of the latest run (write volume, start process, read labels,
+        #: closed surfaces, ...) and the child's own steps as "cli <step>" (benchmarks, the log)
+        self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ running
     def cli_command(self, args: list[str]) -> list[str]:
@@ -134,15 +149,18 @@ class CascadeSegLogic:
               output_node: Any = None) -> SegmentRun:
         """Write the volume to a temp folder and start the CLI on it (returns at once)."""
         check_input_volume(volume_node)
+        self.timings = {}
         temp_dir = Path(tempfile.mkdtemp(prefix="CascadeSeg-"))
         try:
             input_path = temp_dir / "input.nrrd"
-            write_volume(volume_node, input_path)
+            with _timed(self.timings, "write volume"):
+                write_volume(volume_node, input_path)
             out_dir = temp_dir / "out"
             out_dir.mkdir()
             command = self.cli_command(params.cli_args(input_path, out_dir))
             log.info("running %s", " ".join(command))
-            process = self.process_factory(command, env=self.child_env(), cwd=str(temp_dir)).start()
+            with _timed(self.timings, "start process"):
+                process = self.process_factory(command, env=self.child_env(), cwd=str(temp_dir)).start()
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
@@ -170,7 +188,11 @@ class CascadeSegLogic:
                 raise RunError("the input volume was removed from the scene while segmenting; "
                                "load it again and rerun")
             output = self.scene.GetNodeByID(run.output_id) if run.output_id else None
-            return self.import_result(volume, run.done_events[-1], run.params, output)
+            done = run.done_events[-1]
+            self.timings.update({f"cli {k}": float(v) for k, v in (done.get("timings") or {}).items()})
+            node = self.import_result(volume, done, run.params, output)
+            log.info("timings (s): %s", ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
+            return node
         finally:
             run.cleanup()
 
@@ -236,7 +258,8 @@ class CascadeSegLogic:
             raise RunError(f"the segmentation result file is missing ({labels_path}); see the details",
                            json.dumps(done, indent=1))
         label_items = done.get("labels") or []
-        segmentation = build_segmentation(labels_path, label_items)
+        timings = self.timings
+        segmentation = build_segmentation(labels_path, label_items, timings)
         extras = self._read_extras(outputs, params)
 
         if output_node is None and not params.create_new_segmentation:
@@ -249,6 +272,7 @@ class CascadeSegLogic:
             output_node.SetName(scene.GenerateUniqueName(f"{volume_node.GetName()} segmentation"))
             scene.AddNode(output_node)
         output_node.CreateDefaultDisplayNodes()
+        t_node = time.perf_counter()
         was = output_node.StartModify()
         try:
             output_node.GetSegmentation().DeepCopy(segmentation)  # replaces conversion params too
@@ -258,7 +282,9 @@ class CascadeSegLogic:
             output_node.SetAttribute(ATTR_MODEL, str(model.get("name") if isinstance(model, dict) else model or params.model))
         finally:
             output_node.EndModify(was)
-        output_node.CreateClosedSurfaceRepresentation()
+        timings["segmentation node"] = time.perf_counter() - t_node
+        with _timed(timings, "closed surfaces"):
+            output_node.CreateClosedSurfaceRepresentation()
         display = output_node.GetDisplayNode()
         if display is not None:
             display.SetVisibility(True)
@@ -339,7 +365,8 @@ def read_labelmap(path: str | Path) -> Any:
     return slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
 
 
-def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, Any]]) -> Any:
+def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, Any]],
+                       timings: dict[str, float] | None = None) -> Any:
     """A vtkSegmentation with one segment per label (shared labelmap, model label values)."""
     import numpy as np
     import slicer
@@ -350,7 +377,9 @@ def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, 
     labels = LabelSet.from_json(label_items)
     if len(labels) == 0:
         raise RunError("the model reported no labels; check the model package")
-    image = read_labelmap(labels_path)
+    with _timed(timings, "read labels"):
+        image = read_labelmap(labels_path)
+    t_build = time.perf_counter()
     scalars = image.GetPointData().GetScalars()
     arr = numpy_support.vtk_to_numpy(scalars)
     values = np.array([lab.value for lab in labels])
@@ -379,4 +408,6 @@ def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, 
         segment.SetTag(ATTR_LABEL_NAME, lab.name)
         segment.AddRepresentation(rep, shared)
         segmentation.AddSegment(segment, lab.name)
+    if timings is not None:
+        timings["build segments"] = timings.get("build segments", 0.0) + time.perf_counter() - t_build
     return segmentation
