@@ -173,6 +173,7 @@ def test_leave_one_out_folds_never_see_the_test_patient():
     loo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loo)   # type: ignore[union-attr]
     raw = json.loads((REPO / "configs" / "abdomen-ct.json").read_text(encoding="utf-8"))
+    raw["data"]["synthetic"]["atlases"] = [c["name"] for c in raw["data"]["cases"]]   # the registration route too
     for case in raw["data"]["cases"]:
         held = loo._abs(case["label"])
         for variant in loo.VARIANTS:
@@ -185,6 +186,7 @@ def test_leave_one_out_folds_never_see_the_test_patient():
                 assert syn is None
             else:
                 assert case["name"] not in syn["table"]["measure"]
+                assert case["name"] not in syn["atlases"] and len(syn["atlases"]) == len(raw["data"]["cases"]) - 1
                 assert set(syn["table"]["measure"]) <= loo.NATIVE
             assert cfg["data"]["split"]["val"] == []
 

@@ -44,6 +44,8 @@ def fold_config(raw: dict, test: str, variant: str, threads: int) -> dict:
     syn = dict(data["synthetic"])
     syn["label_maps"] = [_abs(p) for p in syn["label_maps"] if _abs(p) != held["label"]]
     syn["table"] = {"measure": [c["name"] for c in train if c["name"] in NATIVE]}
+    if "atlases" in syn:                       # the registration route's real CTs
+        syn["atlases"] = [a for a in syn["atlases"] if a != test]
     if variant == "real":
         data.pop("synthetic")
     elif variant == "synthetic":

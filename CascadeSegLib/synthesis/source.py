@@ -4,13 +4,16 @@
              "synthetic": {"label_maps": ["s0004_label.nii.gz", ...], "per_label_map": 8, "seed": 0,
                            "spacing": [3, 3, 3], "share": 0.5,
                            "table": {"measure": ["real case", ...]} | "default" | "table.json",
-                           "structures": "totalsegmentator" | "structures.json"}}
+                           "structures": "totalsegmentator" | "structures.json",
+                           "atlases": ["real case", ...]}}
 
 Each sample is a deterministic function of (label map, index, seed, table, settings), written
 once into the run folder (atomically) and then trained on like a real case, so a resumed run
 sees exactly the same images. `table: {"measure": [...]}` measures the intensity table on the
 named real cases of this run only, so a leave-one-out fold never learns the look of its test
 patient. `share` is the fraction of training sub-volumes drawn from synthetic cases.
+`atlases` adds the registration route (`transfer.transfer`): each named real case of this run is
+warped onto each label map that is not its own, one more case per (label map, atlas) pair.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -28,8 +32,9 @@ import SimpleITK as sitk
 from ..errors import UserError
 from .render import SynthSettings, synthesize
 from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
+from .transfer import TransferSettings, transfer
 
-_KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "comment"}
+_KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "atlases", "comment"}
 
 
 def _table_for(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases: Sequence[Any]) -> IntensityTable:
@@ -76,7 +81,9 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"table-{key}.json").write_text(json.dumps(table.to_json(), indent=1), encoding="utf-8")
     cases = []
-    total, done = len(maps) * n, 0
+    pairs = [(atlas, path) for atlas in _atlases(spec, real_cases) for path in maps
+             if path.resolve() != Path(atlas.label).resolve()]        # an atlas's own anatomy is nothing new
+    total, done = len(maps) * n + len(pairs), 0
     for m_index, path in enumerate(maps):
         stem = path.name.split(".")[0]
         labels = None
@@ -88,18 +95,46 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
                     require_known_structures(names, np.unique(sitk.GetArrayViewFromImage(labels)).tolist(), path,
                                              "give data.synthetic.structures a {value: name or tissue} table")
                 result = synthesize(labels, names, table, seed=seed * 100003 + m_index * 1009 + i, settings=settings)
-                tmp = out_dir / f".tmp-{folder.name}-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
-                tmp.mkdir()
-                sitk.WriteImage(result.ct, str(tmp / "ct.nii.gz"), True)
-                sitk.WriteImage(result.labels, str(tmp / "label.nii.gz"), True)
-                (tmp / "info.json").write_text(json.dumps({"label_map": str(path), **result.info}), encoding="utf-8")
-                try:
-                    os.replace(tmp, folder)
-                except OSError:          # another process wrote it first
-                    shutil.rmtree(tmp, ignore_errors=True)
+                _write_case(out_dir, folder, result.ct, result.labels, {"label_map": str(path), **result.info})
             cases.append(Case(folder.name, folder / "ct.nii.gz", folder / "label.nii.gz"))
             done += 1
             if progress:
                 progress(done, total)
+    transfer_settings = TransferSettings(spacing=tuple(float(s) for s in spacing)) if spacing else TransferSettings()
+    for atlas, path in pairs:
+        folder = out_dir / f"reg-{path.name.split('.')[0]}-{atlas.name}-{key}"
+        if not (folder / "label.nii.gz").is_file():
+            from ..io import read_image
+
+            result = transfer(read_image(atlas.image), read_image(atlas.label), sitk.ReadImage(str(path)),
+                              names, table, transfer_settings)
+            _write_case(out_dir, folder, result.ct, result.labels,
+                        {"label_map": str(path), "atlas": atlas.name, **result.info})
+        cases.append(Case(folder.name, folder / "ct.nii.gz", folder / "label.nii.gz"))
+        done += 1
+        if progress:
+            progress(done, total)
     return cases
+
+
+def _atlases(spec: dict[str, Any], real_cases: Sequence[Any]) -> list[Any]:
+    by_name = {c.name: c for c in real_cases}
+    wanted = list(spec.get("atlases", []))
+    missing = [n for n in wanted if n not in by_name]
+    if missing:
+        raise UserError(f"data.synthetic.atlases names case(s) {missing} that this run does not train on")
+    return [by_name[n] for n in wanted]
+
+
+def _write_case(out_dir: Path, folder: Path, ct: sitk.Image, labels: sitk.Image, info: dict[str, Any]) -> None:
+    """Write one case folder atomically (a rename), so a crash never leaves half a case behind."""
+    tmp = out_dir / f".tmp-{folder.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    sitk.WriteImage(ct, str(tmp / "ct.nii.gz"), True)
+    sitk.WriteImage(labels, str(tmp / "label.nii.gz"), True)
+    (tmp / "info.json").write_text(json.dumps(info), encoding="utf-8")
+    try:
+        os.replace(tmp, folder)
+    except OSError:          # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
