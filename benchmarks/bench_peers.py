@@ -1,12 +1,30 @@
-"""Issue 7 benchmark: CascadeSeg vs MONAI's whole-volume sliding window vs the paper, one run.
+"""Issues 7 and 16: CascadeSeg vs MONAI's sliding window, nnU-Net v2's predictor and the paper.
 
-Same 512x512x400 CT, same network weights (the model's stage-2 network for MONAI), each in
+Same 512x512x400 CT, same network weights (the model's stage-2 network for the peers), each in
 its own child process (peak RSS measured), medians over repeats for CascadeSeg. Also prints
 the achieved GFLOP/s of the network part against this machine's measured matmul peak, and
 (--scaling) time and memory against the number of slices.
 
-    pip install monai   # benchmark-only dependency
-    python benchmarks/bench_peers.py [--model NAME] [--repeats 3] [--scaling 100,200,400,700,1000]
+Peers (`--peers`, comma-separated; default monai,paper):
+- monai: MONAI's `sliding_window_inference` over the whole volume (`monai_peer.py`);
+- nnunet: nnU-Net v2's `nnUNetPredictor`, manually initialised with the same stage-2 network
+  and weights, TotalSegmentator's fast settings (tile step 0.5, Gaussian, no mirroring), with
+  nnU-Net's own reading, preprocessing and export (`nnunet_peer.py`). What TotalSegmentator,
+  SlicerNNUNet and Auto3DSeg's nnU-Net run. Without `--stage2-spacing` it sets 1.5 mm (the
+  issue's comparison: stage 2 at half the resolution of the 0.7 mm CT, for both sides).
+  The run ends with the line `speedup over nnU-Net v2 predictor: N.Nx`;
+- paper: the paper's 3D U-Net timed on sample tiles, extrapolated to its tile plan.
+A peer whose package is not installed is skipped with a one-line message.
+
+Benchmark-only dependencies, in the benchmark's own environment (naming the CPU torch in the
+same pip command keeps pip from replacing it with a CUDA build):
+
+    pip install monai
+    python3 -m venv /work/venv-bench && . /work/venv-bench/bin/activate
+    pip install torch==2.13.0 nnunetv2 -e .      # from the repository root
+    python benchmarks/bench_peers.py --peers nnunet --repeats 1
+    python benchmarks/bench_peers.py [--model NAME] [--repeats 3] [--stage2-spacing 1.5] [--peers monai,nnunet,paper]
+                                     [--scaling 100,200,400,700,1000]
 """
 
 from __future__ import annotations
@@ -46,8 +64,13 @@ def cascade_runs(ct: Path, model: str | None, repeats: int) -> dict:
 
 
 def monai_run(ct: Path, model: str | None, overlap: float) -> dict:
+    return peer_run("monai_peer.py", ct, model, ["--overlap", str(overlap)])
+
+
+def peer_run(script: str, ct: Path, model: str | None, extra: list[str] | None = None) -> dict:
+    """One run of a peer script in its own measured child: its JSON timings, wall and peak RSS."""
     with tempfile.TemporaryDirectory() as out:
-        args = [str(HERE / "monai_peer.py"), str(ct), str(Path(out) / "labels.nii.gz"), "--overlap", str(overlap)]
+        args = [str(HERE / script), str(ct), str(Path(out) / "labels.nii.gz"), *(extra or [])]
         if model:
             args += ["--model", model]
         wall, _, stdout, err = run_child(["-c", MEASURE_WRAPPER.replace("runpy.run_module(sys.argv[0], run_name=\"__main__\")",
@@ -55,7 +78,24 @@ def monai_run(ct: Path, model: str | None, overlap: float) -> dict:
                                           *args], env={"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])})
     stats = json.loads(err.strip().splitlines()[-1])
     done = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
-    return {"timings": done["timings"], "wall": wall, "peak": stats["peak_rss"], "grid": done["grid"]}
+    return {**done, "timings": done["timings"], "wall": wall, "peak": stats["peak_rss"], "grid": done["grid"]}
+
+
+PEER_PACKAGES = {"monai": ("monai", "pip install monai"),
+                 "nnunet": ("nnunetv2", "pip install torch==<this torch> nnunetv2 in the benchmark's environment")}
+
+
+def available(peer: str) -> bool:
+    """True when the peer's package imports here; otherwise one line on stdout, and False."""
+    import importlib.util
+
+    if peer not in PEER_PACKAGES:
+        return True
+    package, how = PEER_PACKAGES[peer]
+    if importlib.util.find_spec(package) is None:
+        print(f"{peer} peer skipped: {package} is not installed ({how})")
+        return False
+    return True
 
 
 def respaced_model(name: str | None, spacing: float) -> Path:
@@ -89,21 +129,37 @@ def main() -> int:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--paper-tiles", type=int, default=2)
     ap.add_argument("--scaling", default="", help="comma-separated slice counts for the cost-scaling table")
+    ap.add_argument("--size", default="512,512,400",
+                    help="CT size x,y,z (the sample CT resampled; default 512,512,400)")
+    ap.add_argument("--peers", default="monai,paper",
+                    help="comma-separated peers: monai, nnunet, paper (default monai,paper)")
     ap.add_argument("--skip-monai", action="store_true")
     ap.add_argument("--stage2-spacing", type=float, default=None,
                     help="run the model's stage-2 network (same weights) on this finer grid, e.g. 1.5 mm = half "
-                         "the resolution of a 0.7 mm CT, where whole-volume inference is what peers pay for")
+                         "the resolution of a 0.7 mm CT, where whole-volume inference is what peers pay for "
+                         "(default with the nnunet peer: 1.5)")
     args = ap.parse_args()
+    peers = [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = set(peers) - {"monai", "nnunet", "paper"}
+    if unknown:
+        ap.error(f"unknown peers: {', '.join(sorted(unknown))} (choose from monai, nnunet, paper)")
+    if args.skip_monai and "monai" in peers:
+        peers.remove("monai")
+    peers = [p for p in peers if available(p)]
+    if "nnunet" in peers and args.stage2_spacing is None:
+        args.stage2_spacing = 1.5
+        print("stage 2 at 1.5 mm for CascadeSeg and nnU-Net (same weights; --stage2-spacing to change)",
+              file=sys.stderr)
     if args.stage2_spacing:
         args.model = str(respaced_model(args.model, args.stage2_spacing))
 
-    from bench_cascade import paper_estimate
     from CascadeSegLib.model import load_model
     from CascadeSegLib.network import fold_batchnorm
 
     model = load_model(args.model)
-    ct = large_ct((512, 512, 400))
-    n_vox = 512 * 512 * 400
+    size = tuple(int(v) for v in args.size.split(","))
+    ct = large_ct(size)
+    n_vox = int(np.prod(size))
     peak_gflops = matmul_peak_gflops()
     print(f"model {model.name} {model.version}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"matmul peak {peak_gflops:.0f} GFLOP/s", file=sys.stderr)
@@ -125,7 +181,7 @@ def main() -> int:
              "gf": f"{flops_ours / net_time / 1e9:.0f} ({flops_ours / net_time / 1e9 / peak_gflops:.0%})",
              "how": f"median of {ours['n']}; tiles {ours['stats'].get('stage1_tiles')}+{ours['stats'].get('stage2_tiles')}"}]
     result = {"ours": ours, "peak_gflops": peak_gflops}
-    if not args.skip_monai:
+    if "monai" in peers:
         peer = monai_run(ct, args.model, args.overlap)
         stage = model.stages[-1]
         net = fold_batchnorm(model.load_network(len(model.stages) - 1))
@@ -138,26 +194,45 @@ def main() -> int:
                      "gf": f"{flops_peer / pt['network'] / 1e9:.0f} ({flops_peer / pt['network'] / 1e9 / peak_gflops:.0%})",
                      "how": f"1 run; {n_win} windows over the whole {peer['grid']} grid"})
         result["monai"] = peer
-    labels_ct = None
-    with tempfile.TemporaryDirectory() as out:
-        r = measure_module("CascadeSegLib", ["segment", str(ct), "-o", str(Path(out) / "l.nii.gz"), "--quiet"]
-                           + (["--model", args.model] if args.model else []))
-        labels_ct = sitk.ReadImage(str(Path(out) / "l.nii.gz"))
-    paper = paper_estimate(ct, labels_ct, args.paper_tiles)
-    other = t["total"] - net_time
-    paper_total = paper["stage1"] + paper["stage2"] + other
-    rows.append({"cfg": "paper 3D U-Net (Roth 2018)", "s1": f"{paper['stage1']:.0f}", "s2": f"{paper['stage2']:.0f}",
-                 "total": f"{paper_total:.0f}", "vps": f"{n_vox / paper_total / 1e6:.2f}", "peak": "-", "gf": "-",
-                 "how": f"{paper['per_tile']:.1f} s/tile x {paper['tiles1']}+{paper['tiles2']} tiles (extrapolated)"})
+    if "nnunet" in peers:
+        peer = peer_run("nnunet_peer.py", ct, args.model)
+        stage = model.stages[-1]
+        net = fold_batchnorm(model.load_network(len(model.stages) - 1))
+        flops_peer = peer["windows"] * conv_flops(net, stage.tile_zyx)
+        pt = peer["timings"]
+        gflops = flops_peer / pt["network"] / 1e9
+        rows.append({"cfg": "nnU-Net v2 predictor (step 0.5, Gaussian, no mirroring)", "s1": "-",
+                     "s2": f"{pt['network']:.1f}", "total": f"{pt['total']:.1f}",
+                     "vps": f"{n_vox / pt['total'] / 1e6:.1f}", "peak": f"{peer['peak'] / 2**30:.2f}",
+                     "gf": f"{gflops:.0f} ({gflops / peak_gflops:.0%})",
+                     "how": f"1 run; {peer['windows']} windows over the whole {peer['grid']} grid; read "
+                            f"{pt['read']:.1f}, preprocess {pt['preprocess']:.1f}, export {pt['export']:.1f} s"})
+        result["nnunet"] = peer
+    paper_total = None
+    if "paper" in peers:
+        from bench_cascade import paper_estimate
+
+        with tempfile.TemporaryDirectory() as out:
+            r = measure_module("CascadeSegLib", ["segment", str(ct), "-o", str(Path(out) / "l.nii.gz"), "--quiet"]
+                               + (["--model", args.model] if args.model else []))
+            labels_ct = sitk.ReadImage(str(Path(out) / "l.nii.gz"))
+        paper = paper_estimate(ct, labels_ct, args.paper_tiles)
+        other = t["total"] - net_time
+        paper_total = paper["stage1"] + paper["stage2"] + other
+        rows.append({"cfg": "paper 3D U-Net (Roth 2018)", "s1": f"{paper['stage1']:.0f}", "s2": f"{paper['stage2']:.0f}",
+                     "total": f"{paper_total:.0f}", "vps": f"{n_vox / paper_total / 1e6:.2f}", "peak": "-", "gf": "-",
+                     "how": f"{paper['per_tile']:.1f} s/tile x {paper['tiles1']}+{paper['tiles2']} tiles (extrapolated)"})
     print()
-    print("512x512x400 CT, read -> segment -> write, seconds (2-core CPU)")
+    print(f"{size[0]}x{size[1]}x{size[2]} CT, read -> segment -> write, seconds ({os.cpu_count()}-core CPU; "
+          f"stage 2 at {model.stages[-1].spacing[0]:g} mm)")
     print(table(rows, [("cfg", "configuration"), ("s1", "stage 1"), ("s2", "stage 2 / network"), ("total", "end to end"),
                        ("vps", "M input voxels/s"), ("peak", "peak RSS GiB"), ("gf", "network GFLOP/s (of peak)"),
                        ("how", "how measured")]))
     print()
     if "monai" in result:
         print(f"ratio MONAI / CascadeSeg (end to end): {result['monai']['timings']['total'] / t['total']:.1f}x")
-    print(f"ratio paper / CascadeSeg (end to end): {paper_total / t['total']:.1f}x")
+    if paper_total is not None:
+        print(f"ratio paper / CascadeSeg (end to end): {paper_total / t['total']:.1f}x")
     print("CascadeSeg steps (median s): " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()))
 
     if args.scaling:
@@ -181,6 +256,8 @@ def main() -> int:
             print(table(srows, [("n", "slices"), ("vox", "M voxels"), ("t", "end to end s"),
                                 ("per", "ms per M voxels"), ("net", "M voxels through the networks"),
                                 ("peak", "peak RSS GiB")]))
+    if "nnunet" in result:
+        print(f"speedup over nnU-Net v2 predictor: {result['nnunet']['timings']['total'] / t['total']:.1f}x")
     return 0
 
 
