@@ -275,6 +275,7 @@ class CascadeSegLogic:
         t_node = time.perf_counter()
         was = output_node.StartModify()
         try:
+            release_segmentation(output_node.GetSegmentation())  # a rerun's old segments: nothing to clear
             output_node.GetSegmentation().DeepCopy(segmentation)  # replaces conversion params too
             output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             output_node.SetAttribute(ATTR_INPUT, volume_node.GetID())
@@ -282,6 +283,7 @@ class CascadeSegLogic:
             output_node.SetAttribute(ATTR_MODEL, str(model.get("name") if isinstance(model, dict) else model or params.model))
         finally:
             output_node.EndModify(was)
+            release_segmentation(segmentation)
         timings["segmentation node"] = time.perf_counter() - t_node
         with _timed(timings, "closed surfaces"):
             output_node.CreateClosedSurfaceRepresentation()
@@ -365,6 +367,18 @@ def read_labelmap(path: str | Path) -> Any:
     return slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
 
 
+def release_segmentation(segmentation: Any) -> None:
+    """Drop an off-scene segmentation's representations before it is deleted.
+
+    Deleting a vtkSegmentation removes its segments one by one, and removing a segment from a
+    shared labelmap clears that segment's voxels: ten passes over the whole image (5 s on a
+    512x512x400 CT) for an image nobody uses any more. Without representations there is
+    nothing to clear.
+    """
+    for segment_id in list(segmentation.GetSegmentIDs()):
+        segmentation.GetSegment(segment_id).RemoveAllRepresentations()
+
+
 def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, Any]],
                        timings: dict[str, float] | None = None) -> Any:
     """A vtkSegmentation with one segment per label (shared labelmap, model label values)."""
@@ -383,7 +397,14 @@ def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, 
     scalars = image.GetPointData().GetScalars()
     arr = numpy_support.vtk_to_numpy(scalars)
     values = np.array([lab.value for lab in labels])
-    clean = np.where(np.isin(arr, values), arr, 0).astype(np.uint8 if values.max() < 256 else np.int16)
+    out_type = np.uint8 if values.max() < 256 else np.int16
+    if arr.dtype == np.uint8:  # what the CLI writes: one table look-up instead of isin (1.3 s at 105 M voxels)
+        lut = np.zeros(256, np.uint8)
+        small = values[values < 256]
+        lut[small] = small
+        clean = lut[arr].astype(out_type, copy=False)
+    else:
+        clean = np.where(np.isin(arr, values), arr, 0).astype(out_type)
     shared = slicer.vtkOrientedImageData()
     shared.ShallowCopy(image)
     shared.CopyDirections(image)
