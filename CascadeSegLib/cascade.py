@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
@@ -20,9 +20,19 @@ from . import preprocess
 from .errors import Cancelled, UserError
 from .memory import free_accelerator_memory, is_out_of_memory
 from .model import ModelPackage
-from .network import fold_batchnorm, prefer_onednn
-from .tiling import (BOX_HALO, DEFAULT_BOX_TILE_VOXELS, box_tile, fit_tile, plan_boxes, plan_tiles, predict_boxes,
-                     predict_volume, tile_geometry)
+from .network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
+from .tiling import (
+    BOX_HALO,
+    DEFAULT_BOX_TILE_VOXELS,
+    Box,
+    box_tile,
+    fit_tile,
+    plan_boxes,
+    plan_tiles,
+    predict_boxes,
+    predict_volume,
+    tile_geometry,
+)
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -127,11 +137,11 @@ class Segmenter:
         self.on_warning = on_warning
         # Where to go when the GPU runs out of memory even at one tile per batch (None: nowhere).
         self.fallback_device: torch.device | None = torch.device("cpu") if self.device.type != "cpu" else None
-        self._nets: dict[int, torch.nn.Module] = {}
+        self._nets: dict[int, ConfiguredNetwork] = {}
         self._stats: dict[str, float] = {}
 
     # --- helpers ------------------------------------------------------------------------------
-    def network(self, index: int) -> torch.nn.Module:
+    def network(self, index: int) -> ConfiguredNetwork:
         if index not in self._nets:
             net = self.model.load_network(index, "cpu")
             prefer_onednn(fold_batchnorm(net))
@@ -175,12 +185,17 @@ class Segmenter:
             boxes = plan_boxes(mask, net.cfg, self.max_tile_voxels, self.box_halo)
             self._stats[f"{stage}_tiles"] = len(boxes)
             self._stats[f"{stage}_computed_voxels"] = sum(b.voxels for b in boxes)
+            fetch: torch.Tensor | Callable[[Box], torch.Tensor]
             if isinstance(hu, preprocess.GridWindows):
                 source = hu
-                volume = lambda box: preprocess.normalize(source.window(box.in_lo, box.in_size), window, mode)[None]  # noqa: E731
+
+                def windows(box: Box) -> torch.Tensor:
+                    return preprocess.normalize(source.window(box.in_lo, box.in_size), window, mode)[None]
+
+                fetch = windows
             else:
-                volume = preprocess.normalize(hu, window, mode)[None]
-            return predict_boxes(net, volume, boxes, k, pad_value=pad_value, progress=progress, cancel=self.cancel,
+                fetch = preprocess.normalize(hu, window, mode)[None]
+            return predict_boxes(net, fetch, boxes, k, pad_value=pad_value, progress=progress, cancel=self.cancel,
                                  on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape))
         if isinstance(hu, preprocess.GridWindows):
             hu = hu.full()
@@ -394,7 +409,7 @@ def _separable_nearest(labels: sitk.Image, reference: sitk.Image, mask: sitk.Ima
         hit = np.flatnonzero(ok & (idx >= lo) & (idx < hi))
         ranges.append((int(hit[0]), int(hit[-1]) + 1))
     block = _gather(src, maps, ranges)
-    if mask is not None:
+    if mask is not None and mask_maps is not None:
         block *= _gather(np.asarray(sitk.GetArrayViewFromImage(mask)), mask_maps, ranges) != 0
     (x0, x1), (y0, y1), (z0, z1) = ranges
     out[z0:z1, y0:y1, x0:x1] = block
@@ -412,7 +427,7 @@ def _gather(src: np.ndarray, maps: list[tuple[np.ndarray, np.ndarray]], ranges: 
         bad_planes.append((dim, ~ok[lo:hi]))
     for dim, bad in bad_planes:
         if bad.any():
-            index = [slice(None)] * 3
+            index: list[slice | np.ndarray] = [slice(None)] * 3
             index[dim] = bad
             src[tuple(index)] = 0
     return src

@@ -11,10 +11,11 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import ModelError
 from .resources import bundled_models_dir, models_dir, resources_dir
@@ -39,7 +40,7 @@ class CatalogEntry:
     bundled: bool
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "CatalogEntry":
+    def from_json(d: dict[str, Any]) -> CatalogEntry:
         return CatalogEntry(name=d["name"], version=d["version"], description=d["description"],
                             labels=tuple(d["labels"]), license=d["license"], url=d["url"],
                             sha256=d["sha256"], size_bytes=d["size_bytes"], bundled=d["bundled"])

@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import traceback
+from typing import NoReturn
 
 from . import __version__
 from .errors import Cancelled, UserError
@@ -21,7 +22,7 @@ COMMANDS = ("segment", "models", "evaluate", "train", "refine", "corrections", "
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, like every other user error
+    def error(self, message: str) -> NoReturn:  # one line, exit 2, like every other user error
         self.print_usage(sys.stderr)
         raise UserError(message)
 

@@ -19,14 +19,15 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from . import __version__
 from .archive import safe_extract_zip
 from .errors import ModelError
 from .locking import file_lock
-from .resources import bundled_models_dir, models_dir as default_models_dir
+from .resources import bundled_models_dir
+from .resources import models_dir as default_models_dir
 
 Progress = Callable[[int, "int | None"], None]   # (bytes done, bytes total or None)
 
@@ -93,7 +94,7 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to URLs we would have accepted in the first place."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[override]
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
         check_url(newurl)
         if urllib.parse.urlsplit(newurl).scheme.lower() == "file":
             raise ModelError(f"refusing a redirect from {req.full_url} to a local file")
@@ -107,7 +108,7 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_SafeRedirects)
 
 
-def _finish(part: Path, dest: Path, h: "hashlib._Hash", sha256: str | None, url: str) -> Path:
+def _finish(part: Path, dest: Path, h: hashlib._Hash, sha256: str | None, url: str) -> Path:
     digest = h.hexdigest()
     if sha256 is not None and digest != sha256:
         part.unlink(missing_ok=True)
@@ -195,7 +196,8 @@ def _download_http(url: str, part: Path, dest: Path, sha256: str | None,
             h = hashlib.sha256()
             length = resp.headers.get("Content-Length")
             remaining = int(length) if length is not None and length.isdigit() else None
-            start, total = 0, None
+            start: int | None = 0
+            total: int | None = None
             if resp.status == 206 and have:
                 start, total = _content_range_start(resp.headers.get("Content-Range"))
                 if start != have:

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 # "WARNING: In /path/file.cxx, line 101\nClass (0x55..): message\n\n"
 _BLOCK = re.compile(r"(?:WARNING|ERROR): In [^\n]*, line \d+\n(?P<body>.*?)(?:\n\s*\n|\Z)", re.S)

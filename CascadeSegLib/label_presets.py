@@ -29,7 +29,8 @@ _TOTALSEG_HEAD = ["spleen", "kidney_right", "kidney_left", "gallbladder", "liver
                   "lung_upper_lobe_right", "lung_middle_lobe_right", "lung_lower_lobe_right", "esophagus", "trachea",
                   "thyroid_gland", "small_bowel", "duodenum", "colon", "urinary_bladder", "prostate",
                   "kidney_cyst_left", "kidney_cyst_right", "sacrum"]
-_VERTEBRAE = ["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)] + [f"C{i}" for i in range(7, 0, -1)]
+_VERTEBRAE = (["S1", "L5", "L4", "L3", "L2", "L1"] + [f"T{i}" for i in range(12, 0, -1)]
+              + [f"C{i}" for i in range(7, 0, -1)])
 _TOTALSEG_TAIL = ["heart", "aorta", "pulmonary_vein", "brachiocephalic_trunk", "subclavian_artery_right",
                   "subclavian_artery_left", "common_carotid_artery_right", "common_carotid_artery_left",
                   "brachiocephalic_vein_left", "brachiocephalic_vein_right", "atrial_appendage_left",
@@ -77,7 +78,7 @@ def preset_labels(name: str) -> LabelSet:
     return LabelSet.from_json({"value": v, "name": n} for v, n in PRESETS[name].items())
 
 
-def ircadb_labels(reference: "str | Path") -> LabelSet:
+def ircadb_labels(reference: str | Path) -> LabelSet:
     """One label, 255, named after the 3D-IRCADb-01 mask (MASKS_DICOM/liver -> liver)."""
     from .io import case_name
 

@@ -8,9 +8,9 @@ spec does not name, and organs whose volumes differ by an order of magnitude.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk

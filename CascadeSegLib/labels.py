@@ -8,9 +8,10 @@ code. The terminology string is the one 3D Slicer stores in `.seg.nrrd` files.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable
+from typing import Any
 
 from .resources import resources_dir
 
@@ -56,7 +57,7 @@ class Label:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "Label":
+    def from_json(d: dict[str, Any]) -> Label:
         """Build a label; missing display/colour/codes are filled from the standard table."""
         std = standard_labels().get(d["name"], {})
         snomed = d.get("snomed") or std.get("snomed") or {}
@@ -117,11 +118,11 @@ class LabelSet:
         return [lab.to_json() for lab in self.labels]
 
     @staticmethod
-    def from_json(items: Iterable[dict[str, Any]]) -> "LabelSet":
+    def from_json(items: Iterable[dict[str, Any]]) -> LabelSet:
         return LabelSet(tuple(Label.from_json(d) for d in items))
 
     @staticmethod
-    def from_names(names: Iterable[str]) -> "LabelSet":
+    def from_names(names: Iterable[str]) -> LabelSet:
         """Labels 1..N in the given order, with standard colours and codes."""
         return LabelSet.from_json({"value": i + 1, "name": n} for i, n in enumerate(names))
 

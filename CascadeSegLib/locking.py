@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
-if os.name == "nt":  # pragma: no cover - exercised on Windows only
+if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
     import msvcrt
 
     def _lock(fd: int) -> None:
@@ -39,7 +40,7 @@ else:
 
 
 @contextlib.contextmanager
-def file_lock(path: "str | os.PathLike[str]") -> Iterator[None]:
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """Hold an exclusive lock on `path` for the block.
 
     A file is created if needed and left in place; an existing folder is locked itself (POSIX),

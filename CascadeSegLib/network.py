@@ -12,8 +12,9 @@ and returned by the helpers here are in that order too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -41,7 +42,7 @@ class NetConfig:
         return asdict(self)
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "NetConfig":
+    def from_json(d: dict[str, Any]) -> NetConfig:
         known = {f.name for f in fields(NetConfig)}
         unknown = set(d) - known
         if unknown:
@@ -49,10 +50,21 @@ class NetConfig:
         return NetConfig(**d)
 
     @staticmethod
-    def paper(num_classes: int, in_channels: int = 1) -> "NetConfig":
+    def paper(num_classes: int, in_channels: int = 1) -> NetConfig:
         """Roth et al. 2018 / Cicek et al. 2016 configuration."""
         return NetConfig(kind="valid", in_channels=in_channels, num_classes=num_classes,
                          base_channels=32, depth=4, norm="batch", max_channels=512)
+
+
+class ConfiguredNetwork(Protocol):
+    """What tiling and the segmenters need of a network: its `NetConfig` (tile geometry, the
+    number of classes) and a forward call. `UNet3D` and the 2D baseline's `ThreeViewNet` are."""
+
+    cfg: NetConfig
+
+    def __call__(self, x: torch.Tensor, /) -> Any: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 def make_norm(kind: str, channels: int, dims: int = 3) -> nn.Module:
@@ -203,9 +215,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.Sequential):
             children = list(module.named_children())
             for (name_a, a), (name_b, b) in zip(children, children[1:]):
-                if any(isinstance(a, conv) and isinstance(b, norm) for conv, norm in pairs):
-                    setattr(module, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
-                    setattr(module, name_b, nn.Identity())
+                for conv, norm in pairs:
+                    if isinstance(a, conv) and isinstance(b, norm):
+                        setattr(module, name_a, fuse_conv_bn_eval(a.eval(), b.eval()))
+                        setattr(module, name_b, nn.Identity())
     return model
 
 

@@ -13,9 +13,9 @@ import gzip
 import os
 import struct
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 
 WARN_DEVIATION = 1e-4
@@ -25,7 +25,7 @@ MAX_DEVIATION = 1e-2
 PERMISSIVE_ENV = "ITK_NIFTI_SFORM_PERMISSIVE"
 
 
-def deviation(direction: Sequence[float], dim: int = 3) -> float:
+def deviation(direction: npt.ArrayLike, dim: int = 3) -> float:
     """Largest |cosine| between two axes, or |1 - length| of an axis (0 for orthonormal)."""
     d = np.asarray(direction, dtype=float).reshape(dim, dim)
     if not np.all(np.isfinite(d)):
@@ -33,7 +33,7 @@ def deviation(direction: Sequence[float], dim: int = 3) -> float:
     return float(np.abs(d.T @ d - np.eye(dim)).max())
 
 
-def nearest_orthonormal(direction: Sequence[float], dim: int = 3) -> tuple[float, ...]:
+def nearest_orthonormal(direction: npt.ArrayLike, dim: int = 3) -> tuple[float, ...]:
     """The orthonormal matrix closest to `direction` (polar decomposition, U V^T of the SVD)."""
     d = np.asarray(direction, dtype=float).reshape(dim, dim)
     u, _, vt = np.linalg.svd(d)
@@ -69,7 +69,7 @@ def nifti_sform(path: Path) -> tuple[int, int, np.ndarray] | None:
 class permissive_nifti:
     """Within the block ITK reads non-orthonormal NIfTI sforms (their nearest orthonormal)."""
 
-    def __enter__(self) -> "permissive_nifti":
+    def __enter__(self) -> permissive_nifti:
         self._old = os.environ.get(PERMISSIVE_ENV)
         os.environ[PERMISSIVE_ENV] = "1"
         return self

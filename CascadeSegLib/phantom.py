@@ -15,8 +15,8 @@ int16/uint8 so that a 512x512x400 phantom needs a few hundred MB and seconds, no
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -105,14 +105,14 @@ class _Grid:
         broadcast to (z, y, x); on axis-aligned grids x and y stay 2D, which saves most work."""
         idx = [np.arange(lo[a], hi[a], dtype=np.float32) for a in range(3)]
         shape = [(1, 1, -1), (1, -1, 1), (-1, 1, 1)]
-        out = []
+        out: list[np.ndarray] = []
         for r in range(3):
-            v = np.float32(self.offset[r])
+            v: np.floating | np.ndarray = np.float32(self.offset[r])
             for a in range(3):
                 coef = np.float32(self.affine[r, a])
                 if coef != 0:
                     v = v + coef * idx[a].reshape(shape[a])
-            out.append(np.asarray(v, np.float32).reshape((1, 1, 1)) if np.ndim(v) == 0 else v)
+            out.append(np.asarray(v, np.float32).reshape((1, 1, 1)) if np.ndim(v) == 0 else np.asarray(v))
         return tuple(out)
 
     def index_box(self, lo_mm: np.ndarray, hi_mm: np.ndarray) -> tuple[list[int], list[int]] | None:
@@ -164,8 +164,8 @@ def _shape_extent(s: _Shape) -> tuple[np.ndarray, np.ndarray]:
         r = np.array([rxy, rxy, s.radii[2] * grow])
         return a - r, a + r
     b = np.array(s.b)
-    r = s.radii[0] * grow
-    return np.minimum(a, b) - r, np.maximum(a, b) + r
+    rad = s.radii[0] * grow
+    return np.minimum(a, b) - rad, np.maximum(a, b) + rad
 
 
 def _inside(s: _Shape, terms, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -286,7 +286,7 @@ def make_phantom(size: Sequence[int] = (96, 80, 64), spacing: Sequence[float] = 
         hu[...] = _body(x, y)
         lab_c = lab[k0:k1]
 
-        def region(box):
+        def region(box, k0=k0, k1=k1):  # bound to this chunk
             """Chunk-relative slices of an index box, or None when it misses this chunk."""
             if box is None:
                 return None

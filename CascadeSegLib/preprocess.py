@@ -7,7 +7,7 @@ tensors on the inference device. Arrays are (z, y, x); spacings are (x, y, z) li
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -154,9 +154,9 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     radius) is touched, which keeps this cheap when the foreground is ~10% of the volume.
     """
     r = int(radius)
-    if r <= 0 or not bool(mask.any()):
+    box = bounding_box(mask, pad=r, shape=mask.shape) if r > 0 else None
+    if box is None:  # nothing to grow, or an empty mask
         return mask.clone()
-    box = bounding_box(mask, pad=r, shape=mask.shape)
     sl = tuple(slice(a, b) for a, b in box)
     sub = mask[sl]
     z, y, x = sub.shape

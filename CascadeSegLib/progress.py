@@ -30,7 +30,7 @@ class BarProgress:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self._bar = None
-        self._stage = None
+        self._stage: str | None = None
 
     def emit(self, event: str, **fields: Any) -> None:
         pass

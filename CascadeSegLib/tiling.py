@@ -1,6 +1,6 @@
 """Tiled prediction over the bounding box of a candidate region.
 
-Only tiles whose output region touches the candidate mask are computed (METHOD.md 6). Tiles
+Only tiles whose output region touches the candidate mask are computed (docs/method.md 6). Tiles
 abut (stride = output tile) or overlap (stride = output tile * (1 - overlap)); overlapping
 probabilities are averaged per voxel. Valid-convolution networks get their input context from
 a margin around each output tile, so tiled prediction equals one pass over the whole volume.
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import Cancelled
 from .memory import free_accelerator_memory, is_out_of_memory
-from .network import NetConfig, output_shape, valid_input_size
+from .network import ConfiguredNetwork, NetConfig, output_shape, valid_input_size
 from .preprocess import clip_window
 
 ProgressFn = Callable[[float, str], None]
@@ -63,13 +63,16 @@ def box_tile(cfg: NetConfig, tile_in: Sequence[int], mask: torch.Tensor, max_vox
     holds at most `max_voxels`, instead of several nominal tiles that mostly cover background.
     Otherwise (or for valid networks) the nominal tile, shrunk to the volume."""
     nominal = fit_tile(cfg, tile_in, tuple(mask.shape))
-    if cfg.kind == "valid" or not bool(mask.any()):
+    if cfg.kind == "valid":
         return nominal
     from .preprocess import bounding_box
 
     box = bounding_box(mask, shape=tuple(mask.shape))
+    if box is None:  # no candidates
+        return nominal
     grown = tuple(valid_input_size(cfg, hi - lo) for lo, hi in box)
-    if int(np.prod(grown)) <= max_voxels and int(np.prod(grown)) < len(plan_tiles(mask, nominal)) * int(np.prod(nominal)):
+    grown_voxels = int(np.prod(grown))
+    if grown_voxels <= max_voxels and grown_voxels < len(plan_tiles(mask, nominal)) * int(np.prod(nominal)):
         return grown  # type: ignore[return-value]
     return nominal
 
@@ -167,7 +170,7 @@ def _tighten(cum: np.ndarray, lo: Sequence[int], hi: Sequence[int]):
     if _box_sum(cum, lo, [h - l for l, h in zip(lo, hi)]) == 0:
         return None
     for axis in range(3):
-        def count(a: int, b: int) -> int:
+        def count(a: int, b: int, axis: int = axis) -> int:
             s, e = list(lo), list(hi)
             s[axis], e[axis] = a, b
             return _box_sum(cum, s, [y - x for x, y in zip(s, e)])
@@ -237,7 +240,7 @@ def _box_sum(cum: np.ndarray, start: Sequence[int], size: Sequence[int]) -> int:
                + cum[z0, y0, x1] + cum[z0, y1, x0] + cum[z1, y0, x0] - cum[z0, y0, x0])
 
 
-def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tensor,
+def predict_volume(net: ConfiguredNetwork, volume: torch.Tensor, mask: torch.Tensor,
                    tile_zyx: Sequence[int], num_classes: int, overlap: float = 0.0,
                    batch_size: int = 2, pad_value: float = 0.0, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None, autocast: bool | None = None,
@@ -250,7 +253,7 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
     the tiles per batch and retries the same tiles (`on_oom(new_batch_size)` is told); at one
     tile per batch it propagates.
     """
-    cfg: NetConfig = getattr(net, "cfg")
+    cfg = net.cfg
     device = volume.device
     shape = tuple(volume.shape[-3:])
     if plan is None:
@@ -310,7 +313,7 @@ def predict_volume(net: torch.nn.Module, volume: torch.Tensor, mask: torch.Tenso
     return probs
 
 
-def _forward(net: torch.nn.Module, inputs: torch.Tensor, use_autocast: bool) -> torch.Tensor:
+def _forward(net: ConfiguredNetwork, inputs: torch.Tensor, use_autocast: bool) -> torch.Tensor:
     if use_autocast:
         dtype = torch.float16 if inputs.device.type == "cuda" else torch.bfloat16
         with torch.autocast(inputs.device.type, dtype=dtype):
@@ -318,7 +321,7 @@ def _forward(net: torch.nn.Module, inputs: torch.Tensor, use_autocast: bool) -> 
     return net(inputs)
 
 
-def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], torch.Tensor],
+def predict_boxes(net: ConfiguredNetwork, volume: torch.Tensor | Callable[[Box], torch.Tensor],
                   boxes: Sequence[Box], num_classes: int, pad_value: float = 0.0,
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                   autocast: bool | None = None, on_oom: Callable[[int], None] | None = None,
@@ -334,7 +337,7 @@ def predict_boxes(net: torch.nn.Module, volume: torch.Tensor | Callable[[Box], t
     splits the failing box in two along its longest axis and goes on (`on_oom(voxels of the
     larger half's window)` is told); a window of at most `min_split_voxels` re-raises.
     """
-    cfg: NetConfig = getattr(net, "cfg")
+    cfg = net.cfg
     if callable(volume):
         fetch = volume
         if shape is None:

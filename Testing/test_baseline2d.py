@@ -195,7 +195,8 @@ def test_trained_three_view_model_segments_unseen_phantom(trained_2d, tmp_path):
         assert img.GetSize() == ct.GetSize() and img.GetOrigin() == ct.GetOrigin()
         assert img.GetSpacing() == ct.GetSpacing() and img.GetDirection() == ct.GetDirection()
     for name, r in (("mean", res), ("vote", vote)):
-        dice = {k: v["dice"] for k, v in evaluate_images(r.labels, ref, trained_2d.labels, distances=False)["organs"].items()}
+        organs = evaluate_images(r.labels, ref, trained_2d.labels, distances=False)["organs"]
+        dice = {k: v["dice"] for k, v in organs.items()}
         assert np.mean(list(dice.values())) > 0.8 and min(dice.values()) > 0.6, (name, dice)
     assert {"stage1", "stage2", "total"} <= set(res.timings)
 

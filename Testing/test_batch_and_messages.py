@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from cli_process import SAMPLE_CT, cascadeseg, child_env, command, error_lines
 
 
@@ -183,7 +182,8 @@ def test_device_option_is_explained():
     res = cascadeseg("segment", "--help")
     assert res.returncode == 0
     text = " ".join(res.stdout.split())
-    assert "--device {auto,cpu,cuda,mps}" in text and "auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU" in text
+    assert "--device {auto,cpu,cuda,mps}" in text
+    assert "auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU" in text
 
 
 def test_output_grids_are_as_documented(tmp_path):

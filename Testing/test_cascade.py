@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from model_factory import make_random_model
 
 from CascadeSegLib.cascade import CancelToken, Segmenter, resample_labels_to, resolve_device
 from CascadeSegLib.errors import Cancelled, ModelError, UserError
 from CascadeSegLib.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
-
-from model_factory import make_random_model
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +104,9 @@ def test_overlap_mode_computes_more_than_the_box_cover(model):
     image, _ = make_phantom(size=(112, 96, 72), spacing=(3.0, 3.0, 3.0), seed=1)
     work = {}
     for overlap in (0.0, 0.5):
-        seen = []
+        seen: list[str] = []
         result = Segmenter(model, "cpu", overlap=overlap,
-                           progress=lambda s, f, m: seen.append(m) if s == "stage2" else None).segment(image)
+                           progress=lambda s, f, m, seen=seen: seen.append(m) if s == "stage2" else None).segment(image)
         work[overlap] = result.stats["stage2_computed_voxels"]
         assert seen[-1].startswith("box" if overlap == 0 else "tile")
     # Overlapping tiles (each voxel ~8x) cost more than a cover of disjoint output boxes.

@@ -48,7 +48,7 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802
-        srv: "_Server" = self.server  # type: ignore[assignment]
+        srv: _Server = self.server  # type: ignore[assignment]
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
         if self.path in srv.redirects:

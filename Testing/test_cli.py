@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from model_factory import make_random_model
 
 from CascadeSegLib.cli import main
 from CascadeSegLib.io import read_segmentation_nrrd
 from CascadeSegLib.phantom import make_phantom
-
-from model_factory import make_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 

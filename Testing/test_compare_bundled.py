@@ -1,4 +1,4 @@
-"""configs/compare_bundled.py (issue 6's comparison table): its Dice, reference remapping and messages.
+"""configs/compare_bundled.py (the comparison table of docs/comparison.md): its Dice, reference remapping and messages.
 
 The script itself runs for minutes; these check its pieces on tiny arrays in well under a second.
 """

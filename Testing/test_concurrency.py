@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from cli_process import SAMPLE_CT, child_env, command
 
 from CascadeSegLib.archive import make_zip
 from CascadeSegLib.resources import bundled_models_dir
-
-from cli_process import SAMPLE_CT, child_env, command
 
 N_PROCESSES = 4
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from model_factory import make_random_model
 
 from CascadeSegLib.cli import main
@@ -133,7 +132,8 @@ def test_bad_corrections_get_one_line_errors_and_store_nothing(model, sample_ct_
     shifted = sitk.Image(truth)
     shifted.SetOrigin([o + 1.5 for o in truth.GetOrigin()])
     sitk.WriteImage(shifted, str(tmp_path / "shifted.nii.gz"))
-    err = _cli_error(capsys, ["corrections", "add", str(sample_ct_path), str(tmp_path / "shifted.nii.gz"), "--model", m])
+    err = _cli_error(capsys, ["corrections", "add", str(sample_ct_path), str(tmp_path / "shifted.nii.gz"),
+                              "--model", m])
     assert "not on the CT's voxel grid" in err
     # empty, and reviewed organs that are not labelled
     empty = sitk.Image(truth) * 0

@@ -1,4 +1,4 @@
-"""Evaluation (METHOD.md section 7): metrics against hand-computed values, statistics against
+"""Evaluation (docs/method.md section 7): metrics against hand-computed values, statistics against
 scipy, C2 curves against explicit dilations, and the report commands end to end on the real
 sample CT's TotalSegmentator labels, a phantom, and the cascade engine's output."""
 
@@ -272,8 +272,9 @@ def test_candidate_curves_on_synthetic_box() -> None:
     assert np.all(rec[:4] < 1) and np.all(rec[4:] == 1.0)
     assert np.all(fpr[:3] == 0) and np.all(np.diff(fpr[3:]) > 0)
     # Identical to explicit dilations with the engine's ball (|offset| <= r) and scipy.
-    from CascadeSegLib.preprocess import dilate
     import torch
+
+    from CascadeSegLib.preprocess import dilate
     n_neg = ref.size - ref.sum()
     for r in (1, 2, 3, 5):
         ball = np.linalg.norm(np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1], axis=0) <= r
@@ -509,6 +510,7 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys) -> None:
 def _tiny_model(folder: Path):
     """A real two-stage package with small random networks (fast on CPU)."""
     import torch
+
     from CascadeSegLib.model import ModelPackage
     from CascadeSegLib.network import NetConfig, build_network
     torch.manual_seed(0)

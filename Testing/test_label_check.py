@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_process import SAMPLE_CT, SAMPLE_TS, cascadeseg, error_lines
 
 from CascadeSegLib.label_presets import PRESETS, preset_labels
 from CascadeSegLib.labels import DEFAULT_ORGANS, LabelSet
-
-from cli_process import SAMPLE_CT, SAMPLE_TS, cascadeseg, error_lines
 
 STD = LabelSet.from_names(DEFAULT_ORGANS)
 

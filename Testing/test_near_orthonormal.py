@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_process import SAMPLE_CT, cascadeseg, error_lines
 
 from CascadeSegLib import io
 from CascadeSegLib.orientation import deviation
-
-from cli_process import SAMPLE_CT, cascadeseg, error_lines
 
 
 def _sample_nii(path: Path) -> Path:
@@ -50,7 +49,8 @@ def test_near_orthonormal_nifti_is_segmented_with_one_warning(tmp_path):
     res = cascadeseg("segment", ct, "-o", out, "--stage1-only", "--quiet")
     assert res.returncode == 0, res.stderr
     lines = error_lines(res.stderr)
-    assert len(lines) == 1 and lines[0].startswith("cascadeseg: warning: ") and "orthonormal only to 1.0e-03" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("cascadeseg: warning: ")
+    assert "orthonormal only to 1.0e-03" in lines[0]
     read = io.read_image(ct, on_warning=lambda m: None)
     labels = sitk.ReadImage(str(out))
     assert deviation(read.GetDirection()) < 1e-12

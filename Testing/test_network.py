@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from CascadeSegLib.network import (NetConfig, build_network, count_parameters, fold_batchnorm, margin,
-                                   output_shape, valid_input_size)
+from CascadeSegLib.network import (
+    NetConfig,
+    build_network,
+    count_parameters,
+    fold_batchnorm,
+    margin,
+    output_shape,
+    valid_input_size,
+)
 
 
 def test_paper_network_tile_shapes_and_parameter_count():

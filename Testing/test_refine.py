@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_baseline2d import GRID, ORGANS, one_thread, trained_2d  # noqa: F401 - session fixture
 
 from CascadeSegLib import refine as R
 from CascadeSegLib.cascade import Segmenter
@@ -26,7 +27,6 @@ from CascadeSegLib.labels import LabelSet
 from CascadeSegLib.model import ModelPackage, StageSpec
 from CascadeSegLib.network import NetConfig, build_network
 from CascadeSegLib.phantom import make_phantom
-from test_baseline2d import GRID, ORGANS, one_thread, trained_2d  # noqa: F401 - session fixture
 
 WINDOW = (-200.0, 300.0)
 RANGES = {"liver": (93.0, 105.0), "spleen": (105.0, 125.0)}
@@ -50,7 +50,8 @@ def intensity_net(ranges, delta: float = 3.0, scale: float = 40.0) -> torch.nn.M
         net.head.bias.zero_()
         net.head.bias[0] = 0.5 * scale
         for j in range(len(ranges)):   # trapezoid in [lo, hi]: relu ramps up and down
-            net.head.weight[j + 1, 4 * j:4 * j + 4, 0, 0, 0] = torch.tensor([1.0, -1.0, -1.0, 1.0]) * scale * width / delta
+            ramp = torch.tensor([1.0, -1.0, -1.0, 1.0]) * scale * width / delta
+            net.head.weight[j + 1, 4 * j:4 * j + 4, 0, 0, 0] = ramp
     return net
 
 
@@ -145,7 +146,8 @@ def test_refinement_recovers_a_missed_half_and_leaves_other_organs(model3d, case
         normal = R.refine(seg, ct, start, organs=["liver"])
         oracle = R.refine(seg, ct, start, organs="liver", oracle=ref)
     d_full, d_start = dice(full, ref, model3d.labels)["liver"], dice(start, ref, model3d.labels)["liver"]
-    d_norm, d_oracle = dice(normal.labels, ref, model3d.labels)["liver"], dice(oracle.labels, ref, model3d.labels)["liver"]
+    d_norm = dice(normal.labels, ref, model3d.labels)["liver"]
+    d_oracle = dice(oracle.labels, ref, model3d.labels)["liver"]
     assert d_start < d_full - 0.2
     assert d_norm > d_start + 0.2 and d_norm >= d_full - 0.03, (d_start, d_norm, d_full)
     assert normal.iterations["liver"] >= 2 and normal.converged["liver"]   # it took the iteration to grow back
@@ -157,7 +159,7 @@ def test_refinement_recovers_a_missed_half_and_leaves_other_organs(model3d, case
     assert np.array_equal(a1 == spleen, (a0 == spleen) & (a1 != liver))
 
 
-def test_refinement_with_the_2d_three_view_model(trained_2d):
+def test_refinement_with_the_2d_three_view_model(trained_2d):  # noqa: F811 - the imported fixture
     """Zhou et al.'s setting: the fine 2D FCNs iterate over each organ's box."""
     ct, ref = make_phantom(organs=ORGANS, seed=2, **GRID)
     with one_thread():

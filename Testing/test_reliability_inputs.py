@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from model_factory import make_random_model
 
 from CascadeSegLib import io as cio
 from CascadeSegLib import memory
@@ -22,8 +23,6 @@ from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
 from CascadeSegLib.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
-
-from model_factory import make_random_model
 
 
 @pytest.fixture(scope="module")

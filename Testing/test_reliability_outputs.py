@@ -20,12 +20,11 @@ from pathlib import Path
 
 import pytest
 import SimpleITK as sitk
+from model_factory import make_random_model
 
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.phantom import make_phantom
-
-from model_factory import make_random_model
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "CascadeSeg"))
@@ -293,8 +292,9 @@ def test_segment_accepts_every_flag_the_slicer_module_passes(tmp_path):
     not know would fail every run with that option ticked."""
     import dataclasses
 
-    from CascadeSegLib.cli import build_parser
     from CascadeSegSlicer.parameters import SegmentParameters
+
+    from CascadeSegLib.cli import build_parser
 
     flags = {f.name: True for f in dataclasses.fields(SegmentParameters) if f.type in (bool, "bool")}
     for stage1_only in (True, False):  # some options are only sent without --stage1-only

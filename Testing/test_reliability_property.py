@@ -16,14 +16,13 @@ import SimpleITK as sitk
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from model_factory import make_random_model
 from scipy import ndimage
 
 from CascadeSegLib import preprocess
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
-
-from model_factory import make_random_model
 
 STAGE1 = (20.0, 20.0, 20.0)
 STAGE2 = (14.0, 14.0, 14.0)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_helpers import small_config, write_phantom_cases
 
 REPO = Path(__file__).resolve().parents[1]

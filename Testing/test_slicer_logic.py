@@ -24,13 +24,12 @@ slicer = pytest.importorskip("slicer")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "CascadeSeg"))
 
+from CascadeSegSlicer.headless import make_scene  # noqa: E402
+from CascadeSegSlicer.logic import ATTR_INPUT, CascadeSegLogic, RunCancelled, RunError, build_segmentation  # noqa: E402
+from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
 from vtk.util import numpy_support  # noqa: E402
 
 from CascadeSegLib.labels import DEFAULT_ORGANS, LabelSet  # noqa: E402
-from CascadeSegSlicer.headless import make_scene  # noqa: E402
-from CascadeSegSlicer.logic import (ATTR_INPUT, CascadeSegLogic, RunCancelled,  # noqa: E402
-                                    RunError, build_segmentation)
-from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
 
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
 SAMPLE_TS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"

@@ -86,7 +86,8 @@ def test_icon_is_128_png():
 def test_ui_names_used_by_code_exist():
     tree = ET.parse(MODULE / "Resources" / "UI" / "CascadeSeg.ui")
     names = {w.get("name") for w in tree.iter("widget")}
-    code = "".join(p.read_text(encoding="utf-8") for p in [MODULE / "CascadeSeg.py", *(MODULE / "CascadeSegSlicer").glob("*.py")])
+    sources = [MODULE / "CascadeSeg.py", *(MODULE / "CascadeSegSlicer").glob("*.py")]
+    code = "".join(p.read_text(encoding="utf-8") for p in sources)
     used = set(re.findall(r"\bui\.([A-Za-z_]\w*)", code))
     used |= set(re.findall(r'"(\w+(?:Selector|ComboBox|Button|CheckBox|Label|Bar))"', code))
     assert {"segmentButton", "inputVolumeSelector", "progressBar"} <= used

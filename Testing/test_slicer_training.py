@@ -22,15 +22,14 @@ slicer = pytest.importorskip("slicer")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "CascadeSeg"))
 
-from model_factory import make_random_model  # noqa: E402
-from test_slicer_logic import (LABELS, FakeGui, done_event, make_controller, remap_totalseg,  # noqa: E402
-                               scene_snapshot)
-
-from CascadeSegLib.corrections import list_corrections  # noqa: E402
-from CascadeSegLib.labels import DEFAULT_ORGANS  # noqa: E402
 from CascadeSegSlicer.headless import make_scene  # noqa: E402
 from CascadeSegSlicer.logic import CascadeSegLogic, RunCancelled  # noqa: E402
 from CascadeSegSlicer.training import TrainingLogic  # noqa: E402
+from model_factory import make_random_model  # noqa: E402
+from test_slicer_logic import LABELS, FakeGui, done_event, make_controller, remap_totalseg, scene_snapshot  # noqa: E402
+
+from CascadeSegLib.corrections import list_corrections  # noqa: E402
+from CascadeSegLib.labels import DEFAULT_ORGANS  # noqa: E402
 
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
 SAMPLE_TS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"

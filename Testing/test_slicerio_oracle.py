@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_process import REPO, SAMPLE_CT, cascadeseg
 
 from CascadeSegLib.labels import Label, LabelSet
 from CascadeSegLib.model import load_model
-
-from cli_process import REPO, SAMPLE_CT, cascadeseg
 
 slicerio = pytest.importorskip("slicerio")
 

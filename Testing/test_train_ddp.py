@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import torch
-
 from train_helpers import small_config, write_phantom_cases
 
 

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from train_helpers import ORGANS, small_config, write_phantom_cases
 
 

@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import SimpleITK as sitk
-
 from train_helpers import small_config, write_phantom_cases
 
 

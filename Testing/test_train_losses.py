@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from CascadeSegLib.train.losses import (class_weights, image_class_weights, make_loss, soft_dice_loss,
-                                         weighted_cross_entropy)
+from CascadeSegLib.train.losses import (
+    class_weights,
+    image_class_weights,
+    make_loss,
+    soft_dice_loss,
+    weighted_cross_entropy,
+)
 
 LOGITS = np.array([[2.0, 0.5, -1.0, 0.3, 1.0],     # class 0
                    [0.0, 1.5, 0.2, 2.0, -0.5],     # class 1

@@ -8,7 +8,6 @@ import csv
 
 import pytest
 import torch
-
 from train_helpers import small_config, write_phantom_cases
 
 

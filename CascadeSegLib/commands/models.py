@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import ModelError
 
 
-def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `models` command and its sub-commands to the top-level parser."""
     p = subparsers.add_parser(
         "models", help="list, install and verify model packages",

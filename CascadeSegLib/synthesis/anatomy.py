@@ -10,8 +10,8 @@ does not depend on the label map's voxel size or orientation.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -33,7 +33,7 @@ class AnatomySettings:
                                   "gallbladder", "urinary_bladder", "heart", "colon", "small_bowel")
 
     @classmethod
-    def none(cls) -> "AnatomySettings":
+    def none(cls) -> AnatomySettings:
         return cls(scale=0.0, rotation_deg=0.0, tilt_deg=0.0, elastic_mm=0.0, organ_scale=0.0, organs_per_sample=0)
 
 

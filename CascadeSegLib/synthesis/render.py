@@ -15,8 +15,8 @@ Everything is vectorised over the grid (lookup tables, Gaussian filters, distanc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -50,7 +50,7 @@ class ScanSettings:
     crop_mm: tuple[float, float] = (180.0, 400.0)
 
     @classmethod
-    def clean(cls, phase: str = "native") -> "ScanSettings":
+    def clean(cls, phase: str = "native") -> ScanSettings:
         """A deterministic look: one phase, table means, no jitter, noise, blur, crop or texture."""
         return cls(phases={phase: 1.0}, bolus=(1.0, 1.0), jitter=0.0, texture=0.0, noise_hu=(0.0, 0.0),
                    slice_mm=(0.0, 0.0), inplane_mm=(0.0, 0.0), table_prob=0.0, oral_contrast_prob=0.0,
@@ -197,7 +197,7 @@ def _body(fg: np.ndarray, spacing_zyx: np.ndarray, si_axis: int, scan: ScanSetti
     core = d_in > closing_mm
     core |= fg
     structure = np.zeros((3, 3, 3), bool)
-    plane = [slice(None)] * 3
+    plane: list[slice | int] = [slice(None)] * 3
     plane[si_axis] = 1
     structure[tuple(plane)] = ndimage.generate_binary_structure(2, 1)
     core = ndimage.binary_fill_holes(core, structure=structure)

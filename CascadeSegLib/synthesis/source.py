@@ -100,7 +100,8 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
             done += 1
             if progress:
                 progress(done, total)
-    transfer_settings = TransferSettings(spacing=tuple(float(s) for s in spacing)) if spacing else TransferSettings()
+    transfer_settings = (TransferSettings(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+                         if spacing else TransferSettings())
     for atlas, path in pairs:
         folder = out_dir / f"reg-{path.name.split('.')[0]}-{atlas.name}-{key}"
         if not (folder / "label.nii.gz").is_file():

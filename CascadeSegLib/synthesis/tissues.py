@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -156,7 +157,7 @@ class IntensityTable:
                 "sources": self.sources, "structures": self.structures}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "IntensityTable":
+    def from_json(cls, data: Mapping[str, Any]) -> IntensityTable:
         return cls({str(k): dict(v) for k, v in data.get("structures", {}).items()}, list(data.get("sources", [])))
 
     def save(self, path: str | Path) -> None:
@@ -166,7 +167,7 @@ class IntensityTable:
         tmp.replace(p)
 
     @classmethod
-    def load(cls, path: str | Path) -> "IntensityTable":
+    def load(cls, path: str | Path) -> IntensityTable:
         return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 

@@ -35,7 +35,7 @@ class TransferSettings:
 
 def _centroids(lab: np.ndarray, ref: sitk.Image, values: list[int]) -> dict[int, np.ndarray]:
     """Physical centroid of each label value present in `lab` (a z, y, x array on `ref`'s grid)."""
-    out = {}
+    out: dict[int, np.ndarray] = {}
     m = np.array(ref.GetDirection()).reshape(3, 3) * np.array(ref.GetSpacing())[None, :]
     origin = np.array(ref.GetOrigin())
     flat = lab.ravel()

@@ -1,4 +1,4 @@
-"""Training and fine-tuning of the cascade (METHOD.md sections 4-5).
+"""Training and fine-tuning of the cascade (docs/method.md sections 4-5).
 
 `train_run(load_config(path), run_dir)` trains both stages and exports a model package;
 `finetune_run(model, config, run_dir)` starts from an existing package. Run with

@@ -13,8 +13,9 @@ Arrays are (z, y, x); every offset and displacement here is in voxels of the sta
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,7 @@ class AugmentConfig:
         return asdict(self)
 
     @staticmethod
-    def from_json(d: dict[str, Any] | None) -> "AugmentConfig":
+    def from_json(d: dict[str, Any] | None) -> AugmentConfig:
         d = dict(d or {})
         known = {f.name for f in fields(AugmentConfig)}
         unknown = set(d) - known
@@ -55,7 +56,7 @@ class AugmentConfig:
         return AugmentConfig(**d)
 
     @staticmethod
-    def off() -> "AugmentConfig":
+    def off() -> AugmentConfig:
         return AugmentConfig(enabled=False)
 
 

@@ -127,7 +127,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() in (".yaml", ".yml"):
         try:
-            import yaml  # type: ignore[import-not-found]
+            import yaml
         except ImportError:
             raise UserError(f"{p} is YAML but PyYAML is not installed; `pip install pyyaml` or use JSON") from None
         try:
@@ -202,7 +202,7 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
                 output_shape(net, size[::-1])
             except ValueError as exc:
                 raise UserError(f"stage {name}: {what} {size} does not fit the network ({exc})") from None
-        stages.append(StageConfig(name, spacing, tile, patch, net, train, aug))  # type: ignore[arg-type]
+        stages.append(StageConfig(name, spacing, tile, patch, net, train, aug))
     if not 1 <= len(stages) <= 2:
         raise UserError(f"a cascade has 1 or 2 stages, the config lists {len(stages)}")
     intensity = data.get("intensity", {}) or {}

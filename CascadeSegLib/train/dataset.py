@@ -16,17 +16,18 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from .. import preprocess
 from ..errors import UserError
 from ..labels import LabelSet
-from .. import preprocess
 
 # TotalSegmentator v2 ("total" task) ids of the abdominal structures the paper targets.
 TOTALSEGMENTATOR_IDS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
@@ -108,7 +109,7 @@ def discover_cases(data: dict[str, Any], resolve) -> tuple[list[Case], dict[int,
     """Cases of the config's `data` section, plus source label names (from dataset.json)."""
     if "cases" in data:
         cases = []
-        for i, c in enumerate(data["cases"]):
+        for c in data["cases"]:
             img = resolve(c["image"])
             cases.append(Case(str(c.get("name") or _case_name(img)), img, resolve(c["label"])))
         names: dict[int, str] = {}

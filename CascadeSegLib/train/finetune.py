@@ -1,4 +1,4 @@
-"""Fine-tuning / transfer learning (Roth et al. 2017; METHOD.md section 5).
+"""Fine-tuning / transfer learning (Roth et al. 2017; docs/method.md section 5).
 
 Start from a model package: its stages (spacing, tile, network) and intensity settings are
 kept, every weight is copied, and the 1x1x1 output layer is replaced when the label set
@@ -10,8 +10,9 @@ frozen.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -85,7 +86,7 @@ def finetune_run(model: str | Path, config: str | Path, run_dir: str | Path | No
                  stages: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
                  export: bool = True) -> Path:
     """Fine-tune `model` with the data and settings of `config`; returns the run folder."""
-    from ..model import find_model, ModelPackage
+    from ..model import ModelPackage, find_model
     from .trainer import train_run
 
     pkg = ModelPackage.load(find_model(model))

@@ -12,11 +12,11 @@ any older NEW_NAME exactly as they were.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +25,9 @@ import torch
 from .. import preprocess
 from ..errors import Cancelled, UserError
 from ..labels import LabelSet
+
+if TYPE_CHECKING:
+    from ..network import UNet3D
 
 Progress = Callable[[str, float, str], None]
 DEFAULT_ITERATIONS = 300          # per stage: about 6 minutes on one CPU core (measured in README)
@@ -177,7 +180,7 @@ def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: Impr
     table = _value_table(pkg.labels, labels)
     cases = [Case(it.name, it.ct, it.labels) for it in items]
     states: list[dict[str, torch.Tensor]] = []
-    stage1 = None
+    stage1: UNet3D | None = None
     trainer_cls = _trainer_class()
     for index, stage in enumerate(cfg.stages):
         init = transfer_state(pkg.load_network(index).state_dict(), pkg.labels, stage.network, labels,
@@ -188,6 +191,8 @@ def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: Impr
         for item, case in zip(items, cached):
             base = np.asarray(case.c1, dtype=bool)
             if index > 0:
+                if stage1 is None:
+                    raise RuntimeError("stage 2 is fine-tuned after stage 1; stage 1 has no network")
                 s1 = cfg.stages[0]
                 c1case = build_cached_case(Case(item.name, item.ct, item.labels), folder / "cache", s1.spacing,
                                            cfg.window, cfg.normalization, cfg.body_threshold_hu, table)

@@ -1,4 +1,4 @@
-"""Losses of METHOD.md section 4, all restricted to the candidate region C.
+"""Losses of docs/method.md section 4, all restricted to the candidate region C.
 
 `weight` is a (N, z, y, x) mask of C: voxels outside C count for nothing, as in the original
 Caffe code (per-voxel weight map, ignore label 255). Every loss works on a batch of sub-volumes

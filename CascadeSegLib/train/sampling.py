@@ -7,7 +7,7 @@ class by class, so small organs (gallbladder, pancreas) are seen often even in f
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
