@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from .atomic import atomic_path
 from .errors import ModelError
 
 #: Members smaller than this are never refused for their compression ratio alone (a short
@@ -200,11 +201,8 @@ def make_zip(folder: str | os.PathLike, zip_path: str | os.PathLike,
                                  "contain plain files only")
     members.sort()
     zip_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp",
-                                    dir=zip_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED,
-                                                          compresslevel=6) as zf:
+    with atomic_path(zip_path) as tmp:
+        with open(tmp, "xb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             for arcname, path in members:
                 info = zipfile.ZipInfo(arcname, date_time=_ZIP_EPOCH)
                 info.external_attr = (stat.S_IFREG | 0o644) << 16
@@ -212,8 +210,4 @@ def make_zip(folder: str | os.PathLike, zip_path: str | os.PathLike,
                 info.create_system = 3  # Unix, so the permission bits mean the same everywhere
                 with open(path, "rb") as src, zf.open(info, "w", force_zip64=True) as dst:
                     shutil.copyfileobj(src, dst, _COPY_CHUNK)
-        os.replace(tmp_name, zip_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
     return zip_path

@@ -1,4 +1,4 @@
-"""The 2D three-view baseline of Zhou et al. 2016 (METHOD.md section 8), packaged like a cascade.
+"""The 2D three-view baseline of Zhou et al. 2016 (docs/method.md section 8), packaged like a cascade.
 
 One 2D FCN per view (axial, coronal, sagittal) sees three consecutive slices as channels
 ("3-slice" input) and predicts the middle slice; the three views' softmax probabilities are put
@@ -22,21 +22,22 @@ volume order, so a slice is never transposed.
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import atomic_write
 from .cascade import Segmenter
 from .errors import Cancelled, ModelError, UserError
 from .model import ModelPackage, StageSpec
-from .network import NetConfig, fold_batchnorm, make_norm
+from .network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
 from .train.config import ConfigPaths
 
 ARCHITECTURE = "2d-three-view"
@@ -103,8 +104,10 @@ def fuse(per_view: Sequence[torch.Tensor], method: str = "mean") -> tuple[torch.
 class _Block2d(nn.Sequential):
     def __init__(self, cin: int, cout: int, norm: str) -> None:
         bias = norm == "none"
-        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2), nn.ReLU(inplace=True))
+        super().__init__(nn.Conv2d(cin, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2),
+                         nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=bias), make_norm(norm, cout, dims=2),
+                         nn.ReLU(inplace=True))
 
 
 class UNet2D(nn.Module):
@@ -159,11 +162,15 @@ class ThreeViewNet(nn.Module):
         self.views = tuple(views)
         self.nets = nn.ModuleDict({v: UNet2D(cfg) for v in self.views})
 
+    def view_net(self, view: str) -> UNet2D:
+        """The UNet2D of one view ('axial', 'coronal' or 'sagittal')."""
+        return cast(UNet2D, self.nets[view])
+
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
         sd = super().state_dict(*args, **kwargs)
         return {k[len("nets."):] if k.startswith("nets.") else k: v for k, v in sd.items()}
 
-    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):  # type: ignore[override]
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True, assign: bool = False):
         return super().load_state_dict({f"nets.{k}": v for k, v in state.items()}, strict=strict, assign=assign)
 
 
@@ -214,7 +221,7 @@ def predict_three_view(nets: ThreeViewNet, volume: torch.Tensor, mask: torch.Ten
     crop = volume[sl]
     per_view = []
     for i, view in enumerate(nets.views):
-        per_view.append(predict_view(nets.nets[view], crop, view, context, pad_value, batch_size, cancel))
+        per_view.append(predict_view(nets.view_net(view), crop, view, context, pad_value, batch_size, cancel))
         if progress is not None:
             progress((i + 1) / len(nets.views), f"view {view} ({i + 1}/{len(nets.views)})")
     fused, lab = fuse(per_view, fusion)
@@ -286,9 +293,7 @@ def save_three_view_package(pkg: ModelPackage, folder: str | Path, state_dicts: 
     meta = json.loads((folder / "model.json").read_text(encoding="utf-8"))
     meta["architecture"] = ARCHITECTURE
     meta["three_view"] = options.to_json()
-    tmp = folder / ".model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, folder / "model.json")
+    atomic_write(folder / "model.json", json.dumps(meta, indent=2) + "\n")
     return ModelPackage.load(folder)
 
 
@@ -317,7 +322,7 @@ class ThreeViewSegmenter(Segmenter):
         if self.batch_size < 8:
             self.batch_size = 8 if self.device.type == "cpu" else 32   # slices, not 3D tiles
 
-    def network(self, index: int) -> torch.nn.Module:
+    def network(self, index: int) -> ConfiguredNetwork:
         if index not in self._nets:
             net = load_three_view_network(self.model, index, self.options.views)
             fold_batchnorm(net)
@@ -332,8 +337,11 @@ class ThreeViewSegmenter(Segmenter):
             hu = hu.full()                  # views need whole slices
         volume = preprocess.normalize(hu, self.model.window, self.model.normalization)
         pad_value = float(preprocess.normalize(torch.tensor(-1024.0), self.model.window, self.model.normalization))
+        net = self.network(index)
+        if not isinstance(net, ThreeViewNet):
+            raise TypeError(f"stage {index} of a 2D three-view package is a {type(net).__name__}, not a ThreeViewNet")
         probs, labels = predict_three_view(
-            self.network(index), volume, mask, self.model.labels.num_classes, self.options.fusion,
+            net, volume, mask, self.model.labels.num_classes, self.options.fusion,
             self.options.context, pad_value, batch_size=self.batch_size,
             progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel)
         return labels.to(torch.uint8) if labels_only else probs
@@ -471,7 +479,7 @@ def fine_region(label: np.ndarray, rng: np.random.Generator, margin: tuple[int, 
     from scipy import ndimage
 
     region = np.zeros(label.shape, dtype=bool)
-    for k, sl in enumerate(ndimage.find_objects(np.asarray(label)), start=1):
+    for sl in ndimage.find_objects(np.asarray(label)):
         if sl is None:
             continue
         m = int(rng.integers(margin[0], margin[1] + 1))

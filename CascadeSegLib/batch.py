@@ -8,14 +8,13 @@ share a file); `cascadeseg summarize OUT/` merges them and notices shards that n
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import UserError
 
 SUMMARY_GLOB = "cascadeseg-summary-shard*.json"
@@ -65,13 +64,7 @@ class BatchSummary:
         """Atomically write this shard's summary file into `folder`."""
         path = folder / summary_name(*self.shard)
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tmp-{secrets.token_hex(4)}-{path.name}"
-        try:
-            tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_write(path, json.dumps(self.to_json(), indent=1) + "\n")
 
 
 def merge_summaries(folder: Path) -> tuple[BatchSummary, list[int]]:

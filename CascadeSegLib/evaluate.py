@@ -29,17 +29,21 @@ import io as _io
 import json
 import math
 import os
-import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK as sitk
 from scipy import ndimage
 
+from .atomic import atomic_write
 from .errors import UserError
+from .evaluation.metrics import count, dice_from_counts
+from .io import NAME_SUFFIXES
 from .labels import DEFAULT_ORGANS, LabelSet, standard_labels
 
 FORMAT_VERSION = 1
@@ -68,7 +72,7 @@ DEFINITIONS = {
           "foreground vs all listed reference organs",
 }
 
-_IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+_IMAGE_SUFFIXES = NAME_SUFFIXES   # images and Slicer segmentations, as io names cases
 _CASE_SUFFIXES = ("_labels", "_label", "_seg", "_segmentation", "_pred", "_prediction", "_gt",
                   "_ref", "_mask")
 _IGNORED_SUFFIXES = ("_c1", "_c2", "_probabilities", "_preview")
@@ -194,11 +198,11 @@ def label_boxes(arr: np.ndarray) -> dict[int, tuple[slice, ...]]:
 
 def _union_box(boxes: Iterable[tuple[slice, ...] | None], shape: Sequence[int],
                pad: int) -> tuple[slice, ...] | None:
-    boxes = [b for b in boxes if b is not None]
-    if not boxes:
+    found = [b for b in boxes if b is not None]
+    if not found:
         return None
-    return tuple(slice(max(0, min(b[i].start for b in boxes) - pad),
-                       min(int(shape[i]), max(b[i].stop for b in boxes) + pad))
+    return tuple(slice(max(0, min(b[i].start for b in found) - pad),
+                       min(int(shape[i]), max(b[i].stop for b in found) + pad))
                  for i in range(len(shape)))
 
 
@@ -246,13 +250,12 @@ def organ_metrics(pred: np.ndarray, ref: np.ndarray, spacing_xyz: Sequence[float
         out["status"] = "absent"
         return out
     if n_p == 0 or n_r == 0:
-        out["dice"] = 0.0
+        out["dice"] = dice_from_counts(0, n_p, n_r)
         out["status"] = "missing_in_prediction" if n_p == 0 else "missing_in_reference"
         return out
     box = _union_box([_bbox(pred), _bbox(ref)], pred.shape, pad=1)
     p, r = pred[box], ref[box]
-    inter = int(np.count_nonzero(p & r))
-    out["dice"] = 2.0 * inter / (n_p + n_r)
+    out["dice"] = dice_from_counts(count(p & r), n_p, n_r)   # the overlap lies in the box
     out["status"] = "ok"
     if distances:
         d_pr, d_rp = surface_distances(p, r, spacing_xyz)
@@ -464,10 +467,10 @@ def difference_table(a: Mapping[str, Any], b: Mapping[str, Any],
     return out
 
 
-def wilcoxon_test(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
+def wilcoxon_test(xs: npt.ArrayLike, ys: npt.ArrayLike) -> dict[str, Any]:
     """Two-sided Wilcoxon signed-rank test of paired samples (scipy defaults)."""
     from scipy.stats import wilcoxon
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
     if x.size == 0:
         return {"n": 0, "statistic": None, "p_value": None, "note": "no paired cases"}
     if np.all(x == y):
@@ -577,7 +580,10 @@ def candidate_curves(stage1: sitk.Image, ref: sitk.Image, labels: LabelSet,
             r_box = r_boxes.get(ref_labels.by_name(name).value)
         n_ref = int(np.count_nonzero(r_test(r_arr[r_box]))) if r_box else 0
         n_s = int(np.count_nonzero(s_test(s_arr[s_box]))) if s_box else 0
-        rec, fpr, fdr, frac = [], [], [], []
+        rec: list[float | None] = []
+        fpr: list[float] = []
+        fdr: list[float | None] = []
+        frac: list[float] = []
         # Voxels farther than rmax from stage 1 are never covered: work in its grown box.
         box = _union_box([s_box], shape, pad=rmax + 1) if n_s else None
         if box is None:
@@ -790,21 +796,6 @@ def candidates_csv(mean: Mapping[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------- reports
-
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write via a temporary file in the same folder and os.replace (never half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
 
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: numpy scalars to Python, NaN/inf to None, paths to str."""
@@ -1114,17 +1105,19 @@ def run_stages_experiment(model: Any, ct: str | os.PathLike, ref: str | os.PathL
     for case, ct_path, ref_path in _progress(pairs, len(pairs), "stages", progress):
         ref_img = read_label_map(ref_path)
         res = seg.segment(read_image(ct_path))
-        for store, img in ((s1, res.stage1_labels), (s2, res.labels)):
+        stage1 = res.stage1_labels
+        if stage1 is None:
+            raise RuntimeError("the segmenter kept no stage-1 labels (keep_stage1)")
+        for store, img in ((s1, stage1), (s2, res.labels)):
             store[case] = {"prediction": str(ct_path), "reference": str(ref_path),
                            **evaluate_images(img, ref_img, labels, ref_labels)}
-        curves[case] = candidate_curves(res.stage1_labels, ref_img, labels, ref_labels, radii,
+        curves[case] = candidate_curves(stage1, ref_img, labels, ref_labels, radii,
                                         spacing=model.stages[1].spacing)
         timings[case] = dict(res.timings)
         if save_predictions:
-            _save_prediction(report_dir / "predictions", f"{case}_stage1_labels",
-                             res.stage1_labels)
+            _save_prediction(report_dir / "predictions", f"{case}_stage1_labels", stage1)
             _save_prediction(report_dir / "predictions", f"{case}_labels", res.labels)
-    cand = {"cases": curves, "mean": mean_curves(curves), "radii": sorted(set(radii))}
+    cand: dict[str, Any] = {"cases": curves, "mean": mean_curves(curves), "radii": sorted(set(radii))}
     summaries = {"stage1": summarize(s1), "stage2": summarize(s2)}
     md = ["## Tables 1-2: all metrics per stage\n"]
     md += [stats_markdown(summaries, m) for m in TABLE_METRICS if m != "dice"]

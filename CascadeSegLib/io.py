@@ -12,30 +12,43 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
-import sys
 import os
-import secrets
 import struct
+import sys
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .errors import UserError
 from .itkwarnings import captured_itk_messages
 from .labels import LabelSet
-from .orientation import (MAX_DEVIATION, WARN_DEVIATION, deviation, nearest_orthonormal, nifti_sform,
-                          orthonormalize, permissive_nifti)
-
+from .orientation import (
+    MAX_DEVIATION,
+    WARN_DEVIATION,
+    deviation,
+    nearest_orthonormal,
+    nifti_sform,
+    orthonormalize,
+    permissive_nifti,
+)
 
 READ_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 """File endings read as images (plus DICOM folders)."""
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 """File endings that can be written atomically (single-file formats only)."""
-_NAME_SUFFIXES = (".seg.nrrd", ".seg.nhdr") + READ_SUFFIXES
+SEGMENTATION_SUFFIXES = (".seg.nrrd", ".seg.nhdr")
+"""Slicer segmentations: NRRD files with segment names, colours and terminology."""
+NAME_SUFFIXES = SEGMENTATION_SUFFIXES + READ_SUFFIXES
+"""Endings removed from a file name to name its case (a longer ending before one it ends with)."""
+OUTPUT_SUFFIXES = (".seg.nrrd", *WRITE_SUFFIXES)
+"""Output names that are one file (a label map or a segmentation); any other output is a folder."""
+_NAME_SUFFIXES = NAME_SUFFIXES
 
 _OUTPUT_TAILS = ("_labels", "_probabilities", "_c1", "_c2")  # `cascadeseg segment` outputs
 SEG_REPRESENTATION = "Binary labelmap"
@@ -119,7 +132,7 @@ def _dicom_tag(path: str, tag: str) -> str:
     return ""
 
 
-def list_dicom_series(folder: "str | os.PathLike[str]", on_warning: Warn | None = None) -> list[DicomSeries]:
+def list_dicom_series(folder: str | os.PathLike[str], on_warning: Warn | None = None) -> list[DicomSeries]:
     """All DICOM series directly inside `folder` (not recursive), sorted by UID."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -139,7 +152,7 @@ def list_dicom_series(folder: "str | os.PathLike[str]", on_warning: Warn | None 
     return series
 
 
-def is_dicom_folder(path: "str | os.PathLike[str]") -> bool:
+def is_dicom_folder(path: str | os.PathLike[str]) -> bool:
     """True if `path` is a folder that directly contains at least one DICOM series."""
     path = Path(path)
     if not path.is_dir():
@@ -290,7 +303,7 @@ def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> 
     if worst <= WARN_DEVIATION:
         return
     how = "the nearest orthonormal direction"
-    if sform_dev > WARN_DEVIATION and header[0] > 0 and image.GetDimension() == 3:
+    if header is not None and sform_dev > WARN_DEVIATION and header[0] > 0 and image.GetDimension() == 3:
         # ITK falls back to the qform when it has one; say which direction was used.
         nearest = np.asarray(nearest_orthonormal(header[2].ravel())).reshape(3, 3)
         if not np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), nearest, atol=1e-5):
@@ -300,7 +313,7 @@ def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> 
                                   "which the outputs carry")
 
 
-def read_image(path: "str | os.PathLike[str]", series_uid: str | None = None,
+def read_image(path: str | os.PathLike[str], series_uid: str | None = None,
                on_warning: Warn | None = None) -> sitk.Image:
     """Read a CT from an image file or a DICOM folder, geometry and pixel type as read.
 
@@ -341,7 +354,7 @@ class ImageInfo:
         return sitk.GetPixelIDValueAsString(self.pixel_id)
 
 
-def read_image_info(path: "str | os.PathLike[str]", series_uid: str | None = None) -> ImageInfo:
+def read_image_info(path: str | os.PathLike[str], series_uid: str | None = None) -> ImageInfo:
     """Size, spacing and pixel type from the header only (no voxels read), as `read_image` sees it.
 
     For a DICOM folder the size along z is the number of files of the chosen series. Used to
@@ -397,7 +410,7 @@ def _dicom_slice_step(files: Sequence[str], first_origin: Sequence[float]) -> fl
     return dist / (len(files) - 1) if dist > 0 else None
 
 
-def find_images(folder: "str | os.PathLike[str]") -> list[Path]:
+def find_images(folder: str | os.PathLike[str]) -> list[Path]:
     """CT inputs of a folder for batch mode: image files and sub-folders holding DICOM.
 
     Our own outputs (`*.seg.nrrd`, `*_labels.*`, and `*_probabilities.*`, `*_c1.*`, `*_c2.*`
@@ -424,7 +437,7 @@ def find_images(folder: "str | os.PathLike[str]") -> list[Path]:
     return found
 
 
-def case_name(path: "str | os.PathLike[str]") -> str:
+def case_name(path: str | os.PathLike[str]) -> str:
     """Name of a case: the file name without its image ending, or the DICOM folder name."""
     path = Path(path)
     if path.is_dir():
@@ -462,7 +475,8 @@ def describe_geometry(img: sitk.Image) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: Path, b: Path) -> bool:
+    """`a` and `b` are the same file (or, when either does not exist yet, the same path)."""
     try:
         if a.exists() and b.exists():
             return os.path.samefile(a, b)
@@ -471,14 +485,17 @@ def _same_file(a: Path, b: Path) -> bool:
     return os.path.abspath(a) == os.path.abspath(b)
 
 
-def _prepare_output(path: Path, overwrite: bool, protect: Iterable["str | os.PathLike[str]"] | None,
+_same_file = same_file   # the name before it was public
+
+
+def _prepare_output(path: Path, overwrite: bool, protect: Iterable[str | os.PathLike[str]] | None,
                     suffixes: Sequence[str]) -> str:
     """Check the destination; returns the ending to give the temporary file."""
     suffix = _suffix(path, suffixes)
     if suffix is None:
         raise UserError(f"cannot write {path}: use one of {', '.join(suffixes)}")
     for p in protect or ():
-        if _same_file(path, Path(p)):
+        if same_file(path, Path(p)):
             raise UserError(f"refusing to write over the input {p}; choose another output path")
     if path.is_dir():
         raise UserError(f"cannot write {path}: it is a folder")
@@ -493,27 +510,21 @@ def _prepare_output(path: Path, overwrite: bool, protect: Iterable["str | os.Pat
 
 def _atomic_write(image: sitk.Image, path: Path, suffix: str, compress: bool) -> None:
     """Write to `.tmp-XXXX<suffix>` beside `path`, then os.replace; never a partial file."""
-    tmp = path.parent / f".tmp-{secrets.token_hex(6)}{suffix}"
     try:
-        sitk.WriteImage(image, str(tmp), compress)
-        os.replace(tmp, path)
+        # The temporary file is removed on any error, and on Ctrl-C.
+        with atomic_path(path, suffix=suffix) as tmp:
+            sitk.WriteImage(image, str(tmp), compress)
     except RuntimeError as e:
         raise UserError(f"cannot write {path}: {_itk_reason(e)}; check free disk space "
                         f"and write permission") from None
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}; check free disk space "
                         f"and write permission") from None
-    finally:
-        # Also runs on KeyboardInterrupt, so Ctrl-C leaves no temporary file behind.
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
 
 
-def write_image(image: sitk.Image, path: "str | os.PathLike[str]", compress: bool = True,
+def write_image(image: sitk.Image, path: str | os.PathLike[str], compress: bool = True,
                 overwrite: bool = True,
-                protect: Iterable["str | os.PathLike[str]"] | None = None) -> Path:
+                protect: Iterable[str | os.PathLike[str]] | None = None) -> Path:
     """Atomically write an image (.nii, .nii.gz, .nrrd, .mha); returns the path written.
 
     `protect` lists input paths that must never be overwritten (output == input mistakes).
@@ -580,9 +591,9 @@ def _nonzero_box(array: np.ndarray) -> list[tuple[int, int]] | None:
 
 
 def write_segmentation_nrrd(labelmap: sitk.Image, labels: LabelSet,
-                            path: "str | os.PathLike[str]", compress: bool = True,
+                            path: str | os.PathLike[str], compress: bool = True,
                             overwrite: bool = True,
-                            protect: Iterable["str | os.PathLike[str]"] | None = None) -> Path:
+                            protect: Iterable[str | os.PathLike[str]] | None = None) -> Path:
     """Write a label map as a 3D Slicer segmentation (`.seg.nrrd`, one shared layer).
 
     The voxel grid is the label map's, unchanged; every label of `labels` becomes a segment
@@ -653,7 +664,7 @@ def _parse_tags(text: str) -> dict[str, str]:
     return tags
 
 
-def read_segmentation_nrrd(path: "str | os.PathLike[str]") -> tuple[sitk.Image, list[dict[str, Any]]]:
+def read_segmentation_nrrd(path: str | os.PathLike[str]) -> tuple[sitk.Image, list[dict[str, Any]]]:
     """Read a single-layer Slicer `.seg.nrrd`: the label map and one dict per segment.
 
     Segment dicts hold id, name, color (floats 0-1), label_value, layer, extent, terminology
@@ -691,7 +702,7 @@ def read_segmentation_nrrd(path: "str | os.PathLike[str]") -> tuple[sitk.Image, 
     return img, segments
 
 
-def collect_inputs(path: "str | os.PathLike[str]") -> tuple[list[Path], bool]:
+def collect_inputs(path: str | os.PathLike[str]) -> tuple[list[Path], bool]:
     """(cases, is_batch) for a command's INPUT: one image or DICOM folder, or every CT in a folder."""
     source = Path(path).expanduser()
     if not source.exists():

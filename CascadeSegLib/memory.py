@@ -10,9 +10,10 @@ before a single voxel is read. The bytes-per-voxel factors below were measured w
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -180,7 +181,7 @@ def available_bytes() -> int:
             avail = None
     if avail is None:  # pragma: no cover - e.g. Windows without psutil: do not block the run
         try:
-            import psutil  # type: ignore[import-not-found]
+            import psutil
 
             avail = int(psutil.virtual_memory().available)
         except Exception:  # noqa: BLE001
@@ -217,9 +218,6 @@ def check_memory(size_xyz: Sequence[int], pixel_type: Any, model: Any, available
     return est
 
 
-T = TypeVar("T")
-
-
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for a GPU (CUDA/MPS) out-of-memory error, whichever torch version raised it."""
     import torch
@@ -228,25 +226,6 @@ def is_out_of_memory(exc: BaseException) -> bool:
     if oom_type is not None and isinstance(exc, oom_type):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def retry_smaller_batches(run: Callable[[int], T], batch_size: int,
-                          on_retry: Callable[[int], None] | None = None) -> T:
-    """`run(batch_size)`, halving the batch after each out-of-memory error down to 1 tile.
-
-    At one tile per batch the error propagates (the caller may fall back to the CPU).
-    """
-    b = max(1, int(batch_size))
-    while True:
-        try:
-            return run(b)
-        except Exception as exc:  # noqa: BLE001 - only OOM is handled, the rest re-raised
-            if not is_out_of_memory(exc) or b <= 1:
-                raise
-            b = max(1, b // 2)
-            free_accelerator_memory()
-            if on_retry is not None:
-                on_retry(b)
 
 
 def free_accelerator_memory() -> None:

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, TypeVar
 
 import torch
 
+from .atomic import atomic_path, atomic_write
 from .errors import ModelError
 from .labels import LabelSet
 from .network import NetConfig, UNet3D, build_network
 from .resources import bundled_models_dir, models_dir
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 FORMAT_VERSION = 1
 
@@ -43,7 +45,7 @@ class StageSpec:
                 "network": self.network.to_json(), "weights": self.weights, "sha256": self.sha256}
 
     @staticmethod
-    def from_json(d: dict[str, Any]) -> "StageSpec":
+    def from_json(d: dict[str, Any]) -> StageSpec:
         return StageSpec(name=str(d["name"]), spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
                          tile=tuple(int(t) for t in d["tile"]),  # type: ignore[arg-type]
                          network=NetConfig.from_json(d["network"]), weights=str(d["weights"]),
@@ -88,7 +90,7 @@ class ModelPackage:
         return d
 
     @staticmethod
-    def from_json(d: dict[str, Any], root: Path | None = None) -> "ModelPackage":
+    def from_json(d: dict[str, Any], root: Path | None = None) -> ModelPackage:
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ModelError(f"model format version {version!r} is not supported (this CascadeSeg reads "
@@ -123,7 +125,7 @@ class ModelPackage:
         return pkg
 
     @staticmethod
-    def load(path: str | Path) -> "ModelPackage":
+    def load(path: str | Path) -> ModelPackage:
         """Read a package from a folder, a model.json, or a .zip (extracted safely to a cache)."""
         p = Path(path).expanduser()
         if p.is_file() and p.suffix.lower() == ".zip":
@@ -152,10 +154,7 @@ class ModelPackage:
                 _atomic_torch_save({k: v.detach().cpu() for k, v in sd.items()}, target)
         for stage in self.stages:
             stage.sha256 = sha256_file(folder / stage.weights)
-        text = json.dumps(self.to_json(), indent=2) + "\n"
-        tmp = folder / ".model.json.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / "model.json")
+        atomic_write(folder / "model.json", json.dumps(self.to_json(), indent=2) + "\n")
         self.root = folder.resolve()
         return folder
 
@@ -200,7 +199,7 @@ class ModelPackage:
             raise ModelError(f"model {self.name}: cannot load {stage.weights} ({type(exc).__name__}); "
                              "re-install the model") from None
 
-    def fill_network(self, stage_index: int, net: torch.nn.Module, what: str = "network") -> torch.nn.Module:
+    def fill_network(self, stage_index: int, net: ModuleT, what: str = "network") -> ModuleT:
         """Load the stage's checked weights into `net`; a mismatch names the layer (eval mode)."""
         try:
             net.load_state_dict(self.load_weights(stage_index))
@@ -230,14 +229,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_torch_save(obj: Any, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _extract_cached(zip_path: Path) -> Path:

@@ -7,28 +7,29 @@ the left and anterior up; coronal and sagittal with superior up.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_path
 from .labels import LabelSet
 
 
 def _physical_box(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     size = np.array(image.GetSize())
-    pts = []
+    corners = []
     for i in (0, 1):
         for j in (0, 1):
             for k in (0, 1):
                 idx = (np.array([i, j, k]) * (size - 1)).tolist()
-                pts.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
-    pts = np.array(pts)
+                corners.append(image.TransformContinuousIndexToPhysicalPoint([float(v) for v in idx]))
+    pts = np.array(corners)
     return pts.min(0), pts.max(0)
 
 
-def _slice(image: sitk.Image, origin: Sequence[float], size: Sequence[int], spacing: float,
+def _slice(image: sitk.Image, origin: Sequence[float] | np.ndarray, size: Sequence[int] | np.ndarray, spacing: float,
            interpolator: int, default: float, pixel_type: int) -> np.ndarray:
     ref = sitk.Image([int(s) for s in size], pixel_type)
     ref.SetOrigin([float(o) for o in origin])
@@ -72,9 +73,8 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path:
     out = sitk.GetImageFromArray(picture, isVector=True)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}")
-    sitk.WriteImage(out, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(out, str(tmp))
     return path
 
 

@@ -1,4 +1,4 @@
-"""Iterative coarse-to-fine refinement of Zhou et al. 2016 (METHOD.md section 8) for any package.
+"""Iterative coarse-to-fine refinement of Zhou et al. 2016 (docs/method.md section 8) for any package.
 
 Per organ: take the bounding box of the current mask plus a margin (15 voxels at test time),
 re-run the fine (stage-2) network over that box only, take the organ's new mask inside the box,
@@ -22,8 +22,9 @@ the input grid, every other organ keeps its voxels exactly.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -32,11 +33,11 @@ import torch
 from . import preprocess
 from .cascade import SegmentationResult, Segmenter, resample_labels_to
 from .errors import UserError
+from .evaluation.metrics import dice
 from .labels import LabelSet
 from .model import ModelPackage
 
-TEST_MARGIN = 15
-TRAIN_MARGIN = (10, 20)
+TEST_MARGIN = 15   # Zhou et al.: 15 voxels at test time (10-20 at random in training, see baseline2d)
 
 
 @dataclass
@@ -58,19 +59,6 @@ class RefinementResult:
                 "seconds_per_organ": {k: round(v, 3) for k, v in self.seconds_per_organ.items()},
                 "dice_history": {k: [round(d, 5) for d in v] for k, v in self.dice_history.items()},
                 "boxes_zyx": self.boxes, "oracle": self.oracle, "cycled": self.cycled}
-
-
-def random_margin(rng: np.random.Generator, low: int = TRAIN_MARGIN[0], high: int = TRAIN_MARGIN[1]) -> int:
-    """Training-time box margin (Zhou et al.: uniform 10-20 voxels), so test-time 15 is inside it."""
-    return int(rng.integers(low, high + 1))
-
-
-def mask_dice(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Dice of two boolean masks; 1 when both are empty (nothing changed)."""
-    na, nb = int(a.sum()), int(b.sum())
-    if na + nb == 0:
-        return 1.0
-    return 2.0 * int((a & b).sum()) / (na + nb)
 
 
 def box_mask(mask: torch.Tensor, margin: int) -> tuple[torch.Tensor, list[tuple[int, int]]] | None:
@@ -180,7 +168,8 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
             if progress is not None:
                 progress("refine", (i + t / max_iter) / len(names), f"{name}: iteration {t + 1}")
             new = (seg._predict(1, hu2, region, seg.overlap, "refine", labels_only=True) == value) & region
-            history.append(mask_dice(prev, new))
+            change = dice(prev, new)
+            history.append(1.0 if change is None else change)   # two empty masks: nothing changed
             before, prev = prev, new
             if history[-1] > tol:
                 converged = True

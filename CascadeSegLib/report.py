@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from .atomic import atomic_write
 from .labels import LabelSet
 
 
@@ -62,6 +63,4 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
 def write_report(report: dict[str, Any], labelset: LabelSet, json_path: Path, md_path: Path) -> None:
     for path, text in ((json_path, json.dumps(report, indent=2) + "\n"),
                        (md_path, report_markdown(report, labelset))):
-        tmp = path.with_name(f".tmp-{path.name}")
-        tmp.write_text(text)
-        tmp.replace(path)
+        atomic_write(path, text, make_parents=False)

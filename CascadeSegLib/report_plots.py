@@ -8,9 +8,11 @@ code runs headless, in CI and inside 3D Slicer's Python without touching its GUI
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
+
+from .atomic import atomic_path
 
 Color = tuple[float, float, float]
 _METHOD_COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860"]
@@ -34,14 +36,8 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
     """Save atomically (temporary file in the same folder, then os.replace)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -137,7 +133,7 @@ def volume_scatter(data: Mapping[str, Sequence[tuple[str, float, float]]],
     markers = "os^Dv<>"
     hi = 1.0
     seen: set[str] = set()
-    for j, (method, pts) in enumerate(data.items()):
+    for j, pts in enumerate(data.values()):
         for organ, ref_ml, pred_ml in pts:
             label = None
             if organ not in seen:

@@ -1,4 +1,4 @@
-"""Issue 6: 3D cascade vs 2D three-view baseline vs iterative refinement on the bundled data.
+"""3D cascade vs 2D three-view baseline vs iterative refinement on the bundled data.
 
 Why: docs/comparison.md needs one side-by-side table, measured the same way for every method
 (Dice per organ against the TotalSegmentator references, the same grid, the same threads).
@@ -84,13 +84,17 @@ def dice_per_organ(pred: sitk.Image, ref: sitk.Image, values: dict[str, int]
                    ) -> tuple[dict[str, float | None], list[str]]:
     """(Dice of every organ, None where the reference lacks it, and "mean" over the present
     organs; the absent organs the prediction labels anyway)."""
+    from CascadeSegLib.evaluation.metrics import count, dice
+
     p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
     out: dict[str, float | None] = {}
     false_positive = []
     for name, v in values.items():
         rm, pm = r == v, p == v
-        n_ref, n_pred = int(rm.sum()), int(pm.sum())
-        out[name] = None if n_ref == 0 else float(2 * int((rm & pm).sum()) / (n_ref + n_pred))
+        n_ref, n_pred = count(rm), count(pm)
+        # Organs the reference lacks are not scored (the engine's Dice would give 0 for a
+        # prediction there); they are listed as false positives instead.
+        out[name] = None if n_ref == 0 else dice(pm, rm)
         if n_ref == 0 and n_pred > 0:
             false_positive.append(name)
     present = [d for d in out.values() if d is not None]

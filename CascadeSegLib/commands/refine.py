@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..io import OUTPUT_SUFFIXES
 from .segment import DEVICE_HELP
-
-_OUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def register(subparsers: Any) -> None:
@@ -75,7 +74,8 @@ def register(subparsers: Any) -> None:
 
 
 def _missing_action() -> int:
-    raise UserError("choose an action: cascadeseg baseline2d train CONFIG, or baseline2d segment INPUT -o OUT --model M")
+    raise UserError("choose an action: cascadeseg baseline2d train CONFIG, "
+                    "or baseline2d segment INPUT -o OUT --model M")
 
 
 def _write_labels(io: Any, labels: Any, model: Any, path: Path, overwrite: bool, protect: list[Path]) -> None:
@@ -86,7 +86,7 @@ def _write_labels(io: Any, labels: Any, model: Any, path: Path, overwrite: bool,
 
 
 def _check_output(path: Path) -> None:
-    if not path.name.lower().endswith(_OUT_SUFFIXES):
+    if not path.name.lower().endswith(OUTPUT_SUFFIXES):
         raise UserError(f"{path} is not a label-map file name; end it in .nii.gz, .nrrd, .mha or .seg.nrrd")
 
 
@@ -161,7 +161,7 @@ def run_segment2d(args: argparse.Namespace) -> int:
 
     output = Path(args.output).expanduser()
     cases, _ = io.collect_inputs(args.input)
-    single = output.name.lower().endswith(_OUT_SUFFIXES)
+    single = output.name.lower().endswith(OUTPUT_SUFFIXES)
     if single and len(cases) != 1:
         raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")
     model = load_model(args.model)

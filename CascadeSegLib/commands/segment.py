@@ -13,8 +13,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import Cancelled, UserError
+from ..io import OUTPUT_SUFFIXES, same_file
 
-IMAGE_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha")
+IMAGE_SUFFIXES = OUTPUT_SUFFIXES   # the name this module used first
 DEVICE_HELP = ("where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU; "
                "cuda or mps fail with a one-line error when that device is missing")
 # A name ending like a file type (".png", ".nii.zip"), as opposed to a folder such as "out" or "run_2".
@@ -210,16 +211,12 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
 
 def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
     """The model and its segmenter (a 3D cascade, or a 2D baseline package's segmenter)."""
-    import inspect
-
     from ..baseline2d import make_segmenter
-    from ..cascade import Segmenter
 
     model = load_model(args.model)
-    extra = {"on_warning": warn} if "on_warning" in inspect.signature(Segmenter).parameters else {}
     segmenter = make_segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
                                keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
-                               batch_size=args.batch_size, progress=reporter, **extra)
+                               batch_size=args.batch_size, progress=reporter, on_warning=warn)
     return model, segmenter
 
 
@@ -260,10 +257,8 @@ def check_outputs(outputs: dict[str, Path], case_path: Path, overwrite: bool) ->
     destination folder must be writable (the first existing parent, if it does not exist yet)."""
     import os
 
-    from ..io import _same_file
-
     for path in outputs.values():
-        if _same_file(path, case_path):
+        if same_file(path, case_path):
             raise UserError(f"refusing to write over the input {case_path}; choose another output path")
         if path.is_dir():
             raise UserError(f"cannot write {path}: it is a folder; choose another output path")
@@ -295,7 +290,7 @@ class StagedOutputs:
         self.finals = finals
         self.staged = {k: p.parent / f".tmp-{self.token}-{p.name}" for k, p in finals.items()}
 
-    def __enter__(self) -> "StagedOutputs":
+    def __enter__(self) -> StagedOutputs:
         return self
 
     def commit(self) -> None:

@@ -7,30 +7,17 @@ checks the digest first and unpickles with `weights_only=True`.
 
 from __future__ import annotations
 
-import io
 import hashlib
+import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import atomic_write
+
 log = logging.getLogger(__name__)
-
-
-def _atomic_write_bytes(data: bytes, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=target.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
@@ -41,8 +28,8 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> str:
     torch.save(obj, buf)
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()
-    _atomic_write_bytes(data, path)
-    _atomic_write_bytes(f"{digest}  {path.name}\n".encode(), sidecar(path))
+    atomic_write(path, data, fsync=True)
+    atomic_write(sidecar(path), f"{digest}  {path.name}\n", fsync=True)
     return digest
 
 

@@ -15,9 +15,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from torch import nn
 
 from .. import preprocess
 from ..errors import UserError
+from ..evaluation.metrics import dice
 from ..labels import LabelSet
-from ..network import build_network
+from ..network import UNet3D, build_network
 from . import checkpoint as ckpt
 from .augment import augment_intensity, extract, random_spatial
 from .config import RunConfig, StageConfig, stage_to_json
@@ -79,13 +81,12 @@ def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, labels: LabelSet) ->
     """Dice per organ (NaN where the organ is absent from both)."""
     out = {}
     for lab in labels:
-        p, t = pred == lab.value, truth == lab.value
-        denom = int(p.sum()) + int(t.sum())
-        out[lab.name] = float("nan") if denom == 0 else 2.0 * int((p & t).sum()) / denom
+        d = dice(pred == lab.value, truth == lab.value)
+        out[lab.name] = float("nan") if d is None else d
     return out
 
 
-def predict_labels(net: nn.Module, case: CachedCase, mask: np.ndarray, tile_zyx: Sequence[int], num_classes: int,
+def predict_labels(net: UNet3D, case: CachedCase, mask: np.ndarray, tile_zyx: Sequence[int], num_classes: int,
                    pad_value: float, device: torch.device) -> torch.Tensor:
     """Arg-max labels of `net` over the tiles touching `mask` (zero outside it), on the case's grid."""
     from ..tiling import predict_volume
@@ -102,7 +103,7 @@ def predict_labels(net: nn.Module, case: CachedCase, mask: np.ndarray, tile_zyx:
     return (probs.argmax(0) * m).to(torch.uint8).cpu()
 
 
-def candidates_c2(stage1: nn.Module, case1: CachedCase, case2: CachedCase, cfg: RunConfig, stage1_cfg: StageConfig,
+def candidates_c2(stage1: UNet3D, case1: CachedCase, case2: CachedCase, cfg: RunConfig, stage1_cfg: StageConfig,
                   device: torch.device) -> np.ndarray:
     """C2 of one case: stage-1 foreground -> stage-2 grid (nearest) -> dilated by the radius."""
     import SimpleITK as sitk
@@ -210,8 +211,9 @@ class StageTrainer:
             ckpt.prune(self.ckpt_dir, self.settings.keep_checkpoints)
 
     def try_resume(self) -> bool:
-        found = ckpt.latest_valid(self.ckpt_dir) if self.ctx.is_main else None
-        found = self.ctx.broadcast_object(found[1] if found else None) if self.ctx.active else (found[1] if found else None)
+        latest = ckpt.latest_valid(self.ckpt_dir) if self.ctx.is_main else None
+        state = latest[1] if latest else None
+        found: dict[str, Any] | None = self.ctx.broadcast_object(state) if self.ctx.active else state
         if found is None:
             return False
         self.load_state(found)
@@ -316,7 +318,8 @@ class StageTrainer:
             while self.iteration < s.iterations:
                 loss = self.ctx.mean(self.step())
                 it = self.iteration
-                row: dict[str, Any] = {"iteration": it, "loss": f"{loss:.5f}", "lr": f"{self.opt.param_groups[0]['lr']:.3g}",
+                row: dict[str, Any] = {"iteration": it, "loss": f"{loss:.5f}",
+                                       "lr": f"{self.opt.param_groups[0]['lr']:.3g}",
                                        "seconds": f"{elapsed0 + time.perf_counter() - start:.1f}"}
                 if self.val_cases and (it % max(1, s.val_every) == 0 or it == s.iterations):
                     if self.ctx.is_main:
@@ -536,7 +539,7 @@ def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path,
     return list(real) + syn, weights
 
 
-def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> nn.Module:
+def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> UNet3D:
     try:
         state = ckpt.load_checkpoint(folder / "best.pt")
     except ckpt.CheckpointError as exc:
@@ -546,7 +549,7 @@ def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> nn.Mod
     return net.to(device).eval()
 
 
-def _c2_masks(stage1: nn.Module, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageConfig, folder: Path,
+def _c2_masks(stage1: UNet3D, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageConfig, folder: Path,
               ctx: DistContext, dev: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """C2 of every case from the trained stage 1, cached per stage-1 weights (rank 0 computes)."""
     best = folder.parent.parent / s1.name / "best.pt"
