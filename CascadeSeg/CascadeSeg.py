@@ -17,8 +17,12 @@ from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
 try:  # inside the Slicer application
     import qt
     import slicer
-    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
     IN_SLICER = hasattr(slicer, "app")
 except ImportError:  # slicer-core only: minimal stand-ins so this file imports and tests run
     IN_SLICER = False
@@ -63,6 +67,7 @@ class CascadeSegWidget(ScriptedLoadableModuleWidget):
                                                SlicerGui(ui_widget), make_timer)
         self.controller.setup()
         self.controller.show_devices()
+        self.controller.prestart_worker()  # torch imported, model loaded before the first Segment
         self.layout.addStretch(1)
 
     def cleanup(self):
@@ -108,14 +113,14 @@ class CascadeSegTest(ScriptedLoadableModuleTest):
         return self.headless.load_volume(str(sample_ct()), "abdomen_ct_3mm")
 
     def test_sample_ct_with_bundled_model(self):
+        from CascadeSegLib.catalog import read_model_json
         from CascadeSegLib.errors import ModelError
         from CascadeSegLib.model import find_model
-        from CascadeSegLib.catalog import read_model_json
 
         try:
             model_path = find_model("abdomen-ct-demo")
         except ModelError as exc:
-            raise unittest.SkipTest(f"bundled model not available: {exc}")
+            raise unittest.SkipTest(f"bundled model not available: {exc}") from None
         label_names = [lab["name"] for lab in read_model_json(model_path)["labels"]]
         self.delayDisplay("Loading the sample CT")
         volume = self.load_sample()

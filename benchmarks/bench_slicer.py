@@ -7,8 +7,12 @@ same file with the same arguments the module passes. Prints a markdown table wit
 the handoff:
 
 - write volume: the scene's volume to an uncompressed NRRD in a temp folder (in Slicer);
-- child: start Python, import torch and CascadeSegLib, load the model, exit (child wall time
-  minus the CLI's own read-to-write time; includes up to 0.1 s until the poll sees the exit);
+- child: the handoff to the child and back (child wall time minus the CLI's own read-to-write
+  time; includes up to 0.1 s until the poll sees the end). With the warm worker (the module's
+  default) that is sending the job and parsing its arguments; the worker is started when the
+  logic is made, right before the first Segment, so the first run waits for Python and torch
+  to start and the model to load, as it would without the worker. `--no-worker`: every run
+  starts a one-shot process (start Python, import torch and CascadeSegLib, load the model, exit);
 - child: read, segment, write: the CLI's own timings (`done` event);
 - read labels back, build segments, segmentation node, closed surfaces: in Slicer;
 - other: polling, temp folder, whatever the listed steps do not cover.
@@ -42,7 +46,7 @@ sys.path.insert(0, str(REPO / "CascadeSeg"))
 
 STEPS = [
     ("write volume", "write volume to temp NRRD (Slicer)"),
-    ("child startup", "child: start Python, import torch, load model, exit"),
+    ("child startup", "child: start (one-shot) or job handoff (warm worker), model load, exit"),
     ("cli read", "child: read the NRRD"),
     ("cli segment", "child: segment (resample, stage 1, C2, stage 2, labels to input grid)"),
     ("cli write", "child: write labels (.nii.gz + .seg.nrrd)"),
@@ -54,43 +58,16 @@ STEPS = [
 ]
 
 
-def timed_process_class():
-    from CascadeSegSlicer.process import SegmentProcess
-
-    class TimedProcess(SegmentProcess):
-        """SegmentProcess that notes when it was started and when the poll saw it end."""
-
-        instances: list = []
-
-        def start(self):
-            self.t_start = time.perf_counter()
-            self.t_exit = None
-            TimedProcess.instances.append(self)
-            return super().start()
-
-        def is_running(self) -> bool:
-            running = super().is_running()
-            if not running and self.t_exit is None:
-                self.t_exit = time.perf_counter()
-            return running
-
-    return TimedProcess
-
-
-def slicer_run(app, volume, params, process_class) -> dict:
+def slicer_run(logic, volume, params) -> dict:
     """One Segment: the module logic's blocking run; steps in seconds plus the node."""
-    from CascadeSegSlicer.logic import CascadeSegLogic
-
-    logic = CascadeSegLogic(app.scene, process_factory=process_class)
     t0 = time.perf_counter()
     node = logic.run(volume, params, timeout_s=3600)
     total = time.perf_counter() - t0
-    proc = process_class.instances[-1]
     t = logic.timings
     cli_total = t["cli total"]
     steps = {
         "write volume": t["write volume"],
-        "child startup": (proc.t_exit or time.perf_counter()) - proc.t_start - cli_total,
+        "child startup": t["child"] - cli_total,
         "cli read": t.get("cli read", 0.0),
         "cli segment": sum(t.get(f"cli {k}", 0.0) for k in ("preprocess", "stage1", "c2", "stage2", "refine",
                                                              "postprocess")),
@@ -137,6 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", default="abdomen-ct-demo")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=None, help="where the resampled CT is kept (default: the temp folder)")
+    ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,
+                    help="Segment in the module's warm worker (default, as in Slicer); --no-worker: a one-shot "
+                    "process per run")
     ap.add_argument("--note", default="", help="one line printed under the table (e.g. the machine's load)")
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args(argv)
@@ -146,26 +126,29 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from CascadeSegSlicer.headless import make_scene
+    from CascadeSegSlicer.logic import CascadeSegLogic
     from CascadeSegSlicer.parameters import SegmentParameters
 
     ct = large_ct(size, Path(args.cache_dir) if args.cache_dir else None)
     params = SegmentParameters(model=args.model, device=args.device)
     app = make_scene()
     volume = app.load_volume(str(ct), "ct")
-    process_class = timed_process_class()
+    logic = CascadeSegLogic(app.scene, use_worker=args.worker)  # the module opens: the worker starts
+    logic.prestart_worker()
 
     slicer_runs, cli_runs = [], []
     node = None
     for i in range(args.repeats):
         if node is not None:  # every run makes a new node (a new CT), not a rerun's replacement
             app.scene.RemoveNode(node)
-        r = slicer_run(app, volume, params, process_class)
+        r = slicer_run(logic, volume, params)
         node = r.pop("node")
         slicer_runs.append(r)
         cli_runs.append(cli_run(ct, params))
         print(f"run {i + 1}/{args.repeats}: Segment -> closed surfaces {r['total']:.2f} s, "
               f"CLI read -> write {cli_runs[-1]['total']:.2f} s", file=sys.stderr)
     segments = segments_of(node)
+    logic.shutdown_worker()
 
     first = slicer_runs[0]
     later = slicer_runs[1:] or slicer_runs
@@ -185,7 +168,8 @@ def main(argv: list[str] | None = None) -> dict:
     ratio = med_total / cli_total
     ratio_first = first["total"] / cli_total
     lines = [
-        f"{size[0]}x{size[1]}x{size[2]} CT, model {args.model}, device {args.device}; "
+        f"{size[0]}x{size[1]}x{size[2]} CT, model {args.model}, device {args.device}, "
+        f"{'warm worker' if args.worker else 'one-shot process per run'}; "
         f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); "
         f"{date.today().isoformat()}",
         "",

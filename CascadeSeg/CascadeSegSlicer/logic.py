@@ -13,15 +13,20 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from .parameters import SegmentParameters
 from .process import SegmentProcess, python_executable
+from .worker import WarmWorker, WorkerJob
 
 log = logging.getLogger(__name__)
+
+#: set to 0 to run every Segment in a fresh one-shot process instead of the warm worker
+WORKER_ENV = "CASCADESEG_WORKER"
 
 #: node attributes that tie a result to its input (so a rerun replaces instead of piling up)
 ATTR_INPUT = "CascadeSeg.InputVolumeID"
@@ -74,6 +79,7 @@ class SegmentRun:
     output_id: str | None
     params: SegmentParameters
     started: float = field(default_factory=time.monotonic)
+    ended: float | None = None      # when is_running() first saw the process (or job) end
     progress: Progress = field(default_factory=Progress)
     done_events: list[dict[str, Any]] = field(default_factory=list)
     error_event: dict[str, Any] | None = None
@@ -95,7 +101,10 @@ class SegmentRun:
         return self.progress
 
     def is_running(self) -> bool:
-        return self.process.is_running()
+        running = bool(self.process.is_running())
+        if not running and self.ended is None:
+            self.ended = time.monotonic()
+        return running
 
     @property
     def elapsed_s(self) -> float:
@@ -120,15 +129,65 @@ class CascadeSegLogic:
 
     def __init__(self, scene: Any = None, python: str | None = None,
                  process_factory: Callable[..., Any] = SegmentProcess,
-                 command_prefix: list[str] | None = None) -> None:
+                 command_prefix: list[str] | None = None, use_worker: bool | None = None) -> None:
         self.scene = scene
         self.python = python or python_executable()
         self.process_factory = process_factory
         # what runs the CLI; tests point this at a fake CLI script
         self.command_prefix = command_prefix
+        #: run Segment in a warm `cascadeseg worker` (default, unless CASCADESEG_WORKER=0 or a
+        #: custom command prefix, e.g. a fake CLI that does not speak the worker protocol)
+        if use_worker is None:
+            use_worker = command_prefix is None and os.environ.get(WORKER_ENV, "1").strip() not in ("0", "false", "no")
+        self.use_worker = use_worker
+        self.worker: WarmWorker | None = None
         #: seconds per handoff step of the latest run (write volume, start process, read labels,
         #: closed surfaces, ...) and the child's own steps as "cli <step>" (benchmarks, the log)
         self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ warm worker
+    def prestart_worker(self) -> WarmWorker | None:
+        """Start the warm worker in the background unless one is alive (returns at once)."""
+        if not self.use_worker:
+            return None
+        if self.worker is not None and self.worker.usable():
+            return self.worker
+        try:
+            self.worker = WarmWorker(self.cli_command(["worker"]), env=self.child_env()).start()
+        except OSError as exc:
+            log.warning("could not start the CascadeSeg worker (%s); segmenting in one-shot processes", exc)
+            self.worker = None
+        return self.worker
+
+    def shutdown_worker(self) -> None:
+        """Module closed: let the worker exit (killed if it is running a job)."""
+        worker, self.worker = self.worker, None
+        if worker is not None:
+            worker.close()
+
+    def _start_in_worker(self, args: list[str], one_shot: Callable[[], Any]) -> WorkerJob | None:
+        """The job in the warm worker; None when there is none to use (then a one-shot runs)."""
+        if not self.use_worker:
+            return None
+        if self.worker is not None and self.worker.usable() and not self.worker.idle():
+            return None  # busy with another run (a script running two at once): one-shot
+        for _ in range(2):  # a worker that died since the last run is replaced once
+            worker = self.prestart_worker()
+            if worker is None:
+                return None
+            try:
+                return worker.submit(args, fallback=one_shot)
+            except BrokenPipeError:
+                log.info("the CascadeSeg worker (pid %s) is gone; starting a fresh one", worker.pid)
+                self.worker = None
+        return None
+
+    def _after_run(self, run: SegmentRun) -> None:
+        """A worker that died or was killed (Cancel, crash) is replaced in the background."""
+        if isinstance(run.process, WorkerJob) and run.process.used_worker and self.use_worker:
+            if self.worker is run.process.worker and not run.process.worker.usable():
+                self.worker = None
+            self.prestart_worker()
 
     # ------------------------------------------------------------------ running
     def cli_command(self, args: list[str]) -> list[str]:
@@ -157,15 +216,26 @@ class CascadeSegLogic:
                 write_volume(volume_node, input_path)
             out_dir = temp_dir / "out"
             out_dir.mkdir()
-            command = self.cli_command(params.cli_args(input_path, out_dir))
-            log.info("running %s", " ".join(command))
+            args = params.cli_args(input_path, out_dir)
+            command = self.cli_command(args)
+            env = self.child_env()
+
+            def one_shot() -> Any:
+                log.info("running %s", " ".join(command))
+                return self.process_factory(command, env=env, cwd=str(temp_dir)).start()
+
+            t_process = time.monotonic()
             with _timed(self.timings, "start process"):
-                process = self.process_factory(command, env=self.child_env(), cwd=str(temp_dir)).start()
+                process = self._start_in_worker(args, one_shot)
+                if process is not None:
+                    log.info("running in the CascadeSeg worker (pid %s): %s", process.pid, " ".join(args))
+                else:
+                    process = one_shot()
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
             raise
         return SegmentRun(process, temp_dir, volume_node.GetID(),
-                          output_node.GetID() if output_node is not None else None, params)
+                          output_node.GetID() if output_node is not None else None, params, started=t_process)
 
     def cancel(self, run: SegmentRun) -> None:
         """Kill the process tree and delete the temp folder; the scene is not touched."""
@@ -173,12 +243,15 @@ class CascadeSegLogic:
             run.process.cancel()
         finally:
             run.cleanup()
+            self._after_run(run)
 
     def finish(self, run: SegmentRun) -> Any:
         """After the process ended: import its result (RunError/RunCancelled otherwise)."""
         try:
             rc = run.process.wait()
             run.poll()
+            run.is_running()  # notes when it ended, if the caller did not poll
+            self.timings["child"] = (run.ended or time.monotonic()) - run.started
             if run.process.cancelled or rc in (130, -2, -15, -9):
                 raise RunCancelled("segmentation cancelled")
             if rc != 0 or run.error_event is not None or not run.done_events:
@@ -195,6 +268,7 @@ class CascadeSegLogic:
             return node
         finally:
             run.cleanup()
+            self._after_run(run)
 
     def _run_error(self, run: SegmentRun, rc: int | None) -> RunError:
         stderr = run.process.stderr_text
@@ -280,7 +354,8 @@ class CascadeSegLogic:
             output_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
             output_node.SetAttribute(ATTR_INPUT, volume_node.GetID())
             model = done.get("model")
-            output_node.SetAttribute(ATTR_MODEL, str(model.get("name") if isinstance(model, dict) else model or params.model))
+            model_name = model.get("name") if isinstance(model, dict) else model or params.model
+            output_node.SetAttribute(ATTR_MODEL, str(model_name))
         finally:
             output_node.EndModify(was)
             release_segmentation(segmentation)
@@ -332,7 +407,8 @@ class CascadeSegLogic:
 
 # ---------------------------------------------------------------------- helpers (no scene)
 def check_input_volume(volume_node: Any) -> None:
-    if volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode") or volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+    if (volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode")
+            or volume_node.IsA("vtkMRMLLabelMapVolumeNode")):
         raise RunError("select a CT volume as input")
     image = volume_node.GetImageData()
     if image is None or min(image.GetDimensions()) < 1 or image.GetNumberOfPoints() < 8:

@@ -8,7 +8,8 @@ injected, so tests drive it with fakes. `SlicerGui` is the real facade used insi
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .logic import CascadeSegLogic, RunCancelled, RunError, SegmentRun
 from .parameters import SegmentParameters
@@ -71,6 +72,13 @@ class CascadeSegController:
         from .dependencies import detect_devices, device_summary
 
         self.ui.deviceInfoLabel.text = device_summary(detect_devices())
+
+    def prestart_worker(self) -> None:
+        """Module opened: start the warm worker in the background (only with its packages present)."""
+        from .dependencies import missing_packages
+
+        if not missing_packages():
+            self.logic.prestart_worker()
 
     # ------------------------------------------------------------------ state
     def current_model(self) -> Any:
@@ -207,6 +215,7 @@ class CascadeSegController:
         """Module panel closed/reloaded: do not leave a process running."""
         if self.run is not None:
             self.cancel()
+        self.logic.shutdown_worker()
         self.training.cleanup()
 
 
