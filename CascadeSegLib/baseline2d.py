@@ -38,6 +38,8 @@ from .cascade import Segmenter
 from .errors import Cancelled, ModelError, UserError
 from .model import ModelPackage, StageSpec
 from .network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
+from .predictor import Predictor, make_predictor
+from .preprocess import GridWindows
 from .train.config import ConfigPaths
 
 ARCHITECTURE = "2d-three-view"
@@ -304,9 +306,9 @@ def load_three_view_network(model: ModelPackage, index: int, views: Sequence[str
 
 
 class ThreeViewSegmenter(Segmenter):
-    """`Segmenter` for 2D three-view packages: same arguments, same `segment()` and outputs.
+    """The `predictor.Predictor` of 2D three-view packages: Segmenter's arguments, `segment()` and outputs.
 
-    Only the per-stage prediction differs (views fused instead of 3D tiles); `overlap` has no
+    Only `predict_stage` differs (views fused instead of 3D tiles); `overlap` has no
     meaning here and is ignored. `fusion` overrides the package's fusion ('mean' or 'vote').
     """
 
@@ -329,8 +331,9 @@ class ThreeViewSegmenter(Segmenter):
             self._nets[index] = net.to(self.device).eval()
         return self._nets[index]
 
-    def _predict(self, index: int, hu: Any, mask: torch.Tensor, overlap: float, stage: str,
-                 labels_only: bool = False) -> torch.Tensor:
+    def predict_stage(self, index: int, hu: torch.Tensor | GridWindows, mask: torch.Tensor, overlap: float,
+                      stage: str, labels_only: bool = False) -> torch.Tensor:
+        """The StagePredictor step: the stage's views over the mask's box, fused; `overlap` is unused."""
         from . import preprocess
 
         if isinstance(hu, preprocess.GridWindows):
@@ -347,12 +350,11 @@ class ThreeViewSegmenter(Segmenter):
         return labels.to(torch.uint8) if labels_only else probs
 
 
-def make_segmenter(model: ModelPackage, *args: Any, **kwargs: Any) -> Segmenter:
-    """The right segmenter for a package: ThreeViewSegmenter for 2D baselines, else Segmenter."""
-    if is_three_view(model):
-        return ThreeViewSegmenter(model, *args, **kwargs)
-    kwargs.pop("fusion", None)
-    return Segmenter(model, *args, **kwargs)
+def make_segmenter(model: ModelPackage, *args: Any, **kwargs: Any) -> Predictor:
+    """`predictor.make_predictor`, where `fusion` is dropped for packages that have no views."""
+    if not is_three_view(model):
+        kwargs.pop("fusion", None)
+    return make_predictor(model, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- training

@@ -33,6 +33,7 @@ from .tiling import (
     predict_volume,
     tile_geometry,
 )
+from .validation import validate_ct
 
 ProgressCallback = Callable[[str, float, str], None]
 
@@ -86,20 +87,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
-def check_ct(image: sitk.Image) -> None:
-    """Refuse images the cascade cannot take, with a message saying what to do."""
-    if image.GetDimension() != 3:
-        raise UserError(f"the input is {image.GetDimension()}D; CascadeSeg needs a 3D CT volume")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise UserError(f"the input has {image.GetNumberOfComponentsPerPixel()} components per voxel "
-                        "(RGB or vector data); CascadeSeg needs a single-channel CT in HU")
-    if min(image.GetSize()) < 2:
-        raise UserError(f"the input has size {image.GetSize()}; CascadeSeg needs a 3D volume with at least "
-                        "2 slices along every axis")
-
-
 class Segmenter:
-    """Runs a model package's cascade on CT images.
+    """Runs a model package's cascade on CT images (a `predictor.Predictor`, architecture "3d-cascade").
 
     `overlap` is the fraction by which stage-2 tiles overlap (0: abutting tiles; 0.37 covers
     each voxel about 4 times, the paper's setting). `progress(stage, fraction, message)` is
@@ -160,14 +149,17 @@ class Segmenter:
 
             warnings.warn(message, RuntimeWarning, stacklevel=3)
 
-    def _check_cancel(self) -> None:
+    # --- the StagePredictor interface (predictor.py) ----------------------------------------------
+    def check_cancel(self) -> None:
+        """Raise `Cancelled` if the cancel callback says so (checked between steps and tiles)."""
         if self.cancel is not None and self.cancel():
             raise Cancelled("cancelled")
 
-    def _to_tensor(self, image: sitk.Image) -> torch.Tensor:
+    def to_tensor(self, image: sitk.Image) -> torch.Tensor:
+        """An image's voxels (z, y, x) on this segmenter's device."""
         return preprocess.to_device(sitk.GetArrayViewFromImage(image), self.device)
 
-    def _predict(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
+    def predict_stage(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
                  stage: str, labels_only: bool = False) -> torch.Tensor:
         """Class probabilities (K, z, y, x) of stage `index` over `mask`, or (`labels_only`) the
         uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box."""
@@ -234,7 +226,7 @@ class Segmenter:
         return self._segment(image)
 
     def _segment(self, image: sitk.Image) -> SegmentationResult:
-        check_ct(image)
+        validate_ct(image, check_intensities=False)   # the CLI also checks the intensities look like CT
         t: dict[str, float] = {}
         stats: dict[str, float] = {}
         self._stats = stats
@@ -244,19 +236,18 @@ class Segmenter:
         # Stage 1 grid, body mask C1 and the stage-1 network over C1.
         self._report("preprocess", 0.0, "resampling to the stage-1 grid")
         # Resample straight from the stored pixel type: no full-size float copy of the input.
-        _reject_non_finite(image)
         grid1 = preprocess.resample_to_spacing(image, s1.spacing, "linear", -1024.0, sitk.sitkFloat32)
-        hu1 = self._to_tensor(grid1)
+        hu1 = self.to_tensor(grid1)
         c1 = preprocess.body_mask(hu1, model.body_threshold_hu)
         t["preprocess"] = time.perf_counter() - start
         stats["c1_fraction"] = float(c1.float().mean())
         if not bool(c1.any()):
             raise UserError(f"no body found: no voxel is above {model.body_threshold_hu:g} HU; is this a CT in "
                             "Hounsfield units?")
-        self._check_cancel()
+        self.check_cancel()
         t0 = time.perf_counter()
         self._report("stage1", 0.0, "stage 1")
-        labels1 = self._predict(0, hu1, c1, 0.0, "stage1", labels_only=True) * c1
+        labels1 = self.predict_stage(0, hu1, c1, 0.0, "stage1", labels_only=True) * c1
         t["stage1"] = time.perf_counter() - t0
         stage1_img = _from_tensor(labels1, grid1)
 
@@ -270,11 +261,11 @@ class Segmenter:
             s2 = model.stages[1]
             ref2 = preprocess.grid_for_spacing(image, s2.spacing)
             fg1 = preprocess.resample(stage1_img, ref2, "nearest", 0, sitk.sitkUInt8)
-            c2 = preprocess.dilate(self._to_tensor(fg1) > 0, model.dilation_radius)
+            c2 = preprocess.dilate(self.to_tensor(fg1) > 0, model.dilation_radius)
             stats["c2_fraction"] = float(c2.float().mean())
             hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
-            self._check_cancel()
+            self.check_cancel()
             t0 = time.perf_counter()
             self._report("stage2", 0.0, "stage 2")
             probs = None
@@ -283,10 +274,10 @@ class Segmenter:
                 if self.keep_probabilities:
                     probs = torch.zeros((model.labels.num_classes,) + tuple(c2.shape), device=self.device)
             elif self.keep_probabilities:
-                probs = self._predict(1, hu2, c2, self.overlap, "stage2")
+                probs = self.predict_stage(1, hu2, c2, self.overlap, "stage2")
                 final = probs.argmax(0).to(torch.uint8) * c2
             else:
-                final = self._predict(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
+                final = self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values)
             t["stage2"] = time.perf_counter() - t0
@@ -294,7 +285,7 @@ class Segmenter:
             c2_img = _from_tensor(c2.to(torch.uint8), ref2) if self.keep_candidates else None
 
         # Back to the input grid (nearest neighbour for labels).
-        self._check_cancel()
+        self.check_cancel()
         t0 = time.perf_counter()
         self._report("postprocess", 0.0, "resampling labels to the input grid")
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
@@ -336,15 +327,6 @@ def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Te
             sizes[0] = 0
             out[box][(comp > 0) & (comp != int(sizes.argmax()))] = 0
     return torch.from_numpy(out).to(labels.device)
-
-
-def _reject_non_finite(image: sitk.Image) -> None:
-    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return  # integer voxels are always finite
-    arr = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(arr).all():
-        bad = int(arr.size - np.isfinite(arr).sum())
-        raise UserError(f"the input has {bad} NaN or infinite voxels; fix or crop the image before segmenting")
 
 
 def _from_tensor(t: torch.Tensor, reference: sitk.Image) -> sitk.Image:

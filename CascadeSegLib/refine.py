@@ -31,11 +31,12 @@ import SimpleITK as sitk
 import torch
 
 from . import preprocess
-from .cascade import SegmentationResult, Segmenter, resample_labels_to
+from .cascade import SegmentationResult, resample_labels_to
 from .errors import UserError
 from .evaluation.metrics import dice
 from .labels import LabelSet
 from .model import ModelPackage
+from .predictor import Predictor, StagePredictor, make_predictor
 
 TEST_MARGIN = 15   # Zhou et al.: 15 voxels at test time (10-20 at random in training, see baseline2d)
 
@@ -71,12 +72,10 @@ def box_mask(mask: torch.Tensor, margin: int) -> tuple[torch.Tensor, list[tuple[
     return out, box
 
 
-def _segmenter(segmenter_or_model: Segmenter | ModelPackage, device: str | torch.device) -> Segmenter:
-    if isinstance(segmenter_or_model, Segmenter):
-        return segmenter_or_model
-    from .baseline2d import make_segmenter
-
-    return make_segmenter(segmenter_or_model, device)
+def _predictor(predictor_or_model: StagePredictor | ModelPackage, device: str | torch.device) -> StagePredictor:
+    if isinstance(predictor_or_model, ModelPackage):
+        return make_predictor(predictor_or_model, device)
+    return predictor_or_model
 
 
 def resolve_organs(organs: str | Sequence[str] | None, labels: LabelSet) -> list[str] | None:
@@ -93,13 +92,16 @@ def resolve_organs(organs: str | Sequence[str] | None, labels: LabelSet) -> list
     return names
 
 
-def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
+def refine(segmenter_or_model: StagePredictor | ModelPackage, image: sitk.Image,
            result: SegmentationResult | sitk.Image, organs: str | Sequence[str] | None = None,
            margin: int = TEST_MARGIN, max_iter: int = 10, tol: float = 0.95,
            oracle: sitk.Image | None = None, oracle_labels: LabelSet | None = None,
            device: str | torch.device = "auto",
            progress: Callable[[str, float, str], None] | None = None) -> RefinementResult:
     """Refine a segmentation of `image` organ by organ with the package's fine network.
+
+    `segmenter_or_model` is any `StagePredictor` (the one that segmented, so its device and
+    settings are reused) or a package, for which `make_predictor` builds one on `device`.
 
     `result` is the cascade's result (or its label map on the input grid). `oracle` is a
     reference label map (any grid; values of `oracle_labels`, default the model's): each organ
@@ -111,7 +113,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
         raise UserError("--tol must be in (0, 1], e.g. 0.95")
     if margin < 0:
         raise UserError("--margin must be >= 0 voxels")
-    seg = _segmenter(segmenter_or_model, device)
+    seg = _predictor(segmenter_or_model, device)
     model = seg.model
     if len(model.stages) < 2:
         raise UserError(f"model {model.name} has one stage; refinement re-runs the fine (stage-2) network, "
@@ -131,14 +133,14 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
     growth = None if is_three_view(model) else max(1, int(model.dilation_radius))
     ref2 = preprocess.grid_for_spacing(image, model.stages[1].spacing)
     hu2 = preprocess.GridWindows(image, ref2, seg.device)   # resampled only inside each organ's box
-    cur = seg._to_tensor(preprocess.resample(labels_in, ref2, "nearest", 0, sitk.sitkUInt8))
+    cur = seg.to_tensor(preprocess.resample(labels_in, ref2, "nearest", 0, sitk.sitkUInt8))
     start_from = cur
     oracle_values: dict[str, int] = {}
     if oracle is not None:
         from .evaluate import as_label_map
 
         oracle = as_label_map(oracle, "oracle reference")
-        start_from = seg._to_tensor(preprocess.resample(oracle, ref2, "nearest", 0, sitk.sitkInt32)).long()
+        start_from = seg.to_tensor(preprocess.resample(oracle, ref2, "nearest", 0, sitk.sitkInt32)).long()
         ol = oracle_labels or model.labels
         for n in names:
             try:
@@ -158,7 +160,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
         box = None
         older = None                                    # the mask two iterations back
         for t in range(max_iter):
-            seg._check_cancel()
+            seg.check_cancel()
             grown = box_mask(prev, margin)
             if grown is None:
                 break                                   # nothing (left) to refine
@@ -167,7 +169,7 @@ def refine(segmenter_or_model: Segmenter | ModelPackage, image: sitk.Image,
                 region = region & preprocess.dilate(prev, growth)
             if progress is not None:
                 progress("refine", (i + t / max_iter) / len(names), f"{name}: iteration {t + 1}")
-            new = (seg._predict(1, hu2, region, seg.overlap, "refine", labels_only=True) == value) & region
+            new = (seg.predict_stage(1, hu2, region, seg.overlap, "refine", labels_only=True) == value) & region
             change = dice(prev, new)
             history.append(1.0 if change is None else change)   # two empty masks: nothing changed
             before, prev = prev, new
@@ -242,12 +244,11 @@ def add_refine_arguments(p: Any) -> None:
                    help="stop when successive masks have Dice above this (0.95)")
 
 
-def refine_from_args(args: Any, segmenter: Segmenter, image: sitk.Image,
+def refine_from_args(args: Any, segmenter: Predictor, image: sitk.Image,
                      result: SegmentationResult) -> SegmentationResult:
     """What `segment` calls after `segmenter.segment(image)` when --refine was given."""
     if getattr(args, "refine", None) is None or getattr(args, "stage1_only", False):
         return result
-    progress = getattr(segmenter, "progress", None)
     ref = refine(segmenter, image, result, args.refine, args.refine_margin, args.refine_max_iter,
-                 args.refine_tol, progress=progress)
+                 args.refine_tol, progress=segmenter.progress)
     return apply_to_result(result, ref)

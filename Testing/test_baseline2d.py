@@ -215,8 +215,8 @@ def test_cli_segment_and_compare_mean_vs_vote(trained_2d, tmp_path, capsys):
         lab_path.rename(refs / f"case{seed}.nii.gz")
     with one_thread():
         for fusion in ("mean", "vote"):
-            assert main(["baseline2d", "segment", str(cts), "-o", str(tmp_path / fusion), "--model",
-                         str(trained_2d.root), "--fusion", fusion, "--device", "cpu"]) == 0
+            assert main(["segment", str(cts), "-o", str(tmp_path / fusion), "--model", str(trained_2d.root),
+                         "--fusion", fusion, "--device", "cpu", "--no-report", "--quiet"]) == 0
     out = sitk.ReadImage(str(tmp_path / "mean" / "case1_labels.nii.gz"))
     ct = sitk.ReadImage(str(cts / "case1.nii.gz"))
     assert out.GetSize() == ct.GetSize() and out.GetOrigin() == ct.GetOrigin() and out.GetSpacing() == ct.GetSpacing()
@@ -229,7 +229,12 @@ def test_cli_segment_and_compare_mean_vs_vote(trained_2d, tmp_path, capsys):
     doc = json.loads((tmp_path / "cmp" / "metrics.json").read_text(encoding="utf-8"))
     assert doc["wilcoxon"]["liver"]["n"] == 2
     # A mistake is one line and exit 2.
-    assert main(["baseline2d", "segment", str(cts), "-o", str(tmp_path / "x.nii.gz"), "--model",
-                 str(trained_2d.root)]) == 2
+    assert main(["segment", str(cts), "-o", str(tmp_path / "x.nii.gz"), "--model", str(trained_2d.root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "file name but there are 2 inputs" in err[0]
+    # The second segment command is gone; --fusion means nothing to a 3D cascade.
+    assert main(["baseline2d", "segment", str(cts), "-o", str(tmp_path / "y"), "--model", str(trained_2d.root)]) == 2
+    capsys.readouterr()
+    assert main(["segment", str(cts), "-o", str(tmp_path / "z"), "--fusion", "vote"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--fusion applies to 2D three-view packages" in err[0], err

@@ -127,7 +127,7 @@ def test_refinement_stops_when_the_masks_alternate(model3d, case3d):
         calls.append(1)
         return out
 
-    seg._predict = flipping
+    seg.predict_stage = flipping
     out = R.refine(seg, ct, res, organs="liver")
     assert out.cycled == ["liver"] and not out.converged["liver"]
     # m1 = cube within the first region, m2 = cube less slab, m3 = cube (== m1, or m4 == m2 when

@@ -13,8 +13,6 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from CascadeSegLib.cascade import check_ct
-from CascadeSegLib.commands.segment import check_finite, check_looks_like_ct
 from CascadeSegLib.synthesis import (
     AnatomySettings,
     IntensityTable,
@@ -27,6 +25,7 @@ from CascadeSegLib.synthesis import (
     totalsegmentator_names,
 )
 from CascadeSegLib.synthesis.source import synthetic_cases
+from CascadeSegLib.validation import validate_ct
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
@@ -136,9 +135,8 @@ def test_geometry_seed_and_values(labels, table, names):
     liver_out = int((sitk.GetArrayFromImage(a.labels) == 5).sum())
     assert 0.4 * liver_in < liver_out < 2.5 * liver_in
     # a synthetic CT passes the checks `cascadeseg segment` applies to its input
-    check_ct(a.ct)
-    check_finite(sitk.Cast(a.ct, sitk.sitkFloat32))
-    assert check_looks_like_ct(a.ct, allow=False) is None
+    assert validate_ct(a.ct) is None                       # 3D, finite, looks like CT in HU
+    assert validate_ct(sitk.Cast(a.ct, sitk.sitkFloat32)) is None
 
 
 def test_axial_crop_is_an_exact_subgrid_and_spacing_option(labels, table, names):

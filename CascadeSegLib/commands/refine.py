@@ -1,15 +1,14 @@
-"""`cascadeseg refine` (Zhou et al. iterative refinement) and `cascadeseg baseline2d train|segment`.
+"""`cascadeseg refine` (Zhou et al. iterative refinement) and `cascadeseg baseline2d train`.
 
 refine      CT -o OUT [--model M] [--organs liver,spleen] [--oracle REF] [--labels SEG]
             segment (or take --labels) and refine organ boxes until successive masks agree
 baseline2d  train CONFIG [--run-dir DIR] [-o MODEL]   train the 2D three-view baseline
-            segment INPUT -o OUT --model M [--fusion mean|vote]   run a 2D package
+            (a 2D package runs like any other: cascadeseg segment INPUT -o OUT --model M [--fusion vote])
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_refine)
 
     p = subparsers.add_parser("baseline2d", help="the 2D three-view FCN baseline (Zhou et al. 2016)",
-                              description="Train or run the 2D three-view baseline model.")
+                              description="Train the 2D three-view baseline model; segment with it by "
+                              "`cascadeseg segment --model MODEL [--fusion mean|vote]`.")
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     p.set_defaults(func=lambda args: _missing_action())
     t = sub.add_parser("train", help="train a 2D baseline from a config (configs/baseline2d-*.json)")
@@ -59,23 +59,11 @@ def register(subparsers: Any) -> None:
     t.add_argument("--overwrite", action="store_true", help="start the run folder afresh")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=run_train)
-    s = sub.add_parser("segment", help="segment CTs with a 2D baseline package (or any package)")
-    s.add_argument("input", help="CT file, DICOM folder, or a folder of CTs")
-    s.add_argument("-o", "--output", required=True,
-                   help="label map file for one input, or a folder (<case>_labels.nii.gz per case)")
-    s.add_argument("--model", required=True, help="model name, folder or .zip")
-    s.add_argument("--fusion", default=None, choices=["mean", "vote"],
-                   help="fuse the views by mean probability or majority vote (default: the model's)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                       help=DEVICE_HELP)
-    s.add_argument("--stage1-only", action="store_true", help="coarse stage only")
-    s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    s.set_defaults(func=run_segment2d)
 
 
 def _missing_action() -> int:
-    raise UserError("choose an action: cascadeseg baseline2d train CONFIG, "
-                    "or baseline2d segment INPUT -o OUT --model M")
+    raise UserError("choose an action: cascadeseg baseline2d train CONFIG (segment with a 2D package by "
+                    "cascadeseg segment INPUT -o OUT --model MODEL)")
 
 
 def _write_labels(io: Any, labels: Any, model: Any, path: Path, overwrite: bool, protect: list[Path]) -> None:
@@ -92,11 +80,11 @@ def _check_output(path: Path) -> None:
 
 def run_refine(args: argparse.Namespace) -> int:
     from .. import io
-    from ..baseline2d import make_segmenter
-    from ..cascade import check_ct
     from ..evaluate import read_label_map, resolve_labels
     from ..model import load_model
+    from ..predictor import make_predictor
     from ..refine import refine, resolve_organs
+    from ..validation import validate_ct
 
     source = Path(args.input).expanduser()
     output = Path(args.output).expanduser()
@@ -110,8 +98,8 @@ def run_refine(args: argparse.Namespace) -> int:
     oracle = read_label_map(args.oracle) if args.oracle else None
     oracle_labels = resolve_labels(args.ref_labels) if args.ref_labels else None
     image = io.read_image(source, series_uid=args.series_uid)
-    check_ct(image)
-    segmenter = make_segmenter(model, args.device)
+    validate_ct(image, check_intensities=False)
+    segmenter = make_predictor(model, args.device)
     if args.labels:
         import SimpleITK as sitk
 
@@ -150,33 +138,4 @@ def run_train(args: argparse.Namespace) -> int:
     pkg = train_baseline(cfg, run_dir, args.output, args.device, progress=not args.quiet, overwrite=args.overwrite,
                          log=lambda m: print(m, file=sys.stderr))
     print(f"model: {pkg.root}")
-    return 0
-
-
-def run_segment2d(args: argparse.Namespace) -> int:
-    from .. import io
-    from ..baseline2d import make_segmenter
-    from ..cascade import check_ct
-    from ..model import load_model
-
-    output = Path(args.output).expanduser()
-    cases, _ = io.collect_inputs(args.input)
-    single = output.name.lower().endswith(OUTPUT_SUFFIXES)
-    if single and len(cases) != 1:
-        raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")
-    model = load_model(args.model)
-    seg = make_segmenter(model, args.device, stage1_only=args.stage1_only, fusion=args.fusion)
-    timings = {}
-    for path in cases:
-        case = io.case_name(path)
-        image = io.read_image(path)
-        check_ct(image)
-        res = seg.segment(image)
-        target = output if single else output / f"{case}_labels.nii.gz"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_labels(io, res.labels, model, target, args.overwrite, [path])
-        timings[case] = res.timings
-        print(f"{case}: {res.timings.get('total', 0.0):.1f} s -> {target}", file=sys.stderr)
-    if not single:
-        (output / "timings.json").write_text(json.dumps(timings, indent=1))
     return 0

@@ -9,9 +9,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import SimpleITK as sitk
-
 from ..errors import Cancelled, UserError
 from ..io import OUTPUT_SUFFIXES, same_file
 
@@ -46,6 +43,9 @@ def register(subparsers: Any) -> None:
                    "with existing outputs is an error unless this is given)")
     p.add_argument("--allow-non-ct", action="store_true",
                    help="segment even when the image does not look like CT in Hounsfield units")
+    p.add_argument("--fusion", default=None, choices=["mean", "vote"],
+                   help="2D three-view packages: fuse the views by mean probability or majority vote "
+                   "(default: the package's)")
     p.add_argument("--batch-size", type=int, default=None, help="tiles per network call")
     p.add_argument("--no-report", action="store_true", help="skip the report and preview picture")
     p.add_argument("--no-memory-check", action="store_true",
@@ -79,34 +79,6 @@ def check_output_name(output: Path) -> None:
         return
     raise UserError(f"cannot write {output}: {output.suffix} is not an output type; give a folder, or a file "
                     f"ending in {', '.join(IMAGE_SUFFIXES)}")
-
-
-def check_looks_like_ct(image: sitk.Image, allow: bool) -> str | None:
-    """A one-line warning when the intensities do not look like CT in HU (None if they do)."""
-    arr = sitk.GetArrayViewFromImage(image)
-    step = max(1, arr.size // 2_000_000)
-    sample = np.asarray(arr).ravel()[::step]
-    lo, hi = np.percentile(sample, [1, 99]) if sample.size else (0.0, 0.0)
-    reason = None
-    if sample.size == 0 or float(sample.max()) == float(sample.min()):
-        mm = sitk.MinimumMaximumImageFilter()
-        mm.Execute(image)
-        if mm.GetMinimum() == mm.GetMaximum():
-            # Nothing to segment, whatever the modality: refused even with --allow-non-ct.
-            raise UserError(f"the image is empty: every voxel has the same value ({mm.GetMinimum():g}); check "
-                            "that the right file or series was exported")
-    if image.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8):
-        reason = "it is 8-bit data"
-    elif lo > -300:
-        reason = f"it has no air (1st percentile {lo:.0f}, CT air is about -1000 HU)"
-    elif hi < 0:
-        reason = f"it has no soft tissue (99th percentile {hi:.0f} HU)"
-    if reason is None:
-        return None
-    message = f"the image does not look like CT in Hounsfield units: {reason}"
-    if not allow:
-        raise UserError(message + "; pass --allow-non-ct to segment it anyway")
-    return message
 
 
 def run(args: argparse.Namespace) -> int:
@@ -210,13 +182,19 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
 
 
 def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
-    """The model and its segmenter (a 3D cascade, or a 2D baseline package's segmenter)."""
-    from ..baseline2d import make_segmenter
+    """The model and the predictor its architecture registered (predictor.py: 3D cascade, 2D three-view)."""
+    from ..predictor import make_predictor
 
     model = load_model(args.model)
-    segmenter = make_segmenter(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
+    extra: dict[str, str] = {}
+    if args.fusion is not None:
+        if model.architecture != "2d-three-view":
+            raise UserError(f"--fusion applies to 2D three-view packages; model {model.name} is a "
+                            f"{model.architecture} package (drop --fusion)")
+        extra["fusion"] = args.fusion
+    segmenter = make_predictor(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
                                keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
-                               batch_size=args.batch_size, progress=reporter, on_warning=warn)
+                               batch_size=args.batch_size, progress=reporter, on_warning=warn, **extra)
     return model, segmenter
 
 
@@ -313,7 +291,7 @@ class StagedOutputs:
 
 def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
                   reporter, announce: bool, warn, overwrite: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
-    from ..cascade import check_ct
+    from ..validation import validate_ct
 
     t_start = time.perf_counter()
     if announce:
@@ -323,7 +301,7 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
     # Header first: refuse what is not a 3D scalar image, or would not fit in memory, before
     # reading a single voxel.
     info = io.read_image_info(case_path, series_uid=args.series_uid)
-    check_header(info, case_path)
+    validate_ct(info, case_path)
     if not args.no_memory_check and _estimable(model):
         from ..memory import check_memory
 
@@ -332,9 +310,7 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
                      keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
                      batch_size=segmenter.batch_size, device=str(segmenter.device))
     image = io.read_image(case_path, series_uid=args.series_uid, on_warning=lambda m: warn(m, case))
-    check_ct(image)
-    check_finite(image)
-    warning = check_looks_like_ct(image, args.allow_non_ct)
+    warning = validate_ct(image, allow_non_ct=args.allow_non_ct)
     if warning:
         warn(warning, case)
     t_read = time.perf_counter() - t_start
@@ -416,30 +392,3 @@ def _estimable(model) -> bool:  # noqa: ANN001
         return all(len(s.spacing) == 3 and len(s.tile) == 3 for s in model.stages)
     except (AttributeError, TypeError):
         return False
-
-
-def check_header(info, path: Path) -> None:  # noqa: ANN001 - io.ImageInfo
-    """The cascade needs a 3D single-channel volume; say so from the header alone."""
-    if info.dimension != 3:
-        what = {2: "a 2D image (one slice)", 4: "4D (a time series or several volumes)"}.get(
-            info.dimension, f"{info.dimension}D")
-        raise UserError(f"{path} is {what}; CascadeSeg needs a 3D CT volume (export the whole series, "
-                        "or split a 4D image into 3D volumes)")
-    if info.components != 1:
-        raise UserError(f"{path} has {info.components} components per voxel (RGB or vector data); "
-                        "CascadeSeg needs a single-channel CT in HU")
-    if min(info.size) < 2:
-        raise UserError(f"{path} has size {'x'.join(map(str, info.size))}: a single slice; CascadeSeg needs "
-                        "a 3D volume with at least 2 slices along every axis")
-
-
-def check_finite(image: sitk.Image) -> None:
-    """NaN/Inf voxels would spread through resampling; refuse them with a count."""
-    if image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
-        return
-    arr = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(arr)
-    if not finite.all():
-        bad = int(finite.size - np.count_nonzero(finite))
-        raise UserError(f"the input has {bad} NaN or infinite voxels; replace them (e.g. by -1024) or crop "
-                        "them away before segmenting")
