@@ -196,7 +196,13 @@ def test_worker_killed_from_outside_is_replaced(app, logic, small_model):
     assert first is not None and first.ready.wait(300)
     os.kill(first.pid, signal.SIGKILL)
     assert _wait_dead(first.pid)
-    node = logic.run(volume, params, timeout_s=300)
+    run = logic.start(volume, params)
+    try:
+        node = _finish(logic, run)
+    except (RunCancelled, RunError) as exc:  # say which process ran it, and how it ended
+        job = run.process
+        raise AssertionError(f"{exc!r}: pid {job.pid} (first {first.pid}), rc {job.returncode}, "
+                             f"ready {job.worker.ready.is_set()}, stderr {job.stderr_text[-2000:]!r}") from None
     assert logic.worker is not None and logic.worker.pid != first.pid and logic.worker.jobs_served == 1
     assert sum(_segment_counts(node).values()) > 0
     # killed while running a job: the run ends like a killed one-shot process (nothing imported,
