@@ -16,6 +16,7 @@ import SimpleITK as sitk
 import torch
 
 from CascadeSegLib import baseline2d as B
+from CascadeSegLib import baseline2d_train as BT
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import ModelError, UserError
@@ -70,8 +71,8 @@ def trained_2d(tmp_path_factory) -> ModelPackage:
     if "pkg" not in _TRAINED:
         root = tmp_path_factory.mktemp("baseline2d")
         write_phantom(root / "data", 0)
-        cfg = B.parse_baseline_config(baseline_config(), root)
-        _TRAINED["pkg"] = B.train_baseline(cfg, root / "run", progress=False)
+        cfg = BT.parse_baseline_config(baseline_config(), root)
+        _TRAINED["pkg"] = BT.train_baseline(cfg, root / "run", progress=False)
     return _TRAINED["pkg"]
 
 
@@ -141,7 +142,7 @@ def test_extract_patch_matches_view_slicing():
     w = np.ones_like(img)
     centre = (5, 6, 7)
     for view in B.VIEWS:
-        x, y, ww = B.extract_patch(img, lab, w, view, centre, (8, 8), context=1, pad_value=-1.0)
+        x, y, ww = BT.extract_patch(img, lab, w, view, centre, (8, 8), context=1, pad_value=-1.0)
         full = B.extract_view(torch.from_numpy(img), view, 1, -1.0).numpy()
         axis = B.VIEW_AXIS[view]
         in_plane = [c for a, c in enumerate(centre) if a != axis]
@@ -150,19 +151,19 @@ def test_extract_patch_matches_view_slicing():
         lab_view = np.moveaxis(lab, axis, 0)[centre[axis]]
         assert np.array_equal(y, lab_view[in_plane[0] - 4:in_plane[0] + 4, in_plane[1] - 4:in_plane[1] + 4])
     # Near the edge, outside the volume is padding with zero weight.
-    x, y, ww = B.extract_patch(img, lab, w, "axial", (0, 0, 0), (8, 8), 1, -1.0)
+    x, y, ww = BT.extract_patch(img, lab, w, "axial", (0, 0, 0), (8, 8), 1, -1.0)
     assert np.all(x[0] == -1.0) and ww[:4].sum() == 0 and ww[4:, 4:].all()
 
 
 def test_config_errors_are_one_line_user_errors(tmp_path):
     cfg = baseline_config()
     with pytest.raises(UserError, match="unknown view"):
-        B.parse_baseline_config({**cfg, "three_view": {"views": ["axial", "oblique"]}}, tmp_path)
+        BT.parse_baseline_config({**cfg, "three_view": {"views": ["axial", "oblique"]}}, tmp_path)
     with pytest.raises(UserError, match="multiples of 8"):
-        B.parse_baseline_config({**cfg, "stages": [{"name": "coarse", "patch": [30, 32]}]}, tmp_path)
+        BT.parse_baseline_config({**cfg, "stages": [{"name": "coarse", "patch": [30, 32]}]}, tmp_path)
     with pytest.raises(UserError, match="architecture"):
-        B.parse_baseline_config({**cfg, "architecture": "3d-cascade"}, tmp_path)
-    parsed = B.parse_baseline_config(cfg, tmp_path)
+        BT.parse_baseline_config({**cfg, "architecture": "3d-cascade"}, tmp_path)
+    parsed = BT.parse_baseline_config(cfg, tmp_path)
     assert parsed.stages[0].margin is None and parsed.stages[1].margin == (10, 20)
     assert parsed.stages[0].network.in_channels == 3 and parsed.stages[0].network.num_classes == 5
 
@@ -172,7 +173,7 @@ def test_bundled_configs_parse():
     paths = sorted((repo / "configs").glob("baseline2d*.json"))
     assert paths, "configs/baseline2d*.json missing"
     for path in paths:
-        cfg = B.load_baseline_config(path)
+        cfg = BT.load_baseline_config(path)
         assert [s.name for s in cfg.stages] == ["coarse", "fine"] and cfg.stages[1].margin == (10, 20)
 
 

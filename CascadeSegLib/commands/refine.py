@@ -131,7 +131,7 @@ def run_refine(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..baseline2d import load_baseline_config, train_baseline
+    from ..baseline2d_train import load_baseline_config, train_baseline
 
     cfg = load_baseline_config(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{cfg.name}-2d"
