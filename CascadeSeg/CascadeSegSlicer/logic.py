@@ -184,7 +184,7 @@ class CascadeSegLogic:
 
     def _after_run(self, run: SegmentRun) -> None:
         """A worker that died or was killed (Cancel, crash) is replaced in the background."""
-        if isinstance(run.process, WorkerJob) and run.process.used_worker and self.use_worker:
+        if isinstance(run.process, WorkerJob) and self.use_worker:
             if self.worker is run.process.worker and not run.process.worker.usable():
                 self.worker = None
             self.prestart_worker()

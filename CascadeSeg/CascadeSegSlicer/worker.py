@@ -8,7 +8,8 @@ cancel, stderr_text), so the rest of the logic does not know which one runs.
 What stays as with a one-shot process: the worker is a separate process in its own process
 group, so a crash there never takes Slicer down; Cancel kills the worker's whole process
 group (a fresh worker is started afterwards); a worker that dies, or that never got ready
-(an older CascadeSegLib, torch missing), is replaced or bypassed with a one-shot process.
+(an older CascadeSegLib, torch missing) or that died before it read the job, is replaced or
+bypassed with a one-shot process.
 Protocol: CascadeSegLib/commands/worker.py.
 """
 
@@ -119,6 +120,9 @@ class WarmWorker:
             job = self.job
             if job is None:
                 continue
+            if kind == "job":
+                job.accepted = True
+                continue
             if kind == "exit":
                 rc = int(event.get("exit_code", 1))
                 if rc not in KEEP_SERVING:
@@ -213,6 +217,7 @@ class WorkerJob:
         self._lock = threading.Lock()
         self.delegate: Any = None   # the one-shot process that took over (worker never got ready)
         self.cancelled = False
+        self.accepted = False       # the worker read the job (it acknowledges with {"event": "job"})
         self.started = time.monotonic()
 
     # --- from the worker's reader threads
@@ -238,10 +243,11 @@ class WorkerJob:
             self.worker._job_finished(self)
             self._done.set()
 
-    # --- fallback: a worker that died before it was ready never saw the job
+    # --- fallback: a worker that died before it read the job (never ready, or killed just
+    # before the job arrived) never ran it: a one-shot process runs it instead
     def _check_fallback(self) -> None:
         if (self.delegate is None and self._fallback is not None and self._done.is_set() and not self.cancelled
-                and not self.worker.ready.is_set() and self._events.empty()):
+                and not self.accepted):
             self.delegate = self._fallback()
             self._fallback = None
 

@@ -8,7 +8,8 @@ line:
 - worker -> stdout, once started: `{"event": "ready", "pid": N}`;
 - stdin -> worker, one job at a time: `{"job": "segment", "args": ["segment", INPUT, "-o", ...]}`
   (the arguments of a one-shot `cascadeseg segment --progress-json`);
-- worker -> stdout: the job's own events, exactly as the one-shot command prints them
+- worker -> stdout: `{"event": "job"}` once it has read the job (a worker that dies before
+  that never ran it), the job's own events, exactly as the one-shot command prints them
   (progress, warning, done, error, cancelled), then `{"event": "exit", "exit_code": rc}`;
 - worker -> stderr: what the one-shot command would print there, then the line
   `JOB_END_MARKER` once the job's stderr is complete.
@@ -105,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
             line = line.strip()
             if not line:
                 continue
+            _emit("job")
             try:
                 job = json.loads(line)
                 argv = [str(a) for a in job["args"]]
