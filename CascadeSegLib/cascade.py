@@ -339,9 +339,9 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, mask: sitk.Ima
     """Nearest-neighbour resampling of a label map onto `reference`'s exact grid; with `mask`
     (a binary map on any grid), voxels whose nearest mask voxel is 0 become background.
 
-    When the grids share their direction (always the case for the cascade's model grids,
-    which keep the input's direction) nearest neighbour is separable: one index gather per
-    axis, done only over the labels' bounding box. Otherwise only the foreground's bounding
+    When the grids share their axes, up to flips (the case for the cascade's model grids unless
+    the input's axes are permuted), nearest neighbour is separable: one index gather per axis,
+    done only over the labels' bounding box. Otherwise only the foreground's bounding
     box is resampled by SimpleITK.
     """
     arr = _separable_nearest(labels, reference, mask)
@@ -356,17 +356,20 @@ def resample_labels_to(labels: sitk.Image, reference: sitk.Image, mask: sitk.Ima
 
 def _index_maps(src: sitk.Image, reference: sitk.Image) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """Per axis (x, y, z): the source index nearest to each reference index, and whether it is
-    inside the source; None when the grids' directions differ (not separable)."""
+    inside the source; None unless each axis of one grid is an axis of the other, same order,
+    possibly flipped (the model grids are the input's axes flipped into the model orientation)."""
     d_src = np.array(src.GetDirection()).reshape(3, 3)
     d_ref = np.array(reference.GetDirection()).reshape(3, 3)
-    if not np.allclose(d_src, d_ref, atol=1e-9, rtol=0):
+    signs = np.sign(np.einsum("ij,ij->j", d_src, d_ref))
+    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_ref, atol=1e-9, rtol=0):
         return None
     # Reference voxel centres expressed in the source's continuous index, axis by axis.
     offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(src.GetOrigin()))
     maps = []
     for axis in range(3):
         n_ref, n_src = reference.GetSize()[axis], src.GetSize()[axis]
-        j = (offset[axis] + np.arange(n_ref) * reference.GetSpacing()[axis]) / src.GetSpacing()[axis]
+        step = signs[axis] * reference.GetSpacing()[axis]
+        j = (offset[axis] + np.arange(n_ref) * step) / src.GetSpacing()[axis]
         idx = np.floor(j + 0.5).astype(np.int64)
         maps.append((idx, (idx >= 0) & (idx < n_src)))
     return maps

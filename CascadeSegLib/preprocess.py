@@ -17,18 +17,50 @@ import torch.nn.functional as F
 _INTERP = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
 
 
-def grid_for_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
-    """An empty image with `spacing` covering the same physical extent as `image`.
+MODEL_DIRECTION = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+"""Axes of every model grid (columns: x, y, z in LPS): array x runs to the patient's right, y to
+the front, z up - the orientation NIfTI files (RAS) are stored in, and so the one every model was
+trained on. A DICOM series (identity direction) would otherwise reach the network mirrored left
+to right and front to back, which it never saw."""
 
-    Origin and direction are kept, so the first voxel centre is unchanged and the grids share
-    their orientation exactly; the size is rounded so the extent changes by < 1 voxel.
+
+def model_axes(direction: Sequence[float]) -> list[tuple[int, float]]:
+    """For each model axis (x, y, z): the image axis closest to it and the sign that aligns them."""
+    d = np.array(direction, dtype=float).reshape(3, 3)
+    c = np.array(MODEL_DIRECTION).reshape(3, 3)
+    cos = c.T @ d                                   # cos[k, a]: model axis k . image axis a
+    out: list[tuple[int, float]] = []
+    for k in range(3):
+        order = np.argsort(-np.abs(cos[k]))
+        a = int(next(i for i in order if i not in [b for b, _ in out]))
+        out.append((a, 1.0 if cos[k, a] >= 0 else -1.0))
+    return out
+
+
+def grid_for_spacing(image: sitk.Image, spacing: Sequence[float]) -> sitk.Image:
+    """An empty image with `spacing` covering the same physical extent as `image`, its axes in
+    the model orientation (`MODEL_DIRECTION`: permuted and flipped, never rotated).
+
+    The voxel centres are those of a grid that keeps `image`'s origin and direction, indexed in
+    the model's axis order; an image already stored that way gets exactly that grid. The size is
+    rounded so the extent changes by < 1 voxel.
     """
     spacing = [float(s) for s in spacing]
-    size = [max(1, int(round(n * s / t))) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+    d = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+    n_img, s_img = image.GetSize(), image.GetSpacing()
+    axes = model_axes(image.GetDirection())
+    size, columns = [], []
+    origin = np.array(image.GetOrigin(), dtype=float)
+    for k, (a, sign) in enumerate(axes):
+        n = max(1, int(round(n_img[a] * s_img[a] / spacing[k])))
+        size.append(n)
+        columns.append(sign * d[:, a])
+        if sign < 0:                    # index 0 at the far end of that axis
+            origin = origin + (n - 1) * spacing[k] * d[:, a]
     ref = sitk.Image(size, sitk.sitkUInt8)
     ref.SetSpacing(spacing)
-    ref.SetOrigin(image.GetOrigin())
-    ref.SetDirection(image.GetDirection())
+    ref.SetOrigin([float(v) for v in origin])
+    ref.SetDirection([float(v) for v in np.stack(columns, axis=1).ravel()])
     return ref
 
 

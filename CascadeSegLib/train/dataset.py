@@ -33,7 +33,7 @@ from ..labels import LabelSet
 TOTALSEGMENTATOR_IDS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
                         6: "stomach", 7: "pancreas", 52: "aorta", 63: "inferior_vena_cava",
                         64: "portal_vein_and_splenic_vein"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2                  # 2: grids in the model orientation (preprocess.MODEL_DIRECTION)
 
 
 @dataclass(frozen=True)
