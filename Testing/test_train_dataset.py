@@ -44,7 +44,9 @@ def test_dicom_slab_labels_land_on_the_image_grid_in_physical_space(tmp_path, di
     g = cached.geometry
     assert tuple(g["size"]) == ref.GetSize() == (167, 167, 13)
     assert tuple(g["origin"]) == ref.GetOrigin() and tuple(g["spacing"]) == ref.GetSpacing()
-    assert tuple(g["direction"]) == ref.GetDirection() == image.GetDirection()
+    # The DICOM series (identity direction) is trained on in the model orientation, like NIfTI CTs.
+    assert image.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    assert tuple(g["direction"]) == ref.GetDirection() == preprocess.MODEL_DIRECTION
     seg = sitk.ReadImage(str(dicom_slab_seg_path))
     assert seg.GetDirection() != image.GetDirection()                  # the flipped y axis
     expected = table[sitk.GetArrayFromImage(sitk.Resample(seg, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0))]
