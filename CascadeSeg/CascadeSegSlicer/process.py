@@ -16,7 +16,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 class SegmentProcess:
@@ -28,12 +29,12 @@ class SegmentProcess:
         self.env = env
         self.cwd = cwd
         self._proc: subprocess.Popen | None = None
-        self._events: "queue.Queue[dict[str, Any]]" = queue.Queue()
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stderr: list[str] = []
         self._threads: list[threading.Thread] = []
         self.cancelled = False
 
-    def start(self) -> "SegmentProcess":
+    def start(self) -> SegmentProcess:
         kwargs: dict[str, Any] = {}
         if os.name == "nt":
             kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP  # type: ignore[attr-defined]
@@ -52,16 +53,9 @@ class SegmentProcess:
     def _read_stdout(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = json.loads(line)
-                if not isinstance(event, dict) or "event" not in event:
-                    raise ValueError
-            except ValueError:
-                event = {"event": "log", "message": line}
-            self._events.put(event)
+            event = parse_event(line)
+            if event is not None:
+                self._events.put(event)
 
     def _read_stderr(self) -> None:
         assert self._proc is not None and self._proc.stderr is not None
@@ -86,12 +80,7 @@ class SegmentProcess:
 
     def poll_events(self) -> list[dict[str, Any]]:
         """Every event that arrived since the last call (never blocks)."""
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        return drain(self._events)
 
     @property
     def stderr_text(self) -> str:
@@ -110,24 +99,56 @@ class SegmentProcess:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        else:
-            _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-            pass
+        kill_tree(proc, grace_s)
         for t in self._threads:
             t.join(timeout=5)
 
 
-def _signal_group(pid: int, sig: int) -> None:
+def parse_event(line: str) -> dict[str, Any] | None:
+    """One stdout line of the CLI as an event: its JSON object, or a log event for any other
+    text; None for a blank line."""
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        event = json.loads(line)
+        if not isinstance(event, dict) or "event" not in event:
+            raise ValueError
+    except ValueError:
+        event = {"event": "log", "message": line}
+    return event
+
+
+def drain(events: queue.Queue[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Everything queued so far, without blocking."""
+    out = []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
+
+
+def kill_tree(proc: subprocess.Popen, grace_s: float, alive: Callable[[], bool] | None = None) -> None:
+    """Terminate `proc` and its process group, kill what is left after `grace_s`, reap it.
+    `alive` says whether it still runs (default: `proc.poll() is None`)."""
+    running = alive or (lambda: proc.poll() is None)
+    if os.name == "nt":
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    else:
+        signal_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        signal_group(proc.pid, signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
+        pass
+
+
+def signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(os.getpgid(pid), sig)
     except (ProcessLookupError, PermissionError):

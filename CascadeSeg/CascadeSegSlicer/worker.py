@@ -18,14 +18,13 @@ from __future__ import annotations
 import json
 import os
 import queue
-import signal
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .process import _signal_group
+from .process import drain, kill_tree, parse_event
 
 #: the line the worker writes to stderr once a job's stderr is complete (commands/worker.py)
 JOB_END_MARKER = "\x1ecascadeseg-worker: job end"
@@ -104,15 +103,9 @@ class WarmWorker:
     def _read_stdout(self) -> None:
         assert self._proc is not None and self._proc.stdout is not None
         for line in self._proc.stdout:
-            line = line.strip()
-            if not line:
+            event = parse_event(line)
+            if event is None:
                 continue
-            try:
-                event = json.loads(line)
-                if not isinstance(event, dict) or "event" not in event:
-                    raise ValueError
-            except ValueError:
-                event = {"event": "log", "message": line}
             kind = event.get("event")
             if kind == "ready":
                 self.ready.set()
@@ -171,19 +164,7 @@ class WarmWorker:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/F", "/T", "/PID", str(proc.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-        else:
-            _signal_group(proc.pid, signal.SIGTERM)
-            deadline = time.monotonic() + grace_s
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            _signal_group(proc.pid, signal.SIGKILL)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - a process that ignores SIGKILL
-            pass
+        kill_tree(proc, grace_s, self.alive)
         for t in self._threads:
             t.join(timeout=5)
 
@@ -271,12 +252,7 @@ class WorkerJob:
         self._check_fallback()
         if self.delegate is not None:
             return list(self.delegate.poll_events())
-        events = []
-        while True:
-            try:
-                events.append(self._events.get_nowait())
-            except queue.Empty:
-                return events
+        return drain(self._events)
 
     @property
     def returncode(self) -> int | None:
