@@ -173,13 +173,14 @@ def synthesize(labels: sitk.Image, names: Mapping[int, str], table: IntensityTab
     if rng.random() < scan.truncate_prob:
         info["truncated"] = _truncate(hu, lab, body, spacing_zyx, si_axis, rng)
     ct_arr = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-    ct, out_lab = _image(ct_arr, ref), _image(lab.astype(np.uint16 if lab.max() > 255 else np.uint8), ref)
+    ct, out_lab = image_on(ct_arr, ref), image_on(lab.astype(np.uint16 if lab.max() > 255 else np.uint8), ref)
     if rng.random() < scan.crop_prob:
         ct, out_lab, info["crop_mm"] = _crop_axial(ct, out_lab, names, si_axis, scan, rng)
     return SynthResult(ct, out_lab, info)
 
 
-def _image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+def image_on(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
+    """`arr` (z, y, x) as an image on `ref`'s grid."""
     img = sitk.GetImageFromArray(np.ascontiguousarray(arr))
     img.CopyInformation(ref)
     return img

@@ -19,7 +19,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..preprocess import grid_for_spacing
-from .render import SynthResult, structure_hu
+from .render import SynthResult, image_on, structure_hu
 from .tissues import IntensityTable
 
 AIR_HU = -1000.0
@@ -60,12 +60,6 @@ def render_mean(lab: np.ndarray, names: Mapping[int, str], table: IntensityTable
     return lut[lab]
 
 
-def _image(arr: np.ndarray, ref: sitk.Image) -> sitk.Image:
-    img = sitk.GetImageFromArray(arr)
-    img.CopyInformation(ref)
-    return img
-
-
 def transfer(atlas_ct: sitk.Image, atlas_labels: sitk.Image, target_labels: sitk.Image,
              names: Mapping[int, str], table: IntensityTable,
              settings: TransferSettings = TransferSettings()) -> SynthResult:
@@ -103,8 +97,8 @@ def transfer(atlas_ct: sitk.Image, atlas_labels: sitk.Image, target_labels: sitk
     tlab = tlab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     fixed_ref = sitk.RegionOfInterest(fixed_ref, [hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]], [lo[2], lo[1], lo[0]])
 
-    fixed = _image(render_mean(tlab, names, table), fixed_ref)
-    moving_full = _image(render_mean(alab, names, table), moving_ref)
+    fixed = image_on(render_mean(tlab, names, table), fixed_ref)
+    moving_full = image_on(render_mean(alab, names, table), moving_ref)
     moving = sitk.Resample(moving_full, fixed_ref, affine, sitk.sitkLinear, 0.0)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
     demons.SetNumberOfIterations(settings.demons_iterations)
@@ -128,4 +122,4 @@ def transfer(atlas_ct: sitk.Image, atlas_labels: sitk.Image, target_labels: sitk
         if denom:
             dice[names[v]] = round(2.0 * int((a & b).sum()) / denom, 3)
     info = {"route": "registration", "structures_shared": len(common), "dice_to_target": dice}
-    return SynthResult(_image(ct_arr, fixed_ref), _image(warped, fixed_ref), info)
+    return SynthResult(image_on(ct_arr, fixed_ref), image_on(warped, fixed_ref), info)
