@@ -113,9 +113,9 @@ class CascadeSegTest(ScriptedLoadableModuleTest):
         return self.headless.load_volume(str(sample_ct()), "abdomen_ct_3mm")
 
     def test_sample_ct_with_bundled_model(self):
-        from CascadeSegLib.catalog import read_model_json
         from CascadeSegLib.errors import ModelError
-        from CascadeSegLib.model import find_model
+        from CascadeSegLib.packaging.catalog import read_model_json
+        from CascadeSegLib.packaging.model import find_model
 
         try:
             model_path = find_model("abdomen-ct-demo")

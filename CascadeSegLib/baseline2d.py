@@ -36,8 +36,8 @@ from torch import nn
 from .atomic import atomic_write
 from .cascade import Segmenter
 from .errors import Cancelled, ModelError, UserError
-from .model import ModelPackage
 from .network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
+from .packaging.model import ModelPackage
 from .predictor import Predictor, make_predictor
 from .preprocess import GridWindows
 

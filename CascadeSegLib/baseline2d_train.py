@@ -18,8 +18,8 @@ import torch
 
 from .baseline2d import ARCHITECTURE, ThreeViewNet, ThreeViewOptions, check_view, save_three_view_package
 from .errors import ModelError, UserError
-from .model import ModelPackage, StageSpec
 from .network import NetConfig
+from .packaging.model import ModelPackage, StageSpec
 from .train.config import ConfigPaths
 
 

@@ -19,8 +19,8 @@ import torch
 from . import preprocess
 from .errors import Cancelled, UserError
 from .memory import free_accelerator_memory, is_out_of_memory
-from .model import ModelPackage
 from .network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
+from .packaging.model import ModelPackage
 from .tiling import (
     BOX_HALO,
     DEFAULT_BOX_TILE_VOXELS,

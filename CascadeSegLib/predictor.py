@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import SimpleITK as sitk
 
     from .cascade import SegmentationResult
-    from .model import ModelPackage
+    from .packaging.model import ModelPackage
     from .preprocess import GridWindows
 
 

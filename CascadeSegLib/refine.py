@@ -35,7 +35,7 @@ from .cascade import SegmentationResult, resample_labels_to
 from .errors import UserError
 from .evaluation.metrics import dice
 from .labels import LabelSet
-from .model import ModelPackage
+from .packaging.model import ModelPackage
 from .predictor import Predictor, StagePredictor, make_predictor
 
 TEST_MARGIN = 15   # Zhou et al.: 15 voxels at test time (10-20 at random in training, see baseline2d)

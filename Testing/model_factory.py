@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from CascadeSegLib.labels import LabelSet
-from CascadeSegLib.model import ModelPackage, StageSpec
 from CascadeSegLib.network import NetConfig, build_network
+from CascadeSegLib.packaging.model import ModelPackage, StageSpec
 
 
 def make_random_model(folder: Path, organs=("liver", "spleen", "kidney_right"), seed: int = 0,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from CascadeSegLib import archive
-from CascadeSegLib.archive import make_zip, safe_extract_zip
 from CascadeSegLib.errors import ModelError, UserError
+from CascadeSegLib.packaging import archive
+from CascadeSegLib.packaging.archive import make_zip, safe_extract_zip
 
 MODEL_JSON = json.dumps({"format_version": 1, "name": "m", "version": "1.0.0"}).encode()
 

@@ -21,7 +21,7 @@ from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import ModelError, UserError
 from CascadeSegLib.evaluate import evaluate_images
-from CascadeSegLib.model import ModelPackage
+from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
 ORGANS = ("liver", "spleen", "kidney_right", "kidney_left")

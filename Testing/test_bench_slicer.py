@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 def test_bench_slicer_small_ct_one_run(tmp_path, capsys):
     from bench_slicer import STEPS, main
 
-    from CascadeSegLib.model import load_model
+    from CascadeSegLib.packaging.model import load_model
 
     out = tmp_path / "table.md"
     result = main(["--size", "96,96,80", "--repeats", "1", "--device", "cpu", "--cache-dir", str(tmp_path),

@@ -12,7 +12,7 @@ from model_factory import make_random_model
 
 from CascadeSegLib.cascade import CancelToken, Segmenter, resample_labels_to, resolve_device
 from CascadeSegLib.errors import Cancelled, ModelError, UserError
-from CascadeSegLib.model import ModelPackage
+from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
 

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from CascadeSegLib import resources
-from CascadeSegLib.archive import make_zip
-from CascadeSegLib.catalog import Catalog, installed_models, load_catalog, parse_catalog
 from CascadeSegLib.commands import models as models_cmd
-from CascadeSegLib.download import download, install_model
 from CascadeSegLib.errors import ModelError
 from CascadeSegLib.network import NetConfig, build_network
+from CascadeSegLib.packaging.archive import make_zip
+from CascadeSegLib.packaging.catalog import Catalog, installed_models, load_catalog, parse_catalog
+from CascadeSegLib.packaging.download import download, install_model
 
 REPO_RESOURCES = Path(__file__).resolve().parent.parent / "Resources"
 
@@ -328,7 +328,7 @@ def test_local_path_and_file_url(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- install
 
 def test_install_from_url(server: _Server, package_zip: Path, _isolated_models: Path) -> None:
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
 
     blob = package_zip.read_bytes()
     server.files["/tiny.zip"] = blob

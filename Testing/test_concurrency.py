@@ -8,7 +8,7 @@ import numpy as np
 import SimpleITK as sitk
 from cli_process import SAMPLE_CT, child_env, command
 
-from CascadeSegLib.archive import make_zip
+from CascadeSegLib.packaging.archive import make_zip
 from CascadeSegLib.resources import bundled_models_dir
 
 N_PROCESSES = 4

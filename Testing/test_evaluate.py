@@ -511,8 +511,8 @@ def _tiny_model(folder: Path):
     """A real two-stage package with small random networks (fast on CPU)."""
     import torch
 
-    from CascadeSegLib.model import ModelPackage
     from CascadeSegLib.network import NetConfig, build_network
+    from CascadeSegLib.packaging.model import ModelPackage
     torch.manual_seed(0)
     cfg = NetConfig(kind="padded", base_channels=4, depth=2, num_classes=STD.num_classes)
     meta = {"format_version": 1, "name": "tiny-eval", "version": "0.0.1", "labels": STD.to_json(),

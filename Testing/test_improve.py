@@ -21,7 +21,7 @@ from CascadeSegLib.corrections import add_correction, list_corrections
 from CascadeSegLib.errors import Cancelled, UserError
 from CascadeSegLib.io import read_image
 from CascadeSegLib.labels import LabelSet
-from CascadeSegLib.model import ModelPackage, load_model, sha256_file
+from CascadeSegLib.packaging.model import ModelPackage, load_model, sha256_file
 from CascadeSegLib.train.improve import ImproveOptions, improve_model, predict, reviewed_dice
 
 TS = {5: "liver", 1: "spleen"}

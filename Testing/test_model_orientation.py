@@ -11,7 +11,7 @@ import SimpleITK as sitk
 
 from CascadeSegLib import preprocess
 from CascadeSegLib.cascade import Segmenter, resample_labels_to
-from CascadeSegLib.model import load_model
+from CascadeSegLib.packaging.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"

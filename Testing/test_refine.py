@@ -24,8 +24,8 @@ from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
 from CascadeSegLib.evaluate import evaluate_images
 from CascadeSegLib.labels import LabelSet
-from CascadeSegLib.model import ModelPackage, StageSpec
 from CascadeSegLib.network import NetConfig, build_network
+from CascadeSegLib.packaging.model import ModelPackage, StageSpec
 from CascadeSegLib.phantom import make_phantom
 
 WINDOW = (-200.0, 300.0)

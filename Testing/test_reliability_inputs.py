@@ -21,7 +21,7 @@ from CascadeSegLib import io as cio
 from CascadeSegLib import memory
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
-from CascadeSegLib.model import ModelPackage
+from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
 

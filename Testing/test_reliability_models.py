@@ -27,11 +27,11 @@ import torch
 from model_factory import make_random_model
 
 from CascadeSegLib import memory, tiling
-from CascadeSegLib.archive import make_zip
 from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
-from CascadeSegLib.model import ModelPackage
 from CascadeSegLib.network import NetConfig, build_network
+from CascadeSegLib.packaging.archive import make_zip
+from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
 
@@ -291,7 +291,7 @@ def test_interrupted_download_resumes_and_never_leaves_a_half_model(pristine_mod
 
 def test_download_used_only_after_its_sha256_matches(pristine_model, tmp_path, server, capsys, _isolated_models,
                                                      monkeypatch):
-    from CascadeSegLib import download
+    from CascadeSegLib.packaging import download
 
     blob = make_zip(pristine_model, tmp_path / "m.zip", prefix="random-test").read_bytes()
     server.body = blob

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from CascadeSegLib import preprocess
 from CascadeSegLib.cascade import Segmenter
-from CascadeSegLib.model import ModelPackage
+from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
 STAGE1 = (20.0, 20.0, 20.0)

@@ -579,7 +579,7 @@ def test_module_imports_headless_and_self_test_runs():
     assert not result.errors and not result.failures, result.errors + result.failures
     # without a trained bundled model it can only skip; with one it must pass
     from CascadeSegLib.errors import ModelError
-    from CascadeSegLib.model import find_model
+    from CascadeSegLib.packaging.model import find_model
 
     try:
         find_model("abdomen-ct-demo")

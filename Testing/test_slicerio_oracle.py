@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from cli_process import REPO, SAMPLE_CT, cascadeseg
 
 from CascadeSegLib.labels import Label, LabelSet
-from CascadeSegLib.model import load_model
+from CascadeSegLib.packaging.model import load_model
 
 slicerio = pytest.importorskip("slicerio")
 

@@ -15,7 +15,7 @@ CONFIG = REPO / "configs" / "abdomen-ct-demo.json"
 
 def test_bundled_model_is_intact_small_and_documented():
     from CascadeSegLib.labels import DEFAULT_ORGANS
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
 
     pkg = ModelPackage.load(MODEL)
     pkg.verify()
@@ -36,7 +36,7 @@ def test_bundled_model_is_intact_small_and_documented():
 
 
 def test_training_config_describes_the_bundled_model():
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
     from CascadeSegLib.train.config import load_config
 
     cfg = load_config(CONFIG)
@@ -52,7 +52,7 @@ def test_training_config_describes_the_bundled_model():
 def test_bundled_model_segments_the_held_out_dicom_slab(dicom_slab_dir, dicom_slab_seg_path):
     from CascadeSegLib.cascade import Segmenter
     from CascadeSegLib.io import read_image
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
 
     image = read_image(dicom_slab_dir)
     result = Segmenter(ModelPackage.load(MODEL), device="cpu").segment(image)

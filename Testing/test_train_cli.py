@@ -10,7 +10,7 @@ from train_helpers import small_config, write_phantom_cases
 
 def test_train_export_finetune_commands(tmp_path, capsys):
     from CascadeSegLib.cli import main
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
 
     # ph2 is listed in the config but in neither split list: it must not be called training data.
     cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2], size=(32, 32, 24), spacing=(8.0, 8.0, 8.0))

@@ -13,8 +13,8 @@ from train_helpers import ORGANS, small_config, write_phantom_cases
 @pytest.fixture(scope="module")
 def source_model(tmp_path_factory):
     from CascadeSegLib.labels import LabelSet
-    from CascadeSegLib.model import ModelPackage, StageSpec
     from CascadeSegLib.network import NetConfig, build_network
+    from CascadeSegLib.packaging.model import ModelPackage, StageSpec
 
     folder = tmp_path_factory.mktemp("src")
     cfg = NetConfig(kind="padded", num_classes=len(ORGANS) + 1, base_channels=4, depth=3, norm="batch")
@@ -38,7 +38,7 @@ def _finetune_config(tmp_path, labels, iterations, **train):
 
 
 def test_new_label_set_replaces_only_the_output_layer(source_model, tmp_path):
-    from CascadeSegLib.model import ModelPackage
+    from CascadeSegLib.packaging.model import ModelPackage
     from CascadeSegLib.train.finetune import finetune_run
 
     folder, old = source_model

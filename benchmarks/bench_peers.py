@@ -102,7 +102,7 @@ def respaced_model(name: str | None, spacing: float) -> Path:
     """A copy of the model whose stage 2 runs at `spacing` mm (same weights, same C2 from stage 1)."""
     import shutil
 
-    from CascadeSegLib.model import ModelPackage, find_model
+    from CascadeSegLib.packaging.model import ModelPackage, find_model
 
     src = find_model(name)
     dst = Path(tempfile.mkdtemp(prefix="cascadeseg-bench-")) / f"{src.name}-stage2-{spacing:g}mm"
@@ -153,7 +153,7 @@ def main() -> int:
     if args.stage2_spacing:
         args.model = str(respaced_model(args.model, args.stage2_spacing))
 
-    from CascadeSegLib.model import load_model
+    from CascadeSegLib.packaging.model import load_model
     from CascadeSegLib.network import fold_batchnorm
 
     model = load_model(args.model)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "Testing"))
 import SimpleITK as sitk  # noqa: E402
 
 from CascadeSegLib import memory  # noqa: E402
-from CascadeSegLib.model import ModelPackage  # noqa: E402
+from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.phantom import make_phantom  # noqa: E402
 
 WRAPPER = r"""

@@ -20,7 +20,7 @@ import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from CascadeSegLib.model import load_model
+from CascadeSegLib.packaging.model import load_model
 from CascadeSegLib.network import fold_batchnorm
 from CascadeSegLib.preprocess import normalize, resample_to_spacing
 

@@ -99,7 +99,7 @@ def main() -> int:
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from CascadeSegLib.model import load_model
+    from CascadeSegLib.packaging.model import load_model
     from CascadeSegLib.network import fold_batchnorm
 
     if not args.out.endswith(".nii.gz"):

@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from CascadeSegLib.baseline2d import make_segmenter
     from CascadeSegLib.io import read_image
-    from CascadeSegLib.model import load_model
+    from CascadeSegLib.packaging.model import load_model
 
     torch.set_num_threads(args.threads)
     m3, m2 = load_model(args.model3d), load_model(str(model2d))

@@ -27,7 +27,7 @@ from compare_bundled import dice_per_organ, reference_on_grid  # noqa: E402 - sa
 
 from CascadeSegLib.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
-from CascadeSegLib.model import ModelPackage  # noqa: E402
+from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 
 TS = REPO / "Resources" / "TrainingData" / "totalsegmentator"
 TRAINING = {

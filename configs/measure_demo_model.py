@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 from CascadeSegLib.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
-from CascadeSegLib.model import ModelPackage  # noqa: E402
+from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402
 from compare_bundled import dice_per_organ as organ_dice, reference_on_grid  # noqa: E402 - same folder
 

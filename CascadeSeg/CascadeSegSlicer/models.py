@@ -34,7 +34,7 @@ class ModelChoice:
 
 def list_models() -> list[ModelChoice]:
     """Installed (user folder, then bundled) models, then catalog entries not installed."""
-    from CascadeSegLib import catalog
+    from CascadeSegLib.packaging import catalog
 
     choices: list[ModelChoice] = []
     for m in catalog.installed_models():
@@ -58,6 +58,6 @@ def list_models() -> list[ModelChoice]:
 
 def install_model(source: str, progress: Callable[..., Any] | None = None) -> Path:
     """Install from a URL, a .zip path or a catalog name (sha256-checked by the library)."""
-    from CascadeSegLib.download import install_model as _install
+    from CascadeSegLib.packaging.download import install_model as _install
 
     return _install(source, progress=progress)

@@ -42,7 +42,7 @@ def register(subparsers) -> None:
 
 
 def _model(name: str):
-    from ..model import load_model
+    from ..packaging.model import load_model
 
     return load_model(name)
 

@@ -288,7 +288,7 @@ def run_candidates(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace):
-    from ..model import load_model
+    from ..packaging.model import load_model
     return load_model(args.model)
 
 

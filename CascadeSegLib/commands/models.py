@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def model_rows(models_root: Path | None = None) -> list[dict[str, Any]]:
     """Installed and bundled models, then catalog models not installed in that version."""
-    from ..catalog import installed_models, load_catalog
+    from ..packaging.catalog import installed_models, load_catalog
 
     rows: list[dict[str, Any]] = []
     have: set[tuple[str, str]] = set()
@@ -89,8 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_install(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..catalog import read_model_json
-    from ..download import install_model
+    from ..packaging.catalog import read_model_json
+    from ..packaging.download import install_model
     from ..resources import bundled_models_dir
 
     bar: tqdm | None = None
@@ -121,7 +121,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ..model import ModelPackage, find_model
+    from ..packaging.model import ModelPackage, find_model
 
     path = find_model(args.model)
     pkg = ModelPackage.load(path)

@@ -81,7 +81,7 @@ def _check_output(path: Path) -> None:
 def run_refine(args: argparse.Namespace) -> int:
     from .. import io
     from ..evaluate import read_label_map, resolve_labels
-    from ..model import load_model
+    from ..packaging.model import load_model
     from ..predictor import make_predictor
     from ..refine import refine, resolve_organs
     from ..validation import validate_ct

@@ -83,7 +83,7 @@ def check_output_name(output: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import io
-    from ..model import load_model
+    from ..packaging.model import load_model
     from ..progress import BarProgress, JsonProgress
 
     reporter = JsonProgress() if args.progress_json else BarProgress(enabled=not args.quiet and sys.stderr.isatty())

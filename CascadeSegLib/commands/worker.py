@@ -60,7 +60,7 @@ def cached_load_model() -> Any:
     weights are read and sha256-checked once per file version, networks are still built
     fresh for every job (the segmenter folds and moves them).
     """
-    from .. import model as model_module
+    from ..packaging import model as model_module
 
     plain = model_module.load_model
     cache: dict[tuple, Any] = {}
@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     # Import what a segment job needs before saying ready (the point of a warm worker).
     import torch  # noqa: F401
 
-    from .. import cascade, cli, io, model, refine  # noqa: F401
+    from .. import cascade, cli, io, refine  # noqa: F401
+    from ..packaging import model  # noqa: F401
     from . import segment  # noqa: F401
 
     model.load_model = cached_load_model()

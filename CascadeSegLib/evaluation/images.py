@@ -54,7 +54,7 @@ def resolve_labels(spec: str | None) -> LabelSet:
             return LabelSet.from_names(names)
         except ValueError as exc:
             raise UserError(f"bad --labels {spec!r}: {exc}") from None
-    from ..model import load_model  # lazy: only needed for model names
+    from ..packaging.model import load_model  # lazy: only needed for model names
     try:
         return load_model(spec).labels
     except UserError:

@@ -86,7 +86,7 @@ def finetune_run(model: str | Path, config: str | Path, run_dir: str | Path | No
                  stages: Sequence[str] | None = None, device: str | None = None, progress: bool = True,
                  export: bool = True) -> Path:
     """Fine-tune `model` with the data and settings of `config`; returns the run folder."""
-    from ..model import ModelPackage, find_model
+    from ..packaging.model import ModelPackage, find_model
     from .trainer import train_run
 
     pkg = ModelPackage.load(find_model(model))

@@ -266,7 +266,7 @@ def reviewed_dice(pred: sitk.Image, pred_labels: LabelSet, truth: sitk.Image, tr
 
 def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder: Path):
     """Save the improved package (the parent's settings, labels by name) and check it loads."""
-    from ..model import ModelPackage, StageSpec
+    from ..packaging.model import ModelPackage, StageSpec
 
     ours = cfg.label_set()
     labels = LabelSet(tuple(dataclasses.replace(pkg.labels.by_name(l.name), value=l.value) for l in ours))
@@ -283,11 +283,11 @@ def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder:
 
 
 def _check_request(pkg, name: str, opts: ImproveOptions, target: Path, overwrite: bool) -> None:
-    from ..download import _SAFE_NAME
+    from ..packaging.download import SAFE_NAME
 
     if pkg.architecture != "3d-cascade":
         raise UserError(f"model {pkg.name} is a {pkg.architecture} model; improve fine-tunes 3D cascades only")
-    if not _SAFE_NAME.match(name) or name == pkg.name:
+    if not SAFE_NAME.match(name) or name == pkg.name:
         raise UserError(f"-o {name!r} must be a new model name (letters, digits, '.', '_', '-'), not the parent's")
     if opts.iterations < 1:
         raise UserError(f"--iterations must be at least 1, got {opts.iterations}")
@@ -347,7 +347,7 @@ def _parent_pass(pkg, cases, replay: Sequence[Path], work: Path, opts: ImproveOp
 
 
 def _provenance(pkg, name: str, cases, replay: Sequence[Path], opts: ImproveOptions) -> dict[str, Any]:
-    from ..model import sha256_file
+    from ..packaging.model import sha256_file
 
     return {"improved_from": {"name": pkg.name, "version": pkg.version,
                               "sha256": {s.name: s.sha256 for s in pkg.stages}},
@@ -369,7 +369,7 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
     import tempfile
 
     from ..corrections import list_corrections, replace_folder
-    from ..model import load_model
+    from ..packaging.model import load_model
     from ..resources import models_dir, sample_ct
     from .improve_report import write_report
 

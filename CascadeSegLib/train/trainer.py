@@ -576,7 +576,7 @@ def _c2_masks(stage1: UNet3D, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageConfi
 
 def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
     """Write the run's best weights as a model package folder (or .zip when `out` ends in .zip)."""
-    from ..model import ModelPackage, StageSpec
+    from ..packaging.model import ModelPackage, StageSpec
 
     run_dir = Path(run_dir)
     cfg, meta = load_run_config(run_dir)

@@ -17,8 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
-from .resources import bundled_models_dir, models_dir, resources_dir
+from ..errors import ModelError
+from ..resources import bundled_models_dir, models_dir, resources_dir
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from .atomic import atomic_path
-from .errors import ModelError
+from ..atomic import atomic_path
+from ..errors import ModelError
 
 #: Members smaller than this are never refused for their compression ratio alone (a short
 #: JSON file of repeated keys can legitimately compress 100x); the total ratio still counts.

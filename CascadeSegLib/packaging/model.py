@@ -16,11 +16,11 @@ from typing import Any, TypeVar
 
 import torch
 
-from .atomic import atomic_path, atomic_write
-from .errors import ModelError
-from .labels import LabelSet
-from .network import NetConfig, UNet3D, build_network
-from .resources import bundled_models_dir, models_dir
+from ..atomic import atomic_path, atomic_write
+from ..errors import ModelError
+from ..labels import LabelSet
+from ..network import NetConfig, UNet3D, build_network
+from ..resources import bundled_models_dir, models_dir
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -239,8 +239,8 @@ def _extract_cached(zip_path: Path) -> Path:
     The extraction appears with one rename, so a reader never sees half of it; the lock makes
     concurrent processes wait for the first extraction instead of racing it.
     """
+    from ..locking import file_lock
     from .archive import safe_extract_zip
-    from .locking import file_lock
 
     digest = sha256_file(zip_path)[:16]
     cache = models_dir() / ".cache" / f"{zip_path.stem}-{digest}"

@@ -22,19 +22,19 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from . import __version__
+from .. import __version__
+from ..errors import ModelError
+from ..locking import file_lock
+from ..resources import bundled_models_dir
+from ..resources import models_dir as default_models_dir
 from .archive import safe_extract_zip
-from .errors import ModelError
-from .locking import file_lock
-from .resources import bundled_models_dir
-from .resources import models_dir as default_models_dir
 
 Progress = Callable[[int, "int | None"], None]   # (bytes done, bytes total or None)
 
 _CHUNK = 1 << 16
 _LOOPBACK_NAMES = {"localhost"}
 _SHA256 = re.compile(r"^[0-9a-fA-F]{64}$")
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 DOWNLOADS = ".downloads"
 
 
@@ -334,7 +334,7 @@ def install_model(source: str | os.PathLike, models_dir: str | os.PathLike | Non
         pkg = ModelPackage.load(folder)
         pkg.verify()
         name, version = str(pkg.name), str(pkg.version)
-        if not _SAFE_NAME.match(name):
+        if not SAFE_NAME.match(name):
             raise ModelError(f"model name {name!r} in model.json cannot be a folder name; use "
                              "letters, digits, '.', '_' and '-'")
         if entry is not None and (name != entry.name or version != entry.version):
