@@ -105,3 +105,34 @@ def test_module_file_is_thin_and_logic_has_no_gui_imports():
                if re.match(r"(import|from) ", ln)]
         assert not any(re.match(r"(import|from) (qt|ctk|slicer\.util|slicer\.ScriptedLoadableModule)\b", ln)
                        for ln in top), f
+
+
+def _module_sources() -> list[Path]:
+    return [MODULE / "CascadeSeg.py", *sorted((MODULE / "CascadeSegSlicer").glob("*.py"))]
+
+
+def test_module_files_are_short_and_use_no_other_modules_private_names():
+    """Every module file under 500 lines; a `_name` is used only in the file that defines it
+    (`obj._name` outside `self`, or `from .x import _name`, is another module's internals)."""
+    import ast
+
+    for path in _module_sources():
+        text = path.read_text(encoding="utf-8")
+        assert len(text.splitlines()) < 500, f"{path.name} has {len(text.splitlines())} lines"
+        tree = ast.parse(text)
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        defined |= {t.attr for n in ast.walk(tree) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    if isinstance(t, ast.Attribute)}
+        defined |= {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Name)}
+        foreign = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                foreign += [f"from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")]
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                  and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                  and node.attr not in defined):
+                foreign.append(f"line {node.lineno}: .{node.attr}")
+        assert not foreign, f"{path.name} uses private names of other modules: {foreign}"

@@ -7,7 +7,8 @@ Nothing here installs at import time; the widget calls `missing_packages()` on f
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # import name -> pip requirement
 REQUIRED = {"torch": "torch>=2.1", "SimpleITK": "SimpleITK>=2.3", "scipy": "scipy>=1.10",

@@ -14,14 +14,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .parameters import SegmentParameters
 from .process import SegmentProcess, python_executable
+from .runs import Progress, RunCancelled, RunError, SegmentRun, timed
 from .worker import WarmWorker, WorkerJob
+
+__all__ = ["ATTR_INPUT", "ATTR_LABEL_NAME", "ATTR_MODEL", "CascadeSegLogic", "Progress", "RunCancelled",
+           "RunError", "SegmentRun", "build_segmentation", "check_input_volume", "library_path",
+           "read_labelmap", "release_segmentation", "write_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -32,86 +35,6 @@ WORKER_ENV = "CASCADESEG_WORKER"
 ATTR_INPUT = "CascadeSeg.InputVolumeID"
 ATTR_MODEL = "CascadeSeg.Model"
 ATTR_LABEL_NAME = "CascadeSeg.LabelName"
-
-
-@contextmanager
-def _timed(timings: dict[str, float] | None, key: str):
-    """Add the seconds the block took to `timings[key]` (no-op without a dict)."""
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        if timings is not None:
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
-
-class RunError(Exception):
-    """A run failed: `message` is one line for a message box, `details` the full log."""
-
-    def __init__(self, message: str, details: str = "", exit_code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-        self.exit_code = exit_code
-
-
-class RunCancelled(Exception):
-    """The user pressed Cancel; nothing in the scene changed."""
-
-
-@dataclass
-class Progress:
-    stage: str = ""
-    fraction: float = 0.0
-    message: str = ""
-
-    def text(self) -> str:
-        return " - ".join(p for p in (self.stage, self.message) if p)
-
-
-@dataclass
-class SegmentRun:
-    """One running `cascadeseg segment`: its process, temp folder and what it will produce."""
-
-    process: Any
-    temp_dir: Path
-    volume_id: str
-    output_id: str | None
-    params: SegmentParameters
-    started: float = field(default_factory=time.monotonic)
-    ended: float | None = None      # when is_running() first saw the process (or job) end
-    progress: Progress = field(default_factory=Progress)
-    done_events: list[dict[str, Any]] = field(default_factory=list)
-    error_event: dict[str, Any] | None = None
-    log_lines: list[str] = field(default_factory=list)
-
-    def poll(self) -> Progress:
-        """Read what the process printed; the latest progress (cheap, never blocks)."""
-        for ev in self.process.poll_events():
-            kind = ev.get("event")
-            if kind == "progress":
-                self.progress = Progress(str(ev.get("stage", "")), float(ev.get("fraction", 0.0)),
-                                         str(ev.get("message", "")))
-            elif kind == "done":
-                self.done_events.append(ev)
-            elif kind == "error":
-                self.error_event = ev
-            else:
-                self.log_lines.append(str(ev.get("message", ev)))
-        return self.progress
-
-    def is_running(self) -> bool:
-        running = bool(self.process.is_running())
-        if not running and self.ended is None:
-            self.ended = time.monotonic()
-        return running
-
-    @property
-    def elapsed_s(self) -> float:
-        return time.monotonic() - self.started
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def library_path() -> Path:
@@ -212,7 +135,7 @@ class CascadeSegLogic:
         temp_dir = Path(tempfile.mkdtemp(prefix="CascadeSeg-"))
         try:
             input_path = temp_dir / "input.nrrd"
-            with _timed(self.timings, "write volume"):
+            with timed(self.timings, "write volume"):
                 write_volume(volume_node, input_path)
             out_dir = temp_dir / "out"
             out_dir.mkdir()
@@ -225,7 +148,7 @@ class CascadeSegLogic:
                 return self.process_factory(command, env=env, cwd=str(temp_dir)).start()
 
             t_process = time.monotonic()
-            with _timed(self.timings, "start process"):
+            with timed(self.timings, "start process"):
                 process = self._start_in_worker(args, one_shot)
                 if process is not None:
                     log.info("running in the CascadeSeg worker (pid %s): %s", process.pid, " ".join(args))
@@ -252,10 +175,7 @@ class CascadeSegLogic:
             run.poll()
             run.is_running()  # notes when it ended, if the caller did not poll
             self.timings["child"] = (run.ended or time.monotonic()) - run.started
-            if run.process.cancelled or rc in (130, -2, -15, -9):
-                raise RunCancelled("segmentation cancelled")
-            if rc != 0 or run.error_event is not None or not run.done_events:
-                raise self._run_error(run, rc)
+            run.raise_if_failed(rc, "segmentation cancelled")
             volume = self.scene.GetNodeByID(run.volume_id)
             if volume is None:
                 raise RunError("the input volume was removed from the scene while segmenting; "
@@ -269,20 +189,6 @@ class CascadeSegLogic:
         finally:
             run.cleanup()
             self._after_run(run)
-
-    def _run_error(self, run: SegmentRun, rc: int | None) -> RunError:
-        stderr = run.process.stderr_text
-        details = "\n".join(filter(None, [stderr, *run.log_lines]))
-        if run.error_event is not None:
-            return RunError(str(run.error_event.get("message", "segmentation failed")), details,
-                            run.error_event.get("exit_code", rc))
-        lines = [ln for ln in stderr.splitlines() if ln.strip()]
-        errors = [ln for ln in lines if "error:" in ln]
-        msg = (errors or lines or [f"segmentation process exited with code {rc}"])[-1]
-        msg = msg.split("error:", 1)[-1].strip() if "error:" in msg else msg.strip()
-        if rc == 0 and not run.done_events:
-            msg = "the segmentation process ended without a result; see the details"
-        return RunError(msg, details, rc)
 
     def run(self, volume_node: Any, params: SegmentParameters, output_node: Any = None,
             on_progress: Callable[[Progress], None] | None = None,
@@ -360,7 +266,7 @@ class CascadeSegLogic:
             output_node.EndModify(was)
             release_segmentation(segmentation)
         timings["segmentation node"] = time.perf_counter() - t_node
-        with _timed(timings, "closed surfaces"):
+        with timed(timings, "closed surfaces"):
             output_node.CreateClosedSurfaceRepresentation()
         display = output_node.GetDisplayNode()
         if display is not None:
@@ -467,7 +373,7 @@ def build_segmentation(labels_path: str | Path, label_items: Iterable[dict[str, 
     labels = LabelSet.from_json(label_items)
     if len(labels) == 0:
         raise RunError("the model reported no labels; check the model package")
-    with _timed(timings, "read labels"):
+    with timed(timings, "read labels"):
         image = read_labelmap(labels_path)
     t_build = time.perf_counter()
     scalars = image.GetPointData().GetScalars()

@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from .logic import CascadeSegLogic, RunCancelled, RunError, SegmentRun, check_input_volume, write_volume
+from .logic import CascadeSegLogic, check_input_volume, write_volume
 from .parameters import SegmentParameters
+from .runs import RunError, SegmentRun
 
 
 def case_id_for(volume_node: Any) -> str:
@@ -86,11 +88,7 @@ class TrainingLogic:
         try:
             rc = run.process.wait()
             run.poll()
-            if run.process.cancelled or rc in (130, -2, -15, -9):
-                raise RunCancelled("cancelled; nothing was stored")
-            if rc != 0 or run.error_event is not None or not run.done_events:
-                raise self.logic._run_error(run, rc)
-            return run.done_events[-1]
+            return run.raise_if_failed(rc, "cancelled; nothing was stored")
         finally:
             run.cleanup()
 

@@ -6,10 +6,11 @@ like it, no Qt import here, so tests use fakes. Runs are polled from a timer, ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .logic import RunCancelled, RunError, SegmentRun
+from .runs import RunCancelled, RunError, SegmentRun
 from .training import TrainingLogic, case_id_for
 
 POLL_MS = 250

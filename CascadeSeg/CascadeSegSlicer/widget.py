@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .logic import CascadeSegLogic, RunCancelled, RunError, SegmentRun
+from .logic import CascadeSegLogic
 from .parameters import SegmentParameters
+from .runs import RunCancelled, RunError, SegmentRun
 
 DEVICE_ITEMS = [("auto", "Auto"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU")]
 POLL_MS = 200
