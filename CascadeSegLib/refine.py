@@ -30,13 +30,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from . import preprocess
-from .cascade import SegmentationResult, resample_labels_to
 from .errors import UserError
 from .evaluation.metrics import dice
+from .inference import preprocess
+from .inference.cascade import SegmentationResult, resample_labels_to
+from .inference.predictor import Predictor, StagePredictor, make_predictor
 from .labels import LabelSet
 from .packaging.model import ModelPackage
-from .predictor import Predictor, StagePredictor, make_predictor
 
 TEST_MARGIN = 15   # Zhou et al.: 15 voxels at test time (10-20 at random in training, see baseline2d)
 

@@ -17,10 +17,10 @@ import torch
 
 from CascadeSegLib import baseline2d as B
 from CascadeSegLib import baseline2d_train as BT
-from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import ModelError, UserError
 from CascadeSegLib.evaluate import evaluate_images
+from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 

@@ -9,9 +9,9 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from CascadeSegLib import preprocess
+from CascadeSegLib.inference import preprocess
+from CascadeSegLib.inference.tiling import fit_tile, plan_boxes, plan_tiles, predict_boxes, tile_geometry
 from CascadeSegLib.network import NetConfig, OneDnnConv3d, build_network, prefer_onednn
-from CascadeSegLib.tiling import fit_tile, plan_boxes, plan_tiles, predict_boxes, tile_geometry
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "Resources" / "SampleData"

@@ -10,8 +10,8 @@ import SimpleITK as sitk
 import torch
 from model_factory import make_random_model
 
-from CascadeSegLib.cascade import CancelToken, Segmenter, resample_labels_to, resolve_device
 from CascadeSegLib.errors import Cancelled, ModelError, UserError
+from CascadeSegLib.inference.cascade import CancelToken, Segmenter, resample_labels_to, resolve_device
 from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 
@@ -234,7 +234,7 @@ def test_probabilities_are_resampled_linearly_onto_the_input_grid(model, sample_
 
 
 def test_largest_component_removes_islands_only_for_listed_organs():
-    from CascadeSegLib.cascade import keep_largest_components
+    from CascadeSegLib.inference.cascade import keep_largest_components
 
     labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
     labels[2:12, 2:12, 2:12] = 1          # liver body

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from CascadeSegLib import preprocess
+from CascadeSegLib.inference import preprocess
 
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 4, 6])

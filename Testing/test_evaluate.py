@@ -274,7 +274,7 @@ def test_candidate_curves_on_synthetic_box() -> None:
     # Identical to explicit dilations with the engine's ball (|offset| <= r) and scipy.
     import torch
 
-    from CascadeSegLib.preprocess import dilate
+    from CascadeSegLib.inference.preprocess import dilate
     n_neg = ref.size - ref.sum()
     for r in (1, 2, 3, 5):
         ball = np.linalg.norm(np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1], axis=0) <= r
@@ -530,7 +530,7 @@ def _tiny_model(folder: Path):
 def test_experiments_on_engine_output(tmp_path: Path) -> None:
     """stages + overlap experiments run the engine on a phantom and the sample CT; the numbers
     in the report equal `cascadeseg evaluate` on the label maps the engine wrote."""
-    pytest.importorskip("CascadeSegLib.cascade")
+    pytest.importorskip("CascadeSegLib.inference.cascade")
     from CascadeSegLib.phantom import make_phantom
     model = _tiny_model(tmp_path / "model")
     ct_dir, ref_dir = tmp_path / "ct", tmp_path / "ref"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from CascadeSegLib import preprocess
-from CascadeSegLib.cascade import Segmenter, resample_labels_to
+from CascadeSegLib.inference import preprocess
+from CascadeSegLib.inference.cascade import Segmenter, resample_labels_to
 from CascadeSegLib.packaging.model import load_model
 
 REPO = Path(__file__).resolve().parents[1]

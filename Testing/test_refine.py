@@ -19,10 +19,10 @@ import torch
 from test_baseline2d import GRID, ORGANS, one_thread, trained_2d  # noqa: F401 - session fixture
 
 from CascadeSegLib import refine as R
-from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
 from CascadeSegLib.evaluate import evaluate_images
+from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.labels import LabelSet
 from CascadeSegLib.network import NetConfig, build_network
 from CascadeSegLib.packaging.model import ModelPackage, StageSpec

@@ -18,9 +18,9 @@ import SimpleITK as sitk
 from model_factory import make_random_model
 
 from CascadeSegLib import io as cio
-from CascadeSegLib import memory
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
+from CascadeSegLib.inference import memory
 from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 

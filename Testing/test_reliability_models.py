@@ -26,9 +26,9 @@ import SimpleITK as sitk
 import torch
 from model_factory import make_random_model
 
-from CascadeSegLib import memory, tiling
-from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
+from CascadeSegLib.inference import memory, tiling
+from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.network import NetConfig, build_network
 from CascadeSegLib.packaging.archive import make_zip
 from CascadeSegLib.packaging.model import ModelPackage

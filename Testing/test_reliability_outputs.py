@@ -22,8 +22,8 @@ import pytest
 import SimpleITK as sitk
 from model_factory import make_random_model
 
-from CascadeSegLib.cascade import Segmenter
 from CascadeSegLib.cli import main
+from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.phantom import make_phantom
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from model_factory import make_random_model
 from scipy import ndimage
 
-from CascadeSegLib import preprocess
-from CascadeSegLib.cascade import Segmenter
+from CascadeSegLib.inference import preprocess
+from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.packaging.model import ModelPackage
 from CascadeSegLib.phantom import make_phantom
 

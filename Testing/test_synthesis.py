@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
+from CascadeSegLib.inference.validation import validate_ct
 from CascadeSegLib.synthesis import (
     AnatomySettings,
     IntensityTable,
@@ -25,7 +26,6 @@ from CascadeSegLib.synthesis import (
     totalsegmentator_names,
 )
 from CascadeSegLib.synthesis.source import synthetic_cases
-from CascadeSegLib.validation import validate_ct
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"

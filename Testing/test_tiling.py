@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from CascadeSegLib.inference.tiling import plan_tiles, predict_volume, tile_geometry
 from CascadeSegLib.network import NetConfig, build_network, margin, valid_input_size
-from CascadeSegLib.tiling import plan_tiles, predict_volume, tile_geometry
 
 
 def _mask(shape, boxes):
@@ -121,7 +121,7 @@ def test_cancel_stops_between_tiles():
 
 
 def test_box_tile_covers_a_compact_candidate_region_in_one_tile():
-    from CascadeSegLib.tiling import box_tile
+    from CascadeSegLib.inference.tiling import box_tile
 
     cfg = NetConfig(kind="padded", num_classes=2, base_channels=2, depth=3)
     mask = _mask((80, 90, 100), [((10, 47), (20, 61), (5, 44))])     # box 37 x 41 x 39

@@ -50,7 +50,7 @@ def test_training_config_describes_the_bundled_model():
 
 
 def test_bundled_model_segments_the_held_out_dicom_slab(dicom_slab_dir, dicom_slab_seg_path):
-    from CascadeSegLib.cascade import Segmenter
+    from CascadeSegLib.inference.cascade import Segmenter
     from CascadeSegLib.io import read_image
     from CascadeSegLib.packaging.model import ModelPackage
 

@@ -31,7 +31,7 @@ def test_totalsegmentator_table_maps_ids_to_our_labels():
 
 
 def test_dicom_slab_labels_land_on_the_image_grid_in_physical_space(tmp_path, dicom_slab_dir, dicom_slab_seg_path):
-    from CascadeSegLib import preprocess
+    from CascadeSegLib.inference import preprocess
     from CascadeSegLib.io import read_image
     from CascadeSegLib.train.dataset import Case, build_cached_case, label_lookup
 

@@ -20,7 +20,7 @@ from train_helpers import small_config, write_phantom_cases
 
 
 def test_small_network_learns_phantom_organs(tmp_path):
-    from CascadeSegLib.cascade import Segmenter
+    from CascadeSegLib.inference.cascade import Segmenter
     from CascadeSegLib.packaging.model import ModelPackage
     from CascadeSegLib.train.config import parse_config
     from CascadeSegLib.train.trainer import train_run

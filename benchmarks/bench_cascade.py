@@ -50,8 +50,8 @@ def paper_estimate(ct: Path, labels: sitk.Image, sample_tiles: int) -> dict:
     fast cascade's foreground dilated by 3 voxels.
     """
     from CascadeSegLib.network import NetConfig, build_network, fold_batchnorm
-    from CascadeSegLib.preprocess import body_mask, dilate, grid_for_spacing, resample
-    from CascadeSegLib.tiling import plan_tiles, tile_geometry
+    from CascadeSegLib.inference.preprocess import body_mask, dilate, grid_for_spacing, resample
+    from CascadeSegLib.inference.tiling import plan_tiles, tile_geometry
 
     image = sitk.ReadImage(str(ct))
     half = [2 * s for s in image.GetSpacing()]           # the paper: downsample by 2

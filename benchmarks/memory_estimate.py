@@ -1,4 +1,4 @@
-"""Measured peak memory of `cascadeseg segment` vs CascadeSegLib.memory's estimate.
+"""Measured peak memory of `cascadeseg segment` vs CascadeSegLib.inference.memory's estimate.
 
 A 512x512x400 int16 phantom (0.78 x 0.78 x 1.0 mm) is segmented through the CLI in a child
 process per configuration; the child's peak RSS comes from
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO / "Testing"))
 
 import SimpleITK as sitk  # noqa: E402
 
-from CascadeSegLib import memory  # noqa: E402
+from CascadeSegLib.inference import memory  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.phantom import make_phantom  # noqa: E402
 

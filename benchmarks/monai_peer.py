@@ -22,7 +22,7 @@ from monai.inferers import sliding_window_inference
 
 from CascadeSegLib.packaging.model import load_model
 from CascadeSegLib.network import fold_batchnorm
-from CascadeSegLib.preprocess import normalize, resample_to_spacing
+from CascadeSegLib.inference.preprocess import normalize, resample_to_spacing
 
 
 def main() -> int:

@@ -35,7 +35,7 @@ from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
 def _soft(ct: sitk.Image, spacing: float = 3.0) -> sitk.Image:
     """HU clipped to [-200, 300] and shifted to [0, 500] on an isotropic grid: what both
     registrations compare (non-negative, so the moments initialiser finds the body, not the air)."""
-    from CascadeSegLib.preprocess import resample_to_spacing
+    from CascadeSegLib.inference.preprocess import resample_to_spacing
 
     img = resample_to_spacing(sitk.Cast(ct, sitk.sitkFloat32), [spacing] * 3, "linear", -1024.0, sitk.sitkFloat32)
     return sitk.Clamp(img, sitk.sitkFloat32, -200.0, 300.0) + 200.0

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from compare_bundled import dice_per_organ, reference_on_grid  # noqa: E402 - same folder
 
-from CascadeSegLib.cascade import Segmenter  # noqa: E402
+from CascadeSegLib.inference.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 

@@ -21,7 +21,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from CascadeSegLib.cascade import Segmenter  # noqa: E402
+from CascadeSegLib.inference.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402

@@ -81,10 +81,10 @@ def _check_output(path: Path) -> None:
 def run_refine(args: argparse.Namespace) -> int:
     from .. import io
     from ..evaluate import read_label_map, resolve_labels
+    from ..inference.predictor import make_predictor
+    from ..inference.validation import validate_ct
     from ..packaging.model import load_model
-    from ..predictor import make_predictor
     from ..refine import refine, resolve_organs
-    from ..validation import validate_ct
 
     source = Path(args.input).expanduser()
     output = Path(args.output).expanduser()

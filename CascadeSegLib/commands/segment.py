@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("ran out of memory; close other programs, crop the CT to the abdomen or resample "
                             "it to a coarser spacing, or use a machine with more memory") from None
         except RuntimeError as exc:
-            from ..memory import is_out_of_memory
+            from ..inference.memory import is_out_of_memory
 
             if not is_out_of_memory(exc):
                 raise
@@ -183,7 +183,7 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
 
 def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
     """The model and the predictor its architecture registered (predictor.py: 3D cascade, 2D three-view)."""
-    from ..predictor import make_predictor
+    from ..inference.predictor import make_predictor
 
     model = load_model(args.model)
     extra: dict[str, str] = {}
@@ -291,7 +291,7 @@ class StagedOutputs:
 
 def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
                   reporter, announce: bool, warn, overwrite: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
-    from ..validation import validate_ct
+    from ..inference.validation import validate_ct
 
     t_start = time.perf_counter()
     if announce:
@@ -303,7 +303,7 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
     info = io.read_image_info(case_path, series_uid=args.series_uid)
     validate_ct(info, case_path)
     if not args.no_memory_check and _estimable(model):
-        from ..memory import check_memory
+        from ..inference.memory import check_memory
 
         check_memory(info.size, info.pixel_id, model, spacing_xyz=info.spacing, components=info.components,
                      stage1_only=args.stage1_only, overlap=args.overlap,

@@ -64,7 +64,7 @@ def run_stages_experiment(model: Any, ct: str | os.PathLike, ref: str | os.PathL
                           plots: bool = True) -> dict[str, Any]:
     """Stage 1 vs stage 2 on CT/reference pairs (Tables 1-3, Fig. 5) and the C2 curves of
     the same stage-1 results on the stage-2 grid (Fig. 6), in one report."""
-    from ..cascade import Segmenter
+    from ..inference.cascade import Segmenter
     from ..io import read_image
     if len(model.stages) < 2:
         raise UserError(f"model {model.name} has one stage; stage 1 vs stage 2 needs a cascade")
@@ -127,7 +127,7 @@ def run_overlap_experiment(model: Any, ct: str | os.PathLike, ref: str | os.Path
                            progress: bool = True, plots: bool = True) -> dict[str, Any]:
     """Non-overlapping vs overlapping stage-2 tiles: Dice, Wilcoxon and time (paper: +1 Dice
     on pancreas/spleen at ~1.2x the time)."""
-    from ..cascade import Segmenter
+    from ..inference.cascade import Segmenter
     from ..io import read_image
     if overlap <= 0:
         raise UserError("--overlap must be > 0 (e.g. 0.37: each voxel covered ~4 times)")

@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from ..preprocess import grid_for_spacing
+from ..inference.preprocess import grid_for_spacing
 from .anatomy import AnatomySettings, warp_labels
 from .tissues import BOWEL_GAS_SHARE, PHASES, TISSUES, IntensityTable, tissue_of
 

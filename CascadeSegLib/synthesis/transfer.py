@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
-from ..preprocess import grid_for_spacing
+from ..inference.preprocess import grid_for_spacing
 from .render import SynthResult, image_on, structure_hu
 from .tissues import IntensityTable
 

@@ -25,8 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import preprocess
 from ..errors import UserError
+from ..inference import preprocess
 from ..labels import LabelSet
 
 # TotalSegmentator v2 ("total" task) ids of the abdominal structures the paper targets.

@@ -22,8 +22,8 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .. import preprocess
 from ..errors import Cancelled, UserError
+from ..inference import preprocess
 from ..labels import LabelSet
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ def _known(item: TrainItem, case, labels: LabelSet, table: np.ndarray, spacing: 
 
 
 def predict(pkg, ct: Path, device: str, cancel: Callable[[], bool] | None) -> sitk.Image:
-    from ..cascade import Segmenter
+    from ..inference.cascade import Segmenter
     from ..io import read_image
 
     return Segmenter(pkg, device=device, cancel=cancel).segment(read_image(ct)).labels

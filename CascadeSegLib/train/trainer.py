@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import preprocess
 from ..errors import UserError
 from ..evaluation.metrics import dice
+from ..inference import preprocess
 from ..labels import LabelSet
 from ..network import UNet3D, build_network
 from . import checkpoint as ckpt
@@ -89,7 +89,7 @@ def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, labels: LabelSet) ->
 def predict_labels(net: UNet3D, case: CachedCase, mask: np.ndarray, tile_zyx: Sequence[int], num_classes: int,
                    pad_value: float, device: torch.device) -> torch.Tensor:
     """Arg-max labels of `net` over the tiles touching `mask` (zero outside it), on the case's grid."""
-    from ..tiling import predict_volume
+    from ..inference.tiling import predict_volume
 
     volume = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None].to(device)
     m = torch.from_numpy(np.array(mask, dtype=bool)).to(device)

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
-from .errors import ModelError
+from ..errors import ModelError
 
 if TYPE_CHECKING:
     import SimpleITK as sitk
 
+    from ..packaging.model import ModelPackage
     from .cascade import SegmentationResult
-    from .packaging.model import ModelPackage
     from .preprocess import GridWindows
 
 
@@ -80,7 +80,7 @@ def _cascade(model: ModelPackage, *args: Any, **kwargs: Any) -> Predictor:
 
 
 def _three_view(model: ModelPackage, *args: Any, **kwargs: Any) -> Predictor:
-    from .baseline2d import ThreeViewSegmenter
+    from ..baseline2d import ThreeViewSegmenter
 
     return ThreeViewSegmenter(model, *args, **kwargs)
 

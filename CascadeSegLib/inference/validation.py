@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import UserError
-from .io import ImageInfo
+from ..errors import UserError
+from ..io import ImageInfo
 
 
 def validate_ct(image: sitk.Image | ImageInfo, source: str | Path | None = None, allow_non_ct: bool = False,

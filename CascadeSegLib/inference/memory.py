@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 GIB = 1 << 30
 #: RSS of the interpreter with torch, SimpleITK, scipy and CascadeSegLib imported (measured

@@ -16,11 +16,11 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..errors import Cancelled, UserError
+from ..network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
+from ..packaging.model import ModelPackage
 from . import preprocess
-from .errors import Cancelled, UserError
 from .memory import free_accelerator_memory, is_out_of_memory
-from .network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
-from .packaging.model import ModelPackage
 from .tiling import (
     BOX_HALO,
     DEFAULT_BOX_TILE_VOXELS,

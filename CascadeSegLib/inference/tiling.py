@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import Cancelled
+from ..errors import Cancelled
+from ..network import ConfiguredNetwork, NetConfig, output_shape, valid_input_size
 from .memory import free_accelerator_memory, is_out_of_memory
-from .network import ConfiguredNetwork, NetConfig, output_shape, valid_input_size
 from .preprocess import clip_window
 
 ProgressFn = Callable[[float, str], None]
