@@ -23,10 +23,17 @@ try:  # inside the Slicer application
         ScriptedLoadableModuleTest,
         ScriptedLoadableModuleWidget,
     )
+    from slicer.util import VTKObservationMixin
     IN_SLICER = hasattr(slicer, "app")
 except ImportError:  # slicer-core only: minimal stand-ins so this file imports and tests run
     IN_SLICER = False
-    ScriptedLoadableModule = ScriptedLoadableModuleWidget = ScriptedLoadableModuleLogic = object
+    ScriptedLoadableModule = ScriptedLoadableModuleLogic = object
+
+    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
+        pass
+
+    class VTKObservationMixin:  # type: ignore[no-redef]
+        pass
 
     class ScriptedLoadableModuleTest(unittest.TestCase):
         def delayDisplay(self, message, msec=0):
@@ -48,7 +55,11 @@ class CascadeSeg(ScriptedLoadableModule):
                                       "networks for medical image segmentation, CMIG 2018.")
 
 
-class CascadeSegWidget(ScriptedLoadableModuleWidget):
+class CascadeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
         from CascadeSegSlicer.widget import CascadeSegController, SlicerGui
@@ -63,14 +74,28 @@ class CascadeSegWidget(ScriptedLoadableModuleWidget):
             timer.timeout.connect(callback)
             return timer
 
-        self.controller = CascadeSegController(self.ui, CascadeSegLogic(slicer.mrmlScene),
-                                               SlicerGui(ui_widget), make_timer)
-        self.controller.setup()
+        self.logic = CascadeSegLogic(slicer.mrmlScene)
+        self.controller = CascadeSegController(self.ui, self.logic, SlicerGui(ui_widget), make_timer)
+        self.controller.setup()  # binds the panel to the scene's parameter node
+        # the parameter node is part of the scene: a closed scene takes it along, the next one gets a new one
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.controller.show_devices()
         self.controller.prestart_worker()  # torch imported, model loaded before the first Segment
         self.layout.addStretch(1)
 
+    def enter(self):
+        self.controller.initialize_parameter_node()
+
+    def onSceneStartClose(self, caller, event):
+        self.controller.set_parameter_node(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.controller.initialize_parameter_node()
+
     def cleanup(self):
+        self.removeObservers()
         if getattr(self, "controller", None):
             self.controller.cleanup()
 
@@ -84,6 +109,12 @@ class CascadeSegLogic(_Logic, ScriptedLoadableModuleLogic):
         if scene is None and IN_SLICER:
             scene = slicer.mrmlScene
         _Logic.__init__(self, scene, **kwargs)
+
+    def getParameterNode(self):
+        """The scene's parameter node, wrapped (CascadeSegSlicer.parameter_node)."""
+        from CascadeSegSlicer.parameter_node import parameter_node
+
+        return parameter_node(self.scene)
 
 
 class CascadeSegTest(ScriptedLoadableModuleTest):

@@ -424,7 +424,7 @@ class FakeWidget:
     def __init__(self):
         self.text, self.enabled, self.visible, self.checked = "", True, True, False
         self.value, self.format, self.items, self.currentIndex, self.node = 0, "", [], -1, None
-        self.clicked, self.currentIndexChanged = FakeSignal(), FakeSignal()
+        self.clicked, self.currentIndexChanged, self.toggled = FakeSignal(), FakeSignal(), FakeSignal()
         self.mrml_slots = []
 
     def connect(self, signature, fn):
@@ -438,8 +438,10 @@ class FakeWidget:
     def clear(self):
         self.items, self.currentIndex = [], -1
 
-    def setCurrentIndex(self, i):
-        self.currentIndex = i
+    def setCurrentIndex(self, i):  # like Qt: a change emits currentIndexChanged
+        changed, self.currentIndex = i != self.currentIndex, i
+        if changed:
+            self.currentIndexChanged.emit(i)
 
     @property
     def currentData(self):
@@ -448,8 +450,11 @@ class FakeWidget:
     def currentNode(self):
         return self.node
 
-    def setCurrentNode(self, node):
-        self.node = node
+    def setCurrentNode(self, node):  # like qMRMLNodeComboBox: a change emits currentNodeChanged
+        changed, self.node = node is not self.node, node
+        for signature, fn in self.mrml_slots if changed else ():
+            if signature.startswith("currentNodeChanged"):
+                fn(node)
 
 
 class FakeTimer:

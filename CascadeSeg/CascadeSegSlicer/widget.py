@@ -12,11 +12,16 @@ from collections.abc import Callable
 from typing import Any
 
 from .logic import CascadeSegLogic
+from .parameter_node import parameter_node, segment_parameters
 from .parameters import SegmentParameters
 from .runs import RunCancelled, RunError, SegmentRun
 
 DEVICE_ITEMS = [("auto", "Auto"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU")]
 POLL_MS = 200
+#: check box -> parameter node field (parameter_node.CascadeSegParameters)
+CHECK_BOXES = {"overlapCheckBox": "overlap", "stage1OnlyCheckBox": "stage1Only",
+               "keepProbabilitiesCheckBox": "keepProbabilities", "keepCandidatesCheckBox": "keepCandidates",
+               "refineCheckBox": "refine"}
 
 
 class CascadeSegController:
@@ -31,6 +36,10 @@ class CascadeSegController:
         self.models: list[Any] = []
         self._install_thread: threading.Thread | None = None
         self._deps_checked = False
+        #: the scene's parameter node (parameter_node.CascadeSegParameterNode) the panel shows and edits
+        self.values: Any = None
+        self._observed: tuple[Any, int] | None = None
+        self._syncing = False
         from .training_widget import TrainingPanel
 
         self.training = TrainingPanel(self, timer_factory)
@@ -43,12 +52,89 @@ class CascadeSegController:
         ui.show3DButton.clicked.connect(self.on_show_3d)
         ui.editButton.clicked.connect(self.on_edit)
         ui.modelComboBox.currentIndexChanged.connect(self.on_model_changed)
-        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.update_buttons)
-        ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.update_buttons)
+        ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
+        ui.outputSegmentationSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.on_gui_changed)
+        ui.deviceComboBox.currentIndexChanged.connect(self.on_gui_changed)
+        for name in CHECK_BOXES:
+            getattr(ui, name).toggled.connect(self.on_gui_changed)
         self.training.setup()
         for key, text in DEVICE_ITEMS:
             ui.deviceComboBox.addItem(text, key)
         self.refresh_models()
+        if self.logic.scene is not None:
+            self.set_parameter_node(parameter_node(self.logic.scene))
+        self.update_buttons()
+
+    # ------------------------------------------------------------------ parameter node
+    def set_parameter_node(self, values: Any) -> None:
+        """Show and edit `values` (a wrapped parameter node; None: none, e.g. while the scene closes)."""
+        if self._observed is not None:
+            node, tag = self._observed
+            node.RemoveObserver(tag)
+            self._observed = None
+        self.values = values
+        if values is not None:
+            import vtk
+
+            node = values.parameterNode
+            self._observed = (node, node.AddObserver(vtk.vtkCommand.ModifiedEvent, self.update_gui_from_parameters))
+            self.update_gui_from_parameters()
+
+    def initialize_parameter_node(self) -> None:
+        """Module entered or scene closed: show the scene's parameter node; an empty input gets the
+        scene's first CT-like volume, as Slicer's module template does."""
+        values = parameter_node(self.logic.scene)
+        if values.inputVolume is None:
+            volumes = self.logic.scene.GetNodesByClass("vtkMRMLScalarVolumeNode")
+            for i in range(volumes.GetNumberOfItems()):
+                volume = volumes.GetItemAsObject(i)
+                if not volume.IsA("vtkMRMLLabelMapVolumeNode"):
+                    values.inputVolume = volume
+                    break
+        self.set_parameter_node(values)
+
+    def update_gui_from_parameters(self, *_: Any) -> None:
+        """The parameter node changed (scene loaded, a script, another view): show its values."""
+        values, ui = self.values, self.ui
+        if values is None or self._syncing:
+            return
+        self._syncing = True
+        try:
+            ui.inputVolumeSelector.setCurrentNode(values.inputVolume)
+            ui.outputSegmentationSelector.setCurrentNode(values.outputSegmentation)
+            for name, field in CHECK_BOXES.items():
+                getattr(ui, name).checked = bool(getattr(values, field))
+            devices = [key for key, _ in DEVICE_ITEMS]
+            if values.device in devices:
+                ui.deviceComboBox.setCurrentIndex(devices.index(values.device))
+            names = [m.name for m in self.models]
+            if values.model in names:
+                ui.modelComboBox.setCurrentIndex(names.index(values.model))
+        finally:
+            self._syncing = False
+        if self.current_model() is not None and values.model != self.current_model().name:
+            values.model = self.current_model().name  # a model no longer offered: what the panel shows
+        self.on_model_changed()
+
+    def on_gui_changed(self, *_: Any) -> None:
+        """The user changed a widget: store every value in the parameter node (one Modified event)."""
+        values, ui = self.values, self.ui
+        if values is not None and not self._syncing:
+            self._syncing = True
+            node = values.parameterNode
+            was = node.StartModify()
+            try:
+                values.inputVolume = ui.inputVolumeSelector.currentNode()
+                values.outputSegmentation = ui.outputSegmentationSelector.currentNode()
+                for name, field in CHECK_BOXES.items():
+                    setattr(values, field, bool(getattr(ui, name).checked))
+                values.device = ui.deviceComboBox.currentData or "auto"
+                model = self.current_model()
+                if model is not None:
+                    values.model = model.name
+            finally:
+                node.EndModify(was)
+                self._syncing = False
         self.update_buttons()
 
     def refresh_models(self, select: str | None = None) -> None:
@@ -87,6 +173,8 @@ class CascadeSegController:
         return self.models[i] if 0 <= i < len(self.models) else None
 
     def parameters(self) -> SegmentParameters:
+        if self.values is not None:
+            return segment_parameters(self.values)
         ui = self.ui
         model = self.current_model()
         return SegmentParameters(
@@ -120,6 +208,8 @@ class CascadeSegController:
     def on_model_changed(self, *_: Any) -> None:
         model = self.current_model()
         self.ui.modelInfoLabel.text = model.info() if model else "No model installed: use Install..."
+        if model is not None and self.values is not None and not self._syncing and self.values.model != model.name:
+            self.values.model = model.name
         self.update_buttons()
 
     # ------------------------------------------------------------------ run
@@ -171,6 +261,8 @@ class CascadeSegController:
         else:
             self.result_node = node
             self.ui.outputSegmentationSelector.setCurrentNode(node)
+            if self.values is not None:
+                self.values.outputSegmentation = node
             self.ui.statusLabel.text = timing_text(run)
             self.gui.show_result(node, self.ui.inputVolumeSelector.currentNode())
         finally:
@@ -218,6 +310,7 @@ class CascadeSegController:
             self.cancel()
         self.logic.shutdown_worker()
         self.training.cleanup()
+        self.set_parameter_node(None)
 
 
 def timing_text(run: SegmentRun) -> str:
