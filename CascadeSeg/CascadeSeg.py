@@ -84,6 +84,15 @@ class CascadeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.controller.prestart_worker()  # torch imported, model loaded before the first Segment
         self.layout.addStretch(1)
 
+    def onReload(self):
+        """Reload the CascadeSegSlicer submodules (dependency order), then this module as Slicer does."""
+        import importlib
+
+        import CascadeSegSlicer
+
+        importlib.reload(CascadeSegSlicer).reload_submodules()
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def enter(self):
         self.controller.initialize_parameter_node()
 

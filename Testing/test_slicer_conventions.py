@@ -100,3 +100,55 @@ def test_module_logic_gives_the_wrapped_parameter_node():
     values = mod.CascadeSegLogic(app.scene).getParameterNode()
     values.keepCandidates = True
     assert parameter_node(app.scene).keepCandidates
+
+
+# ----------------------------------------------------------------------------- Reload
+def test_reload_order_lists_every_submodule_after_its_imports():
+    import ast
+
+    import CascadeSegSlicer
+
+    package = REPO / "CascadeSeg" / "CascadeSegSlicer"
+    order = list(CascadeSegSlicer.SUBMODULES)
+    assert sorted(order) == sorted(p.stem for p in package.glob("*.py") if p.stem != "__init__")
+    for name in order:
+        tree = ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))
+        for node in tree.body:  # module-level imports bind names at (re)load time
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                assert order.index(node.module) < order.index(name), f"{name} imports {node.module}"
+
+
+RELOAD_SCRIPT = r'''
+import importlib.util, sys
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("CascadeSeg", sys.argv[1] + "/CascadeSeg.py")
+mod = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(mod)
+import CascadeSegSlicer.widget as widget, CascadeSegSlicer.logic as logic, CascadeSegSlicer.training as training
+old_logic = logic.CascadeSegLogic
+# a developer edits logic.py and runs.py, then presses Reload
+path = sys.argv[1] + "/CascadeSegSlicer/logic.py"
+open(path, "a").write("\nCascadeSegLogic.EDITED = True\n")
+open(sys.argv[1] + "/CascadeSegSlicer/runs.py", "a").write("\nSegmentRun.EDITED = True\n")
+calls = []
+mod.ScriptedLoadableModuleWidget.onReload = lambda self: calls.append("module reloaded")
+mod.CascadeSegWidget.onReload(object.__new__(mod.CascadeSegWidget))
+assert calls == ["module reloaded"], calls
+assert logic.CascadeSegLogic is not old_logic and logic.CascadeSegLogic.EDITED
+assert widget.CascadeSegLogic is logic.CascadeSegLogic, "widget holds the old logic class"
+assert training.SegmentRun.EDITED and widget.SegmentRun is training.SegmentRun
+print("reloaded")
+'''
+
+
+def test_module_reload_picks_up_edited_submodules(tmp_path):
+    """Module panel Reload after editing logic.py/runs.py: every module sees the new classes."""
+    import os
+    import shutil
+    import subprocess
+
+    copy = tmp_path / "CascadeSeg"
+    shutil.copytree(REPO / "CascadeSeg", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(copy)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr
