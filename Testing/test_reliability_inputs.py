@@ -324,7 +324,7 @@ def test_missing_and_unreadable_paths(tmp_path, model_dir, phantom, capsys, monk
 
         if os.geteuid() == 0:  # root reads anything: simulate the permission check failing
             real = os.access
-            monkeypatch.setattr(cio.os, "access", lambda p, m, *a, **k: False if Path(p) == locked else real(p, m))
+            monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == locked else real(p, m))
         segment_refused(locked, tmp_path / "out", model_dir, capsys, "permission denied", str(locked))
     finally:
         locked.chmod(0o644)
