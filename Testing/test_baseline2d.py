@@ -15,8 +15,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from CascadeSegLib import baseline2d as B
-from CascadeSegLib import baseline2d_train as BT
+from CascadeSegLib.baselines.zhou2016 import three_view as B
+from CascadeSegLib.baselines.zhou2016 import three_view_train as BT
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import ModelError, UserError
 from CascadeSegLib.evaluate import evaluate_images

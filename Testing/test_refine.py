@@ -18,7 +18,7 @@ import SimpleITK as sitk
 import torch
 from test_baseline2d import GRID, ORGANS, one_thread, trained_2d  # noqa: F401 - session fixture
 
-from CascadeSegLib import refine as R
+from CascadeSegLib.baselines.zhou2016 import refine as R
 from CascadeSegLib.cli import main
 from CascadeSegLib.errors import UserError
 from CascadeSegLib.evaluate import evaluate_images
@@ -163,7 +163,7 @@ def test_refinement_with_the_2d_three_view_model(trained_2d):  # noqa: F811 - th
     """Zhou et al.'s setting: the fine 2D FCNs iterate over each organ's box."""
     ct, ref = make_phantom(organs=ORGANS, seed=2, **GRID)
     with one_thread():
-        from CascadeSegLib.baseline2d import make_segmenter
+        from CascadeSegLib.baselines.zhou2016.three_view import make_segmenter
 
         seg = make_segmenter(trained_2d, "cpu")
         res = seg.segment(ct)

@@ -113,7 +113,7 @@ def run_case(image: sitk.Image, ref: sitk.Image, segmenters: dict[str, Any], val
              repeat: int = 1) -> dict[str, Run]:
     """Every method of the comparison on one CT; segmentation times are the fastest of `repeat` runs
     (the least disturbed by other processes), refinement runs once."""
-    from CascadeSegLib.refine import refine
+    from CascadeSegLib.baselines.zhou2016.refine import refine
 
     out: dict[str, Run] = {}
     base: dict[str, Any] = {}
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from CascadeSegLib.baseline2d import make_segmenter
+    from CascadeSegLib.baselines.zhou2016.three_view import make_segmenter
     from CascadeSegLib.io import read_image
     from CascadeSegLib.packaging.model import load_model
 

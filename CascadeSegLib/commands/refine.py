@@ -80,11 +80,11 @@ def _check_output(path: Path) -> None:
 
 def run_refine(args: argparse.Namespace) -> int:
     from .. import io
+    from ..baselines.zhou2016.refine import refine, resolve_organs
     from ..evaluate import read_label_map, resolve_labels
     from ..inference.predictor import make_predictor
     from ..inference.validation import validate_ct
     from ..packaging.model import load_model
-    from ..refine import refine, resolve_organs
 
     source = Path(args.input).expanduser()
     output = Path(args.output).expanduser()
@@ -131,7 +131,7 @@ def run_refine(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..baseline2d_train import load_baseline_config, train_baseline
+    from ..baselines.zhou2016.three_view_train import load_baseline_config, train_baseline
 
     cfg = load_baseline_config(args.config)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{cfg.name}-2d"

@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-memory-check", action="store_true",
                    help="run even when the memory estimate says the image will not fit")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    from ..refine import add_refine_arguments
+    from ..baselines.zhou2016.refine import add_refine_arguments
 
     add_refine_arguments(p)  # --refine [ORGANS] ...: Zhou et al. refinement (the Slicer module passes it)
     p.set_defaults(func=run)
@@ -315,7 +315,7 @@ def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output
         warn(warning, case)
     t_read = time.perf_counter() - t_start
     result = segmenter.segment(image)
-    from ..refine import refine_from_args
+    from ..baselines.zhou2016.refine import refine_from_args
 
     result = refine_from_args(args, segmenter, image, result)  # no-op without --refine
     t_write0 = time.perf_counter()

@@ -95,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
     # Import what a segment job needs before saying ready (the point of a warm worker).
     import torch  # noqa: F401
 
-    from .. import cli, io, refine  # noqa: F401
+    from .. import cli, io  # noqa: F401
+    from ..baselines.zhou2016 import refine  # noqa: F401
     from ..inference import cascade  # noqa: F401
     from ..packaging import model  # noqa: F401
     from . import segment  # noqa: F401

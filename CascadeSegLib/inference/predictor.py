@@ -80,7 +80,7 @@ def _cascade(model: ModelPackage, *args: Any, **kwargs: Any) -> Predictor:
 
 
 def _three_view(model: ModelPackage, *args: Any, **kwargs: Any) -> Predictor:
-    from ..baseline2d import ThreeViewSegmenter
+    from ..baselines.zhou2016.three_view import ThreeViewSegmenter
 
     return ThreeViewSegmenter(model, *args, **kwargs)
 

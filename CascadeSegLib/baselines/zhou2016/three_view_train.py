@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .baseline2d import ARCHITECTURE, ThreeViewNet, ThreeViewOptions, check_view, save_three_view_package
-from .errors import ModelError, UserError
-from .network import NetConfig
-from .packaging.model import ModelPackage, StageSpec
-from .train.config import ConfigPaths
+from ...errors import ModelError, UserError
+from ...network import NetConfig
+from ...packaging.model import ModelPackage, StageSpec
+from ...train.config import ConfigPaths
+from .three_view import ARCHITECTURE, ThreeViewNet, ThreeViewOptions, check_view, save_three_view_package
 
 
 @dataclass
@@ -59,7 +59,7 @@ _KEYS = {"name", "version", "description", "license", "labels", "data", "intensi
 
 def parse_baseline_config(data: dict[str, Any], base_dir: str | Path = ".") -> Baseline2DConfig:
     """Validate a 2D baseline config (the trainer's format plus `three_view`; stages coarse, fine)."""
-    from .train.config import TrainSettings
+    from ...train.config import TrainSettings
 
     unknown = set(data) - _KEYS
     if unknown:
@@ -133,7 +133,7 @@ def parse_baseline_config(data: dict[str, Any], base_dir: str | Path = ".") -> B
 
 
 def load_baseline_config(path: str | Path) -> Baseline2DConfig:
-    from .train.config import read_config_file
+    from ...train.config import read_config_file
 
     p = Path(path).expanduser().resolve()
     return parse_baseline_config(read_config_file(p), p.parent)
@@ -203,10 +203,10 @@ def train_baseline(cfg: Baseline2DConfig, run_dir: str | Path, out: str | Path |
 
 def _train_baseline(cfg: Baseline2DConfig, run_dir: Path, out: str | Path | None, device: str | None,
                     progress: bool, overwrite: bool, log: Callable[[str], None] | None) -> ModelPackage:
-    from .train.dataset import build_cached_case, discover_cases, label_lookup, read_split
-    from .train.losses import make_loss
-    from .train.sampling import CandidateSampler
-    from .train.trainer import lr_factor, pad_value_for, resolve_train_device
+    from ...train.dataset import build_cached_case, discover_cases, label_lookup, read_split
+    from ...train.losses import make_loss
+    from ...train.sampling import CandidateSampler
+    from ...train.trainer import lr_factor, pad_value_for, resolve_train_device
 
     if overwrite and run_dir.exists():
         import shutil

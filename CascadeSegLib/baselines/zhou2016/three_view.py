@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .atomic import atomic_write
-from .errors import Cancelled, ModelError, UserError
-from .inference.cascade import Segmenter
-from .inference.predictor import Predictor, make_predictor
-from .inference.preprocess import GridWindows
-from .network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
-from .packaging.model import ModelPackage
+from ...atomic import atomic_write
+from ...errors import Cancelled, ModelError, UserError
+from ...inference.cascade import Segmenter
+from ...inference.predictor import Predictor, make_predictor
+from ...inference.preprocess import GridWindows
+from ...network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
+from ...packaging.model import ModelPackage
 
 ARCHITECTURE = "2d-three-view"
 VIEWS = ("axial", "coronal", "sagittal")
@@ -211,7 +211,7 @@ def predict_three_view(nets: ThreeViewNet, volume: torch.Tensor, mask: torch.Ten
     Only the box of the mask plus `border` voxels of real image context is predicted; outside
     it the probabilities are 0 and the labels background. `volume` is normalised (z, y, x).
     """
-    from .inference.preprocess import bounding_box
+    from ...inference.preprocess import bounding_box
 
     shape = tuple(volume.shape)
     probs = torch.zeros((num_classes,) + shape, dtype=torch.float32, device=volume.device)
@@ -334,7 +334,7 @@ class ThreeViewSegmenter(Segmenter):
     def predict_stage(self, index: int, hu: torch.Tensor | GridWindows, mask: torch.Tensor, overlap: float,
                       stage: str, labels_only: bool = False) -> torch.Tensor:
         """The StagePredictor step: the stage's views over the mask's box, fused; `overlap` is unused."""
-        from .inference import preprocess
+        from ...inference import preprocess
 
         if isinstance(hu, preprocess.GridWindows):
             hu = hu.full()                  # views need whole slices

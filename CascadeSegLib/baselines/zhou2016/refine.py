@@ -30,13 +30,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .errors import UserError
-from .evaluation.metrics import dice
-from .inference import preprocess
-from .inference.cascade import SegmentationResult, resample_labels_to
-from .inference.predictor import Predictor, StagePredictor, make_predictor
-from .labels import LabelSet
-from .packaging.model import ModelPackage
+from ...errors import UserError
+from ...evaluation.metrics import dice
+from ...inference import preprocess
+from ...inference.cascade import SegmentationResult, resample_labels_to
+from ...inference.predictor import Predictor, StagePredictor, make_predictor
+from ...labels import LabelSet
+from ...packaging.model import ModelPackage
 
 TEST_MARGIN = 15   # Zhou et al.: 15 voxels at test time (10-20 at random in training, see baseline2d)
 
@@ -128,7 +128,7 @@ def refine(segmenter_or_model: StagePredictor | ModelPackage, image: sitk.Image,
     # A 3D cascade's stage 2 learnt its labels only inside C2 (its loss is masked there), so its
     # output is trusted within the C2 radius of the current organ: the organ grows by at most r
     # voxels per iteration inside its box. The 2D fine stage learnt whole boxes (10-20 margins).
-    from .baseline2d import is_three_view
+    from .three_view import is_three_view
 
     growth = None if is_three_view(model) else max(1, int(model.dilation_radius))
     ref2 = preprocess.grid_for_spacing(image, model.stages[1].spacing)
@@ -137,7 +137,7 @@ def refine(segmenter_or_model: StagePredictor | ModelPackage, image: sitk.Image,
     start_from = cur
     oracle_values: dict[str, int] = {}
     if oracle is not None:
-        from .evaluate import as_label_map
+        from ...evaluate import as_label_map
 
         oracle = as_label_map(oracle, "oracle reference")
         start_from = seg.to_tensor(preprocess.resample(oracle, ref2, "nearest", 0, sitk.sitkInt32)).long()

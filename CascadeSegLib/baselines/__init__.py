@@ -1,0 +1,1 @@
+"""Methods other than the cascade that run through the same public predictor interface."""
