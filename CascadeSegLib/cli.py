@@ -18,8 +18,8 @@ from typing import NoReturn
 from . import __version__
 from .errors import Cancelled, UserError
 
-COMMANDS = ("segment", "models", "evaluate", "train", "refine", "corrections", "improve", "summarize", "synth",
-            "worker")  # worker: hidden, the Slicer module's warm process (commands/worker.py)
+COMMANDS = ("segment", "models", "devices", "evaluate", "train", "refine", "corrections", "improve", "summarize",
+            "synth", "worker")  # worker: hidden, the Slicer module's warm process (commands/worker.py)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -4,6 +4,7 @@ dependency check's versions, and translatable strings."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -143,7 +144,6 @@ print("reloaded")
 
 def test_module_reload_picks_up_edited_submodules(tmp_path):
     """Module panel Reload after editing logic.py/runs.py: every module sees the new classes."""
-    import os
     import shutil
     import subprocess
 
@@ -152,3 +152,202 @@ def test_module_reload_picks_up_edited_submodules(tmp_path):
     done = subprocess.run([sys.executable, "-c", RELOAD_SCRIPT, str(copy)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
     assert done.returncode == 0 and "reloaded" in done.stdout, done.stderr
+
+
+# ----------------------------------------------------------------------------- child processes
+def drive_poller(poller, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while poller.running and time.monotonic() < deadline:
+        poller.on_timer()
+        time.sleep(0.05)
+    assert not poller.running, "the child process did not finish in time"
+
+
+def test_device_detection_runs_in_a_child_process():
+    """The panel asks `cascadeseg devices --json` (the real CLI) and shows what auto uses."""
+    from CascadeSegSlicer.dependencies import device_summary
+
+    from CascadeSegLib.commands.devices import detect
+
+    app = make_scene()
+    ui, ctl = make_controller(CascadeSegLogic(app.scene, use_worker=False), FakeGui())
+    ctl.show_devices()
+    assert ctl.devices.running and ui.deviceInfoLabel.text == "Detecting devices..."
+    child = ctl.devices.run.process.pid
+    drive_poller(ctl.devices)
+    assert child != os.getpid()
+    assert ui.deviceInfoLabel.text == device_summary(detect()) and "auto" in ui.deviceInfoLabel.text
+
+
+TORCH_FREE_SCRIPT = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import CascadeSegSlicer.widget, CascadeSegSlicer.training_widget
+from CascadeSegSlicer.dependencies import missing_packages, device_summary
+from CascadeSegSlicer.logic import CascadeSegLogic
+from CascadeSegSlicer.models import list_models
+missing_packages(); list_models()
+logic = CascadeSegLogic(None, use_worker=False)
+run = logic.start_device_detection()
+done = logic.finish_command(run)
+print(device_summary(done))
+heavy = sorted(m for m in ("torch", "scipy", "SimpleITK") if m in sys.modules)
+assert not heavy, heavy
+'''
+
+
+def test_panel_side_of_devices_models_and_dependencies_never_imports_torch():
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE_SCRIPT, str(REPO / "CascadeSeg")], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "auto" in done.stdout
+
+
+class SlowZipServer:
+    """Loopback HTTP: /model.zip served whole, /stall.zip half then nothing (a dead network)."""
+
+    def __init__(self, blob: bytes) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requested, self.release = threading.Event(), threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(blob)))
+                self.end_headers()
+                if self.path == "/model.zip":
+                    self.wfile.write(blob)
+                    return
+                self.wfile.write(blob[: len(blob) // 2])
+                self.wfile.flush()
+                outer.requested.set()
+                outer.release.wait(60)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+
+
+@pytest.fixture()
+def zip_server(tmp_path, monkeypatch):
+    from test_catalog_download import make_package
+
+    from CascadeSegLib.packaging.archive import make_zip
+
+    monkeypatch.setenv("CASCADESEG_MODELS", str(tmp_path / "models"))
+    blob = make_zip(make_package(tmp_path / "pkg" / "tiny-organs"), tmp_path / "tiny.zip",
+                    prefix="tiny-organs").read_bytes()
+    server = SlowZipServer(blob)
+    yield server
+    server.close()
+
+
+class AskingGui(FakeGui):
+    def __init__(self, answer: str) -> None:
+        super().__init__()
+        self.text_answer = answer
+
+    def ask_text(self, title, label, default=""):
+        return self.text_answer
+
+
+def test_model_install_runs_in_a_child_process_with_progress(zip_server, tmp_path):
+    from CascadeSegLib.packaging.catalog import installed_models
+
+    app = make_scene()
+    gui = AskingGui(zip_server.url("/model.zip"))
+    ui, ctl = make_controller(CascadeSegLogic(app.scene, use_worker=False), gui)
+    ui.installModelButton.clicked.emit()
+    assert ctl.installing.running and ui.installModelButton.text == "Cancel install"
+    assert not ui.segmentButton.enabled and ui.progressBar.visible
+    seen = []
+    ctl.installing._on_progress = lambda run, p: (seen.append((p.stage, p.fraction)), ctl._show_progress(run, p))
+    drive_poller(ctl.installing)
+    assert not gui.errors, gui.errors
+    assert ("download", 1.0) in seen
+    assert ui.statusLabel.text == "Installed tiny-organs 1.0.0."
+    assert ctl.current_model().name == "tiny-organs" and ctl.values.model == "tiny-organs"
+    assert [m.name for m in installed_models() if m.source == "installed"] == ["tiny-organs"]
+    assert ui.installModelButton.text == "Install…"
+
+
+def test_model_install_cancel_kills_the_child_and_installs_nothing(zip_server, tmp_path):
+    from test_slicer_logic import _alive
+
+    from CascadeSegLib.packaging.catalog import installed_models
+
+    app = make_scene()
+    ui, ctl = make_controller(CascadeSegLogic(app.scene, use_worker=False), AskingGui(zip_server.url("/stall.zip")))
+    ui.installModelButton.clicked.emit()
+    run = ctl.installing.run
+    assert zip_server.requested.wait(120), "the child never asked for the model"
+    ui.installModelButton.clicked.emit()  # the button is Cancel now
+    assert not ctl.installing.running and not _alive(run.process.pid) and not run.temp_dir.exists()
+    assert ui.statusLabel.text == "Install cancelled; no model was changed."
+    assert ui.installModelButton.text == "Install…"
+    assert not [m for m in installed_models() if m.source == "installed"]
+
+
+# ----------------------------------------------------------------------------- dependency versions
+def test_dependency_check_compares_versions_and_names_what_to_install():
+    from CascadeSegSlicer import dependencies as deps
+
+    assert deps.version_tuple("2.1.0+cu121") == (2, 1, 0) and deps.version_tuple("2.0.0rc1") == (2, 0, 0)
+    assert deps.version_tuple("1.24") < deps.version_tuple("1.24.4") < deps.version_tuple("2.0")
+    installed = {"torch": "1.13.1", "SimpleITK": "2.3.1", "scipy": "1.9.3", "numpy": "1.26.4", "tqdm": "4.66.1"}
+    required = {"torch": "torch>=2.1", "SimpleITK": "SimpleITK>=2.3", "scipy": "scipy>=1.10", "numpy": "numpy>=1.24",
+                "tqdm": "tqdm>=4.60"}
+    missing = deps.missing_packages(required, installed.get)
+    assert missing == ["torch", "scipy"]  # too old; the rest are new enough
+    message = deps.requirements_message(missing, required, installed.get)
+    assert message == ("CascadeSeg needs torch>=2.1 (1.13.1 is installed), scipy>=1.10 (1.9.3 is installed): "
+                       "install torch>=2.1 scipy>=1.10")
+    assert "\n" not in message
+    gone = deps.missing_packages(required, {**installed, "torch": None, "scipy": "1.10.0"}.get)
+    assert gone == ["torch"]
+    assert deps.requirements_message(gone, required, {"torch": None}.get) == \
+        "CascadeSeg needs torch>=2.1 (not installed): install torch>=2.1"
+    # this environment runs the engine, so it meets the real requirements (read from metadata)
+    assert deps.missing_packages() == []
+
+
+def test_dependency_install_asks_for_the_required_versions():
+    from CascadeSegSlicer import dependencies as deps
+
+    pip, torch_calls = [], []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):  # noqa: N802 - PyTorch Utils' name
+            torch_calls.append(kwargs)
+
+    deps.install_missing(["scipy", "torch"], pip.append, PyTorchUtilsLogic())
+    assert pip == [deps.REQUIRED["scipy"]]
+    assert torch_calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1"}]
+    deps.install_missing(["torch"], pip.append)
+    assert pip[-1] == "torch>=2.1"
+
+
+def test_module_requirements_match_pyproject():
+    """One list: the module's REQUIRED says exactly what pyproject.toml's dependencies say."""
+    import tomllib
+    from CascadeSegSlicer.dependencies import REQUIRED
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    assert sorted(project["dependencies"]) == sorted(REQUIRED.values())

@@ -339,7 +339,8 @@ def test_cancel_kills_process_tree_and_leaves_scene(app, sample, fake_logic, tmp
     before = scene_snapshot(app.scene)
     run = fake_logic.start(volume, SegmentParameters())
     deadline = time.monotonic() + 30
-    while not (tmp_path / "child.pid").exists() and time.monotonic() < deadline:
+    pid_file = tmp_path / "child.pid"  # the fake CLI creates it, then writes the pid: wait for both
+    while not (pid_file.exists() and pid_file.read_text(encoding="utf-8").strip()) and time.monotonic() < deadline:
         run.poll()
         time.sleep(0.05)
     run.poll()

@@ -160,6 +160,38 @@ class CascadeSegLogic:
         return SegmentRun(process, temp_dir, volume_node.GetID(),
                           output_node.GetID() if output_node is not None else None, params, started=t_process)
 
+    def start_cli(self, args: list[str], what: str, temp_dir: Path | None = None, volume_id: str = "",
+                  params: SegmentParameters | None = None) -> SegmentRun:
+        """Start `cascadeseg ARGS` in a one-shot child process (returns at once); `temp_dir` is
+        removed when the run ends (a fresh one without it). Everything the engine does that
+        imports torch runs this way, never in Slicer's process."""
+        temp_dir = temp_dir or Path(tempfile.mkdtemp(prefix="CascadeSeg-"))
+        try:
+            command = self.cli_command(args)
+            log.info("running %s", " ".join(command))
+            process = self.process_factory(command, env=self.child_env(), cwd=str(temp_dir)).start()
+        except Exception:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        return SegmentRun(process, temp_dir, volume_id, None, params, what=what)
+
+    def start_device_detection(self) -> SegmentRun:
+        """`cascadeseg devices --json`: its done event says what `--device auto` uses."""
+        return self.start_cli(["devices", "--json"], "device detection")
+
+    def start_model_install(self, source: str) -> SegmentRun:
+        """`cascadeseg models install SOURCE --progress-json`: download progress, then the installed model."""
+        return self.start_cli(["models", "install", source, "--progress-json"], "model install")
+
+    def finish_command(self, run: SegmentRun, cancelled_message: str = "cancelled") -> dict[str, Any]:
+        """The `done` event of a run from start_cli once it ended (RunError/RunCancelled otherwise)."""
+        try:
+            rc = run.process.wait()
+            run.poll()
+            return run.raise_if_failed(rc, cancelled_message)
+        finally:
+            run.cleanup()
+
     def cancel(self, run: SegmentRun) -> None:
         """Kill the process tree and delete the temp folder; the scene is not touched."""
         try:

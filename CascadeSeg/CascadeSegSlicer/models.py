@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 
 @dataclass(frozen=True)
@@ -54,10 +53,3 @@ def list_models() -> list[ModelChoice]:
         if not any(c.name == e.name for c in choices):
             choices.append(ModelChoice(e.name, e.version, "catalog", e.description, tuple(e.labels), e.license))
     return choices
-
-
-def install_model(source: str, progress: Callable[..., Any] | None = None) -> Path:
-    """Install from a URL, a .zip path or a catalog name (sha256-checked by the library)."""
-    from CascadeSegLib.packaging.download import install_model as _install
-
-    return _install(source, progress=progress)

@@ -42,15 +42,6 @@ class TrainingLogic:
     def __init__(self, logic: CascadeSegLogic) -> None:
         self.logic = logic
 
-    def _start(self, args: list[str], temp_dir: Path, volume_id: str, model: str) -> SegmentRun:
-        try:
-            command = self.logic.cli_command(args)
-            process = self.logic.process_factory(command, env=self.logic.child_env(), cwd=str(temp_dir)).start()
-        except Exception:
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            raise
-        return SegmentRun(process, temp_dir, volume_id, None, SegmentParameters(model=model))
-
     def start_add_case(self, volume_node: Any, segmentation_node: Any, model: str, case_id: str | None = None,
                        reviewed: Sequence[str] | None = None, replace: bool = False) -> SegmentRun:
         """Write the CT and its segmentation, start `cascadeseg corrections add` on them."""
@@ -71,7 +62,8 @@ class TrainingLogic:
             args += ["--reviewed", ",".join(reviewed)]
         if replace:
             args.append("--replace")
-        return self._start(args, temp_dir, volume_node.GetID(), model)
+        return self.logic.start_cli(args, "storing the training case", temp_dir, volume_node.GetID(),
+                                    SegmentParameters(model=model))
 
     def start_improve(self, model: str, new_name: str, device: str = "auto", iterations: int | None = None,
                       overwrite: bool = False) -> SegmentRun:
@@ -81,16 +73,12 @@ class TrainingLogic:
             args += ["--iterations", str(int(iterations))]
         if overwrite:
             args.append("--overwrite")
-        return self._start(args, Path(tempfile.mkdtemp(prefix="CascadeSeg-improve-")), "", model)
+        return self.logic.start_cli(args, "improve", Path(tempfile.mkdtemp(prefix="CascadeSeg-improve-")),
+                                    params=SegmentParameters(model=model))
 
     def finish(self, run: SegmentRun) -> dict[str, Any]:
         """The run's `done` event once the process ended (RunError/RunCancelled otherwise)."""
-        try:
-            rc = run.process.wait()
-            run.poll()
-            return run.raise_if_failed(rc, "cancelled; nothing was stored")
-        finally:
-            run.cleanup()
+        return self.logic.finish_command(run, "cancelled; nothing was stored")
 
     def cancel(self, run: SegmentRun) -> None:
         self.logic.cancel(run)

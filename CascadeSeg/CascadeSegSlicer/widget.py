@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from .background import RunPoller
 from .logic import CascadeSegLogic
 from .parameter_node import parameter_node, segment_parameters
 from .parameters import SegmentParameters
@@ -40,6 +41,9 @@ class CascadeSegController:
         self.values: Any = None
         self._observed: tuple[Any, int] | None = None
         self._syncing = False
+        #: side runs in child processes (torch is never imported here): device detection, model install
+        self.devices = RunPoller(logic, timer_factory)
+        self.installing = RunPoller(logic, timer_factory)
         from .training_widget import TrainingPanel
 
         self.training = TrainingPanel(self, timer_factory)
@@ -156,9 +160,23 @@ class CascadeSegController:
         self.on_model_changed()
 
     def show_devices(self) -> None:
-        from .dependencies import detect_devices, device_summary
+        """Ask `cascadeseg devices` in a child process what 'auto' will use (shown when it answers)."""
+        from .dependencies import device_summary
 
-        self.ui.deviceInfoLabel.text = device_summary(detect_devices())
+        label = self.ui.deviceInfoLabel
+        if self.devices.running:
+            return
+        try:
+            run = self.logic.start_device_detection()
+        except (OSError, RunError) as exc:
+            label.text = f"Could not detect the devices: {exc}"
+            return
+        label.text = "Detecting devices..."
+
+        def failed(exc: RunError | None) -> None:
+            label.text = f"Could not detect the devices: {exc.message}" if exc else ""
+
+        self.devices.start(run, lambda done: setattr(label, "text", device_summary(done)), failed)
 
     def prestart_worker(self) -> None:
         """Module opened: start the warm worker in the background (only with its packages present)."""
@@ -190,16 +208,18 @@ class CascadeSegController:
 
     def update_buttons(self, *_: Any) -> None:
         ui = self.ui
-        running = self.run is not None
+        running, installing = self.run is not None, self.installing.running
         model = self.current_model()
         ui.segmentButton.text = "Cancel" if running else "Segment"
-        ui.segmentButton.enabled = running or (ui.inputVolumeSelector.currentNode() is not None
+        ui.segmentButton.enabled = running or (ui.inputVolumeSelector.currentNode() is not None and not installing
                                                and model is not None and model.installed)
-        for name in ("inputVolumeSelector", "modelComboBox", "installModelButton", "deviceComboBox",
+        for name in ("inputVolumeSelector", "modelComboBox", "deviceComboBox",
                      "overlapCheckBox", "stage1OnlyCheckBox", "keepProbabilitiesCheckBox",
                      "keepCandidatesCheckBox", "refineCheckBox", "outputSegmentationSelector"):
-            getattr(ui, name).enabled = not running
-        ui.progressBar.visible = running
+            getattr(ui, name).enabled = not running and not installing
+        ui.installModelButton.enabled = not running
+        ui.installModelButton.text = "Cancel install" if installing else "Install…"
+        ui.progressBar.visible = running or installing
         has_result = self.result_node is not None and self.result_node.GetScene() is not None
         ui.show3DButton.enabled = has_result and not running
         ui.editButton.enabled = has_result and not running
@@ -278,23 +298,43 @@ class CascadeSegController:
 
     # ------------------------------------------------------------------ other buttons
     def on_install_clicked(self) -> None:
+        """Install a model in a child process (`cascadeseg models install`), with progress; the button
+        cancels while it runs."""
+        if self.installing.running:
+            self.installing.cancel()
+            return
         model = self.current_model()
         default = model.name if model is not None and not model.installed else ""
-        source = self.gui.ask_text("Install a model",
-                                   "Catalog name, URL or path of a model .zip:", default)
+        source = (self.gui.ask_text("Install a model", "Catalog name, URL or path of a model .zip:", default)
+                  or "").strip()
         if not source:
             return
         try:
-            self.gui.busy(f"Installing {source}...")
-            from .models import install_model
-
-            path = install_model(source)
-        except Exception as exc:  # noqa: BLE001 - shown to the user, with details
-            self.gui.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, repr(exc))
+            run = self.logic.start_model_install(source)
+        except (OSError, RunError) as exc:
+            self.gui.error(str(exc), repr(exc))
             return
-        finally:
-            self.gui.busy(None)
-        self.refresh_models(select=path.name)
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = f"Installing {source}..."
+        self.installing.start(run, self._installed, self._install_failed, self._show_progress)
+        self.update_buttons()
+
+    def _show_progress(self, run: SegmentRun, p: Any) -> None:
+        self.ui.progressBar.value = int(round(100 * p.fraction))
+        self.ui.progressBar.format = f"{p.text() or 'working'}  %p%"
+        self.ui.statusLabel.text = f"{p.text() or 'Working'} ({run.elapsed_s:.0f} s)"
+
+    def _installed(self, done: dict[str, Any]) -> None:
+        self.ui.statusLabel.text = f"Installed {done.get('model')} {done.get('version')}."
+        self.refresh_models(select=str(done.get("model")))
+
+    def _install_failed(self, exc: RunError | None) -> None:
+        if exc is None:
+            self.ui.statusLabel.text = "Install cancelled; no model was changed."
+        else:
+            self.ui.statusLabel.text = f"Install failed: {exc.message}"
+            self.gui.error(exc.message, exc.details)
+        self.update_buttons()
 
     def on_show_3d(self) -> None:
         if self.result_node is not None:
@@ -308,6 +348,8 @@ class CascadeSegController:
         """Module panel closed/reloaded: do not leave a process running."""
         if self.run is not None:
             self.cancel()
+        self.installing.cancel()
+        self.devices.cancel()
         self.logic.shutdown_worker()
         self.training.cleanup()
         self.set_parameter_node(None)
@@ -348,29 +390,20 @@ class SlicerGui:
 
         return qt.QInputDialog.getText(self.parent, title, label, qt.QLineEdit.Normal, default) or ""
 
-    def busy(self, message: str | None) -> None:
-        import qt
-        import slicer
-
-        if message:
-            qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)
-            slicer.util.showStatusMessage(message)
-            slicer.app.processEvents()
-        else:
-            qt.QApplication.restoreOverrideCursor()
-            slicer.util.showStatusMessage("")
-
     def ensure_dependencies(self) -> bool:
         import slicer
 
-        from .dependencies import install_missing, missing_packages
+        from .dependencies import install_missing, missing_packages, requirements_message
 
         missing = missing_packages()
         if not missing:
             return True
+        if "CascadeSegLib" in missing:
+            self.error(requirements_message(missing))
+            return False
         if not slicer.util.confirmOkCancelDisplay(
-                "CascadeSeg needs these Python packages: " + ", ".join(missing) +
-                ".\nInstall them now? (Slicer may need a restart afterwards)", windowTitle="CascadeSeg"):
+                requirements_message(missing) + ".\nInstall them now? (Slicer may need a restart afterwards)",
+                windowTitle="CascadeSeg"):
             return False
         torch_logic = None
         if "torch" in missing:
@@ -387,7 +420,10 @@ class SlicerGui:
         except Exception as exc:  # noqa: BLE001
             self.error(f"Installing {', '.join(missing)} failed: {exc}", repr(exc))
             return False
-        return not missing_packages()
+        still = missing_packages()
+        if still:
+            self.error(requirements_message(still) + " (restart Slicer if it was just installed)")
+        return not still
 
     def show_result(self, seg_node: Any, volume_node: Any) -> None:
         import slicer

@@ -37,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     q.add_argument("--overwrite", action="store_true",
                    help="replace an installed model of the same name and version")
     q.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    q.add_argument("--progress-json", action="store_true",
+                   help="one JSON event per line on stdout: download progress, then done (the Slicer module)")
     q.set_defaults(func=cmd_install)
 
     q = sub.add_parser("verify", help="check a model's weight files against model.json")
@@ -87,6 +89,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_install(args: argparse.Namespace) -> int:
+    if getattr(args, "progress_json", False):
+        return install_json(args)
     from tqdm import tqdm
 
     from ..packaging.catalog import read_model_json
@@ -117,6 +121,31 @@ def cmd_install(args: argparse.Namespace) -> int:
               "nothing to install")
     else:
         print(f"installed {meta.get('name')} {meta.get('version')} in {path}")
+    return 0
+
+
+def install_json(args: argparse.Namespace) -> int:
+    """`models install --progress-json`: progress events while downloading, then one `done` event."""
+    import time
+
+    from ..packaging.catalog import read_model_json
+    from ..packaging.download import install_model
+    from ..progress import JsonProgress
+
+    events = JsonProgress()
+    last = [-1.0, 0.0]  # fraction and time of the last event: at most one per percent or half second
+
+    def progress(done: int, total: int | None) -> None:
+        fraction, now = (min(done / total, 1.0) if total else 0.0), time.monotonic()
+        if fraction - last[0] >= 0.01 or now - last[1] >= 0.5:
+            last[:] = [fraction, now]
+            size = f"{done / 1e6:.1f}" + (f" of {total / 1e6:.1f}" if total else "") + " MB"
+            events("download", fraction, size)
+
+    path = install_model(args.source, models_dir=args.models_dir, sha256=args.sha256,
+                         progress=progress, overwrite=args.overwrite, timeout=args.timeout)
+    meta = read_model_json(path)
+    events.emit("done", model=meta.get("name"), version=meta.get("version"), path=str(path))
     return 0
 
 
