@@ -82,7 +82,7 @@ def run_finetune(args) -> int:
 
 
 def run_export(args) -> int:
-    from ..train.trainer import export_run
+    from ..train.run_folder import export_run
 
     out = export_run(args.run_dir, args.output)
     print(f"model written to {out}")

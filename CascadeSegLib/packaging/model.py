@@ -68,7 +68,7 @@ class ModelPackage:
     format_version: int = FORMAT_VERSION
     root: Path | None = None
     largest_component: list[str] = field(default_factory=list)  # organs kept as one connected piece
-    architecture: str = "3d-cascade"             # or "2d-three-view" (baseline2d.py)
+    architecture: str = "3d-cascade"             # or "2d-three-view" (baselines/zhou2016/three_view.py)
     architecture_options: dict[str, Any] = field(default_factory=dict)
 
     # --- (de)serialisation -------------------------------------------------------------------

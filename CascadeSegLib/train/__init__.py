@@ -6,6 +6,7 @@
 """
 
 from .config import RunConfig, StageConfig, TrainSettings, load_config, parse_config
-from .trainer import export_run, train_run
+from .run_folder import export_run
+from .trainer import train_run
 
 __all__ = ["RunConfig", "StageConfig", "TrainSettings", "load_config", "parse_config", "train_run", "export_run"]

@@ -168,10 +168,11 @@ def _value_table(parent: LabelSet, ours: LabelSet) -> np.ndarray:
 def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: ImproveOptions,
                   steps: _Steps) -> list[dict[str, torch.Tensor]]:
     """Fine-tune every stage of `pkg` on `items`; returns one state_dict per stage."""
+    from .candidates import candidates_c2
     from .dataset import Case, build_cached_case
     from .ddp import DistContext
     from .finetune import transfer_state
-    from .trainer import candidates_c2, resolve_train_device
+    from .trainer import resolve_train_device
 
     dev = resolve_train_device(opts.device)
     if opts.threads > 0:

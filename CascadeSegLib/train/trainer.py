@@ -16,7 +16,6 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,15 @@ from ..errors import UserError
 from ..evaluation.metrics import dice
 from ..inference import preprocess
 from ..labels import LabelSet
-from ..network import UNet3D, build_network
+from ..network import build_network
 from . import checkpoint as ckpt
 from .augment import augment_intensity, extract, random_spatial
+from .candidates import c2_masks, load_best, pad_value_for, predict_labels
 from .config import RunConfig, StageConfig, stage_to_json
 from .dataset import CachedCase, build_cached_case, discover_cases, label_lookup, read_split
 from .ddp import DistContext, broadcast_buffers, init_distributed
 from .losses import image_class_weights, make_loss
+from .run_folder import export_run, prepare_run_dir
 from .sampling import CandidateSampler
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,6 @@ def lr_factor(it: int, total: int, schedule: str, warmup: int) -> float:
     return 1.0
 
 
-def pad_value_for(cfg: RunConfig) -> float:
-    return float(preprocess.normalize(torch.tensor(-1024.0), cfg.window, cfg.normalization))
-
-
 def value_range(cfg: RunConfig) -> tuple[float, float]:
     lo = float(preprocess.normalize(torch.tensor(cfg.window[0]), cfg.window, cfg.normalization))
     hi = float(preprocess.normalize(torch.tensor(cfg.window[1]), cfg.window, cfg.normalization))
@@ -84,35 +81,6 @@ def dice_per_label(pred: torch.Tensor, truth: torch.Tensor, labels: LabelSet) ->
         d = dice(pred == lab.value, truth == lab.value)
         out[lab.name] = float("nan") if d is None else d
     return out
-
-
-def predict_labels(net: UNet3D, case: CachedCase, mask: np.ndarray, tile_zyx: Sequence[int], num_classes: int,
-                   pad_value: float, device: torch.device) -> torch.Tensor:
-    """Arg-max labels of `net` over the tiles touching `mask` (zero outside it), on the case's grid."""
-    from ..inference.tiling import predict_volume
-
-    volume = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None].to(device)
-    m = torch.from_numpy(np.array(mask, dtype=bool)).to(device)
-    was_training = net.training
-    net.eval()
-    try:
-        probs = predict_volume(net, volume, m, tile_zyx, num_classes, pad_value=pad_value,
-                               batch_size=2 if device.type == "cuda" else 1)
-    finally:
-        net.train(was_training)
-    return (probs.argmax(0) * m).to(torch.uint8).cpu()
-
-
-def candidates_c2(stage1: UNet3D, case1: CachedCase, case2: CachedCase, cfg: RunConfig, stage1_cfg: StageConfig,
-                  device: torch.device) -> np.ndarray:
-    """C2 of one case: stage-1 foreground -> stage-2 grid (nearest) -> dilated by the radius."""
-    import SimpleITK as sitk
-
-    lab1 = predict_labels(stage1, case1, case1.c1, stage1_cfg.tile_zyx, len(cfg.labels) + 1, pad_value_for(cfg),
-                          device)
-    fg = preprocess.resample(case1.to_image(lab1.numpy()), case2.reference(), "nearest", 0, sitk.sitkUInt8)
-    fg_t = torch.from_numpy(sitk.GetArrayFromImage(fg) > 0)
-    return preprocess.dilate(fg_t, cfg.dilation_radius).numpy()
 
 
 # --------------------------------------------------------------------------- one stage
@@ -384,43 +352,7 @@ class StageTrainer:
                                  self.folder / "best.pt")
 
 
-# --------------------------------------------------------------------------- the run
-
-
-def _dump_config(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"config": cfg.raw, "base_dir": str(cfg.base_dir.resolve()), **(extra or {})}
-
-
-def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None,
-                    overwrite: bool = False) -> None:
-    """Create the run folder, or check that an existing one belongs to the same config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "config.json"
-    new = _dump_config(cfg, extra)
-    if path.is_file() and not overwrite:
-        old = json.loads(path.read_text(encoding="utf-8"))
-        if old.get("config") != new["config"]:
-            raise UserError(f"{run_dir} holds a run of a different config; pass another --run-dir, or "
-                            "--overwrite to start over there")
-        return
-    if overwrite:
-        import shutil
-
-        for sub in [run_dir / s.name for s in cfg.stages] + [run_dir / "model"]:
-            shutil.rmtree(sub, ignore_errors=True)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    tmp.replace(path)
-
-
-def load_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    from .config import parse_config
-
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a training run folder (no config.json)")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return parse_config(data["config"], data.get("base_dir", ".")), data
+# --------------------------------------------------------------------------- the run (run_folder.py: config, export)
 
 
 def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, torch.Tensor] | None] | None = None,
@@ -477,8 +409,8 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
                 s1 = cfg.stages[0]
                 tr1, va1 = cached(s1, train_cases), cached(s1, val_cases)
                 if stage1_net is None:
-                    stage1_net = _load_best(run_dir / s1.name, s1, dev)
-                tr_masks, va_masks = _c2_masks(stage1_net, tr1, tr, va1, va, cfg, s1, folder / "c2", ctx, dev)
+                    stage1_net = load_best(run_dir / s1.name, s1, dev)
+                tr_masks, va_masks = c2_masks(stage1_net, tr1, tr, va1, va, cfg, s1, folder / "c2", ctx, dev)
                 if not any(m.any() for m in tr_masks):
                     raise UserError("stage 1 finds no organ in any training image, so stage 2 has nothing to train "
                                     "on; train stage 1 longer")
@@ -537,100 +469,3 @@ def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path,
         raise UserError(f"data.synthetic.share must be between 0 and 1, got {share}")
     weights = [(1.0 - share) / max(1, len(real))] * len(real) + [share / len(syn)] * len(syn)
     return list(real) + syn, weights
-
-
-def _load_best(folder: Path, stage: StageConfig, device: torch.device) -> UNet3D:
-    try:
-        state = ckpt.load_checkpoint(folder / "best.pt")
-    except ckpt.CheckpointError as exc:
-        raise UserError(f"stage {stage.name} has no usable best.pt in {folder} ({exc}); train it first") from None
-    net = build_network(stage.network)
-    net.load_state_dict(state["model"])
-    return net.to(device).eval()
-
-
-def _c2_masks(stage1: UNet3D, tr1, tr2, va1, va2, cfg: RunConfig, s1: StageConfig, folder: Path,
-              ctx: DistContext, dev: torch.device) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """C2 of every case from the trained stage 1, cached per stage-1 weights (rank 0 computes)."""
-    best = folder.parent.parent / s1.name / "best.pt"
-    digest = ckpt.sidecar(best).read_text(encoding="utf-8").split()[0][:12]
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def one(c1: CachedCase, c2: CachedCase) -> np.ndarray:
-        path = folder / f"{c2.name}-{digest}.npy"
-        if ctx.is_main and not path.is_file():
-            mask = candidates_c2(stage1, c1, c2, cfg, s1, dev)
-            tmp = folder / f".tmp-{c2.name}.npy"
-            np.save(tmp, mask)
-            tmp.replace(path)
-        return path  # type: ignore[return-value]
-
-    paths_tr = [one(a, b) for a, b in zip(tr1, tr2)]
-    paths_va = [one(a, b) for a, b in zip(va1, va2)]
-    ctx.barrier()
-    return [np.load(p) for p in paths_tr], [np.load(p) for p in paths_va]  # type: ignore[arg-type]
-
-
-# --------------------------------------------------------------------------- export
-
-
-def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
-    """Write the run's best weights as a model package folder (or .zip when `out` ends in .zip)."""
-    from ..packaging.model import ModelPackage, StageSpec
-
-    run_dir = Path(run_dir)
-    cfg, meta = load_run_config(run_dir)
-    states, specs, metrics = [], [], {}
-    for stage in cfg.stages:
-        folder = run_dir / stage.name
-        try:
-            best = ckpt.load_checkpoint(folder / "best.pt")
-        except ckpt.CheckpointError as exc:
-            raise UserError(f"{run_dir}: stage {stage.name} has no usable best.pt ({exc}); train it first") from None
-        states.append(best["model"])
-        specs.append(StageSpec(stage.name, stage.spacing, stage.tile, stage.network, f"{stage.name}.pt"))
-        done = folder / "done.json"
-        metrics[stage.name] = {"best_iteration": best.get("iteration"), "val_dice": best.get("val_dice", {}),
-                               **({"done": json.loads(done.read_text(encoding="utf-8"))} if done.is_file() else {})}
-    card = dict(cfg.model_card)
-    prov: dict[str, Any] = {"trained_on": card.pop("trained_on", None) or _training_split_names(cfg),
-                            "command": card.pop("command", None) or "cascadeseg train CONFIG",
-                            "training": {s.name: {"spacing": list(s.spacing), "patch": list(s.patch),
-                                                  **asdict(s.train), "augment": s.augment.to_json()}
-                                         for s in cfg.stages},
-                            "metrics": metrics}
-    if meta.get("finetuned_from"):
-        prov["finetuned_from"] = meta["finetuned_from"]
-    prov.update(card)
-    prov.update(provenance or {})
-    pkg = ModelPackage(name=cfg.name, version=cfg.version, labels=cfg.label_set(), stages=specs, window=cfg.window,
-                       normalization=cfg.normalization, body_threshold_hu=cfg.body_threshold_hu,
-                       dilation_radius=cfg.dilation_radius, description=cfg.description, license=cfg.license,
-                       provenance=prov,
-                       largest_component=list((cfg.raw.get("postprocess") or {}).get("largest_component", [])))
-    out = Path(out)
-    if out.suffix.lower() == ".zip":
-        import tempfile
-        import zipfile
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            pkg.save(tmp, states)
-            part = out.with_name(f".{out.name}.part")
-            with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
-                for p in sorted(Path(tmp).iterdir()):
-                    zf.write(p, p.name)
-            part.replace(out)
-        return out
-    pkg.save(out, states)
-    return out
-
-
-def _training_split_names(cfg: RunConfig) -> list[str]:
-    """Names of the cases the config trains on (its split's train list; validation cases are not)."""
-    try:
-        cases, _ = discover_cases(cfg.data, cfg.resolve)
-        train, _ = read_split(cfg.data, cfg.resolve, cases)
-    except UserError:   # data no longer where the config says: name what the config lists
-        return [str(c.get("name", c.get("image"))) for c in cfg.data.get("cases", [])]
-    return [c.name for c in train]

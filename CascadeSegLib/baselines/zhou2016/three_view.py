@@ -18,7 +18,7 @@ Axes: volumes are (z, y, x). The axial view slices along z (planes (y, x)), the 
 along y (planes (z, x)), the sagittal view along x (planes (z, y)); in-plane axes keep their
 volume order, so a slice is never transposed.
 
-Training (config, patches, the loop) is in baseline2d_train.py.
+Training (config, patches, the loop) is in three_view_train.py.
 """
 
 from __future__ import annotations

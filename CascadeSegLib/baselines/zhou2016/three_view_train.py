@@ -1,4 +1,4 @@
-"""Training of the 2D three-view baseline (baseline2d.py): config, patches, the loop, the package.
+"""Training of the 2D three-view baseline (three_view.py): config, patches, the loop, the package.
 
 `cascadeseg baseline2d train CONFIG` runs `train_baseline(load_baseline_config(CONFIG), run_dir)`;
 the package it writes runs with `cascadeseg segment --model` like any other.
@@ -203,10 +203,11 @@ def train_baseline(cfg: Baseline2DConfig, run_dir: str | Path, out: str | Path |
 
 def _train_baseline(cfg: Baseline2DConfig, run_dir: Path, out: str | Path | None, device: str | None,
                     progress: bool, overwrite: bool, log: Callable[[str], None] | None) -> ModelPackage:
+    from ...train.candidates import pad_value_for
     from ...train.dataset import build_cached_case, discover_cases, label_lookup, read_split
     from ...train.losses import make_loss
     from ...train.sampling import CandidateSampler
-    from ...train.trainer import lr_factor, pad_value_for, resolve_train_device
+    from ...train.trainer import lr_factor, resolve_train_device
 
     if overwrite and run_dir.exists():
         import shutil
