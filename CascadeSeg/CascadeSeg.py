@@ -11,6 +11,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from CascadeSegSlicer.i18n import tr as _  # noqa: E402
+from CascadeSegSlicer.i18n import translate  # noqa: E402
 from CascadeSegSlicer.logic import CascadeSegLogic as _Logic  # noqa: E402
 from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
 
@@ -43,16 +45,16 @@ except ImportError:  # slicer-core only: minimal stand-ins so this file imports 
 class CascadeSeg(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        parent.title = "CascadeSeg"
-        parent.categories = ["Segmentation"]
+        parent.title = _("CascadeSeg")
+        parent.categories = [translate("qSlicerAbstractCoreModule", "Segmentation")]
         parent.dependencies = []
         parent.contributors = ["CascadeSeg developers"]
-        parent.helpText = ("Segments abdominal organs and vessels in a CT with a two-stage cascaded 3D U-Net "
-                           "(Roth et al. 2018). Pick the CT and a model, click Segment; the result is an "
-                           "editable segmentation with standard terminology. See the "
-                           "<a href='https://github.com/cascadeseg/CascadeSeg'>documentation</a>.")
-        parent.acknowledgementText = ("Method: Roth HR et al., An application of cascaded 3D fully convolutional "
-                                      "networks for medical image segmentation, CMIG 2018.")
+        parent.helpText = _("Segments abdominal organs and vessels in a CT with a two-stage cascaded 3D U-Net "
+                            "(Roth et al. 2018). Pick the CT and a model, click Segment; the result is an "
+                            "editable segmentation with standard terminology. See the "
+                            "<a href='https://github.com/cascadeseg/CascadeSeg'>documentation</a>.")
+        parent.acknowledgementText = _("Method: Roth HR et al., An application of cascaded 3D fully convolutional "
+                                       "networks for medical image segmentation, CMIG 2018.")
 
 
 class CascadeSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):

@@ -351,3 +351,89 @@ def test_module_requirements_match_pyproject():
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     assert sorted(project["dependencies"]) == sorted(REQUIRED.values())
+
+
+# ----------------------------------------------------------------------------- translatable strings
+TRANSLATED_SCRIPT = r'''
+import sys, types
+sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, sys.argv[2])
+import slicer
+contexts = set()
+i18n = types.ModuleType("slicer.i18n")
+def tr(text):  # what slicer.i18n.tr does: the context is the calling file
+    contexts.add(sys._getframe(1).f_globals["__name__"])
+    return "«" + text + "»"
+i18n.tr, i18n.translate = tr, lambda context, text: "«" + text + "»"
+sys.modules["slicer.i18n"] = slicer.i18n = i18n
+from test_slicer_logic import FakeGui, make_controller
+from CascadeSegSlicer.dependencies import requirements_message
+from CascadeSegSlicer.headless import make_scene
+from CascadeSegSlicer.logic import CascadeSegLogic, RunError
+class Gui(FakeGui):
+    def ask_text(self, title, label, default=""):
+        self.asked = (title, label)
+        return ""
+app = make_scene()
+gui = Gui()
+ui, ctl = make_controller(CascadeSegLogic(app.scene, use_worker=False), gui)
+assert ui.segmentButton.text == "«Segment»", ui.segmentButton.text
+assert ui.installModelButton.text == "«Install…»" and ui.deviceComboBox.items[0] == ("«Auto»", "auto")
+assert ui.modelInfoLabel.text.startswith("«10 labels: liver") and "{" not in ui.modelInfoLabel.text
+ui.installModelButton.clicked.emit()
+assert gui.asked == ("«Install a model»", "«Catalog name, URL or path of a model .zip:»"), gui.asked
+ctl.cancel()
+assert ui.statusLabel.text == "«Cancelled; the scene was not changed.»"
+assert requirements_message(["torch"], version_of=lambda d: None).startswith("«CascadeSeg needs «torch>=2.1 (not")
+try:
+    ctl.logic.start(None, ctl.parameters())
+except RunError as exc:
+    assert exc.message == "«select a CT volume as input»", exc.message
+assert {"CascadeSegSlicer.widget", "CascadeSegSlicer.models", "CascadeSegSlicer.dependencies",
+        "CascadeSegSlicer.logic"} <= contexts and "CascadeSegSlicer.i18n" not in contexts, contexts
+print("translated")
+'''
+
+
+def test_panel_strings_go_through_slicer_tr():
+    """With a slicer.i18n present, the panel shows translated strings, each in its own file's context."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", TRANSLATED_SCRIPT, str(REPO / "CascadeSeg"), str(REPO / "Testing")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "translated" in done.stdout, done.stderr
+
+
+def test_no_untranslated_literal_reaches_the_panel():
+    """Static check of the panel modules: no string literal or f-string is shown as a label or button
+    text, or passed to a message box, without `_()` (an f-string cannot be translated at all)."""
+    import ast
+
+    shown = {"error", "confirm", "ask_text", "show_report"}
+    for name in ("widget", "training_widget", "models", "dependencies"):
+        tree = ast.parse((REPO / "CascadeSeg" / "CascadeSegSlicer" / f"{name}.py").read_text(encoding="utf-8"))
+
+        def literal(node) -> bool:
+            if isinstance(node, ast.IfExp):
+                return literal(node.body) or literal(node.orelse)
+            if isinstance(node, ast.BinOp):
+                return literal(node.left) or literal(node.right)
+            return isinstance(node, ast.JoinedStr) or (
+                isinstance(node, ast.Constant) and isinstance(node.value, str) and any(c.isalpha() for c in node.value))
+
+        bad = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Attribute) and t.attr == "text"
+                                                    for t in node.targets) and literal(node.value):
+                bad.append(node.lineno)
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in shown
+                    and node.args and literal(node.args[0])):
+                bad.append(node.lineno)
+            if isinstance(node, ast.Return) and isinstance(node.value, ast.JoinedStr) and any(
+                    isinstance(part, ast.Constant) and any(c.isalpha() for c in part.value)
+                    for part in node.value.values):  # a sentence built in an f-string and returned
+                bad.append(node.lineno)
+            if (isinstance(node, ast.arg) and node.arg == "_") or (
+                    isinstance(node, ast.Name) and node.id == "_" and isinstance(node.ctx, ast.Store)):
+                bad.append(node.lineno)  # `_` rebound: a later `_("...")` there would call something else
+        assert not bad, f"{name}.py shows untranslated text at lines {bad}"

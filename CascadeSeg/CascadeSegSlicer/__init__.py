@@ -6,7 +6,7 @@ the logic is tested headless with pytest.
 
 #: every submodule, each after the submodules it imports, so that reloading them in this order
 #: leaves no module holding a class of an older copy (the module panel's Reload)
-SUBMODULES = ("parameters", "process", "worker", "runs", "background", "dependencies", "models", "headless",
+SUBMODULES = ("i18n", "parameters", "process", "worker", "runs", "background", "dependencies", "models", "headless",
               "logic", "parameter_node", "training", "training_widget", "widget")
 
 

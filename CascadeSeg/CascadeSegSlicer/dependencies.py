@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from .i18n import tr as _
+
 #: import name -> pip requirement: the one list the module checks and installs (pyproject.toml's
 #: [project] dependencies say the same; a test keeps the two equal)
 REQUIRED = {"torch": "torch>=2.1", "SimpleITK": "SimpleITK>=2.3", "scipy": "scipy>=1.10",
@@ -34,7 +36,7 @@ def version_tuple(text: str) -> tuple[int, ...]:
 
 def split_requirement(requirement: str) -> tuple[str, str]:
     """'torch>=2.1' -> ('torch', '2.1'): a distribution name and its minimum version (or '')."""
-    name, _, minimum = requirement.partition(">=")
+    name, _sep, minimum = requirement.partition(">=")
     return name.strip(), minimum.strip()
 
 
@@ -71,12 +73,14 @@ def requirements_message(missing: list[str], required: dict[str, str] = REQUIRED
                          version_of: Callable[[str], str | None] = installed_version) -> str:
     """One line naming what to install: 'CascadeSeg needs torch>=2.1 (1.13.1 is installed), ...'."""
     if "CascadeSegLib" in missing:
-        return "CascadeSeg's engine (CascadeSegLib) is missing: reinstall CascadeSeg from the Extensions Manager"
+        return _("CascadeSeg's engine (CascadeSegLib) is missing: reinstall CascadeSeg from the Extensions Manager")
     parts = []
     for name in missing:
         found = version_of(split_requirement(required[name])[0])
-        parts.append(f"{required[name]} ({found} is installed)" if found else f"{required[name]} (not installed)")
-    return "CascadeSeg needs " + ", ".join(parts) + ": install " + " ".join(required[n] for n in missing)
+        parts.append(_("{requirement} ({version} is installed)").format(requirement=required[name], version=found)
+                     if found else _("{requirement} (not installed)").format(requirement=required[name]))
+    return _("CascadeSeg needs {packages}: install {requirements}").format(
+        packages=", ".join(parts), requirements=" ".join(required[n] for n in missing))
 
 
 def install_missing(missing: list[str], pip_install: Callable[[str], Any],
@@ -90,7 +94,7 @@ def install_missing(missing: list[str], pip_install: Callable[[str], Any],
             raise RuntimeError("the CascadeSegLib library is missing from the extension; reinstall "
                                "CascadeSeg from the Extensions Manager")
         if progress:
-            progress(f"Installing {REQUIRED[name]} (this can take a few minutes)...")
+            progress(_("Installing {requirement} (this can take a few minutes)...").format(requirement=REQUIRED[name]))
         if name == "torch" and pytorch_logic is not None:
             pytorch_logic.installTorch(askConfirmation=False,
                                        torchVersionRequirement=">=" + split_requirement(REQUIRED[name])[1])
@@ -101,9 +105,9 @@ def install_missing(missing: list[str], pip_install: Callable[[str], Any],
 def device_summary(found: dict[str, str | None]) -> str:
     """One line for the panel from `cascadeseg devices --json`: what 'auto' will use."""
     if not found.get("torch"):
-        return "torch is not installed yet: Segment offers to install it"
+        return _("torch is not installed yet: Segment offers to install it")
     if found.get("cuda"):
-        return f"auto uses the GPU: {found['cuda']}"
+        return _("auto uses the GPU: {name}").format(name=found["cuda"])
     if found.get("mps"):
-        return f"auto uses the {found['mps']}"
-    return "no GPU found: auto uses the CPU (a few minutes per CT)"
+        return _("auto uses the {name}").format(name=found["mps"])
+    return _("no GPU found: auto uses the CPU (a few minutes per CT)")

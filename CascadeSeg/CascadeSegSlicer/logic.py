@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .i18n import tr as _
 from .parameters import SegmentParameters
 from .process import SegmentProcess, python_executable
 from .runs import Progress, RunCancelled, RunError, SegmentRun, timed
@@ -94,7 +95,7 @@ class CascadeSegLogic:
             return None
         if self.worker is not None and self.worker.usable() and not self.worker.idle():
             return None  # busy with another run (a script running two at once): one-shot
-        for _ in range(2):  # a worker that died since the last run is replaced once
+        for _attempt in range(2):  # a worker that died since the last run is replaced once
             worker = self.prestart_worker()
             if worker is None:
                 return None
@@ -210,8 +211,8 @@ class CascadeSegLogic:
             run.raise_if_failed(rc, "segmentation cancelled")
             volume = self.scene.GetNodeByID(run.volume_id)
             if volume is None:
-                raise RunError("the input volume was removed from the scene while segmenting; "
-                               "load it again and rerun")
+                raise RunError(_("the input volume was removed from the scene while segmenting; "
+                                 "load it again and rerun"))
             output = self.scene.GetNodeByID(run.output_id) if run.output_id else None
             done = run.done_events[-1]
             self.timings.update({f"cli {k}": float(v) for k, v in (done.get("timings") or {}).items()})
@@ -347,15 +348,15 @@ class CascadeSegLogic:
 def check_input_volume(volume_node: Any) -> None:
     if (volume_node is None or not volume_node.IsA("vtkMRMLScalarVolumeNode")
             or volume_node.IsA("vtkMRMLLabelMapVolumeNode")):
-        raise RunError("select a CT volume as input")
+        raise RunError(_("select a CT volume as input"))
     image = volume_node.GetImageData()
     if image is None or min(image.GetDimensions()) < 1 or image.GetNumberOfPoints() < 8:
-        raise RunError(f"volume {volume_node.GetName()!r} has no image data; load the CT again")
+        raise RunError(_("volume '{name}' has no image data; load the CT again").format(name=volume_node.GetName()))
     if image.GetNumberOfScalarComponents() != 1:
-        raise RunError(f"volume {volume_node.GetName()!r} is not a single-channel CT")
+        raise RunError(_("volume '{name}' is not a single-channel CT").format(name=volume_node.GetName()))
     if volume_node.GetParentTransformNode() is not None:
-        raise RunError(f"volume {volume_node.GetName()!r} is under a transform; harden the transform "
-                       "(Data module, right-click) and run again")
+        raise RunError(_("volume '{name}' is under a transform; harden the transform (Data module, right-click) "
+                         "and run again").format(name=volume_node.GetName()))
 
 
 def write_volume(volume_node: Any, path: Path) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .i18n import tr as _
+
 
 @dataclass(frozen=True)
 class ModelChoice:
@@ -21,14 +23,15 @@ class ModelChoice:
         return self.source != "catalog"
 
     def title(self) -> str:
-        suffix = "" if self.installed else " (not installed)"
+        suffix = "" if self.installed else " " + _("(not installed)")
         return f"{self.name} {self.version}{suffix}"
 
     def info(self) -> str:
         """The info line under the model selector: labels, version, licence."""
-        labels = ", ".join(self.labels) if self.labels else "unknown labels"
-        lic = self.license or "licence not stated"
-        return f"{len(self.labels)} labels: {labels} | version {self.version} | {lic} | {self.source}"
+        labels = ", ".join(self.labels) if self.labels else _("unknown labels")
+        lic = self.license or _("licence not stated")
+        return _("{count} labels: {labels} | version {version} | {licence} | {source}").format(
+            count=len(self.labels), labels=labels, version=self.version, licence=lic, source=self.source)
 
 
 def list_models() -> list[ModelChoice]:

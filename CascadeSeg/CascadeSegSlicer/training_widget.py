@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .i18n import tr as _
 from .runs import RunCancelled, RunError, SegmentRun
 from .training import TrainingLogic, case_id_for
 
@@ -43,7 +44,7 @@ class TrainingPanel:
         ui.addCaseButton.enabled = not busy and usable and ui.inputVolumeSelector.currentNode() is not None \
             and self.segmentation_node() is not None
         ui.improveButton.enabled = usable and (not busy or self.kind == "improve")
-        ui.improveButton.text = "Cancel improving" if busy and self.kind == "improve" else "Improve model…"
+        ui.improveButton.text = _("Cancel improving") if busy and self.kind == "improve" else _("Improve model…")
         ui.reviewedLineEdit.enabled = not busy
         ui.trainingProgressBar.visible = busy and self.kind == "improve"
 
@@ -52,11 +53,12 @@ class TrainingPanel:
         model, volume = self.ctl.current_model(), self.ui.inputVolumeSelector.currentNode()
         seg = self.segmentation_node()
         if model is None or volume is None or seg is None:
-            self.ctl.gui.error("Select the CT, its corrected segmentation and the model that made it.")
+            self.ctl.gui.error(_("Select the CT, its corrected segmentation and the model that made it."))
             return
         case_id = case_id_for(volume)
         replace = self.logic.case_exists(model.name, case_id)
-        if replace and not self.ctl.gui.confirm(f"{model.name} already has a training case '{case_id}'. Replace it?"):
+        if replace and not self.ctl.gui.confirm(_("{model} already has a training case '{case}'. Replace it?").format(
+                model=model.name, case=case_id)):
             return
         reviewed = [n.strip() for n in str(self.ui.reviewedLineEdit.text or "").split(",") if n.strip()]
         try:
@@ -64,7 +66,7 @@ class TrainingPanel:
         except RunError as exc:
             self.ctl.gui.error(exc.message, exc.details)
             return
-        self.ui.trainingStatusLabel.text = f"Storing '{case_id}' for {model.name}..."
+        self.ui.trainingStatusLabel.text = _("Storing '{case}' for {model}...").format(case=case_id, model=model.name)
 
     def on_improve_clicked(self) -> None:
         if self.run is not None:
@@ -73,8 +75,9 @@ class TrainingPanel:
         model = self.ctl.current_model()
         if model is None:
             return
-        name = self.ctl.gui.ask_text("Improve model", f"Fine-tune {model.name} on its training cases.\n"
-                                     "Name of the improved model:", f"{model.name}-improved")
+        name = self.ctl.gui.ask_text(_("Improve model"), _("Fine-tune {model} on its training cases.\n"
+                                                           "Name of the improved model:").format(model=model.name),
+                                     f"{model.name}-improved")
         if not name:
             return
         device = self.ui.deviceComboBox.currentData or "auto"
@@ -84,7 +87,8 @@ class TrainingPanel:
             self.ctl.gui.error(exc.message, exc.details)
             return
         self.ui.trainingProgressBar.value = 0
-        self.ui.trainingStatusLabel.text = f"Improving {model.name} as {name.strip()}..."
+        self.ui.trainingStatusLabel.text = _("Improving {model} as {name}...").format(model=model.name,
+                                                                                       name=name.strip())
 
     def _begin(self, kind: str, run: SegmentRun) -> None:
         self.run, self.kind = run, kind
@@ -100,7 +104,8 @@ class TrainingPanel:
         p = run.poll()
         if self.kind == "improve":
             self.ui.trainingProgressBar.value = int(round(100 * p.fraction))
-            self.ui.trainingStatusLabel.text = f"{p.text() or 'Working'} ({run.elapsed_s:.0f} s)"
+            self.ui.trainingStatusLabel.text = _("{step} ({seconds} s)").format(step=p.text() or _("Working"),
+                                                                                seconds=f"{run.elapsed_s:.0f}")
         if run.is_running():
             return
         self.timer.stop()
@@ -108,9 +113,9 @@ class TrainingPanel:
         try:
             done = self.logic.finish(run)
         except RunCancelled:
-            self.ui.trainingStatusLabel.text = "Cancelled; no model or training case was changed."
+            self.ui.trainingStatusLabel.text = _("Cancelled; no model or training case was changed.")
         except RunError as exc:
-            self.ui.trainingStatusLabel.text = f"Failed: {exc.message}"
+            self.ui.trainingStatusLabel.text = _("Failed: {error}").format(error=exc.message)
             self.ctl.gui.error(exc.message, exc.details)
         else:
             self._done(kind, done)
@@ -119,21 +124,22 @@ class TrainingPanel:
 
     def _done(self, kind: str, done: dict[str, Any]) -> None:
         if kind == "add":
-            self.ui.trainingStatusLabel.text = (f"Stored training case '{done.get('id')}' for {done.get('model')} "
-                                                f"(reviewed: {', '.join(done.get('reviewed', []))}).")
+            stored = _("Stored training case '{case}' for {model} (reviewed: {organs}).")
+            self.ui.trainingStatusLabel.text = stored.format(case=done.get("id"), model=done.get("model"),
+                                                             organs=", ".join(done.get("reviewed", [])))
             return
         self.ctl.refresh_models(select=str(done.get("model")))
-        self.ui.trainingStatusLabel.text = str(done.get("summary", "Done."))
+        self.ui.trainingStatusLabel.text = str(done.get("summary", _("Done.")))
         reports = [Path(p) for p in done.get("report", []) if str(p).endswith(".md")]
         text = reports[0].read_text(encoding="utf-8") if reports and reports[0].is_file() else ""
-        self.ctl.gui.show_report(f"Model {done.get('model')} is installed and selected.", text)
+        self.ctl.gui.show_report(_("Model {model} is installed and selected.").format(model=done.get("model")), text)
 
     def cancel(self) -> None:
         run, self.run, self.kind = self.run, None, ""
         self.timer.stop()
         if run is not None:
             self.logic.cancel(run)
-        self.ui.trainingStatusLabel.text = "Cancelled; no model or training case was changed."
+        self.ui.trainingStatusLabel.text = _("Cancelled; no model or training case was changed.")
         self.ctl.update_buttons()
 
     def cleanup(self) -> None:

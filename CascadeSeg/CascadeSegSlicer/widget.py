@@ -12,11 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from .background import RunPoller
+from .i18n import tr as _
 from .logic import CascadeSegLogic
 from .parameter_node import parameter_node, segment_parameters
 from .parameters import SegmentParameters
 from .runs import RunCancelled, RunError, SegmentRun
 
+#: device key -> label (translated when the combo box is filled)
 DEVICE_ITEMS = [("auto", "Auto"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU")]
 POLL_MS = 200
 #: check box -> parameter node field (parameter_node.CascadeSegParameters)
@@ -63,7 +65,7 @@ class CascadeSegController:
             getattr(ui, name).toggled.connect(self.on_gui_changed)
         self.training.setup()
         for key, text in DEVICE_ITEMS:
-            ui.deviceComboBox.addItem(text, key)
+            ui.deviceComboBox.addItem(_(text), key)
         self.refresh_models()
         if self.logic.scene is not None:
             self.set_parameter_node(parameter_node(self.logic.scene))
@@ -97,7 +99,7 @@ class CascadeSegController:
                     break
         self.set_parameter_node(values)
 
-    def update_gui_from_parameters(self, *_: Any) -> None:
+    def update_gui_from_parameters(self, *_args: Any) -> None:
         """The parameter node changed (scene loaded, a script, another view): show its values."""
         values, ui = self.values, self.ui
         if values is None or self._syncing:
@@ -108,7 +110,7 @@ class CascadeSegController:
             ui.outputSegmentationSelector.setCurrentNode(values.outputSegmentation)
             for name, field in CHECK_BOXES.items():
                 getattr(ui, name).checked = bool(getattr(values, field))
-            devices = [key for key, _ in DEVICE_ITEMS]
+            devices = [key for key, _label in DEVICE_ITEMS]
             if values.device in devices:
                 ui.deviceComboBox.setCurrentIndex(devices.index(values.device))
             names = [m.name for m in self.models]
@@ -120,7 +122,7 @@ class CascadeSegController:
             values.model = self.current_model().name  # a model no longer offered: what the panel shows
         self.on_model_changed()
 
-    def on_gui_changed(self, *_: Any) -> None:
+    def on_gui_changed(self, *_args: Any) -> None:
         """The user changed a widget: store every value in the parameter node (one Modified event)."""
         values, ui = self.values, self.ui
         if values is not None and not self._syncing:
@@ -148,7 +150,7 @@ class CascadeSegController:
             self.models = list_models()
         except Exception as exc:  # noqa: BLE001 - the panel must open even with a broken catalog
             self.models = []
-            self.ui.modelInfoLabel.text = f"Could not list models: {exc}"
+            self.ui.modelInfoLabel.text = _("Could not list models: {error}").format(error=exc)
         combo = self.ui.modelComboBox
         combo.clear()
         for m in self.models:
@@ -169,12 +171,12 @@ class CascadeSegController:
         try:
             run = self.logic.start_device_detection()
         except (OSError, RunError) as exc:
-            label.text = f"Could not detect the devices: {exc}"
+            label.text = _("Could not detect the devices: {error}").format(error=exc)
             return
-        label.text = "Detecting devices..."
+        label.text = _("Detecting devices...")
 
         def failed(exc: RunError | None) -> None:
-            label.text = f"Could not detect the devices: {exc.message}" if exc else ""
+            label.text = _("Could not detect the devices: {error}").format(error=exc.message) if exc else ""
 
         self.devices.start(run, lambda done: setattr(label, "text", device_summary(done)), failed)
 
@@ -206,11 +208,11 @@ class CascadeSegController:
             create_new_segmentation=ui.outputSegmentationSelector.currentNode() is None,
         )
 
-    def update_buttons(self, *_: Any) -> None:
+    def update_buttons(self, *_args: Any) -> None:
         ui = self.ui
         running, installing = self.run is not None, self.installing.running
         model = self.current_model()
-        ui.segmentButton.text = "Cancel" if running else "Segment"
+        ui.segmentButton.text = _("Cancel") if running else _("Segment")
         ui.segmentButton.enabled = running or (ui.inputVolumeSelector.currentNode() is not None and not installing
                                                and model is not None and model.installed)
         for name in ("inputVolumeSelector", "modelComboBox", "deviceComboBox",
@@ -218,16 +220,16 @@ class CascadeSegController:
                      "keepCandidatesCheckBox", "refineCheckBox", "outputSegmentationSelector"):
             getattr(ui, name).enabled = not running and not installing
         ui.installModelButton.enabled = not running
-        ui.installModelButton.text = "Cancel install" if installing else "Install…"
+        ui.installModelButton.text = _("Cancel install") if installing else _("Install…")
         ui.progressBar.visible = running or installing
         has_result = self.result_node is not None and self.result_node.GetScene() is not None
         ui.show3DButton.enabled = has_result and not running
         ui.editButton.enabled = has_result and not running
         self.training.update_buttons()
 
-    def on_model_changed(self, *_: Any) -> None:
+    def on_model_changed(self, *_args: Any) -> None:
         model = self.current_model()
-        self.ui.modelInfoLabel.text = model.info() if model else "No model installed: use Install..."
+        self.ui.modelInfoLabel.text = model.info() if model else _("No model installed: use Install…")
         if model is not None and self.values is not None and not self._syncing and self.values.model != model.name:
             self.values.model = model.name
         self.update_buttons()
@@ -244,8 +246,8 @@ class CascadeSegController:
         volume = self.ui.inputVolumeSelector.currentNode()
         output = self.ui.outputSegmentationSelector.currentNode()
         if output is not None and output.GetSegmentation().GetNumberOfSegments() > 0:
-            if not self.gui.confirm(f"Replace the {output.GetSegmentation().GetNumberOfSegments()} "
-                                    f"segments of '{output.GetName()}' with the new result?"):
+            if not self.gui.confirm(_("Replace the {count} segments of '{name}' with the new result?").format(
+                    count=output.GetSegmentation().GetNumberOfSegments(), name=output.GetName())):
                 return
         params = self.parameters()
         try:
@@ -254,7 +256,8 @@ class CascadeSegController:
             self.gui.error(exc.message, exc.details)
             return
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = f"Starting {params.model} on {volume.GetName()}..."
+        self.ui.statusLabel.text = _("Starting {model} on {volume}...").format(model=params.model,
+                                                                               volume=volume.GetName())
         self.timer.start(POLL_MS)
         self.update_buttons()
 
@@ -263,10 +266,7 @@ class CascadeSegController:
         if run is None:
             self.timer.stop()
             return
-        p = run.poll()
-        self.ui.progressBar.value = int(round(100 * p.fraction))
-        self.ui.progressBar.format = f"{p.text() or 'working'}  %p%"
-        self.ui.statusLabel.text = f"{p.text() or 'Working'} ({run.elapsed_s:.0f} s)"
+        self._show_progress(run, run.poll())
         if run.is_running():
             return
         self.timer.stop()
@@ -274,9 +274,9 @@ class CascadeSegController:
         try:
             node = self.logic.finish(run)
         except RunCancelled:
-            self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+            self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
         except RunError as exc:
-            self.ui.statusLabel.text = f"Failed: {exc.message}"
+            self.ui.statusLabel.text = _("Failed: {error}").format(error=exc.message)
             self.gui.error(exc.message, exc.details)
         else:
             self.result_node = node
@@ -293,7 +293,7 @@ class CascadeSegController:
         self.timer.stop()
         if run is not None:
             self.logic.cancel(run)
-        self.ui.statusLabel.text = "Cancelled; the scene was not changed."
+        self.ui.statusLabel.text = _("Cancelled; the scene was not changed.")
         self.update_buttons()
 
     # ------------------------------------------------------------------ other buttons
@@ -305,7 +305,7 @@ class CascadeSegController:
             return
         model = self.current_model()
         default = model.name if model is not None and not model.installed else ""
-        source = (self.gui.ask_text("Install a model", "Catalog name, URL or path of a model .zip:", default)
+        source = (self.gui.ask_text(_("Install a model"), _("Catalog name, URL or path of a model .zip:"), default)
                   or "").strip()
         if not source:
             return
@@ -315,24 +315,26 @@ class CascadeSegController:
             self.gui.error(str(exc), repr(exc))
             return
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = f"Installing {source}..."
+        self.ui.statusLabel.text = _("Installing {source}...").format(source=source)
         self.installing.start(run, self._installed, self._install_failed, self._show_progress)
         self.update_buttons()
 
     def _show_progress(self, run: SegmentRun, p: Any) -> None:
         self.ui.progressBar.value = int(round(100 * p.fraction))
-        self.ui.progressBar.format = f"{p.text() or 'working'}  %p%"
-        self.ui.statusLabel.text = f"{p.text() or 'Working'} ({run.elapsed_s:.0f} s)"
+        self.ui.progressBar.format = (p.text() or _("working")) + "  %p%"
+        self.ui.statusLabel.text = _("{step} ({seconds} s)").format(step=p.text() or _("Working"),
+                                                                    seconds=f"{run.elapsed_s:.0f}")
 
     def _installed(self, done: dict[str, Any]) -> None:
-        self.ui.statusLabel.text = f"Installed {done.get('model')} {done.get('version')}."
+        self.ui.statusLabel.text = _("Installed {model} {version}.").format(model=done.get("model"),
+                                                                            version=done.get("version"))
         self.refresh_models(select=str(done.get("model")))
 
     def _install_failed(self, exc: RunError | None) -> None:
         if exc is None:
-            self.ui.statusLabel.text = "Install cancelled; no model was changed."
+            self.ui.statusLabel.text = _("Install cancelled; no model was changed.")
         else:
-            self.ui.statusLabel.text = f"Install failed: {exc.message}"
+            self.ui.statusLabel.text = _("Install failed: {error}").format(error=exc.message)
             self.gui.error(exc.message, exc.details)
         self.update_buttons()
 
@@ -358,10 +360,11 @@ class CascadeSegController:
 def timing_text(run: SegmentRun) -> str:
     done = run.done_events[-1] if run.done_events else {}
     timings = done.get("timings") or {}
-    parts = [f"{k} {float(v):.1f} s" for k, v in timings.items()
+    parts = [_("{step} {seconds} s").format(step=k, seconds=f"{float(v):.1f}") for k, v in timings.items()
              if isinstance(v, (int, float)) and k != "total"]
     total = timings.get("total", run.elapsed_s)
-    return f"Done in {float(total):.1f} s" + (f" ({', '.join(parts)})" if parts else "")
+    done_in = _("Done in {seconds} s").format(seconds=f"{float(total):.1f}")
+    return done_in + (" (" + ", ".join(parts) + ")" if parts else "")
 
 
 class SlicerGui:
@@ -402,7 +405,7 @@ class SlicerGui:
             self.error(requirements_message(missing))
             return False
         if not slicer.util.confirmOkCancelDisplay(
-                requirements_message(missing) + ".\nInstall them now? (Slicer may need a restart afterwards)",
+                requirements_message(missing) + ".\n" + _("Install them now? (Slicer may need a restart afterwards)"),
                 windowTitle="CascadeSeg"):
             return False
         torch_logic = None
@@ -418,11 +421,12 @@ class SlicerGui:
                 install_missing(missing, slicer.util.pip_install, torch_logic,
                                 progress=lambda m: (slicer.util.showStatusMessage(m), slicer.app.processEvents()))
         except Exception as exc:  # noqa: BLE001
-            self.error(f"Installing {', '.join(missing)} failed: {exc}", repr(exc))
+            self.error(_("Installing {packages} failed: {error}").format(packages=", ".join(missing), error=exc),
+                       repr(exc))
             return False
         still = missing_packages()
         if still:
-            self.error(requirements_message(still) + " (restart Slicer if it was just installed)")
+            self.error(requirements_message(still) + " " + _("(restart Slicer if it was just installed)"))
         return not still
 
     def show_result(self, seg_node: Any, volume_node: Any) -> None:
