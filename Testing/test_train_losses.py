@@ -99,3 +99,22 @@ def test_image_class_balance_penalises_false_positives_in_a_background_only_sub_
     expected = lam[0, 0].item() * -np.log(p0).sum() / 5
     assert float(weighted_cross_entropy(logits, target, weight, lam)) == pytest.approx(expected, rel=1e-5)
     assert float(make_loss("wce+dice")(logits, target, weight, lam)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_image_class_balance_teaches_background_on_an_organ_free_image():
+    """The paper's lambda_0 = 1 - |Y_0|/|Y| is 0 on an image without organs (TotalSegmentator
+    s0003 in the abdomen-ct recipe): its sub-volumes would cost nothing, false positives included.
+    Such an image takes the mean weights of the images with organs."""
+    counts = torch.tensor([[90, 8, 2], [70, 20, 10], [50, 0, 0], [0, 0, 0]])
+    lam = image_class_weights(counts)
+    mean = (torch.tensor([0.1, 0.92, 0.98]) + torch.tensor([0.3, 0.8, 0.9])) / 2 / 2
+    assert lam[2].tolist() == pytest.approx(mean.tolist())
+    assert lam[3].tolist() == [0.0, 0.0, 0.0]                      # no voxel in C: nothing to weigh
+    target = torch.zeros((1, 1, 1, 5), dtype=torch.long)
+    weight = torch.ones_like(target, dtype=torch.bool)
+    logits = torch.tensor(LOGITS, dtype=torch.float32).reshape(1, 3, 1, 1, 5)
+    loss = float(weighted_cross_entropy(logits, target, weight, lam[2:3]))
+    assert loss == pytest.approx(lam[2, 0].item() * -np.log(_softmax()[0]).sum() / 5, rel=1e-5)
+    assert loss > 0
+    alone = image_class_weights(torch.tensor([[50, 0, 0]]))
+    assert alone[0].tolist() == pytest.approx([0.5, 0.5, 0.5])

@@ -30,12 +30,21 @@ def image_class_weights(counts: torch.Tensor) -> torch.Tensor:
 
     Computed per sub-volume instead (`class_weights`), a sub-volume of background alone gives
     background the weight 0: nothing is then learned against false positives far from organs.
+    An image with no organ in C at all (a negative case) would weigh background 0 too and teach
+    nothing; it gets the mean lambda_k of the images that have organs instead (1/(K-1) for every
+    class if none has), so a voxel there costs what a background voxel costs elsewhere.
     """
     counts = counts.float()
     k = counts.shape[1]
     n_c = counts.sum(1, keepdim=True)
     lam = (1.0 - counts / n_c.clamp_min(1.0)) / max(1, k - 1)
-    return torch.where(n_c > 0, lam, torch.zeros_like(lam))
+    lam = torch.where(n_c > 0, lam, torch.zeros_like(lam))
+    negative = (n_c[:, 0] > 0) & (counts[:, 1:].sum(1) == 0)
+    with_organs = (n_c[:, 0] > 0) & ~negative
+    if bool(negative.any()):
+        fill = lam[with_organs].mean(0) if bool(with_organs.any()) else torch.full((k,), 1.0 / max(1, k - 1))
+        lam[negative] = fill
+    return lam
 
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
