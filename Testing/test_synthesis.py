@@ -187,6 +187,11 @@ def test_leave_one_out_folds_never_see_the_test_patient():
                 assert case["name"] not in syn["atlases"] and len(syn["atlases"]) == len(raw["data"]["cases"]) - 1
                 assert set(syn["table"]["measure"]) <= loo.NATIVE
             assert cfg["data"]["split"]["val"] == []
+    # the recipe fine-tunes the demo, which was trained on the sample CT: that fold cannot be held out
+    assert loo._init_model(raw, "s0009") == str((REPO / "Resources" / "Models" / "abdomen-ct-demo").resolve())
+    with pytest.raises(SystemExit, match="trained on abdomen_ct_3mm"):
+        loo._init_model(raw, "abdomen_ct_3mm")
+    assert "s0003" not in loo._folds(raw, None)             # organ-free: trained on, never scored
 
 
 def test_cli_writes_ct_labels_and_info_and_refuses_unknown_values(tmp_path):

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 MAIN = REPO / "configs" / "abdomen-ct.json"
 VARIANTS = ("both", "real", "synthetic")
 NATIVE = {"abdomen_ct_3mm", "s0009"}       # non-contrast CTs: the ones an intensity table may be measured on
+NEGATIVE = {"s0003"}                       # organ-free CTs: training cases, never a fold (nothing to score)
 
 
 def _abs(path: str) -> str:
@@ -39,6 +40,8 @@ def fold_config(raw: dict, test: str, variant: str, threads: int) -> dict:
     cfg = copy.deepcopy(raw)
     data = cfg["data"]
     cases = [dict(c, image=_abs(c["image"]), label=_abs(c["label"])) for c in data["cases"]]
+    if cfg.get("finetune", {}).get("model"):
+        cfg["finetune"] = dict(cfg["finetune"], model=_abs(cfg["finetune"]["model"]))
     held = next(c for c in cases if c["name"] == test)
     train = [c for c in cases if c["name"] != test]
     syn = dict(data["synthetic"])
@@ -62,8 +65,20 @@ def fold_config(raw: dict, test: str, variant: str, threads: int) -> dict:
 
 
 def _folds(raw: dict, wanted: str | None) -> list[str]:
-    names = [c["name"] for c in raw["data"]["cases"]]
+    names = [c["name"] for c in raw["data"]["cases"] if c["name"] not in NEGATIVE]
     return [n for n in names if not wanted or n in wanted.split(",")]
+
+
+def _init_model(raw: dict, test: str) -> str | None:
+    """The model package the recipe fine-tunes from (config key finetune.model), or None to train from
+    scratch; a fold whose test patient that model was trained on cannot be measured this way."""
+    ft = raw.get("finetune") or {}
+    if not ft.get("model"):
+        return None
+    if test in ft.get("trained_on", []):
+        raise SystemExit(f"fold {test}: the recipe starts from {ft['model']}, which was trained on {test}; "
+                         "that fold cannot be held out (leave it out of --folds)")
+    return _abs(ft["model"])
 
 
 def _run(cmd: list[str], log: Path) -> int:
@@ -82,7 +97,9 @@ def train(args: argparse.Namespace) -> int:
             run_dir.mkdir(parents=True, exist_ok=True)
             cfg_path = run_dir / "fold_config.json"
             cfg_path.write_text(json.dumps(fold_config(raw, test, variant, args.threads), indent=1), encoding="utf-8")
-            jobs.append([sys.executable, "-m", "CascadeSegLib", "train", str(cfg_path),
+            init = _init_model(raw, test)
+            start = ["finetune", init] if init else ["train"]
+            jobs.append([sys.executable, "-m", "CascadeSegLib", *start, str(cfg_path), "--no-progress",
                          "--run-dir", str(run_dir / "run")])
 
     def one(cmd: list[str]) -> int:
