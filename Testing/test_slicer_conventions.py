@@ -277,11 +277,11 @@ def test_model_install_runs_in_a_child_process_with_progress(zip_server, tmp_pat
     ui.installModelButton.clicked.emit()
     assert ctl.installing.running and ui.installModelButton.text == "Cancel install"
     assert not ui.segmentButton.enabled and ui.progressBar.visible
-    seen = []
-    ctl.installing._on_progress = lambda run, p: (seen.append((p.stage, p.fraction)), ctl._show_progress(run, p))
+    run = ctl.installing.run
     drive_poller(ctl.installing)
     assert not gui.errors, gui.errors
-    assert ("download", 1.0) in seen
+    assert (run.progress.stage, run.progress.fraction) == ("download", 1.0)  # the child's last progress event
+    assert ui.progressBar.value == 100 and "MB" in ui.progressBar.format
     assert ui.statusLabel.text == "Installed tiny-organs 1.0.0."
     assert ctl.current_model().name == "tiny-organs" and ctl.values.model == "tiny-organs"
     assert [m.name for m in installed_models() if m.source == "installed"] == ["tiny-organs"]
