@@ -144,6 +144,35 @@ def test_import_gives_named_coloured_coded_segments_on_input_geometry(app, sampl
     assert ref.GetDimensions() == volume.GetImageData().GetDimensions()
     disp = seg_node.GetDisplayNode()
     assert disp.GetVisibility3D() and disp.GetPreferredDisplayRepresentationName3D() == "Closed surface"
+    # surfaces by surface nets with its own smoothing, kept with the node for later rebuilds
+    assert seg.GetConversionParameter("Conversion method") == "1"
+    assert seg.GetConversionParameter("SurfaceNets smoothing") == "1"
+
+
+def test_surfaces_follow_the_labels_within_a_voxel(app, sample):
+    """Surface nets with their smoothing stay on the organs: every surface point of the liver
+    lies within 2 voxels of the label map's liver boundary (3 mm voxels), and the enclosed
+    volume matches the voxel count within 5 %."""
+    import vtk
+    from scipy import ndimage
+
+    volume, labels_path, arr = sample
+    seg_node = CascadeSegLogic(app.scene).import_result(volume, done_event(labels_path))
+    liver = next(lab for lab in LABELS if lab.name == "liver")
+    surface = seg_node.GetClosedSurfaceInternalRepresentation("liver")
+    mass = vtk.vtkMassProperties()
+    mass.SetInputData(surface)
+    voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
+    label_ml = float((arr == liver.value).sum()) * voxel_ml
+    assert mass.GetVolume() / 1000.0 == pytest.approx(label_ml, rel=0.05)
+    ras_to_ijk = np.linalg.inv(ijk_to_ras(volume))
+    pts = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
+    ijk = (ras_to_ijk @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
+    mask = arr == liver.value
+    boundary = mask & ~ndimage.binary_erosion(mask)
+    dist = ndimage.distance_transform_edt(~boundary)
+    zyx = np.clip(np.rint(ijk[:, ::-1]).astype(int), 0, np.array(mask.shape) - 1)
+    assert float(dist[tuple(zyx.T)].max()) <= 2.0
 
 
 def test_flipped_oblique_volume_keeps_geometry(app, tmp_path):

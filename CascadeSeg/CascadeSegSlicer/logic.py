@@ -300,6 +300,7 @@ class CascadeSegLogic:
             release_segmentation(segmentation)
         timings["segmentation node"] = time.perf_counter() - t_node
         with timed(timings, "closed surfaces"):
+            use_surface_nets(output_node.GetSegmentation())
             output_node.CreateClosedSurfaceRepresentation()
         display = output_node.GetDisplayNode()
         if display is not None:
@@ -380,6 +381,24 @@ def read_labelmap(path: str | Path) -> Any:
     if not storage.ReadData(node) or node.GetImageData() is None:
         raise RunError(f"could not read the result label map {path}")
     return slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(node)
+
+
+#: Slicer's surface nets conversion with its own smoothing (Slicer 5.4 and later; older versions
+#: keep flying edges): 40 % less CPU than flying edges + windowed-sinc smoothing + normals on a
+#: 512x512x400 result (4.6 -> 2.7 CPU-s, docs/slicer.md), and the surfaces look the same.
+SURFACE_NETS = {"Conversion method": "1", "SurfaceNets smoothing": "1"}
+
+
+def use_surface_nets(segmentation: Any) -> None:
+    """Build this segmentation's closed surfaces with surface nets where Slicer has them.
+
+    The parameters are stored with the segmentation, so surfaces rebuilt after an edit look the
+    same; the user can switch back in the Segmentations module.
+    """
+    known = segmentation.SerializeAllConversionParameters()
+    for name, value in SURFACE_NETS.items():
+        if f"{name}|" in known:
+            segmentation.SetConversionParameter(name, value)
 
 
 def release_segmentation(segmentation: Any) -> None:
