@@ -158,9 +158,10 @@ class CascadeSegTest(ScriptedLoadableModuleTest):
         from CascadeSegLib.errors import ModelError
         from CascadeSegLib.packaging.catalog import read_model_json
         from CascadeSegLib.packaging.model import find_model
+        from CascadeSegLib.resources import DEFAULT_MODEL
 
         try:
-            model_path = find_model("abdomen-ct-demo")
+            model_path = find_model(DEFAULT_MODEL)
         except ModelError as exc:
             raise unittest.SkipTest(f"bundled model not available: {exc}") from None
         label_names = [lab["name"] for lab in read_model_json(model_path)["labels"]]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: the model `segment` and the Slicer module use when none is named (one place; no torch import here)
+DEFAULT_MODEL = "abdomen-ct-demo"
+
 
 def resources_dir() -> Path:
     """The top-level `Resources/` folder (override with CASCADESEG_RESOURCES)."""

@@ -13,6 +13,8 @@ import typing
 
 import slicer
 
+from CascadeSegLib.resources import DEFAULT_MODEL
+
 from .parameters import DEVICES, SegmentParameters
 
 #: the module name: the parameter node's singleton tag and module name, as Slicer's own logic sets them
@@ -39,7 +41,7 @@ class CascadeSegParameters:
 
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
-    model: str = "abdomen-ct-demo"
+    model: str = DEFAULT_MODEL
     device: typing.Annotated[str, Choice(DEVICES)] = "auto"
     overlap: bool = False
     stage1Only: bool = False
@@ -123,7 +125,7 @@ def parameter_node(scene: typing.Any, module_name: str = MODULE_NAME) -> typing.
 def segment_parameters(values: typing.Any) -> SegmentParameters:
     """The `cascadeseg segment` options the parameter node holds."""
     return SegmentParameters(
-        model=values.model or "abdomen-ct-demo", device=values.device, overlap=values.overlap,
+        model=values.model or DEFAULT_MODEL, device=values.device, overlap=values.overlap,
         stage1_only=values.stage1Only, keep_probabilities=values.keepProbabilities,
         keep_candidates=values.keepCandidates, refine=values.refine,
         create_new_segmentation=values.outputSegmentation is None)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from CascadeSegLib.resources import DEFAULT_MODEL
+
 DEVICES = ("auto", "cuda", "cpu", "mps")
 
 
@@ -12,7 +14,7 @@ DEVICES = ("auto", "cuda", "cpu", "mps")
 class SegmentParameters:
     """Options of one `cascadeseg segment` run; the widget edits one of these."""
 
-    model: str = "abdomen-ct-demo"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     overlap: bool = False
     stage1_only: bool = False

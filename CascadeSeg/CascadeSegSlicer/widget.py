@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from CascadeSegLib.resources import DEFAULT_MODEL
+
 from .background import RunPoller
 from .i18n import tr as _
 from .logic import CascadeSegLogic
@@ -198,7 +200,7 @@ class CascadeSegController:
         ui = self.ui
         model = self.current_model()
         return SegmentParameters(
-            model=model.name if model else "abdomen-ct-demo",
+            model=model.name if model else DEFAULT_MODEL,
             device=ui.deviceComboBox.currentData or "auto",
             overlap=ui.overlapCheckBox.checked,
             stage1_only=ui.stage1OnlyCheckBox.checked,

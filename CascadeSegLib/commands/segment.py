@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import Cancelled, UserError
 from ..io import OUTPUT_SUFFIXES, same_file
+from ..resources import DEFAULT_MODEL
 
 IMAGE_SUFFIXES = OUTPUT_SUFFIXES   # the name this module used first
 DEVICE_HELP = ("where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU; "
@@ -26,7 +27,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output folder, or a file (.seg.nrrd, .nii.gz, .nrrd, .mha) for a single input")
     p.add_argument("--model", default=None, help="installed model name, model folder or .zip "
-                   "(default: the bundled abdomen-ct-demo)")
+                   f"(default: the bundled {DEFAULT_MODEL})")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help=DEVICE_HELP)
     p.add_argument("--overlap", nargs="?", type=float, const=0.37, default=0.0, metavar="FRACTION",
                    help="overlap stage-2 tiles and average (bare flag: 0.37, each voxel ~4 times)")

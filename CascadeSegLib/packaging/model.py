@@ -20,7 +20,7 @@ from ..atomic import atomic_path, atomic_write
 from ..errors import ModelError
 from ..labels import LabelSet
 from ..network import NetConfig, UNet3D, build_network
-from ..resources import bundled_models_dir, models_dir
+from ..resources import DEFAULT_MODEL, bundled_models_dir, models_dir
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -268,7 +268,6 @@ def _extract_cached(zip_path: Path) -> Path:
                          "CASCADESEG_MODELS to a writable folder") from None
 
 
-DEFAULT_MODEL = "abdomen-ct-demo"
 
 
 def find_model(name_or_path: str | Path | None = None) -> Path:
