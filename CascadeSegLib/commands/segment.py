@@ -1,4 +1,10 @@
-"""`cascadeseg segment`: segment one CT, a DICOM folder, or a folder of CTs (batch, sharded)."""
+"""`cascadeseg segment`: segment one CT, a DICOM folder, or a folder of CTs (batch, sharded).
+
+Read top to bottom: the flags; `SegmentJob`, what one run does (what to segment, where to write,
+which outputs, options), decided before any work; `run`, which skips finished cases, loads the
+model once and hands each case to a `CaseWriter`: check, read, segment, then write every output
+of the case together (`StagedOutputs`) or none of them.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,6 @@ from ..errors import Cancelled, UserError
 from ..io import OUTPUT_SUFFIXES, same_file
 from ..resources import DEFAULT_MODEL
 
-IMAGE_SUFFIXES = OUTPUT_SUFFIXES   # the name this module used first
 DEVICE_HELP = ("where the networks run: auto (default) takes a CUDA GPU, then Apple's MPS, else the CPU; "
                "cuda or mps fail with a one-line error when that device is missing")
 # A name ending like a file type (".png", ".nii.zip"), as opposed to a folder such as "out" or "run_2".
@@ -71,7 +77,7 @@ def parse_shard(text: str | None) -> tuple[int, int]:
 
 
 def _output_is_file(output: Path) -> bool:
-    return output.name.lower().endswith(IMAGE_SUFFIXES)
+    return output.name.lower().endswith(OUTPUT_SUFFIXES)
 
 
 def check_output_name(output: Path) -> None:
@@ -79,7 +85,92 @@ def check_output_name(output: Path) -> None:
     if _output_is_file(output) or output.is_dir() or not _LOOKS_LIKE_FILE.search(output.name):
         return
     raise UserError(f"cannot write {output}: {output.suffix} is not an output type; give a folder, or a file "
-                    f"ending in {', '.join(IMAGE_SUFFIXES)}")
+                    f"ending in {', '.join(OUTPUT_SUFFIXES)}")
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """One `cascadeseg segment` run, decided from the command line before any work is done."""
+
+    # What to segment.
+    source: str                     # INPUT as given
+    inputs: tuple[Path, ...]        # this shard's cases: image files and DICOM folders
+    batch: bool                     # INPUT is a folder of CTs: a failed case does not stop the run
+    shard: tuple[int, int]          # (i, n) of --shard
+    # Where to write.
+    output: Path                    # a folder, or one file (single input only)
+    single_file: bool
+    # Which outputs, besides the label map and the segmentation.
+    probabilities: bool             # --save-probabilities
+    candidates: bool                # --save-candidates (C1, and C2 for two-stage runs)
+    report: bool                    # report and preview, into output folders only (not --no-report)
+    # Options.
+    skip_existing: bool             # cases whose outputs all exist are skipped
+    overwrite: bool                 # --overwrite
+    stage1_only: bool
+    overlap: float
+    series_uid: str | None
+    allow_non_ct: bool
+    memory_check: bool              # not --no-memory-check
+    flags: argparse.Namespace       # as parsed: model, device, fusion, batch size, --refine
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SegmentJob:
+        """The job, or a UserError for an output that cannot be written (checked before the inputs)."""
+        from .. import io
+
+        output = Path(args.output).expanduser()
+        check_output_name(output)
+        cases, batch = io.collect_inputs(args.input)
+        shard_i, shard_n = parse_shard(args.shard)
+        cases = cases[shard_i::shard_n]
+        single_file = _output_is_file(output)
+        if single_file and len(cases) != 1:
+            raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")
+        if not single_file and output.exists() and not output.is_dir():
+            raise UserError(f"output {output} exists and is not a folder; choose a folder or a "
+                            ".nii.gz/.seg.nrrd file")
+        skip_existing = (batch if args.skip_existing is None else args.skip_existing) and not args.overwrite
+        return cls(source=str(args.input), inputs=tuple(cases), batch=batch, shard=(shard_i, shard_n),
+                   output=output, single_file=single_file, probabilities=args.save_probabilities,
+                   candidates=args.save_candidates, report=not args.no_report, skip_existing=skip_existing,
+                   overwrite=args.overwrite, stage1_only=args.stage1_only, overlap=args.overlap,
+                   series_uid=args.series_uid, allow_non_ct=args.allow_non_ct,
+                   memory_check=not args.no_memory_check, flags=args)
+
+    @property
+    def replace_existing(self) -> bool:
+        """Outputs may be written over: --overwrite, or --skip-existing redoing a case left incomplete."""
+        return self.overwrite or self.skip_existing
+
+    def case_outputs(self, case: str, stage1_only_model: bool = False) -> dict[str, Path]:
+        """Every file a case will write, by done-event key."""
+        outputs: dict[str, Path] = {}
+        if self.single_file:
+            key = "segmentation" if self.output.name.lower().endswith(".seg.nrrd") else "labels"
+            outputs[key] = self.output
+            folder = self.output.parent
+        else:
+            folder = self.output
+            outputs["labels"] = folder / f"{case}_labels.nii.gz"
+            outputs["segmentation"] = folder / f"{case}.seg.nrrd"
+        if self.probabilities:
+            outputs["probabilities"] = folder / f"{case}_probabilities.nii.gz"
+        if self.candidates:
+            outputs["c1"] = folder / f"{case}_c1.nii.gz"
+            if not (self.stage1_only or stage1_only_model):
+                outputs["c2"] = folder / f"{case}_c2.nii.gz"
+        if self.report and not self.single_file:
+            outputs["preview"] = folder / f"{case}_preview.png"
+            outputs["report"] = folder / f"{case}_report.json"
+            outputs["report_md"] = folder / f"{case}_report.md"
+        return outputs
+
+    def outputs_complete(self, case: str) -> bool:
+        """Every output this run would write for `case` exists (written together, so complete)."""
+        finals = self.case_outputs(case)
+        finals.pop("c2", None)  # absent for one-stage models; its presence is not needed to skip
+        return all(p.is_file() for p in finals.values())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,17 +212,7 @@ def one_line(text: str) -> str:
 def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
     from ..batch import BatchSummary
 
-    output = Path(args.output).expanduser()
-    check_output_name(output)
-    cases, batch = io.collect_inputs(args.input)
-    shard_i, shard_n = parse_shard(args.shard)
-    cases = cases[shard_i::shard_n]
-    single_file = _output_is_file(output)
-    if single_file and len(cases) != 1:
-        raise UserError(f"{output} is a file name but there are {len(cases)} inputs; give an output folder")
-    if not single_file and output.exists() and not output.is_dir():
-        raise UserError(f"output {output} exists and is not a folder; choose a folder or a .nii.gz/.seg.nrrd file")
-    skip_existing = (batch if args.skip_existing is None else args.skip_existing) and not args.overwrite
+    job = SegmentJob.from_args(args)
 
     def say(line: str) -> None:  # a line of its own, never glued to a progress bar
         reporter.close()
@@ -141,27 +222,26 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
         say(f"cascadeseg: warning: {message}")
         reporter.emit("warning", message=message, **({"case": case} if case else {}))
 
-    summary = BatchSummary(shard=(shard_i, shard_n), input=str(args.input))
+    summary = BatchSummary(shard=job.shard, input=job.source)
     todo = []
-    for case_path in cases:
+    for case_path in job.inputs:
         case = io.case_name(case_path)
-        if skip_existing and _outputs_complete(args, case, output, single_file):
+        if job.skip_existing and job.outputs_complete(case):
             summary.record(case, "skipped")
             reporter.emit("skipped", case=case, message="outputs exist")
         else:
             todo.append((case_path, case))
     if todo:  # a re-run with every output in place needs no model
-        model, segmenter = _load(args, load_model, reporter, warn)
+        model, segmenter = _load(job, load_model, reporter, warn)
+        writer = CaseWriter(job, model, segmenter, reporter, warn)
     timings_of = []
     for case_path, case in todo:
         t0 = time.perf_counter()
         try:
-            # With --skip-existing, a case left incomplete (killed mid-write) is simply done again.
-            timings_of.append(_segment_case(args, io, segmenter, model, case_path, case, output, single_file,
-                                            reporter, len(cases) > 1, warn, args.overwrite or skip_existing))
+            timings_of.append((case, writer.write(case_path, case)))
             summary.record(case, "done", seconds=time.perf_counter() - t0)
         except UserError as exc:
-            if not batch:
+            if not job.batch:
                 raise
             summary.record(case, "failed", one_line(str(exc)), time.perf_counter() - t0)
             say(f"cascadeseg: error: {case}: {one_line(str(exc))}")
@@ -171,21 +251,23 @@ def _run(args, io, load_model, reporter) -> int:  # noqa: ANN001 - internal
         for case, timings in timings_of:
             steps = ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k != "total")
             print(f"{case}: {timings['total']:.1f} s ({steps})", file=sys.stderr)
-    if not batch:
+    if not job.batch:
         if summary.count("skipped"):
-            print(f"cascadeseg: skipped {cases[0]}: its outputs exist (--overwrite replaces them)", file=sys.stderr)
+            print(f"cascadeseg: skipped {job.inputs[0]}: its outputs exist (--overwrite replaces them)",
+                  file=sys.stderr)
         return 0
-    summary.write(output)
+    summary.write(job.output)
     reporter.emit("summary", counts=summary.to_json()["counts"], failures=summary.failed)
     for line in summary.lines():
         print(line, file=sys.stderr)
     return 2 if summary.count("failed") else 0
 
 
-def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
+def _load(job: SegmentJob, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
     """The model and the predictor its architecture registered (predictor.py: 3D cascade, 2D three-view)."""
     from ..inference.predictor import make_predictor
 
+    args = job.flags
     model = load_model(args.model)
     extra: dict[str, str] = {}
     if args.fusion is not None:
@@ -193,42 +275,10 @@ def _load(args, load_model, reporter, warn):  # noqa: ANN001, ANN202 - internal
             raise UserError(f"--fusion applies to 2D three-view packages; model {model.name} is a "
                             f"{model.architecture} package (drop --fusion)")
         extra["fusion"] = args.fusion
-    segmenter = make_predictor(model, args.device, overlap=args.overlap, stage1_only=args.stage1_only,
-                               keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
+    segmenter = make_predictor(model, args.device, overlap=job.overlap, stage1_only=job.stage1_only,
+                               keep_probabilities=job.probabilities, keep_candidates=job.candidates,
                                batch_size=args.batch_size, progress=reporter, on_warning=warn, **extra)
     return model, segmenter
-
-
-def _outputs_complete(args: argparse.Namespace, case: str, output: Path, single_file: bool) -> bool:
-    """Every output this run would write for `case` exists (written together, so complete)."""
-    finals = case_outputs(args, case, output, single_file)
-    finals.pop("c2", None)  # absent for one-stage models; its presence is not needed to skip
-    return all(p.is_file() for p in finals.values())
-
-
-def case_outputs(args: argparse.Namespace, case: str, output: Path, single_file: bool,
-                 stage1_only_model: bool = False) -> dict[str, Path]:
-    """Every file a case will write, by done-event key, decided before any work is done."""
-    outputs: dict[str, Path] = {}
-    if single_file:
-        key = "segmentation" if output.name.lower().endswith(".seg.nrrd") else "labels"
-        outputs[key] = output
-        folder = output.parent
-    else:
-        folder = output
-        outputs["labels"] = folder / f"{case}_labels.nii.gz"
-        outputs["segmentation"] = folder / f"{case}.seg.nrrd"
-    if args.save_probabilities:
-        outputs["probabilities"] = folder / f"{case}_probabilities.nii.gz"
-    if args.save_candidates:
-        outputs["c1"] = folder / f"{case}_c1.nii.gz"
-        if not (args.stage1_only or stage1_only_model):
-            outputs["c2"] = folder / f"{case}_c2.nii.gz"
-    if not args.no_report and not single_file:
-        outputs["preview"] = folder / f"{case}_preview.png"
-        outputs["report"] = folder / f"{case}_report.json"
-        outputs["report_md"] = folder / f"{case}_report.md"
-    return outputs
 
 
 def check_outputs(outputs: dict[str, Path], case_path: Path, overwrite: bool) -> None:
@@ -290,101 +340,118 @@ class StagedOutputs:
                 pass
 
 
-def _segment_case(args, io, segmenter, model, case_path: Path, case: str, output: Path, single_file: bool,
-                  reporter, announce: bool, warn, overwrite: bool) -> tuple[str, dict[str, float]]:  # noqa: ANN001
-    from ..inference.validation import validate_ct
+class CaseWriter:
+    """Segments the cases of one job with one loaded model, and writes each case's outputs.
 
-    t_start = time.perf_counter()
-    if announce:
-        reporter.emit("case", case=case, path=str(case_path))
-    finals = case_outputs(args, case, output, single_file, len(model.stages) == 1)
-    check_outputs(finals, case_path, overwrite)
-    # Header first: refuse what is not a 3D scalar image, or would not fit in memory, before
-    # reading a single voxel.
-    info = io.read_image_info(case_path, series_uid=args.series_uid)
-    validate_ct(info, case_path)
-    if not args.no_memory_check and _estimable(model):
-        from ..inference.memory import check_memory
+    `write` runs one case start to end: the checks that need no voxel (outputs, header, memory),
+    reading, segmenting (and --refine), then every output staged and renamed into place together.
+    """
 
-        check_memory(info.size, info.pixel_id, model, spacing_xyz=info.spacing, components=info.components,
-                     stage1_only=args.stage1_only, overlap=args.overlap,
-                     keep_probabilities=args.save_probabilities, keep_candidates=args.save_candidates,
-                     batch_size=segmenter.batch_size, device=str(segmenter.device))
-    image = io.read_image(case_path, series_uid=args.series_uid, on_warning=lambda m: warn(m, case))
-    warning = validate_ct(image, allow_non_ct=args.allow_non_ct)
-    if warning:
-        warn(warning, case)
-    t_read = time.perf_counter() - t_start
-    result = segmenter.segment(image)
-    from ..baselines.zhou2016.refine import refine_from_args
+    def __init__(self, job: SegmentJob, model: Any, segmenter: Any, reporter: Any, warn: Any) -> None:
+        self.job, self.model, self.segmenter = job, model, segmenter
+        self.reporter, self.warn = reporter, warn
 
-    result = refine_from_args(args, segmenter, image, result)  # no-op without --refine
-    t_write0 = time.perf_counter()
-    folder = next(iter(finals.values())).parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable "
-                        "folder") from None
-    outputs = {k: str(v) for k, v in finals.items() if k != "report_md"}
-    try:
-        return _write_outputs(args, io, segmenter, model, image, result, case, case_path, finals, outputs,
-                              t_start, t_read, t_write0, reporter)
-    except OSError as exc:  # report/preview writers, os.replace: disk full, permissions, ...
-        raise UserError(f"cannot write the outputs to {folder}: {exc.strerror or exc}; check free disk space "
-                        "and write permission (existing outputs were left as they were)") from None
+    def write(self, case_path: Path, case: str) -> dict[str, float]:
+        """Segment `case_path`, write its outputs; the step timings in seconds."""
+        from ..baselines.zhou2016.refine import refine_from_args
 
+        t_start = time.perf_counter()
+        if len(self.job.inputs) > 1:
+            self.reporter.emit("case", case=case, path=str(case_path))
+        finals = self.job.case_outputs(case, len(self.model.stages) == 1)
+        check_outputs(finals, case_path, self.job.replace_existing)
+        image = self._read(case_path, case)
+        timings = {"read": time.perf_counter() - t_start}
+        result = self.segmenter.segment(image)
+        result = refine_from_args(self.job.flags, self.segmenter, image, result)  # no-op without --refine
+        timings.update((k, v) for k, v in result.timings.items() if k != "total")
+        t_write = time.perf_counter()
+        folder = next(iter(finals.values())).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create output folder {folder}: {exc.strerror or exc}; choose a writable "
+                            "folder") from None
+        try:
+            self._write_outputs(case, case_path, image, result, finals, timings, t_start, t_write)
+        except OSError as exc:  # report/preview writers, os.replace: disk full, permissions, ...
+            raise UserError(f"cannot write the outputs to {folder}: {exc.strerror or exc}; check free disk "
+                            "space and write permission (existing outputs were left as they were)") from None
+        return timings
 
-def _write_outputs(args, io, segmenter, model, image, result, case, case_path, finals, outputs, t_start,
-                   t_read, t_write0, reporter) -> tuple[str, dict[str, float]]:  # noqa: ANN001 - internal
-    staged = StagedOutputs(finals)
-    try:
-        return _write_staged(args, io, segmenter, model, image, result, case, case_path, outputs, t_start, t_read,
-                             t_write0, reporter, staged)
-    except UserError as exc:  # name the output the user asked for, not our temporary file
-        text = str(exc)
-        for key, tmp in staged.staged.items():
-            text = text.replace(str(tmp), str(finals[key]))
-        raise UserError(text) from None
+    def _read(self, case_path: Path, case: str) -> Any:
+        """The CT, refused from its header first (not a 3D scalar image, or too big for memory)
+        before a single voxel is read."""
+        from .. import io
+        from ..inference.validation import validate_ct
 
+        job = self.job
+        info = io.read_image_info(case_path, series_uid=job.series_uid)
+        validate_ct(info, case_path)
+        if job.memory_check and _estimable(self.model):
+            from ..inference.memory import check_memory
 
-def _write_staged(args, io, segmenter, model, image, result, case, case_path, outputs, t_start, t_read, t_write0,
-                  reporter, staged) -> tuple[str, dict[str, float]]:  # noqa: ANN001 - internal
-    labelset = model.labels
-    protect = [case_path]
-    with staged:
-        tmp = staged.staged
-        if "labels" in tmp:
-            io.write_image(result.labels, tmp["labels"], protect=protect)
-        if "segmentation" in tmp:
-            io.write_segmentation_nrrd(result.labels, labelset, tmp["segmentation"], protect=protect)
-        if "probabilities" in tmp:
-            if result.probabilities is None:
-                raise UserError("probabilities are only kept for two-stage runs; drop --stage1-only")
-            io.write_image(result.probabilities, tmp["probabilities"], protect=protect)
-        for key, img in (("c1", result.c1), ("c2", result.c2)):
-            if key in tmp and img is not None:
-                io.write_image(img, tmp[key], protect=protect)
-            elif key in tmp:
-                outputs.pop(key, None)
-        timings = {"read": t_read, **{k: v for k, v in result.timings.items() if k != "total"}}
-        timings["write"] = time.perf_counter() - t_write0
-        if "report" in tmp:
-            from ..preview import render_preview
-            from ..report import build_report, write_report
+            check_memory(info.size, info.pixel_id, self.model, spacing_xyz=info.spacing, components=info.components,
+                         stage1_only=job.stage1_only, overlap=job.overlap, keep_probabilities=job.probabilities,
+                         keep_candidates=job.candidates, batch_size=self.segmenter.batch_size,
+                         device=str(self.segmenter.device))
+        image = io.read_image(case_path, series_uid=job.series_uid, on_warning=lambda m: self.warn(m, case))
+        warning = validate_ct(image, allow_non_ct=job.allow_non_ct)
+        if warning:
+            self.warn(warning, case)
+        return image
 
-            render_preview(image, result.labels, labelset, tmp["preview"])
-            timings["total"] = time.perf_counter() - t_start
-            info_model = {"name": model.name, "version": model.version, "path": str(model.root)}
-            report = build_report(case, image, result.labels, labelset, timings, info_model, outputs,
-                                  result.stats, str(segmenter.device))
-            report["outputs"] = outputs
-            write_report(report, labelset, tmp["report"], tmp["report_md"])
-        staged.commit()
-    timings["total"] = time.perf_counter() - t_start
-    reporter.emit("done", case=case, outputs=outputs, labels=labelset.to_json(),
-                  timings={k: round(v, 3) for k, v in timings.items()}, stats=result.stats)
-    return case, timings
+    def _write_outputs(self, case: str, case_path: Path, image: Any, result: Any, finals: dict[str, Path],
+                       timings: dict[str, float], t_start: float, t_write: float) -> None:
+        """Write every output under a temporary name, rename them all into place, report `done`."""
+        from .. import io
+
+        labelset = self.model.labels
+        protect = [case_path]
+        outputs = {k: str(v) for k, v in finals.items() if k != "report_md"}  # paths in the done event
+        staged = StagedOutputs(finals)
+        try:
+            with staged:
+                tmp = staged.staged
+                if "labels" in tmp:
+                    io.write_image(result.labels, tmp["labels"], protect=protect)
+                if "segmentation" in tmp:
+                    io.write_segmentation_nrrd(result.labels, labelset, tmp["segmentation"], protect=protect)
+                if "probabilities" in tmp:
+                    if result.probabilities is None:
+                        raise UserError("probabilities are only kept for two-stage runs; drop --stage1-only")
+                    io.write_image(result.probabilities, tmp["probabilities"], protect=protect)
+                for key, img in (("c1", result.c1), ("c2", result.c2)):
+                    if key in tmp and img is not None:
+                        io.write_image(img, tmp[key], protect=protect)
+                    elif key in tmp:
+                        outputs.pop(key, None)
+                timings["write"] = time.perf_counter() - t_write
+                if "report" in tmp:
+                    self._write_report(case, image, result, outputs, timings, t_start, tmp)
+                staged.commit()
+        except UserError as exc:  # name the output the user asked for, not our temporary file
+            text = str(exc)
+            for key, path in staged.staged.items():
+                text = text.replace(str(path), str(finals[key]))
+            raise UserError(text) from None
+        timings["total"] = time.perf_counter() - t_start
+        self.reporter.emit("done", case=case, outputs=outputs, labels=labelset.to_json(),
+                           timings={k: round(v, 3) for k, v in timings.items()}, stats=result.stats)
+
+    def _write_report(self, case: str, image: Any, result: Any, outputs: dict[str, str],
+                      timings: dict[str, float], t_start: float, tmp: dict[str, Path]) -> None:
+        from ..preview import render_preview
+        from ..report import build_report, write_report
+
+        model, labelset = self.model, self.model.labels
+        render_preview(image, result.labels, labelset, tmp["preview"])
+        timings["total"] = time.perf_counter() - t_start
+        info_model = {"name": model.name, "version": model.version, "path": str(model.root)}
+        report = build_report(case, image, result.labels, labelset, timings, info_model, outputs,
+                              result.stats, str(self.segmenter.device))
+        report["outputs"] = outputs
+        write_report(report, labelset, tmp["report"], tmp["report_md"])
 
 
 def _estimable(model) -> bool:  # noqa: ANN001
