@@ -216,7 +216,7 @@ def add_correction(model: str, labels: LabelSet, ct_path: str | os.PathLike, seg
     voxels = {lab.name: int(counts[lab.value]) for lab in labels}
     organs = _reviewed(reviewed, voxels, labels)
     case_id = case_id or case_name(Path(ct_path))
-    if case_id.endswith("_0000"):
+    if case_id.endswith("_0000"):  # nnU-Net's channel ending is no part of the case, as in train/dataset.py
         case_id = case_id[:-5]
     if not _SAFE_ID.match(case_id):
         raise UserError(f"case id {case_id!r} cannot name a folder; pass --case with letters, digits, '.', '_', '-'")

@@ -63,7 +63,7 @@ def segments_digest(segments: list[dict[str, Any]]) -> str:
 def segment_case(name: str, source: Path, folder: Path) -> dict[str, Any]:
     """Run `cascadeseg segment` in this process on one case; digests of what it wrote."""
     from CascadeSegLib.cli import main
-    from CascadeSegLib.io import read_segmentation_nrrd
+    from CascadeSegLib.io import case_name, read_segmentation_nrrd
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -72,7 +72,7 @@ def segment_case(name: str, source: Path, folder: Path) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous)
     if code != 0:
         raise RuntimeError(f"cascadeseg segment {source} exited with {code}")
-    case = source.name.removesuffix(".nii.gz") if source.is_file() else source.name
+    case = case_name(source)  # the name `segment` gives the outputs
     labels = sitk.ReadImage(str(folder / f"{case}_labels.nii.gz"))
     seg, segments = read_segmentation_nrrd(folder / f"{case}.seg.nrrd")
     # The segmentation's voxel counts are those of its sha256; only the hashes are kept.

@@ -204,6 +204,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     _check_labels(args, pairs, labels, ref_labels)
     cases = ev.evaluate_pairs(pairs, labels, ref_labels, distances=not args.no_distances,
                               progress=not args.quiet)
+    # The method's column in the report, not a case name: the prediction's name up to its first dot.
     name = args.name or Path(args.prediction).name.split(".")[0] or "prediction"
     out = Path(args.output)
     doc = ev.write_evaluation_report(

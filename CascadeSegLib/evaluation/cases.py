@@ -8,13 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
-from ..io import NAME_SUFFIXES
+from ..io import NAME_SUFFIXES, case_name
 from ..labels import LabelSet
 from .images import read_label_map
 from .metrics import evaluate_images
-
-_IMAGE_SUFFIXES = NAME_SUFFIXES   # images and Slicer segmentations, as io names cases
-
 
 _CASE_SUFFIXES = ("_labels", "_label", "_seg", "_segmentation", "_pred", "_prediction", "_gt",
                   "_ref", "_mask")
@@ -24,14 +21,11 @@ _IGNORED_SUFFIXES = ("_c1", "_c2", "_probabilities", "_preview")
 
 
 def case_key(path: str | os.PathLike) -> str:
-    """Case name used to match predictions and references: the file name without image
-    extension and without one trailing _labels/_seg/_pred/_gt/... suffix."""
-    name = Path(path).name
-    low = name.lower()
-    for suf in _IMAGE_SUFFIXES:
-        if low.endswith(suf):
-            name = name[: -len(suf)]
-            break
+    """Case name used to match predictions and references: `io.case_name`, less one trailing
+    _labels/_seg/_pred/_gt/... suffix (references and predictions carry one; CTs do not)."""
+    path = Path(path)
+    # A file type outside NAME_SUFFIXES keeps its ending here, as it always has (case_name drops it).
+    name = case_name(path) if path.name.lower().endswith(NAME_SUFFIXES) else path.name
     for suf in _CASE_SUFFIXES:
         if name.lower().endswith(suf) and len(name) > len(suf):
             return name[: -len(suf)]
@@ -39,7 +33,7 @@ def case_key(path: str | os.PathLike) -> str:
 
 
 def _is_image_file(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(_IMAGE_SUFFIXES)
+    return path.is_file() and path.name.lower().endswith(NAME_SUFFIXES)
 
 
 def _rank(path: Path) -> int:
@@ -47,11 +41,7 @@ def _rank(path: Path) -> int:
     low = path.name.lower()
     if low.endswith(".seg.nrrd"):
         return 3
-    stem = low
-    for suf in _IMAGE_SUFFIXES:
-        if stem.endswith(suf):
-            stem = stem[: -len(suf)]
-            break
+    stem = case_name(path).lower()
     if stem.endswith("_labels"):
         return 0
     if case_key(path).lower() == stem:
@@ -65,12 +55,7 @@ def list_cases(folder: Path) -> dict[str, Path]:
     for path in sorted(Path(folder).iterdir()):
         if path.name.startswith(".") or not _is_image_file(path):
             continue
-        stem = path.name
-        for suf in _IMAGE_SUFFIXES:
-            if stem.lower().endswith(suf):
-                stem = stem[: -len(suf)]
-                break
-        if stem.lower().endswith(_IGNORED_SUFFIXES):
+        if case_name(path).lower().endswith(_IGNORED_SUFFIXES):
             continue
         key = case_key(path)
         if key not in found or _rank(path) < _rank(found[key]):
@@ -128,7 +113,7 @@ def match_ct_cases(ct: str | os.PathLike, ref: str | os.PathLike
 
     CT and references may share one folder (`<case>.nii.gz` + `<case>_seg.nii.gz`).
     """
-    from ..io import case_name, find_images, is_dicom_folder
+    from ..io import find_images, is_dicom_folder
     ct, ref = Path(ct), Path(ref)
     if not ct.exists() or not ref.exists():
         raise UserError(f"not found: {ct if not ct.exists() else ref}")
