@@ -122,7 +122,8 @@ def _crop_padded(arr: np.ndarray | torch.Tensor, lo: Sequence[int], hi: Sequence
     if all(s.stop > s.start for s in src):
         dst = tuple(slice(s.start - a, s.stop - a) for s, a in zip(src, lo))
         piece = arr[src]
-        piece = torch.from_numpy(np.ascontiguousarray(piece)) if isinstance(piece, np.ndarray) else piece
+        if isinstance(piece, np.ndarray):     # a read-only memory map: copy (torch wants writable memory)
+            piece = torch.from_numpy(np.array(piece, order="C", copy=True))
         out[dst] = piece.to(device=device, dtype=dtype)
     return out
 
