@@ -206,7 +206,7 @@ def add_correction(model: str, labels: LabelSet, ct_path: str | os.PathLike, seg
                    case_id: str | None = None, reviewed: Sequence[str] | None = None, replace: bool = False,
                    root: str | os.PathLike | None = None, series_uid: str | None = None) -> CorrectionCase:
     """Check a correction against its CT and the model's labels, then store it atomically."""
-    from .io import case_name, read_image, write_image
+    from .io import case_name, read_image, without_channel, write_image
 
     ct = read_image(ct_path, series_uid)
     if ct.GetDimension() != 3 or ct.GetNumberOfComponentsPerPixel() != 1:
@@ -216,8 +216,7 @@ def add_correction(model: str, labels: LabelSet, ct_path: str | os.PathLike, seg
     voxels = {lab.name: int(counts[lab.value]) for lab in labels}
     organs = _reviewed(reviewed, voxels, labels)
     case_id = case_id or case_name(Path(ct_path))
-    if case_id.endswith("_0000"):  # nnU-Net's channel ending is no part of the case, as in train/dataset.py
-        case_id = case_id[:-5]
+    case_id = without_channel(case_id)      # nnU-Net's channel ending is no part of the case
     if not _SAFE_ID.match(case_id):
         raise UserError(f"case id {case_id!r} cannot name a folder; pass --case with letters, digits, '.', '_', '-'")
     folder = store_dir(model, root)

@@ -22,7 +22,7 @@ from .common import (
     print_warning,
 )
 from .dicom import DicomSeries, is_dicom_folder, list_dicom_series
-from .discovery import case_name, collect_inputs, find_images
+from .discovery import case_name, collect_inputs, find_images, without_channel
 from .images import (
     ImageInfo,
     describe_geometry,
@@ -38,7 +38,7 @@ __all__ = [
     "NAME_SUFFIXES", "OUTPUT_SUFFIXES", "READ_SUFFIXES", "SEGMENTATION_SUFFIXES", "WRITE_SUFFIXES",
     "SEG_REPRESENTATION", "Warn", "print_warning",
     "DicomSeries", "is_dicom_folder", "list_dicom_series",
-    "case_name", "collect_inputs", "find_images",
+    "case_name", "collect_inputs", "find_images", "without_channel",
     "ImageInfo", "describe_geometry", "read_image", "read_image_info", "same_file", "same_geometry", "write_image",
     "read_segmentation_nrrd", "write_segmentation_nrrd",
 ]

@@ -39,6 +39,12 @@ def find_images(folder: str | os.PathLike[str]) -> list[Path]:
     return found
 
 
+def without_channel(name: str) -> str:
+    """A case name without nnU-Net's channel ending `_0000` (image files of a training set carry it,
+    their label maps do not), so an image and its labels name the same case."""
+    return name[:-5] if name.endswith("_0000") else name
+
+
 def case_name(path: str | os.PathLike[str]) -> str:
     """Name of a case: the file name without its image ending, or the DICOM folder name."""
     path = Path(path)

@@ -30,6 +30,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ..errors import UserError
+from ..io import case_name
 from .render import SynthSettings, synthesize
 from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
 from .transfer import TransferSettings, transfer
@@ -85,7 +86,7 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
              if path.resolve() != Path(atlas.label).resolve()]        # an atlas's own anatomy is nothing new
     total, done = len(maps) * n + len(pairs), 0
     for m_index, path in enumerate(maps):
-        stem = path.name.split(".")[0]
+        stem = case_name(path)
         labels = None
         for i in range(n):
             folder = out_dir / f"synth-{stem}-{i:03d}-{key}"
@@ -103,7 +104,7 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
     transfer_settings = (TransferSettings(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
                          if spacing else TransferSettings())
     for atlas, path in pairs:
-        folder = out_dir / f"reg-{path.name.split('.')[0]}-{atlas.name}-{key}"
+        folder = out_dir / f"reg-{case_name(path)}-{atlas.name}-{key}"
         if not (folder / "label.nii.gz").is_file():
             from ..io import read_image
 

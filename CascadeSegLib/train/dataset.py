@@ -50,10 +50,9 @@ def _read_image(path: Path) -> sitk.Image:
 
 
 def _case_name(path: Path) -> str:
-    from ..io import case_name
+    from ..io import case_name, without_channel
 
-    name = case_name(path)
-    return name[:-5] if name.endswith("_0000") else name
+    return without_channel(case_name(path))
 
 
 # --------------------------------------------------------------------------- case lists
