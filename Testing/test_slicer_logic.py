@@ -1,10 +1,11 @@
-"""The Slicer module's logic under slicer-core (real MRML, no Slicer app, no Qt).
+"""The Slicer module's logic under slicer-core (real MRML, no Slicer app, no Qt): running the CLI.
 
-Checks that a `cascadeseg segment --progress-json` result becomes a segmentation node with
-the model's names, colours, terminology and label values on the input's exact geometry
-(flipped/oblique included), that it round-trips through .seg.nrrd, and that a cancelled or
-failed run leaves the scene as it was and removes its temporary folder. The process side
-is driven by a fake CLI script, so these tests do not need a trained model.
+Checks that a run reports progress and imports its result, that a cancelled or failed run
+leaves the scene as it was and removes its temporary folder, the input checks, the widget's
+controller on fake Qt widgets, the module's self-test and one run through the real CLI. The
+process side is mostly driven by a fake CLI script, so these tests do not need a trained model.
+Importing results into segmentation nodes (geometry, surfaces, .seg.nrrd) is in
+test_slicer_import.py.
 """
 
 from __future__ import annotations
@@ -19,275 +20,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from slicer_scene import LABELS, REPO, done_event, ijk_to_ras, scene_snapshot, segment_array
 
-slicer = pytest.importorskip("slicer")
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "CascadeSeg"))
+# the fixtures app and sample, imported so that pytest finds them here
+from slicer_scene import app_fixture as app_fixture
+from slicer_scene import sample_fixture as sample_fixture
 
-from CascadeSegSlicer.headless import make_scene  # noqa: E402
-from CascadeSegSlicer.logic import ATTR_INPUT, CascadeSegLogic, RunCancelled, RunError, build_segmentation  # noqa: E402
-from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
-from vtk.util import numpy_support  # noqa: E402
+from CascadeSegLib.labels import DEFAULT_ORGANS
 
-from CascadeSegLib.labels import DEFAULT_ORGANS, LabelSet  # noqa: E402
-
-SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
-SAMPLE_TS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
-TOTALSEG_IDS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
-                6: "stomach", 7: "pancreas", 52: "aorta", 63: "inferior_vena_cava",
-                64: "portal_vein_and_splenic_vein"}
-LABELS = LabelSet.from_names(DEFAULT_ORGANS)
-
-
-# ----------------------------------------------------------------------------- helpers
-def remap_totalseg(path: Path, out: Path) -> np.ndarray:
-    img = sitk.ReadImage(str(path))
-    a = sitk.GetArrayFromImage(img)
-    lut = np.zeros(int(a.max()) + 1, np.uint8)
-    for ts_id, name in TOTALSEG_IDS.items():
-        lut[ts_id] = LABELS.by_name(name).value
-    res = sitk.GetImageFromArray(lut[a])
-    res.CopyInformation(img)
-    sitk.WriteImage(res, str(out))
-    return lut[a]
-
-
-def done_event(labels_path: Path, labels: LabelSet = LABELS, **outputs) -> dict:
-    return {"event": "done", "case": "input", "outputs": {"labels": str(labels_path), **outputs},
-            "labels": labels.to_json(), "timings": {"read": 0.1, "total": 1.0}}
-
-
-def ijk_to_ras(node) -> np.ndarray:
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    node.GetIJKToRASMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def image_to_world(oriented) -> np.ndarray:
-    import vtk
-
-    m = vtk.vtkMatrix4x4()
-    oriented.GetImageToWorldMatrix(m)
-    return np.array([[m.GetElement(i, j) for j in range(4)] for i in range(4)])
-
-
-def segment_array(seg_node, segment_id: str):
-    """(array in z,y,x of the segment's own labelmap == its label value, image-to-world, extent)."""
-    seg = seg_node.GetSegmentation()
-    oriented = seg.GetSegment(segment_id).GetRepresentation(
-        slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    ext = oriented.GetExtent()
-    dims = [ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1]
-    a = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(dims[::-1])
-    value = seg.GetSegment(segment_id).GetLabelValue()
-    return a == value, image_to_world(oriented), ext
-
-
-def scene_snapshot(scene) -> list[tuple[str, str, int]]:
-    out = []
-    for i in range(scene.GetNumberOfNodes()):
-        n = scene.GetNthNode(i)
-        out.append((n.GetID(), n.GetName() or "", n.GetMTime() if not n.IsA("vtkMRMLSegmentationNode") else 0))
-    return out
-
-
-@pytest.fixture()
-def app():
-    return make_scene()
-
-
-@pytest.fixture()
-def sample(app, tmp_path):
-    volume = app.load_volume(str(SAMPLE_CT), "abdomen_ct_3mm")
-    labels_path = tmp_path / "labels.nii.gz"
-    arr = remap_totalseg(SAMPLE_TS, labels_path)
-    return volume, labels_path, arr
-
-
-# ----------------------------------------------------------------------------- import
-def test_import_gives_named_coloured_coded_segments_on_input_geometry(app, sample):
-    volume, labels_path, arr = sample
-    logic = CascadeSegLogic(app.scene)
-    seg_node = logic.import_result(volume, done_event(labels_path))
-
-    assert seg_node.GetScene() is app.scene
-    assert seg_node.GetName() == "abdomen_ct_3mm segmentation"
-    assert seg_node.GetAttribute(ATTR_INPUT) == volume.GetID()
-    seg = seg_node.GetSegmentation()
-    assert list(seg.GetSegmentIDs()) == list(DEFAULT_ORGANS)
-    for lab in LABELS:
-        s = seg.GetSegment(lab.name)
-        assert s.GetName() == lab.display
-        assert s.GetLabelValue() == lab.value
-        np.testing.assert_allclose(s.GetColor(), lab.color_float, atol=1e-6)
-        assert s.GetTerminology() == lab.terminology()
-        mask, m, _ = segment_array(seg_node, lab.name)
-        # same grid as the input volume, same voxels as the label map
-        np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-5)
-        assert mask.shape == arr.shape
-        assert int(mask.sum()) == int((arr == lab.value).sum()) > 0
-        np.testing.assert_array_equal(mask, arr == lab.value)
-        surface = seg_node.GetClosedSurfaceInternalRepresentation(lab.name)
-        assert surface is not None and surface.GetNumberOfPoints() > 50
-    # Slicer's terminology for the liver: the SNOMED code of the General Anatomy list
-    assert "SCT^10200004^Liver" in seg.GetSegment("liver").GetTerminology()
-    assert "SCT^24028007^Right" in seg.GetSegment("kidney_right").GetTerminology()
-    # all segments share one labelmap layer (what Segment Editor produces itself)
-    assert seg.GetNumberOfLayers() == 1
-    # reference geometry = the input volume
-    ref = slicer.vtkOrientedImageData()
-    slicer.vtkSegmentationConverter.DeserializeImageGeometry(
-        seg.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()), ref)
-    np.testing.assert_allclose(image_to_world(ref), ijk_to_ras(volume), atol=1e-5)
-    assert ref.GetDimensions() == volume.GetImageData().GetDimensions()
-    disp = seg_node.GetDisplayNode()
-    assert disp.GetVisibility3D() and disp.GetPreferredDisplayRepresentationName3D() == "Closed surface"
-    # surfaces by surface nets with its own smoothing, kept with the node for later rebuilds
-    assert seg.GetConversionParameter("Conversion method") == "1"
-    assert seg.GetConversionParameter("SurfaceNets smoothing") == "1"
-
-
-def test_surfaces_follow_the_labels_within_a_voxel(app, sample):
-    """Surface nets with their smoothing stay on the organs: every surface point of the liver
-    lies within 2 voxels of the label map's liver boundary (3 mm voxels), and the enclosed
-    volume matches the voxel count within 5 %."""
-    import vtk
-    from scipy import ndimage
-
-    volume, labels_path, arr = sample
-    seg_node = CascadeSegLogic(app.scene).import_result(volume, done_event(labels_path))
-    liver = next(lab for lab in LABELS if lab.name == "liver")
-    surface = seg_node.GetClosedSurfaceInternalRepresentation("liver")
-    mass = vtk.vtkMassProperties()
-    mass.SetInputData(surface)
-    voxel_ml = float(np.prod(volume.GetSpacing())) / 1000.0
-    label_ml = float((arr == liver.value).sum()) * voxel_ml
-    assert mass.GetVolume() / 1000.0 == pytest.approx(label_ml, rel=0.05)
-    ras_to_ijk = np.linalg.inv(ijk_to_ras(volume))
-    pts = numpy_support.vtk_to_numpy(surface.GetPoints().GetData())
-    ijk = (ras_to_ijk @ np.c_[pts, np.ones(len(pts))].T).T[:, :3]
-    mask = arr == liver.value
-    boundary = mask & ~ndimage.binary_erosion(mask)
-    dist = ndimage.distance_transform_edt(~boundary)
-    zyx = np.clip(np.rint(ijk[:, ::-1]).astype(int), 0, np.array(mask.shape) - 1)
-    assert float(dist[tuple(zyx.T)].max()) <= 2.0
-
-
-def test_flipped_oblique_volume_keeps_geometry(app, tmp_path):
-    size = (40, 36, 30)
-    c, s = np.cos(np.radians(30)), np.sin(np.radians(30))
-    rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([-1, 1, -1])  # flipped x and z
-    ct = sitk.Image(size, sitk.sitkInt16)
-    ct.SetSpacing((1.5, 2.0, 2.5))
-    ct.SetOrigin((12.0, -30.5, 7.25))
-    ct.SetDirection(rot.ravel().tolist())
-    z, y, x = np.mgrid[:size[2], :size[1], :size[0]]
-    lab = np.zeros((size[2], size[1], size[0]), np.uint8)
-    lab[((x - 10) ** 2 + (y - 12) ** 2 + (z - 8) ** 2) < 25] = 1      # liver blob, off-centre
-    lab[((x - 28) ** 2 + (y - 20) ** 2 + (z - 20) ** 2) < 16] = 3     # right kidney blob
-    ct_arr = np.where(lab > 0, 60, -1000).astype(np.int16)
-    ct_img = sitk.GetImageFromArray(ct_arr)
-    ct_img.CopyInformation(ct)
-    lab_img = sitk.GetImageFromArray(lab)
-    lab_img.CopyInformation(ct)
-    sitk.WriteImage(ct_img, str(tmp_path / "ct.nrrd"))
-    sitk.WriteImage(lab_img, str(tmp_path / "labels.nii.gz"))
-
-    volume = app.load_volume(str(tmp_path / "ct.nrrd"), "oblique")
-    logic = CascadeSegLogic(app.scene)
-    seg_node = logic.import_result(volume, done_event(tmp_path / "labels.nii.gz"))
-    for lab_value, name in ((1, "liver"), (3, "kidney_right")):
-        mask, m, ext = segment_array(seg_node, name)
-        np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-5)
-        assert int(mask.sum()) == int((lab == lab_value).sum())
-        # centroid in RAS from the segment == centroid in LPS from SimpleITK, flipped
-        kk, jj, ii = np.nonzero(mask)
-        ijk = np.stack([ii + ext[0], jj + ext[2], kk + ext[4], np.ones_like(ii)]).mean(axis=1)
-        ras = (m @ ijk)[:3]
-        zz, yy, xx = np.nonzero(lab == lab_value)
-        lps = lab_img.TransformContinuousIndexToPhysicalPoint([xx.mean(), yy.mean(), zz.mean()])
-        np.testing.assert_allclose(ras, [-lps[0], -lps[1], lps[2]], atol=1e-4)
-    assert seg_node.GetSegmentation().GetSegment("spleen").GetLabelValue() == 2  # absent: empty
-    assert segment_array(seg_node, "spleen")[0].sum() == 0
-
-
-def test_seg_nrrd_round_trip_is_identical(app, sample, tmp_path):
-    volume, labels_path, _ = sample
-    seg_node = CascadeSegLogic(app.scene).import_result(volume, done_event(labels_path))
-    path = tmp_path / "result.seg.nrrd"
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    assert storage.WriteData(seg_node)
-    loaded = slicer.vtkMRMLSegmentationNode()
-    app.scene.AddNode(loaded)
-    reader = slicer.vtkMRMLSegmentationStorageNode()
-    reader.SetFileName(str(path))
-    assert reader.ReadData(loaded)
-    a, b = seg_node.GetSegmentation(), loaded.GetSegmentation()
-    assert list(b.GetSegmentIDs()) == list(a.GetSegmentIDs())
-    for sid in a.GetSegmentIDs():
-        sa, sb = a.GetSegment(sid), b.GetSegment(sid)
-        assert (sb.GetName(), sb.GetLabelValue(), sb.GetTerminology()) == \
-               (sa.GetName(), sa.GetLabelValue(), sa.GetTerminology())
-        np.testing.assert_allclose(sb.GetColor(), sa.GetColor(), atol=1e-6)
-        ma, wa, ea = segment_array(seg_node, sid)
-        mb, wb, eb = segment_array(loaded, sid)
-        np.testing.assert_allclose(wb, wa, atol=1e-5)
-        # the file may crop to the non-empty extent: compare in the original index space
-        full = np.zeros_like(ma)
-        full[eb[4] - ea[4]:eb[5] - ea[4] + 1, eb[2] - ea[2]:eb[3] - ea[2] + 1,
-             eb[0] - ea[0]:eb[1] - ea[0] + 1] = mb
-        np.testing.assert_array_equal(full, ma)
-    # the library's own reader sees the same label values (names and geometry in the file)
-    header = path.read_bytes()[:20000].decode("latin-1")
-    assert "Segment0_LabelValue:=1" in header and "Segment0_Name:=Liver" in header
-
-
-def test_rerun_replaces_instead_of_piling_up(app, sample):
-    volume, labels_path, _ = sample
-    logic = CascadeSegLogic(app.scene)
-    first = logic.import_result(volume, done_event(labels_path))
-    n = app.scene.GetNumberOfNodes()
-    second = logic.import_result(volume, done_event(labels_path))
-    assert second is first and app.scene.GetNumberOfNodes() == n
-    assert first.GetSegmentation().GetNumberOfSegments() == len(LABELS)
-    third = logic.import_result(volume, done_event(labels_path),
-                                SegmentParameters(create_new_segmentation=True))
-    assert third is not first and third.GetName() != first.GetName()
-    # replacing a chosen node keeps its ID and drops its old segments
-    chosen = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "mine")
-    chosen.GetSegmentation().AddEmptySegment("old", "Old")
-    out = logic.import_result(volume, done_event(labels_path, LabelSet.from_names(["liver", "spleen"])),
-                              output_node=chosen)
-    assert out is chosen and list(out.GetSegmentation().GetSegmentIDs()) == ["liver", "spleen"]
-
-
-def test_bad_result_raises_and_leaves_scene(app, sample, tmp_path):
-    volume, labels_path, _ = sample
-    before = scene_snapshot(app.scene)
-    logic = CascadeSegLogic(app.scene)
-    with pytest.raises(RunError, match="missing"):
-        logic.import_result(volume, done_event(tmp_path / "nope.nii.gz"))
-    with pytest.raises(RunError, match="no labels"):
-        logic.import_result(volume, {**done_event(labels_path), "labels": []})
-    assert scene_snapshot(app.scene) == before
-
-
-def test_build_segmentation_ignores_unknown_values(tmp_path):
-    img = sitk.Image((8, 8, 8), sitk.sitkUInt8)
-    a = np.zeros((8, 8, 8), np.uint8)
-    a[1:3] = 1
-    a[4:6] = 7  # not a model label
-    out = sitk.GetImageFromArray(a)
-    sitk.WriteImage(out, str(tmp_path / "l.nii.gz"))
-    seg = build_segmentation(tmp_path / "l.nii.gz", LabelSet.from_names(["liver"]).to_json())
-    rep = seg.GetSegment("liver").GetRepresentation("Binary labelmap")
-    vals = numpy_support.vtk_to_numpy(rep.GetPointData().GetScalars())
-    assert set(np.unique(vals)) == {0, 1} and (vals == 1).sum() == 2 * 64
-    del img
-
+# isort: split
+# slicer_scene put the Slicer module's folder on sys.path: CascadeSegSlicer imports from here on
+from CascadeSegSlicer.logic import CascadeSegLogic, RunCancelled, RunError
+from CascadeSegSlicer.parameters import SegmentParameters
 
 # ----------------------------------------------------------------------------- process
 FAKE_CLI = textwrap.dedent(r'''
