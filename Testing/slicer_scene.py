@@ -29,15 +29,15 @@ LABELS = LabelSet.from_names(DEFAULT_ORGANS)
 
 
 def remap_totalseg(path: Path, out: Path) -> np.ndarray:
+    """The TotalSegmentator label map at `path` in the model's values (the training table), written to `out`."""
+    from CascadeSegLib.train.dataset import label_lookup
+
     img = sitk.ReadImage(str(path))
-    a = sitk.GetArrayFromImage(img)
-    lut = np.zeros(int(a.max()) + 1, np.uint8)
-    for ts_id, name in TOTALSEG_IDS.items():
-        lut[ts_id] = LABELS.by_name(name).value
-    res = sitk.GetImageFromArray(lut[a])
+    remapped = label_lookup(LABELS, TOTALSEG_IDS)[sitk.GetArrayFromImage(img)]
+    res = sitk.GetImageFromArray(remapped)
     res.CopyInformation(img)
     sitk.WriteImage(res, str(out))
-    return lut[a]
+    return remapped
 
 
 def done_event(labels_path: Path, labels: LabelSet = LABELS, **outputs) -> dict:

@@ -39,12 +39,10 @@ def model(tmp_path: Path):
 
 def model_values(ts_path: Path, labels: LabelSet) -> sitk.Image:
     """A TotalSegmentator label map in the model's values (other structures dropped)."""
+    from CascadeSegLib.train.dataset import label_lookup
+
     img = sitk.ReadImage(str(ts_path))
-    a = sitk.GetArrayFromImage(img)
-    lut = np.zeros(int(a.max()) + 1, np.uint8)
-    for ts_id, name in TS.items():
-        lut[ts_id] = labels.by_name(name).value
-    out = sitk.GetImageFromArray(lut[a])
+    out = sitk.GetImageFromArray(label_lookup(labels, TS)[sitk.GetArrayFromImage(img)])
     out.CopyInformation(img)
     return out
 
