@@ -247,7 +247,7 @@ class SlowZipServer:
 
 @pytest.fixture()
 def zip_server(tmp_path, monkeypatch):
-    from test_catalog_download import make_package
+    from packaging_helpers import make_package
 
     from CascadeSegLib.packaging.archive import make_zip
 

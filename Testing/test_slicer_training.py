@@ -26,7 +26,8 @@ from CascadeSegSlicer.headless import make_scene  # noqa: E402
 from CascadeSegSlicer.logic import CascadeSegLogic, RunCancelled  # noqa: E402
 from CascadeSegSlicer.training import TrainingLogic  # noqa: E402
 from model_factory import make_random_model  # noqa: E402
-from test_slicer_logic import LABELS, FakeGui, done_event, make_controller, remap_totalseg, scene_snapshot  # noqa: E402
+from slicer_scene import LABELS, done_event, remap_totalseg, scene_snapshot  # noqa: E402
+from test_slicer_logic import FakeGui, make_controller  # noqa: E402
 
 from CascadeSegLib.corrections import list_corrections  # noqa: E402
 from CascadeSegLib.labels import DEFAULT_ORGANS  # noqa: E402

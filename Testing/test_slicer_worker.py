@@ -251,7 +251,8 @@ def test_bad_input_gives_the_one_shot_error_and_the_worker_keeps_serving(app, lo
 
 def test_worker_that_cannot_start_falls_back_to_one_shot(app, tmp_path, monkeypatch):
     """A CLI without the worker command (an older library): every run still works, one-shot."""
-    from test_slicer_logic import FAKE_CLI, LABELS, SAMPLE_TS, remap_totalseg
+    from slicer_scene import LABELS, SAMPLE_TS, remap_totalseg
+    from test_slicer_logic import FAKE_CLI
 
     script = tmp_path / "fake_cli.py"
     script.write_text(FAKE_CLI)
