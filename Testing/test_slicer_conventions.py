@@ -289,7 +289,7 @@ def test_model_install_runs_in_a_child_process_with_progress(zip_server, tmp_pat
 
 
 def test_model_install_cancel_kills_the_child_and_installs_nothing(zip_server, tmp_path):
-    from test_slicer_logic import _alive
+    from cli_process import process_alive
 
     from CascadeSegLib.packaging.catalog import installed_models
 
@@ -299,7 +299,7 @@ def test_model_install_cancel_kills_the_child_and_installs_nothing(zip_server, t
     run = ctl.installing.run
     assert zip_server.requested.wait(120), "the child never asked for the model"
     ui.installModelButton.clicked.emit()  # the button is Cancel now
-    assert not ctl.installing.running and not _alive(run.process.pid) and not run.temp_dir.exists()
+    assert not ctl.installing.running and not process_alive(run.process.pid) and not run.temp_dir.exists()
     assert ui.statusLabel.text == "Install cancelled; no model was changed."
     assert ui.installModelButton.text == "Install…"
     assert not [m for m in installed_models() if m.source == "installed"]

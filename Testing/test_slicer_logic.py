@@ -11,7 +11,6 @@ test_slicer_import.py.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import textwrap
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from cli_process import process_alive
 from slicer_scene import LABELS, REPO, done_event, ijk_to_ras, scene_snapshot, segment_array
 
 # the fixtures app and sample, imported so that pytest finds them here
@@ -76,18 +76,6 @@ def fake_logic(app, tmp_path, monkeypatch):
     return CascadeSegLogic(app.scene, command_prefix=[sys.executable, str(script)])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is dead for our purposes
-    try:
-        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_run_through_fake_cli_reports_progress_and_imports(app, sample, fake_logic, tmp_path, monkeypatch):
     volume, labels_path, arr = sample
     monkeypatch.setenv("FAKE_MODE", "ok")
@@ -124,7 +112,7 @@ def test_cancel_kills_process_tree_and_leaves_scene(app, sample, fake_logic, tmp
     fake_logic.cancel(run)
     assert time.monotonic() - t0 < 10
     time.sleep(0.2)
-    assert not _alive(parent) and not _alive(child)
+    assert not process_alive(parent) and not process_alive(child)
     assert not run.temp_dir.exists()
     with pytest.raises(RunCancelled):
         fake_logic.finish(run)

@@ -29,6 +29,7 @@ from CascadeSegSlicer.logic import CascadeSegLogic, RunCancelled, RunError  # no
 from CascadeSegSlicer.parameters import SegmentParameters  # noqa: E402
 from CascadeSegSlicer.process import SegmentProcess  # noqa: E402
 from CascadeSegSlicer.worker import JOB_END_MARKER, WarmWorker  # noqa: E402
+from cli_process import process_alive  # noqa: E402
 
 from CascadeSegLib.commands import worker as worker_command  # noqa: E402
 
@@ -36,22 +37,11 @@ SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
 CPU = SegmentParameters(model="abdomen-ct-demo", device="cpu")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text(encoding="utf-8").split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _wait_dead(pid: int, timeout: float = 30) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while process_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return not _alive(pid)
+    return not process_alive(pid)
 
 
 def _labels(path: str | Path) -> np.ndarray:
