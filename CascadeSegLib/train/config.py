@@ -10,7 +10,7 @@ import copy
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from ..errors import UserError
 from ..network import NetConfig, output_shape
@@ -205,19 +205,37 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
         stages.append(StageConfig(name, spacing, tile, patch, net, train, aug))
     if not 1 <= len(stages) <= 2:
         raise UserError(f"a cascade has 1 or 2 stages, the config lists {len(stages)}")
-    intensity = data.get("intensity", {}) or {}
     base = Path(base_dir)
     run_dir = data.get("run_dir")
     cfg = RunConfig(
-        name=str(data["name"]), labels=labels, data=dict(data["data"]), stages=stages,
-        window=tuple(float(w) for w in intensity.get("window", (-200.0, 300.0))),  # type: ignore[arg-type]
-        normalization=str(intensity.get("normalization", "window01")),
-        body_threshold_hu=float(data.get("body_threshold_hu", -500.0)),
-        dilation_radius=int(data.get("dilation_radius", 3)),
-        version=str(data.get("version", "1.0.0")), description=str(data.get("description", "")),
-        license=str(data.get("license", "")), model_card=dict(data.get("model_card", {}) or {}),
+        name=str(data["name"]), labels=labels, data=dict(data["data"]), stages=stages, **package_settings(data),
+        model_card=dict(data.get("model_card", {}) or {}),
         run_dir=(Path(run_dir) if Path(run_dir).is_absolute() else base / run_dir) if run_dir else None,
         base_dir=base, raw=data)
+    return with_checked_labels(cfg)
+
+
+def package_settings(data: dict[str, Any]) -> dict[str, Any]:
+    """What every model package carries besides its stages, with the defaults: the intensity window
+    and normalisation, the body-mask threshold (C1), the C2 dilation, version, description, licence.
+    One place for the cascade's and the 2D baseline's configs."""
+    intensity = data.get("intensity", {}) or {}
+    window = tuple(float(w) for w in intensity.get("window", (-200.0, 300.0)))
+    return {"window": window, "normalization": str(intensity.get("normalization", "window01")),
+            "body_threshold_hu": float(data.get("body_threshold_hu", -500.0)),
+            "dilation_radius": int(data.get("dilation_radius", 3)), "version": str(data.get("version", "1.0.0")),
+            "description": str(data.get("description", "")), "license": str(data.get("license", ""))}
+
+
+class _HasLabels(Protocol):
+    def label_set(self) -> Any: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=_HasLabels)
+
+
+def with_checked_labels(cfg: ConfigT) -> ConfigT:
+    """`cfg` once its label list makes a valid label set (a one-line error otherwise)."""
     try:
         cfg.label_set()
     except (ValueError, KeyError) as exc:

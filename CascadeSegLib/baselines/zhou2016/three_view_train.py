@@ -19,7 +19,7 @@ import torch
 from ...errors import ModelError, UserError
 from ...network import NetConfig
 from ...packaging.model import ModelPackage, StageSpec
-from ...train.config import ConfigPaths
+from ...train.config import ConfigPaths, package_settings, with_checked_labels
 from .three_view import ARCHITECTURE, ThreeViewNet, ThreeViewOptions, check_view, save_three_view_package
 
 
@@ -116,20 +116,11 @@ def parse_baseline_config(data: dict[str, Any], base_dir: str | Path = ".") -> B
                                     net, train, margin))
     if not 1 <= len(stages) <= 2:
         raise UserError(f"a 2D baseline has a coarse and optionally a fine stage; the config lists {len(stages)}")
-    intensity = data.get("intensity") or {}
     cfg = Baseline2DConfig(
         name=str(data["name"]), labels=labels, data=dict(data["data"]), stages=stages, options=options,
-        window=tuple(float(w) for w in intensity.get("window", (-200.0, 300.0))),  # type: ignore[arg-type]
-        normalization=str(intensity.get("normalization", "window01")),
-        body_threshold_hu=float(data.get("body_threshold_hu", -500.0)),
-        dilation_radius=int(data.get("dilation_radius", 3)), version=str(data.get("version", "1.0.0")),
-        description=str(data.get("description", "")), license=str(data.get("license", "")),
-        base_dir=Path(base_dir), intensity_aug=float((data.get("augment") or {}).get("intensity", 0.1)), raw=data)
-    try:
-        cfg.label_set()
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"bad label list: {exc}") from None
-    return cfg
+        **package_settings(data), base_dir=Path(base_dir),
+        intensity_aug=float((data.get("augment") or {}).get("intensity", 0.1)), raw=data)
+    return with_checked_labels(cfg)
 
 
 def load_baseline_config(path: str | Path) -> Baseline2DConfig:
