@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import ModelError
@@ -108,6 +109,18 @@ def _opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_SafeRedirects)
 
 
+def _copy_hashed(src: Any, dst: Any, h: hashlib._Hash, done: int, total: int | None,
+                 progress: Progress | None) -> int:
+    """Copy `src` to `dst` in chunks, hashing and reporting progress; returns the bytes done so far."""
+    while block := src.read(_CHUNK):
+        dst.write(block)
+        h.update(block)
+        done += len(block)
+        if progress:
+            progress(done, total)
+    return done
+
+
 def _finish(part: Path, dest: Path, h: hashlib._Hash, sha256: str | None, url: str) -> Path:
     digest = h.hexdigest()
     if sha256 is not None and digest != sha256:
@@ -153,14 +166,8 @@ def _copy_local(src: Path, part: Path, dest: Path, sha256: str | None,
         raise ModelError(f"{src} does not exist or is not a file; check the path")
     total = src.stat().st_size
     h = hashlib.sha256()
-    done = 0
     with open(src, "rb") as fin, open(part, "wb") as fout:
-        while block := fin.read(_CHUNK):
-            fout.write(block)
-            h.update(block)
-            done += len(block)
-            if progress:
-                progress(done, total)
+        _copy_hashed(fin, fout, h, 0, total, progress)
     return _finish(part, dest, h, sha256, url)
 
 
@@ -219,12 +226,7 @@ def _download_http(url: str, part: Path, dest: Path, sha256: str | None,
             if progress:
                 progress(done, total)
             with open(part, mode) as fout:
-                while block := resp.read(_CHUNK):
-                    fout.write(block)
-                    h.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
+                done = _copy_hashed(resp, fout, h, done, total, progress)
             if total is not None and done != total:
                 raise ModelError(f"download of {url} stopped after {done} of {total} bytes; run "
                                  "the same command again to resume")
