@@ -62,7 +62,8 @@ def image_to_world(oriented) -> np.ndarray:
 
 
 def segment_array(seg_node, segment_id: str):
-    """(array in z,y,x of the segment's own labelmap == its label value, image-to-world, extent)."""
+    """(array in z,y,x of the segment's own labelmap == its label value, on the reference
+    geometry's whole grid; image-to-world; the labelmap's own extent, which may be cropped)."""
     seg = seg_node.GetSegmentation()
     oriented = seg.GetSegment(segment_id).GetRepresentation(
         slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
@@ -70,7 +71,16 @@ def segment_array(seg_node, segment_id: str):
     dims = [ext[1] - ext[0] + 1, ext[3] - ext[2] + 1, ext[5] - ext[4] + 1]
     a = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(dims[::-1])
     value = seg.GetSegment(segment_id).GetLabelValue()
-    return a == value, image_to_world(oriented), ext
+    ref = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(
+        seg.GetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()), ref)
+    full_ext = ref.GetExtent()
+    assert all(full_ext[2 * i] <= ext[2 * i] and ext[2 * i + 1] <= full_ext[2 * i + 1] for i in range(3)), \
+        f"labelmap extent {ext} outside the reference grid {full_ext}"
+    full = np.zeros(ref.GetDimensions()[::-1], bool)
+    full[ext[4] - full_ext[4]:ext[5] - full_ext[4] + 1, ext[2] - full_ext[2]:ext[3] - full_ext[2] + 1,
+         ext[0] - full_ext[0]:ext[1] - full_ext[0] + 1] = a == value
+    return full, image_to_world(oriented), ext
 
 
 def scene_snapshot(scene) -> list[tuple[str, str, int]]:

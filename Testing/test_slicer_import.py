@@ -121,12 +121,12 @@ def test_flipped_oblique_volume_keeps_geometry(app, tmp_path):
     logic = CascadeSegLogic(app.scene)
     seg_node = logic.import_result(volume, done_event(tmp_path / "labels.nii.gz"))
     for lab_value, name in ((1, "liver"), (3, "kidney_right")):
-        mask, m, ext = segment_array(seg_node, name)
+        mask, m, _ = segment_array(seg_node, name)  # on the volume's grid: index 0 = the volume's
         np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-5)
         assert int(mask.sum()) == int((lab == lab_value).sum())
         # centroid in RAS from the segment == centroid in LPS from SimpleITK, flipped
         kk, jj, ii = np.nonzero(mask)
-        ijk = np.stack([ii + ext[0], jj + ext[2], kk + ext[4], np.ones_like(ii)]).mean(axis=1)
+        ijk = np.stack([ii, jj, kk, np.ones_like(ii)]).mean(axis=1)
         ras = (m @ ijk)[:3]
         zz, yy, xx = np.nonzero(lab == lab_value)
         lps = lab_img.TransformContinuousIndexToPhysicalPoint([xx.mean(), yy.mean(), zz.mean()])
@@ -154,14 +154,11 @@ def test_seg_nrrd_round_trip_is_identical(app, sample, tmp_path):
         assert (sb.GetName(), sb.GetLabelValue(), sb.GetTerminology()) == \
                (sa.GetName(), sa.GetLabelValue(), sa.GetTerminology())
         np.testing.assert_allclose(sb.GetColor(), sa.GetColor(), atol=1e-6)
-        ma, wa, ea = segment_array(seg_node, sid)
-        mb, wb, eb = segment_array(loaded, sid)
+        # both on the reference grid, whatever extent each labelmap was cropped to
+        ma, wa, _ = segment_array(seg_node, sid)
+        mb, wb, _ = segment_array(loaded, sid)
         np.testing.assert_allclose(wb, wa, atol=1e-5)
-        # the file may crop to the non-empty extent: compare in the original index space
-        full = np.zeros_like(ma)
-        full[eb[4] - ea[4]:eb[5] - ea[4] + 1, eb[2] - ea[2]:eb[3] - ea[2] + 1,
-             eb[0] - ea[0]:eb[1] - ea[0] + 1] = mb
-        np.testing.assert_array_equal(full, ma)
+        np.testing.assert_array_equal(mb, ma)
     # the library's own reader sees the same label values (names and geometry in the file)
     header = path.read_bytes()[:20000].decode("latin-1")
     assert "Segment0_LabelValue:=1" in header and "Segment0_Name:=Liver" in header
@@ -207,6 +204,17 @@ def test_build_segmentation_ignores_unknown_values(tmp_path):
     seg = build_segmentation(tmp_path / "l.nii.gz", LabelSet.from_names(["liver"]).to_json())
     rep = seg.GetSegment("liver").GetRepresentation("Binary labelmap")
     vals = numpy_support.vtk_to_numpy(rep.GetPointData().GetScalars())
-    assert set(np.unique(vals)) == {0, 1} and (vals == 1).sum() == 2 * 64
+    assert set(np.unique(vals)) == {1} and (vals == 1).sum() == 2 * 64
+    # the labelmap is cut to the known labels' box (slices 1-2), not the unknown value's
+    assert rep.GetExtent() == (0, 7, 0, 7, 1, 2)
     del img
+
+
+def test_empty_result_keeps_the_whole_grid(tmp_path):
+    out = sitk.GetImageFromArray(np.zeros((5, 6, 7), np.uint8))
+    sitk.WriteImage(out, str(tmp_path / "l.nii.gz"))
+    seg = build_segmentation(tmp_path / "l.nii.gz", LabelSet.from_names(["liver"]).to_json())
+    rep = seg.GetSegment("liver").GetRepresentation("Binary labelmap")
+    assert rep.GetExtent() == (0, 6, 0, 5, 0, 4)
+    assert not numpy_support.vtk_to_numpy(rep.GetPointData().GetScalars()).any()
 
