@@ -27,43 +27,10 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from CascadeSegLib.inference.atlas_prior import register  # noqa: E402 - the model's own registration
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.labels import LabelSet  # noqa: E402
 from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
-
-
-def _soft(ct: sitk.Image, spacing: float = 3.0) -> sitk.Image:
-    """HU clipped to [-200, 300] and shifted to [0, 500] on an isotropic grid: what both
-    registrations compare (non-negative, so the moments initialiser finds the body, not the air)."""
-    from CascadeSegLib.inference.preprocess import resample_to_spacing
-
-    img = resample_to_spacing(sitk.Cast(ct, sitk.sitkFloat32), [spacing] * 3, "linear", -1024.0, sitk.sitkFloat32)
-    return sitk.Clamp(img, sitk.sitkFloat32, -200.0, 300.0) + 200.0
-
-
-def register(fixed_ct: sitk.Image, moving_ct: sitk.Image) -> sitk.Transform:
-    """Affine (mutual information), then demons on the affinely aligned images."""
-    fixed, moving = _soft(fixed_ct), _soft(moving_ct)
-    init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
-                                             sitk.CenteredTransformInitializerFilter.MOMENTS)
-    reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(32)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(0.2, seed=1)
-    reg.SetInterpolator(sitk.sitkLinear)
-    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 200, relaxationFactor=0.7)
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
-    reg.SetInitialTransform(init, inPlace=False)
-    affine = reg.Execute(fixed, moving)
-    aligned = sitk.Resample(moving, fixed, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
-    demons.SetNumberOfIterations(60)
-    demons.SetStandardDeviations(2.0)
-    field = demons.Execute(fixed, aligned)
-    disp = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
-    return sitk.CompositeTransform([affine, disp])
 
 
 def fuse(label_maps: list[np.ndarray], coverage: list[np.ndarray], num_classes: int) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 
 from ..atomic import atomic_path, atomic_write
 from ..errors import ModelError
+from ..inference.atlas_prior import AtlasPriorSpec
 from ..labels import LabelSet
 from ..network import NetConfig, UNet3D, build_network
 from ..resources import DEFAULT_MODEL, bundled_models_dir, models_dir
@@ -70,6 +71,7 @@ class ModelPackage:
     largest_component: list[str] = field(default_factory=list)  # organs kept as one connected piece
     architecture: str = "3d-cascade"             # or "2d-three-view" (baselines/zhou2016/three_view.py)
     architecture_options: dict[str, Any] = field(default_factory=dict)
+    atlas_prior: AtlasPriorSpec | None = None    # registered atlases fused with stage 2 (atlas_prior.py)
 
     # --- (de)serialisation -------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -87,6 +89,8 @@ class ModelPackage:
         if self.architecture != "3d-cascade":
             d["architecture"] = self.architecture
             d["three_view"] = self.architecture_options
+        if self.atlas_prior is not None:
+            d["atlas_prior"] = self.atlas_prior.to_json()
         return d
 
     @staticmethod
@@ -108,7 +112,8 @@ class ModelPackage:
                 description=str(d.get("description", "")), license=str(d.get("license", "")),
                 provenance=dict(d.get("provenance", {})), format_version=int(version), root=root,
                 architecture=str(d.get("architecture", "3d-cascade")),
-                architecture_options=dict(d.get("three_view", {})))
+                architecture_options=dict(d.get("three_view", {})),
+                atlas_prior=AtlasPriorSpec.from_json(d["atlas_prior"]) if "atlas_prior" in d else None)
         except (KeyError, TypeError, ValueError) as exc:
             where = f" in {root / 'model.json'}" if root else ""
             raise ModelError(f"model.json{where} is invalid ({type(exc).__name__}: {exc}); "
@@ -154,6 +159,8 @@ class ModelPackage:
                 _atomic_torch_save({k: v.detach().cpu() for k, v in sd.items()}, target)
         for stage in self.stages:
             stage.sha256 = sha256_file(folder / stage.weights)
+        for atlas in self.atlas_prior.atlases if self.atlas_prior else []:
+            atlas.sha256 = {f: sha256_file(folder / f) for f in (atlas.image, atlas.labels)}
         atomic_write(folder / "model.json", json.dumps(self.to_json(), indent=2) + "\n")
         self.root = folder.resolve()
         return folder
@@ -178,6 +185,17 @@ class ModelPackage:
                                  f"says {stage.sha256[:12] or 'nothing'}...; the file is damaged or was "
                                  "altered: re-install the model")
             result[stage.weights] = digest
+        for name, expected in self.atlas_prior.files() if self.atlas_prior else []:
+            path = self.root / name if self.root else Path(name)
+            if not path.is_file():
+                raise ModelError(f"model {self.name}: atlas file {name} is missing from {self.root}; "
+                                 "re-install the model")
+            digest = sha256_file(path)
+            if digest != expected.lower():
+                raise ModelError(f"model {self.name}: atlas file {name} has sha256 {digest[:12]}..., model.json "
+                                 f"says {expected[:12] or 'nothing'}...; the file is damaged or was altered: "
+                                 "re-install the model")
+            result[name] = digest
         return result
 
     def load_weights(self, stage_index: int) -> dict[str, torch.Tensor]:

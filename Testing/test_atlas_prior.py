@@ -1,0 +1,161 @@
+"""Atlas prior: registration, the prior on stage 2's grid, the fusion rule, packaging, and the
+return of the scores to the input grid, on the bundled sample CT and the DICOM slab."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from conftest import REPO_DIR
+
+from CascadeSegLib.errors import ModelError
+from CascadeSegLib.inference import atlas_prior as ap
+from CascadeSegLib.inference.cascade import Segmenter, argmax_on_grid, resample_labels_to
+from CascadeSegLib.inference.preprocess import grid_for_spacing, resample
+from CascadeSegLib.io import read_image
+from CascadeSegLib.packaging.model import ModelPackage, load_model
+from CascadeSegLib.train.dataset import label_lookup
+
+SAMPLE_LABELS = REPO_DIR / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(float(a.sum() + b.sum()), 1.0)
+
+
+@pytest.fixture(scope="module")
+def sample(sample_ct_path: Path) -> tuple[sitk.Image, sitk.Image]:
+    """The sample CT and its labels in the demo model's values (liver = 1, kidney_left = 4)."""
+    ct = read_image(sample_ct_path)
+    lab = sitk.ReadImage(str(SAMPLE_LABELS))
+    lookup = label_lookup(load_model().labels, None, None, "totalsegmentator")
+    ours = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(lab)])
+    ours.CopyInformation(lab)
+    return ct, ours
+
+
+@pytest.fixture(scope="module")
+def atlas_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[sitk.Image, sitk.Image]) -> Path:
+    """The demo model with the sample CT, shifted by 12 mm, as its one atlas."""
+    ct, lab = sample
+    folder = tmp_path_factory.mktemp("atlas-model")
+    demo = load_model()
+    for stage in demo.stages:
+        shutil.copy2(demo.weight_path(stage), folder / stage.weights)
+    (folder / "atlases").mkdir()
+    for img, name in ((ct, "atlases/a_ct.nii.gz"), (lab, "atlases/a_labels.nii.gz")):
+        moved = sitk.Image(img)
+        moved.SetOrigin([o + 12.0 for o in img.GetOrigin()])
+        sitk.WriteImage(moved, str(folder / name), True)
+    demo.atlas_prior = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec("a", "atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz")])
+    demo.save(folder)
+    return folder
+
+
+def test_registration_recovers_a_shifted_copy(sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, lab = sample
+    moved_ct, moved_lab = sitk.Image(ct), sitk.Image(lab)
+    for img in (moved_ct, moved_lab):
+        img.SetOrigin([o + 12.0 for o in ct.GetOrigin()])
+    before = sitk.GetArrayFromImage(sitk.Resample(moved_lab, ct, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    tx = ap.register(ct, moved_ct, spacing_mm=6.0)
+    after = sitk.GetArrayFromImage(sitk.Resample(moved_lab, ct, tx, sitk.sitkNearestNeighbor, 0))
+    truth = sitk.GetArrayFromImage(lab)
+    for organ in (1, 2, 4):                     # liver, spleen, left kidney
+        assert _dice(after == organ, truth == organ) > 0.85 > _dice(before == organ, truth == organ) + 0.1
+
+
+def test_prior_is_a_distribution_on_the_stage2_grid(atlas_package: Path, sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, lab = sample
+    pkg = ModelPackage.load(atlas_package)
+    assert pkg.atlas_prior is not None
+    grid = grid_for_spacing(ct, pkg.stages[1].spacing)
+    steps: list[str] = []
+    prior, seconds = ap.atlas_prior(ct, grid, pkg.atlas_prior, atlas_package, pkg.labels.num_classes,
+                                    torch.device("cpu"), progress=lambda f, msg: steps.append(msg))
+    assert tuple(prior.shape) == (pkg.labels.num_classes,) + tuple(grid.GetSize()[::-1])
+    assert torch.allclose(prior.sum(0), torch.ones(()), atol=1e-4)
+    assert list(seconds) == ["a"] and steps[0].startswith("registering atlas 1/1")
+    truth = sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8))
+    labels = prior.argmax(0).numpy()
+    assert _dice(labels == 1, truth == 1) > 0.85     # the shifted atlas lands on the liver
+
+
+def test_fusion_follows_the_network_inside_c2_and_the_prior_outside() -> None:
+    network = torch.zeros(3, 1, 1, 4)
+    prior = torch.zeros(3, 1, 1, 4)
+    network[1] = 1.0          # the network says organ 1 everywhere (it only looked inside C2)
+    network[:, ..., 3] = torch.tensor([0.45, 0.55, 0.0])[:, None, None]
+    prior[2] = 1.0            # the atlases say organ 2 everywhere
+    prior[:, ..., 3] = torch.tensor([0.7, 0.3, 0.0])[:, None, None]
+    c2 = torch.tensor([True, True, False, True]).reshape(1, 1, 4)
+    labels = ap.fused_scores(network, prior, c2, 0.5).argmax(0).flatten().tolist()
+    # 0.5*1 + 0.5*0 ties organ 1 and 2 -> first; outside C2 only the prior counts;
+    # voxel 3: background 0.575 beats organ 1's 0.425
+    assert labels == [1, 1, 2, 0]
+
+
+def test_package_round_trip_and_damaged_atlas(atlas_package: Path, tmp_path: Path) -> None:
+    pkg = ModelPackage.load(atlas_package)
+    assert pkg.atlas_prior is not None and pkg.to_json()["atlas_prior"]["network_weight"] == 0.5
+    digests = pkg.verify()
+    assert set(digests) >= {"atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz", "stage1.pt"}
+    copy = tmp_path / "copy"
+    shutil.copytree(atlas_package, copy)
+    lab = sitk.ReadImage(str(copy / "atlases/a_labels.nii.gz"))
+    sitk.WriteImage(lab * 0, str(copy / "atlases/a_labels.nii.gz"), True)
+    with pytest.raises(ModelError, match="atlas file atlases/a_labels.nii.gz"):
+        ModelPackage.load(copy).verify()
+
+
+def test_segment_uses_the_prior_and_keeps_the_geometry(atlas_package: Path,
+                                                       sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, lab = sample
+    seg = Segmenter(ModelPackage.load(atlas_package))
+    result = seg.segment(ct)
+    out = result.labels
+    assert (out.GetOrigin(), out.GetSpacing(), out.GetDirection(), out.GetSize()) == \
+        (ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection(), ct.GetSize())
+    assert result.stats["atlas_prior_used"] == 1.0 and result.timings["atlas_prior"] > 0
+    truth, got = sitk.GetArrayFromImage(lab), sitk.GetArrayFromImage(out)
+    assert _dice(got == 1, truth == 1) > 0.85
+
+
+def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_dir: Path) -> None:
+    ct = read_image(dicom_slab_dir)
+    warnings: list[str] = []
+    with_atlas = Segmenter(ModelPackage.load(atlas_package), on_warning=warnings.append).segment(ct)
+    plain = Segmenter(load_model()).segment(ct)
+    assert with_atlas.stats["atlas_prior_used"] == 0.0 and "atlas_prior" not in with_atlas.timings
+    assert len(warnings) == 1 and warnings[0].startswith("atlas prior skipped: the scan is 40 mm")
+    assert np.array_equal(sitk.GetArrayFromImage(with_atlas.labels), sitk.GetArrayFromImage(plain.labels))
+
+
+def test_scores_return_to_the_input_grid_smoothly_and_exactly(sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, lab = sample
+    grid = grid_for_spacing(ct, (6.0, 6.0, 6.0))
+    coarse = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8))).long()
+    scores = torch.nn.functional.one_hot(coarse, 11).permute(3, 0, 1, 2).float()
+    smooth = argmax_on_grid(scores, grid, ct)
+    assert (smooth.GetOrigin(), smooth.GetSpacing(), smooth.GetDirection(), smooth.GetSize()) == \
+        (ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection(), ct.GetSize())
+    nearest_img = sitk.GetImageFromArray(coarse.numpy().astype(np.uint8))
+    nearest_img.CopyInformation(grid)
+    nearest = sitk.GetArrayFromImage(resample_labels_to(nearest_img, ct))
+    truth, got = sitk.GetArrayFromImage(lab), sitk.GetArrayFromImage(smooth)
+    # interpolated scores follow the organ between the coarse voxels better than the steps do
+    assert _dice(got == 1, truth == 1) > _dice(nearest == 1, truth == 1)
+
+
+def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:
+    """grid_for_spacing rounds its voxel count; labels on it still cover the scan's far end."""
+    ct = read_image(sample_ct_path)
+    grid = grid_for_spacing(ct, (6.0, 6.0, 6.0))
+    ones = sitk.Image(grid.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(grid)
+    assert sitk.GetArrayFromImage(resample_labels_to(ones, ct, edge=1)).min() == 1
+    assert sitk.GetArrayFromImage(resample_labels_to(ones, ct)).min() == 0      # without: the last slices are lost

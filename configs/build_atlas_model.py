@@ -1,0 +1,119 @@
+"""Build a model package whose network is fused with registered atlases (inference/atlas_prior.py).
+
+The atlases are the real labelled CTs of configs/abdomen-ct.json (`data.synthetic.atlases`) and
+each of them warped onto every other label map of `data.synthetic.label_maps` (the registration
+route of docs/synthesis.md: real texture on a label-only anatomy). `--exclude CASE` leaves a
+patient out everywhere (not an atlas, not a label map, not a CT of the intensity table), which is
+how the leave-one-out folds of the model card were built.
+
+    python configs/build_atlas_model.py -o runs/abdomen-ct-atlas                 # everything
+    python configs/build_atlas_model.py -o runs/fold-s0009 --exclude s0009       # a held-out fold
+
+Atlases are stored at 3 mm (CT as int16 HU, labels in the model's values); the warped CTs are
+cached under --work. Nothing tracked is written unless -o points there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec, AtlasSpec  # noqa: E402
+from CascadeSegLib.inference.preprocess import grid_for_spacing, resample  # noqa: E402
+from CascadeSegLib.io import read_image  # noqa: E402
+from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
+from CascadeSegLib.synthesis.source import synthetic_cases  # noqa: E402
+from CascadeSegLib.train.dataset import Case, label_lookup  # noqa: E402
+
+MAIN = REPO / "configs" / "abdomen-ct.json"
+ATLAS_SPACING = (3.0, 3.0, 3.0)
+
+
+def _resolve(path: str) -> Path:
+    return (MAIN.parent / path).resolve()
+
+
+def atlas_cases(raw: dict, exclude: set[str], work: Path) -> list[Case]:
+    """The real atlases and their warps onto every label map, none of them from `exclude`."""
+    spec = dict(raw["data"]["synthetic"])
+    by_name = {c["name"]: c for c in raw["data"]["cases"]}
+    names = [n for n in spec["atlases"] if n not in exclude]
+    real = [Case(n, _resolve(by_name[n]["image"]), _resolve(by_name[n]["label"])) for n in names]
+    excluded_labels = {_resolve(by_name[n]["label"]) for n in exclude if n in by_name}
+    maps = [m for m in spec["label_maps"] if _resolve(m) not in excluded_labels]
+    synth = {"label_maps": maps, "atlases": names, "per_label_map": 0, "seed": spec.get("seed", 0),
+             "spacing": spec.get("spacing"), "table": {"measure": names}}
+    warped = synthetic_cases(synth, lambda p: _resolve(str(p)), real, work,
+                             progress=lambda done, total: print(f"  warped atlases {done}/{total}", flush=True))
+    return real + warped
+
+
+def write_atlas(case: Case, lookup: np.ndarray, folder: Path, name: str) -> AtlasSpec:
+    """The case's CT (int16 HU) and labels (model values) on a 3 mm grid, inside `folder`."""
+    ct = read_image(case.image)
+    grid = grid_for_spacing(ct, ATLAS_SPACING)
+    ct3 = resample(ct, grid, "linear", -1024.0, sitk.sitkInt16)
+    labels = sitk.ReadImage(str(case.label))
+    ours = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(labels)])
+    ours.CopyInformation(labels)
+    lab3 = resample(ours, grid, "nearest", 0, sitk.sitkUInt8)
+    (folder / "atlases").mkdir(parents=True, exist_ok=True)
+    spec = AtlasSpec(name=name, image=f"atlases/{name}_ct.nii.gz", labels=f"atlases/{name}_labels.nii.gz")
+    sitk.WriteImage(ct3, str(folder / spec.image), True)
+    sitk.WriteImage(lab3, str(folder / spec.labels), True)
+    return spec
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-o", "--out", required=True, help="the package folder to write")
+    ap.add_argument("--base", default=str(REPO / "Resources" / "Models" / "abdomen-ct-demo"),
+                    help="the model package whose networks are used")
+    ap.add_argument("--exclude", default="", help="comma-separated cases to leave out (a held-out fold)")
+    ap.add_argument("--work", default=str(REPO / "runs" / "atlas-work"), help="cache of the warped atlases")
+    ap.add_argument("--name", default="abdomen-ct", help="the package's name")
+    ap.add_argument("--version", default="1.0.0")
+    ap.add_argument("--spacing-mm", type=float, default=6.0, help="registration grid spacing")
+    ap.add_argument("--network-weight", type=float, default=0.5)
+    args = ap.parse_args()
+
+    raw = json.loads(MAIN.read_text(encoding="utf-8"))
+    exclude = {e for e in args.exclude.split(",") if e}
+    base = ModelPackage.load(args.base)
+    base.verify()
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        print(f"{out} is not empty; choose a new folder", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    lookup = label_lookup(base.labels, None, None, "totalsegmentator")
+    cases = atlas_cases(raw, exclude, Path(args.work) / ("all" if not exclude else "without-" + "-".join(sorted(exclude))))
+    atlases = []
+    for case in cases:
+        name = case.name.rsplit("-", 1)[0] if case.name.startswith("reg-") else case.name
+        atlases.append(write_atlas(case, lookup, out, name.replace("_label", "")))
+        print(f"  atlas {atlases[-1].name}", flush=True)
+    for stage in base.stages:
+        shutil.copy2(base.weight_path(stage), out / stage.weights)
+    base.name, base.version = args.name, args.version
+    base.atlas_prior = AtlasPriorSpec(atlases=atlases, spacing_mm=args.spacing_mm, network_weight=args.network_weight)
+    base.provenance = {**base.provenance, "atlas_prior": {
+        "built_by": "configs/build_atlas_model.py", "base_model": f"{ModelPackage.load(args.base).name}",
+        "excluded": sorted(exclude), "atlases": [c.name for c in cases],
+        "data": "TotalSegmentator dataset (Wasserthal et al. 2023, CC-BY 4.0) and its Apache-2.0 example CT"}}
+    base.save(out)
+    print(f"wrote {out} with {len(atlases)} atlases")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
