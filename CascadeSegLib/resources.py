@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 #: the model `segment` and the Slicer module use when none is named (one place; no torch import here)
-DEFAULT_MODEL = "abdomen-ct-demo"
+DEFAULT_MODEL = "abdomen-ct"
 
 
 def resources_dir() -> Path:

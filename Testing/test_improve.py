@@ -72,7 +72,7 @@ def _damaged_copy(src: ModelPackage, damage: float, folder: Path) -> ModelPackag
     states[-1]["head.bias"][liver] -= damage
     pkg = ModelPackage(**{**src.__dict__, "name": "damaged", "root": None,
                           "stages": [type(s)(s.name, s.spacing, s.tile, s.network, s.weights) for s in src.stages]})
-    pkg.save(folder, states)
+    pkg.save(folder, states, files_from=src.root)
     return ModelPackage.load(folder)
 
 

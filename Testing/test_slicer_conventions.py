@@ -19,6 +19,8 @@ from CascadeSegSlicer.logic import CascadeSegLogic  # noqa: E402
 from CascadeSegSlicer.parameter_node import parameter_node  # noqa: E402
 from test_slicer_logic import FakeGui, make_controller  # noqa: E402
 
+from CascadeSegLib.resources import DEFAULT_MODEL  # noqa: E402
+
 
 def add_volume(scene, name: str, cls: str = "vtkMRMLScalarVolumeNode"):
     return scene.AddNewNodeByClass(cls, name)
@@ -30,7 +32,7 @@ def test_parameter_node_is_saved_with_the_scene_in_parameter_node_wrapper_format
     ct = add_volume(app.scene, "ct")
     seg = app.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "ct segmentation")
     values = parameter_node(app.scene)
-    assert (values.model, values.device, values.overlap, values.inputVolume) == ("abdomen-ct-demo", "auto", False, None)
+    assert (values.model, values.device, values.overlap, values.inputVolume) == (DEFAULT_MODEL, "auto", False, None)
     values.inputVolume, values.outputSegmentation = ct, seg
     values.model, values.device, values.overlap, values.refine = "my-model", "cpu", True, True
     with pytest.raises(ValueError):
@@ -72,7 +74,7 @@ def test_panel_edits_and_shows_the_parameter_node(tmp_path):
     ui.overlapCheckBox.checked = True
     ui.overlapCheckBox.toggled.emit(True)
     ui.deviceComboBox.setCurrentIndex([d for _, d in ui.deviceComboBox.items].index("cpu"))
-    assert values.overlap and values.device == "cpu" and values.model == "abdomen-ct-demo"
+    assert values.overlap and values.device == "cpu" and values.model == DEFAULT_MODEL
     params = ctl.parameters()
     assert params.overlap and params.device == "cpu" and params.create_new_segmentation
     # node -> panel (a script, or a loaded scene)

@@ -43,6 +43,9 @@ sys.path.insert(0, str(HERE))
 from common import REPO, large_ct, measure_module, table  # noqa: E402
 
 sys.path.insert(0, str(REPO / "CascadeSeg"))
+sys.path.insert(0, str(REPO))
+
+from CascadeSegLib.resources import DEFAULT_MODEL  # noqa: E402 - no torch import
 
 STEPS = [
     ("write volume", "write volume to temp NRRD (Slicer)"),
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="Segment runs (the first is reported apart; default 3)")
     ap.add_argument("--size", default="512,512,400",
                     help="CT size x,y,z (the sample CT resampled; default 512,512,400)")
-    ap.add_argument("--model", default="abdomen-ct-demo")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--cache-dir", default=None, help="where the resampled CT is kept (default: the temp folder)")
     ap.add_argument("--worker", action=argparse.BooleanOptionalAction, default=True,

@@ -82,7 +82,8 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "runs" / "atlas-work"), help="cache of the warped atlases")
     ap.add_argument("--name", default="abdomen-ct", help="the package's name")
     ap.add_argument("--version", default="1.0.0")
-    ap.add_argument("--spacing-mm", type=float, default=6.0, help="registration grid spacing")
+    ap.add_argument("--spacing-mm", type=float, default=8.0, help="registration grid spacing")
+    ap.add_argument("--demons-iterations", type=int, default=30)
     ap.add_argument("--network-weight", type=float, default=0.5)
     args = ap.parse_args()
 
@@ -96,7 +97,8 @@ def main() -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     lookup = label_lookup(base.labels, None, None, "totalsegmentator")
-    cases = atlas_cases(raw, exclude, Path(args.work) / ("all" if not exclude else "without-" + "-".join(sorted(exclude))))
+    work = Path(args.work) / ("all" if not exclude else "without-" + "-".join(sorted(exclude)))
+    cases = atlas_cases(raw, exclude, work)
     atlases = []
     for case in cases:
         name = case.name.rsplit("-", 1)[0] if case.name.startswith("reg-") else case.name
@@ -104,10 +106,16 @@ def main() -> int:
         print(f"  atlas {atlases[-1].name}", flush=True)
     for stage in base.stages:
         shutil.copy2(base.weight_path(stage), out / stage.weights)
+    network = f"{base.name} {base.version}"
     base.name, base.version = args.name, args.version
-    base.atlas_prior = AtlasPriorSpec(atlases=atlases, spacing_mm=args.spacing_mm, network_weight=args.network_weight)
-    base.provenance = {**base.provenance, "atlas_prior": {
-        "built_by": "configs/build_atlas_model.py", "base_model": f"{ModelPackage.load(args.base).name}",
+    base.atlas_prior = AtlasPriorSpec(atlases=atlases, spacing_mm=args.spacing_mm, network_weight=args.network_weight,
+                                      demons_iterations=args.demons_iterations)
+    base.description = (f"Cascade (Roth et al. 2018) for 10 abdominal structures: the {network} networks fused "
+                        f"with {len(atlases)} registered atlases; research use, not for clinical decisions.")
+    base.license = (f"networks: {base.license or 'see the base model'}; atlases: CC-BY-4.0, derived from the "
+                    "TotalSegmentator dataset (Wasserthal et al. 2023) and its Apache-2.0 example CT")
+    base.provenance = {"network": {"model": network, **base.provenance}, "atlas_prior": {
+        "built_by": "python configs/build_atlas_model.py" + (f" --exclude {args.exclude}" if exclude else ""),
         "excluded": sorted(exclude), "atlases": [c.name for c in cases],
         "data": "TotalSegmentator dataset (Wasserthal et al. 2023, CC-BY 4.0) and its Apache-2.0 example CT"}}
     base.save(out)

@@ -147,10 +147,19 @@ class ModelPackage:
             raise ModelError(f"cannot read {meta} ({exc}); re-install the model") from None
         return ModelPackage.from_json(data, root=p.resolve())
 
-    def save(self, folder: str | Path, state_dicts: Sequence[dict[str, torch.Tensor]] | None = None) -> Path:
-        """Write model.json (and weights, if given) into `folder`; sha256s are recomputed."""
+    def save(self, folder: str | Path, state_dicts: Sequence[dict[str, torch.Tensor]] | None = None,
+             files_from: Path | None = None) -> Path:
+        """Write model.json (and weights, if given) into `folder`; sha256s are recomputed.
+        `files_from`: a package folder to copy the atlas files from when `folder` lacks them."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        for name, _ in self.atlas_prior.files() if self.atlas_prior else []:
+            target = folder / name
+            if files_from is not None and not target.is_file():
+                import shutil
+
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(files_from) / name, target)
         if state_dicts is not None:
             if len(state_dicts) != len(self.stages):
                 raise ValueError("one state_dict per stage is needed")

@@ -11,6 +11,7 @@ any older NEW_NAME exactly as they were.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -276,8 +277,9 @@ def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder:
                        normalization=pkg.normalization, body_threshold_hu=pkg.body_threshold_hu,
                        dilation_radius=pkg.dilation_radius,
                        description=f"{pkg.name} improved on {len(provenance['corrections'])} correction(s)",
-                       license=pkg.license, provenance=provenance, largest_component=list(pkg.largest_component))
-    new.save(folder, states)
+                       license=pkg.license, provenance=provenance, largest_component=list(pkg.largest_component),
+                       atlas_prior=copy.deepcopy(pkg.atlas_prior))     # the atlases come along unchanged
+    new.save(folder, states, files_from=pkg.root)
     loaded = ModelPackage.load(folder)
     loaded.verify()
     return loaded
