@@ -261,13 +261,15 @@ def make_controller(logic, gui):
     from CascadeSegSlicer.models import ModelChoice
     from CascadeSegSlicer.widget import CascadeSegController
 
+    from CascadeSegLib.resources import DEFAULT_MODEL
+
     ui = SimpleNamespace(**{name: FakeWidget() for name in ui_widget_names()})
     ctl = CascadeSegController(ui, logic, gui, FakeTimer)
     ctl.setup()
-    ctl.models = [ModelChoice("abdomen-ct-demo", "1.0.0", "bundled", labels=tuple(DEFAULT_ORGANS),
+    ctl.models = [ModelChoice(DEFAULT_MODEL, "1.0.0", "bundled", labels=tuple(DEFAULT_ORGANS),
                               license="Apache-2.0")]
     ui.modelComboBox.clear()
-    ui.modelComboBox.addItem("abdomen-ct-demo 1.0.0", "abdomen-ct-demo")
+    ui.modelComboBox.addItem(f"{DEFAULT_MODEL} 1.0.0", DEFAULT_MODEL)
     ctl.on_model_changed()
     return ui, ctl
 
