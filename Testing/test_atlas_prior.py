@@ -1,5 +1,5 @@
-"""Atlas prior: registration, the prior on stage 2's grid, the fusion rule, packaging, and the
-return of the scores to the input grid, on the bundled sample CT and the DICOM slab."""
+"""Atlas prior: registration, the prior on stage 2's grid, the fusion rule, packaging and the
+skip for short scans, on the bundled sample CT and the DICOM slab; labels reach the last slices."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from conftest import REPO_DIR
 
 from CascadeSegLib.errors import ModelError
 from CascadeSegLib.inference import atlas_prior as ap
-from CascadeSegLib.inference.cascade import Segmenter, argmax_on_grid, resample_labels_to
+from CascadeSegLib.inference.cascade import Segmenter, resample_labels_to
 from CascadeSegLib.inference.preprocess import grid_for_spacing, resample
 from CascadeSegLib.io import read_image
 from CascadeSegLib.packaging.model import ModelPackage, load_model
@@ -133,22 +133,6 @@ def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_d
     assert with_atlas.stats["atlas_prior_used"] == 0.0 and "atlas_prior" not in with_atlas.timings
     assert len(warnings) == 1 and warnings[0].startswith("atlas prior skipped: the scan is 40 mm")
     assert np.array_equal(sitk.GetArrayFromImage(with_atlas.labels), sitk.GetArrayFromImage(plain.labels))
-
-
-def test_scores_return_to_the_input_grid_smoothly_and_exactly(sample: tuple[sitk.Image, sitk.Image]) -> None:
-    ct, lab = sample
-    grid = grid_for_spacing(ct, (6.0, 6.0, 6.0))
-    coarse = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8))).long()
-    scores = torch.nn.functional.one_hot(coarse, 11).permute(3, 0, 1, 2).float()
-    smooth = argmax_on_grid(scores, grid, ct)
-    assert (smooth.GetOrigin(), smooth.GetSpacing(), smooth.GetDirection(), smooth.GetSize()) == \
-        (ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection(), ct.GetSize())
-    nearest_img = sitk.GetImageFromArray(coarse.numpy().astype(np.uint8))
-    nearest_img.CopyInformation(grid)
-    nearest = sitk.GetArrayFromImage(resample_labels_to(nearest_img, ct))
-    truth, got = sitk.GetArrayFromImage(lab), sitk.GetArrayFromImage(smooth)
-    # interpolated scores follow the organ between the coarse voxels better than the steps do
-    assert _dice(got == 1, truth == 1) > _dice(nearest == 1, truth == 1)
 
 
 def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:

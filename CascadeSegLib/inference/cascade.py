@@ -273,7 +273,6 @@ class Segmenter:
         t["stage1"] = time.perf_counter() - t0
         stage1_img = _from_tensor(labels1, grid1)
 
-        scores: torch.Tensor | None = None   # class scores kept only where an atlas prior was fused
         if self.stage1_only:
             final_grid, final = grid1, labels1
             probs = None
@@ -304,8 +303,8 @@ class Segmenter:
                 final = self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
             if prior is not None and model.atlas_prior is not None:
                 network = probs if probs is not None else torch.zeros_like(prior)
-                scores = atlas_prior.fused_scores(network, prior, c2, model.atlas_prior.network_weight)
-                final = scores.argmax(0).to(torch.uint8)
+                final = atlas_prior.fused_scores(network, prior, c2, model.atlas_prior.network_weight).argmax(0)
+                final = final.to(torch.uint8)
                 if not self.keep_probabilities:
                     probs = None
                 del prior
@@ -321,15 +320,7 @@ class Segmenter:
         self._report("postprocess", 0.0, "resampling labels to the input grid")
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
         c1_img = _from_tensor(c1.to(torch.uint8), grid1)
-        if scores is not None:
-            # Class scores interpolated linearly before the argmax: organ borders follow the scores
-            # between stage 2's voxels instead of stepping with them (s0009: liver Dice +0.05).
-            if self.largest_component_values:
-                scores[0] += (final == 0) & (scores.argmax(0) != 0)   # islands removed stay removed
-            labels = argmax_on_grid(scores, final_grid, image, mask=c1_img)
-            del scores
-        else:
-            labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
+        labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
         result = SegmentationResult(labels=labels, timings=t, stats=stats)
         if self.keep_stage1 or self.stage1_only:
             result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image, edge=1)
@@ -366,79 +357,6 @@ def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Te
             sizes[0] = 0
             out[box][(comp > 0) & (comp != int(sizes.argmax()))] = 0
     return torch.from_numpy(out).to(labels.device)
-
-
-def argmax_on_grid(scores: torch.Tensor, grid: sitk.Image, reference: sitk.Image, mask: sitk.Image | None = None,
-                   chunk_voxels: int = 1 << 22) -> sitk.Image:
-    """uint8 argmax over classes of `scores` (K, z, y, x on `grid`) interpolated linearly onto
-    `reference`'s grid; with `mask`, voxels whose nearest mask voxel is 0 become background.
-
-    Only the box around the foreground is interpolated, slab by slab, so memory stays at one slab
-    of K channels. Grids whose axes are not shared (up to flips) fall back to nearest neighbour.
-    """
-    coarse = scores.argmax(0).to(torch.uint8)
-    maps = _lerp_maps(grid, reference)
-    if maps is None:
-        return resample_labels_to(_from_tensor(coarse, grid), reference, mask=mask, edge=1)
-    out = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
-    box = preprocess.bounding_box(coarse > 0, pad=1, shape=tuple(coarse.shape))
-    if box is not None:
-        ranges = []                 # per reference axis (x, y, z): indices whose neighbours touch the box
-        for axis in range(3):
-            i0, _, _ = maps[axis]
-            lo, hi = box[2 - axis]
-            hit = np.flatnonzero((i0 + 1 >= lo) & (i0 < hi))
-            ranges.append((int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0))
-        (x0, x1), (y0, y1), (z0, z1) = ranges
-        if x1 > x0 and y1 > y0 and z1 > z0:
-            def lerp(t: torch.Tensor, dim: int, axis: int, lo: int, hi: int) -> torch.Tensor:
-                i0, i1, w = (torch.from_numpy(a[lo:hi]).to(t.device) for a in maps[axis])
-                shape = [1] * t.ndim
-                shape[dim] = -1
-                wt = w.to(t.dtype).reshape(shape)
-                return t.index_select(dim, i0) * (1 - wt) + t.index_select(dim, i1) * wt
-
-            plane = (x1 - x0) * (y1 - y0) * scores.shape[0]
-            step = max(1, chunk_voxels // max(plane, 1))
-            for z in range(z0, z1, step):
-                ze = min(z + step, z1)
-                zi0, zi1, _ = maps[2]
-                lo, hi = int(zi0[z:ze].min()), int(zi1[z:ze].max()) + 1
-                block = scores[:, lo:hi]
-                block = lerp(block, 3, 0, x0, x1)
-                block = lerp(block, 2, 1, y0, y1)
-                k0, k1, kw = (torch.from_numpy(a[z:ze]).to(block.device)
-                              for a in (maps[2][0] - lo, maps[2][1] - lo, maps[2][2]))
-                wt = kw.to(block.dtype).reshape(1, -1, 1, 1)
-                block = block.index_select(1, k0) * (1 - wt) + block.index_select(1, k1) * wt
-                out[z:ze, y0:y1, x0:x1] = block.argmax(0).to(torch.uint8).cpu().numpy()
-    if mask is not None:
-        keep = _separable_nearest(mask, reference, edge=1)
-        out *= (keep if keep is not None else _boxed_nearest(mask, reference)) != 0
-    img = sitk.GetImageFromArray(out)
-    img.CopyInformation(reference)
-    return img
-
-
-def _lerp_maps(src: sitk.Image, reference: sitk.Image) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
-    """Per axis (x, y, z): for each reference index the two source indices around it and the
-    weight of the second (linear interpolation, clamped at the source's edges); None unless the
-    grids share their axes up to flips (as in `_index_maps`)."""
-    d_src = np.array(src.GetDirection()).reshape(3, 3)
-    d_ref = np.array(reference.GetDirection()).reshape(3, 3)
-    signs = np.sign(np.einsum("ij,ij->j", d_src, d_ref))
-    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_ref, atol=1e-9, rtol=0):
-        return None
-    offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(src.GetOrigin()))
-    maps = []
-    for axis in range(3):
-        n_ref, n_src = reference.GetSize()[axis], src.GetSize()[axis]
-        j = (offset[axis] + np.arange(n_ref) * signs[axis] * reference.GetSpacing()[axis]) / src.GetSpacing()[axis]
-        j = np.clip(j, 0, n_src - 1)
-        i0 = np.minimum(np.floor(j).astype(np.int64), max(n_src - 2, 0))
-        i1 = np.minimum(i0 + 1, n_src - 1)
-        maps.append((i0, i1, (j - i0).astype(np.float32)))
-    return maps
 
 
 def _from_tensor(t: torch.Tensor, reference: sitk.Image) -> sitk.Image:
