@@ -143,3 +143,18 @@ def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:
     ones.CopyInformation(grid)
     assert sitk.GetArrayFromImage(resample_labels_to(ones, ct, edge=1)).min() == 1
     assert sitk.GetArrayFromImage(resample_labels_to(ones, ct)).min() == 0      # without: the last slices are lost
+
+
+def test_a_prior_for_a_finer_stage2_grid_is_interpolated_from_3_mm(sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, lab = sample
+    coarse, fine = grid_for_spacing(ct, (3.0, 3.0, 3.0)), grid_for_spacing(ct, (1.5, 1.5, 1.5))
+    labels = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, coarse, "nearest", 0, sitk.sitkUInt8))).long()
+    prior = torch.nn.functional.one_hot(labels, 11).permute(3, 0, 1, 2).float()
+    out = ap.resample_prior(prior, coarse, fine)
+    assert tuple(out.shape) == (11,) + tuple(fine.GetSize()[::-1])
+    # both grids start at the same voxel centre: every second fine voxel is a coarse voxel
+    n = [min(a, 2 * b - 1) for a, b in zip(out.shape[1:], prior.shape[1:])]
+    half = [(k + 1) // 2 for k in n]
+    assert torch.equal(out[:, :n[0]:2, :n[1]:2, :n[2]:2], prior[:, :half[0], :half[1], :half[2]])
+    inside = out[:, :n[0], :n[1], :n[2]].sum(0)
+    assert torch.allclose(inside, torch.ones_like(inside), atol=1e-5)

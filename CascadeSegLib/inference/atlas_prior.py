@@ -28,6 +28,9 @@ import torch
 from ..errors import ModelError
 from . import preprocess
 
+#: the finest grid the prior is built on (finer stage-2 grids get it interpolated)
+PRIOR_SPACING_MM = 3.0
+
 
 @dataclass
 class AtlasSpec:
@@ -205,6 +208,15 @@ def _register_all(spec: AtlasPriorSpec, warp: Callable[[AtlasSpec], tuple[AtlasS
             for future in pending:        # a cancel or an error: start no further registration
                 future.cancel()
             raise
+
+
+def resample_prior(prior: torch.Tensor, source: sitk.Image, target: sitk.Image) -> torch.Tensor:
+    """The prior (K, z, y, x on `source`) interpolated linearly onto `target`'s grid; 0 outside."""
+    img = sitk.GetImageFromArray(prior.permute(1, 2, 3, 0).contiguous().cpu().numpy(), isVector=True)
+    img.CopyInformation(source)
+    out = sitk.Resample(img, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
+    arr = torch.from_numpy(sitk.GetArrayFromImage(out)).to(prior.device)
+    return arr.permute(3, 0, 1, 2).contiguous()
 
 
 def fused_scores(network: torch.Tensor, prior: torch.Tensor, c2: torch.Tensor, network_weight: float) -> torch.Tensor:

@@ -216,9 +216,15 @@ class Segmenter:
             return None
         t0 = time.perf_counter()
         self._report("atlases", 0.0, "registering atlases")
+        # The prior is smooth (sigma 4 mm): on a stage-2 grid finer than 3 mm it is built at 3 mm
+        # and interpolated, not warped and smoothed ten times over eight times the voxels.
+        coarse = min(grid.GetSpacing()) < atlas_prior.PRIOR_SPACING_MM
+        prior_grid = preprocess.grid_for_spacing(image, [atlas_prior.PRIOR_SPACING_MM] * 3) if coarse else grid
         prior, seconds = atlas_prior.atlas_prior(
-            image, grid, spec, self.model.root, self.model.labels.num_classes, self.device,
+            image, prior_grid, spec, self.model.root, self.model.labels.num_classes, self.device,
             progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel)
+        if coarse:
+            prior = atlas_prior.resample_prior(prior, prior_grid, grid)
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
         self._stats["atlas_prior_atlases"] = float(len(seconds))
