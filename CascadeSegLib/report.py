@@ -57,6 +57,11 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
              for stage in ("stage1", "stage2") if f"{stage}_tiles" in stats]
     if tiles:
         lines += ["Network work: " + ", ".join(tiles)]
+    if "atlas_prior_used" in stats:     # a model with atlases: say whether they shaped this result
+        lines += [f"Atlas prior: {int(stats.get('atlas_prior_atlases', 0))} atlases registered onto this scan and "
+                  "fused with stage 2" if stats["atlas_prior_used"] else
+                  "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
+                  "segmented it"]
     return "\n".join(lines) + "\n"
 
 

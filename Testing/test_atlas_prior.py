@@ -158,3 +158,19 @@ def test_a_prior_for_a_finer_stage2_grid_is_interpolated_from_3_mm(sample: tuple
     assert torch.equal(out[:, :n[0]:2, :n[1]:2, :n[2]:2], prior[:, :half[0], :half[1], :half[2]])
     inside = out[:, :n[0], :n[1], :n[2]].sum(0)
     assert torch.allclose(inside, torch.ones_like(inside), atol=1e-5)
+
+
+def test_the_report_says_whether_the_atlases_were_used() -> None:
+    from CascadeSegLib.labels import LabelSet
+    from CascadeSegLib.report import report_markdown
+
+    labels = LabelSet.from_names(["liver"])
+    base = {"case": "c", "model": {"name": "m", "version": "1"}, "device": "cpu",
+            "input": {"size": [1, 1, 1], "spacing": [1.0, 1.0, 1.0]},
+            "organs": {"liver": {"ml": 1.0, "voxels": 1}}, "timings_s": {}}
+    stats = {"atlas_prior_used": 1.0, "atlas_prior_atlases": 10.0}
+    used = report_markdown({**base, "candidate_regions": stats}, labels)
+    skipped = report_markdown({**base, "candidate_regions": {"atlas_prior_used": 0.0}}, labels)
+    plain = report_markdown({**base, "candidate_regions": {}}, labels)
+    assert "Atlas prior: 10 atlases registered onto this scan" in used
+    assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
