@@ -378,9 +378,8 @@ def test_end_to_end_through_real_cli_with_small_model(app, tmp_path):
     seg = seg_node.GetSegmentation()
     assert list(seg.GetSegmentIDs()) == list(organs)
     assert [seg.GetSegment(o).GetLabelValue() for o in organs] == [1, 2, 3]
-    # The child's progress reaches the callback (polled every 0.1 s, so a tiny phantom's stages
-    # may pass between two polls; which ones are seen depends on the machine's load).
-    assert seen[-1] == "done" and {"preprocess", "stage1", "stage2", "postprocess"} & set(seen)
+    # Every progress event of the child reaches the callback, however fast the stages pass.
+    assert seen[-1] == "done" and {"preprocess", "stage1", "stage2", "postprocess"} <= set(seen)
     for o in organs:
         _, m, _ = segment_array(seg_node, o)
         np.testing.assert_allclose(m, ijk_to_ras(volume), atol=1e-4)

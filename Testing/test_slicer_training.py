@@ -31,6 +31,7 @@ from test_slicer_logic import FakeGui, make_controller  # noqa: E402
 
 from CascadeSegLib.corrections import list_corrections  # noqa: E402
 from CascadeSegLib.labels import DEFAULT_ORGANS  # noqa: E402
+from CascadeSegLib.resources import DEFAULT_MODEL  # noqa: E402
 
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
 SAMPLE_TS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
@@ -135,7 +136,7 @@ def test_improve_from_the_panel_shows_progress_cancels_and_selects_the_new_model
     # Cancel while training: the process goes, nothing is installed, the panel is usable again
     monkeypatch.setenv("FAKE_MODE", "hang")
     ui.improveButton.clicked.emit()
-    assert gui.asked == "abdomen-ct-demo-improved" and ui.improveButton.text == "Cancel improving"
+    assert gui.asked == f"{DEFAULT_MODEL}-improved" and ui.improveButton.text == "Cancel improving"
     deadline = time.monotonic() + 30
     while panel.run.progress.fraction < 0.5 and time.monotonic() < deadline:
         panel.on_timer()
@@ -152,7 +153,7 @@ def test_improve_from_the_panel_shows_progress_cancels_and_selects_the_new_model
     ui.improveButton.clicked.emit()
     drive(panel, timeout=30)
     args = json.loads((tmp_path / "improve_args.json").read_text(encoding="utf-8"))
-    assert args[:4] == ["improve", "abdomen-ct-demo", "-o", "demo-improved"]
+    assert args[:4] == ["improve", DEFAULT_MODEL, "-o", "demo-improved"]
     assert not gui.errors, gui.errors
     assert ctl.current_model().name == "demo-improved"
     assert ui.trainingStatusLabel.text.endswith("63.3% -> 91.0%")

@@ -228,18 +228,25 @@ class CascadeSegLogic:
             timeout_s: float | None = None) -> Any:
         """Blocking run (scripts, self-test): start, poll until done, import."""
         run = self.start(volume_node, params, output_node)
+        delivered = 0
+
+        def report() -> None:           # every event, not only the latest: a script sees each stage
+            nonlocal delivered
+            run.poll()
+            if on_progress:
+                for p in run.history[delivered:] or [run.progress]:
+                    on_progress(p)
+            delivered = len(run.history)
+
         try:
             while run.is_running():
-                p = run.poll()
-                if on_progress:
-                    on_progress(p)
+                report()
                 if timeout_s is not None and run.elapsed_s > timeout_s:
                     self.cancel(run)
                     raise RunError(f"segmentation took longer than {timeout_s:.0f} s and was stopped")
                 time.sleep(0.1)
             run.process.wait()  # also waits for the reader threads: the last events are queued
-            if on_progress:
-                on_progress(run.poll())
+            report()
         except BaseException:
             self.cancel(run)
             raise

@@ -71,6 +71,7 @@ class SegmentRun:
     error_event: dict[str, Any] | None = None
     log_lines: list[str] = field(default_factory=list)
     what: str = "segmentation"      # names the run in messages ("model install", ...)
+    history: list[Progress] = field(default_factory=list)   # every progress event, in order
 
     def poll(self) -> Progress:
         """Read what the process printed; the latest progress (cheap, never blocks)."""
@@ -79,6 +80,7 @@ class SegmentRun:
             if kind == "progress":
                 self.progress = Progress(str(ev.get("stage", "")), float(ev.get("fraction", 0.0)),
                                          str(ev.get("message", "")))
+                self.history.append(self.progress)
             elif kind == "done":
                 self.done_events.append(ev)
             elif kind == "error":
