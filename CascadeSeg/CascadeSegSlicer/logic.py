@@ -228,25 +228,18 @@ class CascadeSegLogic:
             timeout_s: float | None = None) -> Any:
         """Blocking run (scripts, self-test): start, poll until done, import."""
         run = self.start(volume_node, params, output_node)
-        delivered = 0
-
-        def report() -> None:           # every event, not only the latest: a script sees each stage
-            nonlocal delivered
-            run.poll()
-            if on_progress:
-                for p in run.history[delivered:] or [run.progress]:
-                    on_progress(p)
-            delivered = len(run.history)
-
+        notify = on_progress or (lambda _p: None)
         try:
             while run.is_running():
-                report()
+                for p in run.new_progress():        # every event: a script sees each stage
+                    notify(p)
                 if timeout_s is not None and run.elapsed_s > timeout_s:
                     self.cancel(run)
                     raise RunError(f"segmentation took longer than {timeout_s:.0f} s and was stopped")
                 time.sleep(0.1)
             run.process.wait()  # also waits for the reader threads: the last events are queued
-            report()
+            for p in run.new_progress():
+                notify(p)
         except BaseException:
             self.cancel(run)
             raise

@@ -89,6 +89,12 @@ class SegmentRun:
                 self.log_lines.append(str(ev.get("message", ev)))
         return self.progress
 
+    def new_progress(self) -> list[Progress]:
+        """Poll; every progress event since the last call (the latest one if none is new)."""
+        seen = len(self.history)
+        self.poll()
+        return self.history[seen:] or [self.progress]
+
     def is_running(self) -> bool:
         running = bool(self.process.is_running())
         if not running and self.ended is None:
