@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,8 +157,6 @@ class ModelPackage:
         for name, _ in self.atlas_prior.files() if self.atlas_prior else []:
             target = folder / name
             if files_from is not None and not target.is_file():
-                import shutil
-
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(files_from) / name, target)
         if state_dicts is not None:
@@ -181,28 +180,21 @@ class ModelPackage:
         return self.root / stage.weights
 
     def verify(self) -> dict[str, str]:
-        """Check every weight file's sha256 against model.json; return {file: sha256}."""
+        """Check every weight and atlas file's sha256 against model.json; return {file: sha256}."""
+        if self.root is None:
+            raise ModelError(f"model {self.name} has no folder; save it first")
+        files = [("weight file", s.weights, s.sha256) for s in self.stages]
+        if self.atlas_prior is not None:
+            files += [("atlas file", name, digest) for name, digest in self.atlas_prior.files()]
         result = {}
-        for stage in self.stages:
-            path = self.weight_path(stage)
+        for kind, name, expected in files:
+            path = self.root / name
             if not path.is_file():
-                raise ModelError(f"model {self.name}: weight file {stage.weights} is missing from {self.root}; "
-                                 "re-install the model")
+                raise ModelError(f"model {self.name}: {kind} {name} is missing from {self.root}; re-install the model")
             digest = sha256_file(path)
-            if not stage.sha256 or digest != stage.sha256.lower():
-                raise ModelError(f"model {self.name}: {stage.weights} has sha256 {digest[:12]}..., model.json "
-                                 f"says {stage.sha256[:12] or 'nothing'}...; the file is damaged or was "
-                                 "altered: re-install the model")
-            result[stage.weights] = digest
-        for name, expected in self.atlas_prior.files() if self.atlas_prior else []:
-            path = self.root / name if self.root else Path(name)
-            if not path.is_file():
-                raise ModelError(f"model {self.name}: atlas file {name} is missing from {self.root}; "
-                                 "re-install the model")
-            digest = sha256_file(path)
-            if digest != expected.lower():
-                raise ModelError(f"model {self.name}: atlas file {name} has sha256 {digest[:12]}..., model.json "
-                                 f"says {expected[:12] or 'nothing'}...; the file is damaged or was altered: "
+            if not expected or digest != expected.lower():
+                raise ModelError(f"model {self.name}: {kind} {name} has sha256 {digest[:12]}..., model.json says "
+                                 f"{expected[:12] or 'nothing'}...; the file is damaged or was altered: "
                                  "re-install the model")
             result[name] = digest
         return result
