@@ -202,9 +202,11 @@ class Segmenter:
                                on_oom=self._smaller_batches)
         return probs.argmax(0).to(torch.uint8) if labels_only else probs
 
-    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> torch.Tensor | None:
-        """The package's registered-atlas prior on stage 2's grid, or None (no atlases, or a scan
-        too short to register: a slab holds too little anatomy for an affine to lock on)."""
+    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image,
+                     t: dict[str, float]) -> tuple[torch.Tensor, float] | None:
+        """The package's registered-atlas prior on stage 2's grid and the network's weight in the
+        fusion, or None (no atlases, or a scan too short to register: a slab holds too little
+        anatomy for an affine to lock on)."""
         spec = self.model.atlas_prior
         if spec is None or self.model.root is None:
             return None
@@ -228,7 +230,7 @@ class Segmenter:
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
         self._stats["atlas_prior_atlases"] = float(len(seconds))
-        return prior
+        return prior, spec.network_weight
 
     def _smaller_boxes(self, voxels: int) -> None:
         self.max_tile_voxels = min(self.max_tile_voxels, voxels)  # keep what fits for the next stage and case
@@ -294,29 +296,27 @@ class Segmenter:
             hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
             self.check_cancel()
+            atlas = self._atlas_prior(image, ref2, t)        # (prior, network weight) or None
             t0 = time.perf_counter()
             self._report("stage2", 0.0, "stage 2")
             probs = None
-            prior = self._atlas_prior(image, ref2, t)
-            if not bool(c2.any()):
-                final = torch.zeros(c2.shape, dtype=torch.uint8, device=self.device)
-                if self.keep_probabilities:
-                    probs = torch.zeros((model.labels.num_classes,) + tuple(c2.shape), device=self.device)
-            elif self.keep_probabilities or prior is not None:
-                probs = self.predict_stage(1, hu2, c2, self.overlap, "stage2")
-                final = probs.argmax(0).to(torch.uint8) * c2
-            else:
-                final = self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
-            if prior is not None and model.atlas_prior is not None:
-                network = probs if probs is not None else torch.zeros_like(prior)
-                final = atlas_prior.fused_scores(network, prior, c2, model.atlas_prior.network_weight).argmax(0)
-                final = final.to(torch.uint8)
+            if self.keep_probabilities or atlas is not None:
+                probs = (self.predict_stage(1, hu2, c2, self.overlap, "stage2") if bool(c2.any())
+                         else torch.zeros((model.labels.num_classes,) + tuple(c2.shape), device=self.device))
+                if atlas is not None:
+                    final = atlas_prior.fused_scores(probs, atlas[0], c2, atlas[1]).argmax(0).to(torch.uint8)
+                    atlas = None                             # the K-channel prior is not needed any more
+                else:
+                    final = probs.argmax(0).to(torch.uint8) * c2
                 if not self.keep_probabilities:
                     probs = None
-                del prior
+            elif bool(c2.any()):
+                final = self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
+            else:
+                final = torch.zeros(c2.shape, dtype=torch.uint8, device=self.device)
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values)
-            t["stage2"] = time.perf_counter() - t0 - t.get("atlas_prior", 0.0)
+            t["stage2"] = time.perf_counter() - t0
             final_grid = ref2
             c2_img = _from_tensor(c2.to(torch.uint8), ref2) if self.keep_candidates else None
 
