@@ -1,0 +1,134 @@
+"""configs/train_prepared.py: pack here, train where SimpleITK is missing, export a working package.
+
+The default model's networks were trained this way on a GPU machine without SimpleITK, so the
+pack must hold what the trainer's own cache holds, the trainer must run with SimpleITK absent,
+and stage 2's candidates must cover every labelled voxel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from train_helpers import small_config, write_phantom_cases
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "configs" / "train_prepared.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("train_prepared", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_nearest_index_maps_stage_grids_exactly():
+    tp = _module()
+    coarse = {"size": [4, 3, 2], "spacing": [6.0, 6.0, 6.0], "origin": [1.5, 1.5, 1.5]}
+    fine = {"size": [8, 6, 4], "spacing": [3.0, 3.0, 3.0], "origin": [0.0, 0.0, 0.0]}
+    iz, iy, ix = tp._nearest_index(coarse, fine)
+    # fine x positions 0, 3, ..., 21 mm -> (p - 1.5) / 6 = -0.25, 0.25, 0.75, ... rounded, clipped to 0..3
+    assert ix.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert iy.tolist() == [0, 0, 1, 1, 2, 2]
+    assert iz.tolist() == [0, 0, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    cases = write_phantom_cases(root / "data", seeds=(3, 4))
+    cfg = small_config(cases, train=["ph3", "ph4"], val=[], iterations=3, norm="instance")
+    stage2 = json.loads(json.dumps(cfg["stages"][0]))
+    stage2.update(name="stage2", spacing=[3.0, 3.0, 3.0], tile=[32, 32, 32], patch=[24, 24, 24])
+    cfg["stages"].append(stage2)
+    path = root / "config.json"
+    path.write_text(json.dumps(cfg))
+    out = root / "pack"
+    run = subprocess.run([sys.executable, str(SCRIPT), "pack", str(path), "-o", str(out), "--work", str(root / "work")],
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    return root, out, cases
+
+
+def test_pack_holds_the_trainers_cache(packed):
+    from CascadeSegLib.train.config import parse_config
+    from CascadeSegLib.train.dataset import build_cached_case, discover_cases, label_lookup
+
+    root, out, _ = packed
+    tp = _module()
+    meta = json.loads((out / "pack.json").read_text())
+    assert [e["name"] for e in meta["cases"]] == ["ph3", "ph4"] and meta["weights"] == [0.5, 0.5]
+    cfg = parse_config(meta["config"], root)
+    cases, names = discover_cases(cfg.data, cfg.resolve)
+    table = label_lookup(cfg.label_set(), None, names)
+    for stage in cfg.stages:
+        ref = build_cached_case(cases[0], root / "check", stage.spacing, cfg.window, cfg.normalization,
+                                cfg.body_threshold_hu, table)
+        got = tp._load(out, stage.name, meta["cases"][0])
+        assert got.image.shape == ref.image.shape
+        assert np.abs(got.image.astype(np.float32) - np.asarray(ref.image, np.float32)).max() <= 0.5 / 255 + 1e-3
+        assert np.array_equal(got.label, ref.label) and np.array_equal(got.c1, ref.c1)
+        assert got.geometry["origin"] == ref.geometry["origin"] and got.geometry["spacing"] == ref.geometry["spacing"]
+        assert got.geometry["direction"] == ref.geometry["direction"]
+
+
+def test_stage2_candidates_cover_every_labelled_voxel(packed, tmp_path):
+    from CascadeSegLib.inference import preprocess
+    from CascadeSegLib.network import build_network
+    from CascadeSegLib.train import checkpoint as ckpt
+    from CascadeSegLib.train.config import parse_config
+
+    root, out, _ = packed
+    tp = _module()
+    meta = json.loads((out / "pack.json").read_text())
+    cfg = parse_config(meta["config"], root)
+    # a stage 1 that finds nothing (background everywhere): the labelled voxels must still be candidates
+    net = build_network(cfg.stages[0].network)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+        net.head.bias[0] = 10.0
+    (tmp_path / "stage1").mkdir()
+    ckpt.save_checkpoint({"model": net.state_dict()}, tmp_path / "stage1" / "best.pt")
+    cases, masks, _, _ = tp._stage_data(cfg, 1, out, meta, tmp_path, torch.device("cpu"))
+    for case, mask in zip(cases, masks):
+        label = np.asarray(case.label) > 0
+        assert label.any() and mask[label].all()
+        grown = torch.from_numpy(label)
+        assert np.array_equal(mask, preprocess.dilate(grown, cfg.dilation_radius).numpy())
+
+
+def test_train_without_simpleitk_then_export_segments(packed, tmp_path):
+    root, out, cases = packed
+    run_dir = tmp_path / "run"
+    code = ("import sys, runpy; sys.modules['SimpleITK'] = None; "
+            f"sys.argv = ['train_prepared.py', 'train', {str(out)!r}, '--run-dir', {str(run_dir)!r}, "
+            "'--device', 'cpu', '--threads', '1']; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for stage in ("stage1", "stage2"):
+        done = json.loads((run_dir / stage / "done.json").read_text())
+        assert done["iterations"] == 3
+    model = tmp_path / "model"
+    run = subprocess.run([sys.executable, str(SCRIPT), "export", str(run_dir), "-o", str(model)],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+
+    from CascadeSegLib.inference.cascade import Segmenter
+    from CascadeSegLib.packaging.model import load_model
+
+    pkg = load_model(str(model))
+    assert [s.name for s in pkg.stages] == ["stage1", "stage2"]
+    image = sitk.ReadImage(cases[0]["image"])
+    labels = Segmenter(pkg, device="cpu").segment(image).labels
+    assert labels.GetSize() == image.GetSize() and labels.GetOrigin() == image.GetOrigin()
+    assert labels.GetSpacing() == image.GetSpacing() and labels.GetDirection() == image.GetDirection()

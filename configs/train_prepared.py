@@ -1,0 +1,301 @@
+"""Train a cascade on a machine that has a GPU but not the data or SimpleITK: pack, then train.
+
+    python configs/train_prepared.py pack CONFIG -o PACK [--exclude CASE] [--work DIR]
+    python configs/train_prepared.py train PACK --run-dir RUN [--device cuda] [--minutes M M]
+    python configs/train_prepared.py export RUN -o MODEL
+
+`pack` runs here, where the data and SimpleITK are: it generates the config's synthetic cases,
+resamples every case onto both stage grids (the trainer's own cache) and writes one xz-compressed
+.npz per case (the window-normalised image quantised to 8 bits: 2 HU steps over [-200, 300],
+labels, body mask C1, grid geometry) plus pack.json (config and sampling weights). A few MB
+travel instead of the raw CTs. `--exclude CASE` packs the leave-one-out fold of
+configs/leave_one_out.py without CASE (not a training case, label map, table CT or atlas).
+
+`train` needs only torch and numpy: stage 1 on C1, then stage 2 on C2 = (stage-1 foreground
+on the stage-2 grid, united with the labelled voxels) dilated by the model's radius; the union
+makes every organ voxel a training candidate even where a young stage 1 still misses it.
+`--minutes` caps each stage's wall time: the iteration count is set from the measured speed
+(recorded in the run's config.json), so the poly schedule still ends at zero. Resumable.
+
+`export` writes the model package (here, with SimpleITK) from the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import lzma
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _stub_simpleitk() -> None:
+    """Let the library import where SimpleITK is missing; any real use fails loudly."""
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        stub = types.ModuleType("SimpleITK")
+
+        class _Missing:
+            def __init__(self, *a, **k):
+                raise RuntimeError("SimpleITK is not installed on this machine")
+
+        def __getattr__(name: str):  # noqa: N807
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Missing
+
+        stub.__getattr__ = __getattr__  # type: ignore[attr-defined]
+        sys.modules["SimpleITK"] = stub
+
+
+# --------------------------------------------------------------------------- pack (here)
+
+
+def pack(args: argparse.Namespace) -> int:
+    from CascadeSegLib.train.config import parse_config, read_config_file
+    from CascadeSegLib.train.dataset import build_cached_case, discover_cases, label_lookup, read_split
+    from CascadeSegLib.train.ddp import DistContext
+    from CascadeSegLib.train.trainer import _with_synthetic
+
+    config = Path(args.config).resolve()
+    raw = read_config_file(config)
+    if args.exclude:
+        sys.path.insert(0, str(REPO / "configs"))
+        from leave_one_out import fold_config
+
+        raw = fold_config(raw, args.exclude, "both", 0)
+        raw.pop("finetune", None)
+    cfg = parse_config(raw, config.parent)
+    work = Path(args.work or f"runs/pack-work/{cfg.name}").resolve()
+    cases, source_names = discover_cases(cfg.data, cfg.resolve)
+    table = label_lookup(cfg.label_set(), cfg.data.get("label_map"), source_names, cfg.data.get("label_map_preset"))
+    train, val = read_split(cfg.data, cfg.resolve, cases)
+    weights = [1.0 / len(train)] * len(train)
+    if cfg.data.get("synthetic"):
+        measurable = [c for c in cases if c not in val]
+        train, weights = _with_synthetic(cfg, train, measurable, work / "synthetic", DistContext(), True)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for case in train:
+        arrays: dict[str, np.ndarray] = {}
+        geometry = {}
+        for s in cfg.stages:
+            c = build_cached_case(case, work / "cache", s.spacing, cfg.window, cfg.normalization,
+                                  cfg.body_threshold_hu, table)
+            image = np.asarray(c.image, dtype=np.float32)
+            arrays[f"{s.name}_image"] = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+            arrays[f"{s.name}_label"] = np.asarray(c.label, dtype=np.uint8)
+            arrays[f"{s.name}_c1"] = np.packbits(np.asarray(c.c1, dtype=bool))
+            geometry[s.name] = {k: c.geometry[k] for k in ("size", "spacing", "origin", "direction")}
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)          # then xz: 15% smaller than the npz's own zip compression
+        (out / f"{case.name}.npz.xz").write_bytes(lzma.compress(buf.getvalue(), preset=9 | lzma.PRESET_EXTREME))
+        entries.append({"name": case.name, "geometry": geometry})
+    if cfg.normalization != "window01":
+        raise SystemExit("pack stores window01 images only")
+    meta = {"config": cfg.raw, "cases": entries, "weights": weights}
+    (out / "pack.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
+    print(f"{out}: {len(entries)} cases, {size:.1f} MB")
+    return 0
+
+
+# --------------------------------------------------------------------------- train (anywhere)
+
+
+def _load(pack_dir: Path, stage: str, entry: dict):
+    from CascadeSegLib.train.dataset import CachedCase
+
+    z = np.load(io.BytesIO(lzma.decompress((pack_dir / f"{entry['name']}.npz.xz").read_bytes())))
+    g = entry["geometry"][stage]
+    shape = tuple(int(v) for v in reversed(g["size"]))
+    image = (z[f"{stage}_image"].astype(np.float32) / 255.0).astype(np.float16)
+    c1 = np.unpackbits(z[f"{stage}_c1"])[: int(np.prod(shape))].reshape(shape).astype(bool)
+    return CachedCase(entry["name"], pack_dir, image.reshape(shape), z[f"{stage}_label"].reshape(shape), c1, g)
+
+
+def _nearest_index(g_from: dict, g_to: dict) -> list[np.ndarray]:
+    """Per axis (z, y, x): the index on grid `g_from` nearest to each index of `g_to` (same directions)."""
+    out = []
+    for axis in (2, 1, 0):
+        pos = g_to["origin"][axis] + g_to["spacing"][axis] * np.arange(g_to["size"][axis])
+        i = np.rint((pos - g_from["origin"][axis]) / g_from["spacing"][axis]).astype(np.int64)
+        out.append(np.clip(i, 0, g_from["size"][axis] - 1))
+    return out
+
+
+class _Deadline(KeyboardInterrupt):
+    """Raised inside a step when the stage's wall time is up; the trainer checkpoints on it."""
+
+
+def _trainer_class(deadline: list[float]):
+    from CascadeSegLib.train.trainer import StageTrainer
+
+    class Timed(StageTrainer):
+        def step(self) -> float:
+            if time.monotonic() > deadline[0]:
+                raise _Deadline()
+            return super().step()
+
+    return Timed
+
+
+def _iterations_for(trainer, minutes: float, wanted: int) -> int:
+    """Iterations that fit in `minutes`, from the speed of a few steps after warm-up."""
+    for _ in range(5):
+        trainer.make_batch()
+    state = {k: v.clone() for k, v in trainer.net.state_dict().items()}
+    opt = trainer.opt.state_dict()
+    trainer.step()
+    t0 = time.perf_counter()
+    n = 15
+    for _ in range(n):
+        trainer.step()
+    if trainer.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    rate = n / (time.perf_counter() - t0)
+    trainer.net.load_state_dict(state)
+    trainer.opt.load_state_dict(opt)
+    trainer.iteration = 0
+    fit = int(rate * minutes * 60 * 0.93)
+    print(f"{trainer.stage.name}: {rate:.2f} it/s -> {min(wanted, fit)} iterations in {minutes} min", flush=True)
+    return max(50, min(wanted, fit))
+
+
+def train(args: argparse.Namespace) -> int:
+    _stub_simpleitk()
+    import torch
+
+    from CascadeSegLib.train.config import parse_config
+    from CascadeSegLib.train.ddp import DistContext
+    from CascadeSegLib.train.trainer import resolve_train_device
+
+    pack_dir = Path(args.pack).resolve()
+    meta = json.loads((pack_dir / "pack.json").read_text(encoding="utf-8"))
+    if args.only:                       # the ablation: real cases only, or synthetic ones only
+        keep = [(e, w) for e, w in zip(meta["cases"], meta["weights"])
+                if e["name"].startswith(("synth-", "reg-")) == (args.only == "synthetic")]
+        meta["cases"] = [e for e, _ in keep]
+        meta["weights"] = [1.0 / len(keep)] * len(keep)
+    run_dir = Path(args.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fitted_path = run_dir / "fitted.json"
+    fitted = json.loads(fitted_path.read_text()) if fitted_path.is_file() else {}
+    raw = json.loads(json.dumps(meta["config"]))
+    dev = resolve_train_device(args.device)
+    torch.set_num_threads(args.threads)
+    ctx = DistContext()
+    minutes = list(args.minutes or [])
+    for index in range(len(raw["stages"])):
+        name = raw["stages"][index]["name"]
+        folder = run_dir / name
+        done = (folder / "done.json").is_file()
+        if minutes and not done and name not in fitted:
+            cfg0 = parse_config(raw, pack_dir)
+            data = _stage_data(cfg0, index, pack_dir, meta, run_dir, dev)
+            probe = _trainer_class([float("inf")])(cfg0, cfg0.stages[index], run_dir / "probe", *data, ctx, dev,
+                                                   None, 1.0, False, meta["weights"])
+            fitted[name] = _iterations_for(probe, minutes[index], cfg0.stages[index].train.iterations)
+            del probe, data
+            fitted_path.write_text(json.dumps(fitted, indent=1))
+        for s in raw["stages"]:
+            if s["name"] in fitted:
+                s.setdefault("train", {})["iterations"] = fitted[s["name"]]
+        cfg = parse_config(raw, pack_dir)
+        # config.json as prepare_run_dir writes it, with the iteration counts actually trained
+        (run_dir / "config.json").write_text(json.dumps({"config": raw, "base_dir": str(REPO / "configs")}, indent=2))
+        if done:
+            continue
+        stage = cfg.stages[index]
+        budget = minutes[index] * 60 + 20 if minutes else float("inf")
+        deadline = [time.monotonic() + budget]
+        data = _stage_data(cfg, index, pack_dir, meta, run_dir, dev)
+        trainer = _trainer_class(deadline)(cfg, stage, folder, *data, ctx, dev, None, 1.0, args.progress,
+                                           meta["weights"])
+        t0 = time.perf_counter()
+        try:
+            result = trainer.run()
+        except _Deadline:
+            trainer._save_best({})
+            result = {"iterations": trainer.iteration, "stopped": "wall time"}
+            (folder / "done.json").write_text(json.dumps(result, indent=2))
+        print(f"{stage.name}: {result.get('iterations')} iterations in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def _stage_data(cfg, index: int, pack_dir: Path, meta: dict, run_dir: Path, dev):
+    """(train cases, candidate masks, val cases, val masks) of one stage."""
+    import torch
+
+    from CascadeSegLib.inference import preprocess
+    from CascadeSegLib.network import build_network
+    from CascadeSegLib.train import checkpoint as ckpt
+    from CascadeSegLib.train.candidates import pad_value_for, predict_labels
+
+    stage = cfg.stages[index]
+    cases = [_load(pack_dir, stage.name, e) for e in meta["cases"]]
+    if index == 0:
+        return cases, [np.asarray(c.c1) for c in cases], [], []
+    s1 = cfg.stages[0]
+    best = ckpt.load_checkpoint(run_dir / s1.name / "best.pt")
+    net = build_network(s1.network)
+    net.load_state_dict(best["model"])
+    net = net.to(dev).eval()
+    masks = []
+    for entry, c2 in zip(meta["cases"], cases):
+        c1 = _load(pack_dir, s1.name, entry)
+        with torch.no_grad():
+            lab1 = predict_labels(net, c1, c1.c1, s1.tile_zyx, len(cfg.labels) + 1, pad_value_for(cfg), dev).numpy()
+        iz, iy, ix = _nearest_index(entry["geometry"][s1.name], entry["geometry"][stage.name])
+        fg = (lab1[np.ix_(iz, iy, ix)] > 0) | (np.asarray(c2.label) > 0)
+        masks.append(preprocess.dilate(torch.from_numpy(fg), cfg.dilation_radius).numpy())
+    return cases, masks, [], []
+
+
+def export(args: argparse.Namespace) -> int:
+    from CascadeSegLib.train.run_folder import export_run
+
+    print(export_run(Path(args.run_dir), Path(args.output)))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("pack")
+    a.add_argument("config")
+    a.add_argument("-o", "--output", required=True)
+    a.add_argument("--exclude")
+    a.add_argument("--work")
+    a.set_defaults(func=pack)
+    b = sub.add_parser("train")
+    b.add_argument("pack")
+    b.add_argument("--run-dir", required=True)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--minutes", type=float, nargs="*")
+    b.add_argument("--threads", type=int, default=4)
+    b.add_argument("--progress", action="store_true")
+    b.add_argument("--only", choices=("real", "synthetic"), help="train on the pack's real or synthetic cases only")
+    b.set_defaults(func=train)
+    c = sub.add_parser("export")
+    c.add_argument("run_dir")
+    c.add_argument("-o", "--output", required=True)
+    c.set_defaults(func=export)
+    args = p.parse_args()
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
