@@ -86,3 +86,30 @@ def test_config_may_not_change_the_models_geometry(source_model, tmp_path):
     cfg.write_text(json.dumps(data))
     with pytest.raises(UserError, match="come from the model"):
         finetune_run(folder, cfg, run_dir=tmp_path / "run", progress=False)
+
+
+def test_finetuning_a_model_with_atlases_keeps_them(tmp_path, caplog):
+    """The default model's atlases come along when the labels stay; a new label set drops them."""
+    from CascadeSegLib.packaging.model import ModelPackage, find_model
+    from CascadeSegLib.resources import DEFAULT_MODEL
+    from CascadeSegLib.train.finetune import finetune_run
+
+    src = ModelPackage.load(find_model(DEFAULT_MODEL))
+    assert src.atlas_prior is not None
+    cfg = _finetune_config(tmp_path, list(src.labels.names), iterations=0)
+    data = json.loads(cfg.read_text())
+    data["stages"] = [{"name": s.name, "patch": [16, 16, 16]} for s in src.stages]
+    cfg.write_text(json.dumps(data))
+    run = finetune_run(DEFAULT_MODEL, cfg, run_dir=tmp_path / "run", progress=False, device="cpu")
+    pkg = ModelPackage.load(run / "model")
+    pkg.verify()                                   # weights and every atlas file match model.json
+    assert [a.name for a in pkg.atlas_prior.atlases] == [a.name for a in src.atlas_prior.atlases]
+    assert pkg.atlas_prior.network_weight == src.atlas_prior.network_weight
+    for name, _ in pkg.atlas_prior.files():
+        assert (run / "model" / name).read_bytes() == (src.root / name).read_bytes()
+
+    data["labels"] = ["liver", "spleen"]
+    cfg.write_text(json.dumps(data))
+    run = finetune_run(DEFAULT_MODEL, cfg, run_dir=tmp_path / "run2", progress=False, device="cpu")
+    assert ModelPackage.load(run / "model").atlas_prior is None
+    assert "without them" in caplog.text

@@ -10,6 +10,7 @@ frozen.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from ..network import NetConfig, build_network
 from .config import parse_config, read_config_file
 
 _STAGE_OVERRIDES = {"name", "patch", "train", "augment"}
+log = logging.getLogger(__name__)
 
 
 def merge_with_package(data: dict[str, Any], pkg, freeze_encoder: bool) -> dict[str, Any]:
@@ -109,6 +111,32 @@ def finetune_run(model: str | Path, config: str | Path, run_dir: str | Path | No
     init = [transfer_state(pkg.load_network(i).state_dict(), pkg.labels, stage.network, new_labels,
                            stage.train.seed) for i, stage in enumerate(cfg.stages)]
     rd = Path(run_dir) if run_dir else (cfg.run_dir or Path("runs") / cfg.name)
+    extra: dict[str, Any] = {"finetuned_from": merged["finetune"]["from"]}
+    if pkg.atlas_prior is not None:
+        if [(lab.value, lab.name) for lab in new_labels] == [(lab.value, lab.name) for lab in pkg.labels]:
+            extra["atlas_prior_from"] = keep_atlases(pkg, rd)
+        else:
+            log.warning("model %s carries atlases for its own labels; the fine-tuned model has other labels, so "
+                        "it is exported without them (networks only)", pkg.name)
     train_run(cfg, rd, init_states=init, lr_scale=lr_factor, overwrite=overwrite, stages=stages, device=device,
-              progress=progress, export=export, extra={"finetuned_from": merged["finetune"]["from"]})
+              progress=progress, export=export, extra=extra)
     return rd
+
+
+def keep_atlases(pkg, run_dir: Path) -> str:
+    """Copy the source package's model.json and atlas files into the run folder (once), so the
+    export carries the atlases even if the source model is later moved or removed."""
+    import shutil
+
+    base = Path(run_dir) / "atlas_source"
+    if not (base / "model.json").is_file():
+        tmp = Path(run_dir) / ".atlas_source.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy2(pkg.root / "model.json", tmp / "model.json")
+        for name, _ in pkg.atlas_prior.files():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(pkg.root / name, tmp / name)
+        shutil.rmtree(base, ignore_errors=True)
+        tmp.replace(base)
+    return base.name

@@ -79,11 +79,18 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
         prov["finetuned_from"] = meta["finetuned_from"]
     prov.update(card)
     prov.update(provenance or {})
+    atlas_prior, atlas_files = None, None
+    if meta.get("atlas_prior_from"):          # fine-tuned from a model with atlases: they come along
+        import copy
+
+        base = ModelPackage.load(run_dir / meta["atlas_prior_from"])
+        atlas_prior, atlas_files = copy.deepcopy(base.atlas_prior), base.root
     pkg = ModelPackage(name=cfg.name, version=cfg.version, labels=cfg.label_set(), stages=specs, window=cfg.window,
                        normalization=cfg.normalization, body_threshold_hu=cfg.body_threshold_hu,
                        dilation_radius=cfg.dilation_radius, description=cfg.description, license=cfg.license,
                        provenance=prov,
-                       largest_component=list((cfg.raw.get("postprocess") or {}).get("largest_component", [])))
+                       largest_component=list((cfg.raw.get("postprocess") or {}).get("largest_component", [])),
+                       atlas_prior=atlas_prior)
     out = Path(out)
     if out.suffix.lower() == ".zip":
         import tempfile
@@ -91,14 +98,15 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
 
         out.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            pkg.save(tmp, states)
+            pkg.save(tmp, states, files_from=atlas_files)
             part = out.with_name(f".{out.name}.part")
             with zipfile.ZipFile(part, "w", zipfile.ZIP_DEFLATED) as zf:
-                for p in sorted(Path(tmp).iterdir()):
-                    zf.write(p, p.name)
+                for p in sorted(Path(tmp).rglob("*")):
+                    if p.is_file():
+                        zf.write(p, p.relative_to(tmp).as_posix())
             part.replace(out)
         return out
-    pkg.save(out, states)
+    pkg.save(out, states, files_from=atlas_files)
     return out
 
 
