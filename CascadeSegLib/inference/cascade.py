@@ -25,8 +25,10 @@ from .tiling import (
     BOX_HALO,
     DEFAULT_BOX_TILE_VOXELS,
     Box,
+    LabelsFn,
     box_tile,
     fit_tile,
+    labels_over,
     plan_boxes,
     plan_tiles,
     predict_boxes,
@@ -160,9 +162,11 @@ class Segmenter:
         return preprocess.to_device(sitk.GetArrayViewFromImage(image), self.device)
 
     def predict_stage(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
-                 stage: str, labels_only: bool = False) -> torch.Tensor:
+                 stage: str, labels_only: bool = False, to_labels: LabelsFn | None = None) -> torch.Tensor:
         """Class probabilities (K, z, y, x) of stage `index` over `mask`, or (`labels_only`) the
-        uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box."""
+        uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box. With
+        `labels_only` and `to_labels(lo, hi, probabilities of the voxels [lo, hi))`, the labels
+        are what that gives, region by region over the mask's cover (box by box for box covers)."""
         spec = self.model.stages[index]
         net = self.network(index)
         k = self.model.labels.num_classes
@@ -188,7 +192,8 @@ class Segmenter:
             else:
                 fetch = preprocess.normalize(hu, window, mode)[None]
             return predict_boxes(net, fetch, boxes, k, pad_value=pad_value, progress=progress, cancel=self.cancel,
-                                 on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape))
+                                 on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape),
+                                 to_labels=to_labels)
         if isinstance(hu, preprocess.GridWindows):
             hu = hu.full()
         volume = preprocess.normalize(hu, window, mode)[None]
@@ -200,6 +205,8 @@ class Segmenter:
         probs = predict_volume(net, volume, mask, spec.tile_zyx, k, overlap=overlap, batch_size=self.batch_size,
                                pad_value=pad_value, progress=progress, cancel=self.cancel, plan=plan,
                                on_oom=self._smaller_batches)
+        if labels_only and to_labels is not None:
+            return labels_over(probs, mask, to_labels)
         return probs.argmax(0).to(torch.uint8) if labels_only else probs
 
     def _atlas_prior(self, image: sitk.Image, grid: sitk.Image,
