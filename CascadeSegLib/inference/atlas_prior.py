@@ -8,6 +8,11 @@ map warped onto stage 2's grid, and the atlases averaged into a smoothed class p
 the label is argmax(w * p_network + (1 - w) * prior); outside C2 (where the network never
 looked) it is the prior's argmax, so organs stage 1 missed are still found.
 
+On a stage-2 grid finer than 3 mm the prior is built at 3 mm (`PRIOR_SPACING_MM`) and never
+interpolated over the whole fine grid (K floats per voxel): `GridPrior` takes the argmax on the
+3 mm grid and resamples that label map (nearest) for outside C2, and interpolates the K-class
+prior only over the boxes stage 2 computes, where it is fused box by box.
+
 The rule and its weights were chosen on one leave-one-out fold (sample CT held out) and
 reported on another (s0009 held out); see the bundled model's card.
 """
@@ -16,19 +21,20 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import SimpleITK as sitk
 import torch
 
 from ..errors import ModelError
 from . import preprocess
 
-#: the finest grid the prior is built on (finer stage-2 grids get it interpolated)
+#: the finest grid the prior is built on (finer stage-2 grids get it interpolated box by box)
 PRIOR_SPACING_MM = 3.0
 
 
@@ -210,20 +216,126 @@ def _register_all(spec: AtlasPriorSpec, warp: Callable[[AtlasSpec], tuple[AtlasS
             raise
 
 
-def resample_prior(prior: torch.Tensor, source: sitk.Image, target: sitk.Image) -> torch.Tensor:
-    """The prior (K, z, y, x on `source`) interpolated linearly onto `target`'s grid; 0 outside."""
-    img = sitk.GetImageFromArray(prior.permute(1, 2, 3, 0).contiguous().cpu().numpy(), isVector=True)
-    img.CopyInformation(source)
-    out = sitk.Resample(img, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
-    arr = torch.from_numpy(sitk.GetArrayFromImage(out)).to(prior.device)
-    return arr.permute(3, 0, 1, 2).contiguous()
+class GridPrior:
+    """The atlas prior of stage 2's grid `target`, held on the grid `source` it was built on.
+
+    `prior` is (K, z, y, x) on `source`: stage 2's grid itself, or the 3 mm grid when stage 2 is
+    finer. Nothing K-channel is made on a finer `target` as a whole: `labels()` is the prior's
+    argmax (the label outside C2) taken on `source` and resampled nearest onto `target`, and
+    `region(lo, hi)` interpolates the prior linearly onto `target`'s voxels [lo, hi) only (one
+    stage-2 box), where `fused_labels` mixes it with the network. Index ranges are (z, y, x)
+    voxels of `target`; both grids are placed in physical space by their own geometry.
+    """
+
+    def __init__(self, prior: torch.Tensor, source: sitk.Image, target: sitk.Image, network_weight: float) -> None:
+        if tuple(prior.shape[1:]) != tuple(source.GetSize()[::-1]):
+            raise ValueError(f"prior of shape {tuple(prior.shape)} is not on its grid of size {source.GetSize()}")
+        self.prior, self.source, self.target = prior, source, target
+        self.network_weight = float(network_weight)
+        self.shape: tuple[int, int, int] = tuple(int(n) for n in target.GetSize()[::-1])  # type: ignore[assignment]
+        self.same_grid = same_grid(source, target)
+        # Per target axis (z, y, x): the two source neighbours and their weights, when the grids
+        # share their axes (the model grids do); otherwise SimpleITK resamples each region.
+        self._maps = None if self.same_grid else _linear_maps(source, target, prior.device)
+        self._vector: sitk.Image | None = None
+
+    def labels(self) -> torch.Tensor:
+        """uint8 (z, y, x) on `target`: the prior's argmax, the label outside C2. On a finer
+        target it is taken on `source` and resampled nearest, with the edge reach of labels
+        from model grids (`resample_labels_to(..., edge=1)`)."""
+        coarse = self.prior.argmax(0).to(torch.uint8)
+        if self.same_grid:
+            return coarse
+        from .cascade import resample_labels_to  # cascade imports this module
+
+        img = sitk.GetImageFromArray(coarse.cpu().numpy())
+        img.CopyInformation(self.source)
+        out = resample_labels_to(img, self.target, edge=1)
+        return preprocess.to_device(sitk.GetArrayViewFromImage(out), self.prior.device)
+
+    def region(self, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+        """The prior (K, z, y, x) on `target`'s voxels [lo, hi) (z, y, x): linear interpolation
+        of `source`'s prior as SimpleITK's (edge voxels reach half a voxel out, 0 beyond)."""
+        lo, hi = [int(v) for v in lo], [int(v) for v in hi]
+        if any(h <= a for a, h in zip(lo, hi)) or any(a < 0 or h > n for a, h, n in zip(lo, hi, self.shape)):
+            raise ValueError(f"region {lo}..{hi} is empty or outside the grid {self.shape}")
+        if self.same_grid:
+            return self.prior[:, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        if self._maps is None:
+            return self._resampled(lo, hi)
+        out = self.prior
+        picks = []
+        for dim, (i0, i1, w0, w1) in enumerate(self._maps, start=1):
+            a, b = lo[dim - 1], hi[dim - 1]
+            first, last = int(i0[a:b].min()), int(i1[a:b].max())
+            out = out.narrow(dim, first, last - first + 1)   # only the source voxels the region reads
+            picks.append((i0[a:b] - first, i1[a:b] - first, w0[a:b], w1[a:b]))
+        for dim in (3, 2, 1):                                  # x, y, z: the cheap axes first
+            i0, i1, w0, w1 = picks[dim - 1]
+            shape = [1, 1, 1, 1]
+            shape[dim] = -1
+            out = out.index_select(dim, i0) * w0.view(shape) + out.index_select(dim, i1) * w1.view(shape)
+        return out
+
+    def fused_labels(self, lo: Sequence[int], hi: Sequence[int], network: torch.Tensor) -> torch.Tensor:
+        """uint8 labels of `target`'s voxels [lo, hi): argmax(w * network + (1 - w) * prior), with
+        `network` the stage-2 probabilities (K, z, y, x) of that region. The label inside C2."""
+        return fused_scores(network, self.region(lo, hi), self.network_weight).argmax(0).to(torch.uint8)
+
+    def _resampled(self, lo: list[int], hi: list[int]) -> torch.Tensor:
+        """`region` for grids that do not share their axes: SimpleITK over the region's sub-grid."""
+        if self._vector is None:
+            self._vector = sitk.GetImageFromArray(self.prior.permute(1, 2, 3, 0).contiguous().cpu().numpy(),
+                                                  isVector=True)
+            self._vector.CopyInformation(self.source)
+        sub = preprocess.subgrid(self.target, lo[::-1], [h - a for a, h in zip(lo[::-1], hi[::-1])])
+        out = sitk.Resample(self._vector, sub, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
+        arr = torch.from_numpy(sitk.GetArrayFromImage(out)).to(self.prior.device)
+        return arr.permute(3, 0, 1, 2).contiguous()
 
 
-def fused_scores(network: torch.Tensor, prior: torch.Tensor, c2: torch.Tensor, network_weight: float) -> torch.Tensor:
-    """Class scores (K, z, y, x): the weighted mean of network and prior inside C2, the prior
-    alone outside it (where the network never looked); their argmax is the label."""
-    mixed = network_weight * network + (1.0 - network_weight) * prior
-    return torch.where(c2[None], mixed, prior)
+def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+    """True when both images have exactly the same voxel grid (size, spacing, origin, direction)."""
+    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
+            and a.GetDirection() == b.GetDirection())
+
+
+LinearMap = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _linear_maps(source: sitk.Image, target: sitk.Image, device: torch.device) -> list[LinearMap] | None:
+    """Per target array axis (z, y, x): for each target index, the lower and upper source
+    neighbours and their linear weights, as SimpleITK's linear interpolator takes them
+    (continuous index j inside [-0.5, n - 0.5), neighbours clamped to the grid, weights 0
+    outside it); None unless each axis of one grid is an axis of the other, same order,
+    possibly flipped, so that trilinear interpolation is separable."""
+    d_src = np.array(source.GetDirection()).reshape(3, 3)
+    d_tgt = np.array(target.GetDirection()).reshape(3, 3)
+    signs = np.sign(np.einsum("ij,ij->j", d_src, d_tgt))
+    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_tgt, atol=1e-9, rtol=0):
+        return None
+    # Target voxel centres in the source's continuous index, axis by axis (x, y, z).
+    offset = d_src.T @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
+    maps: list[LinearMap] = []
+    for axis in (2, 1, 0):
+        n_src = source.GetSize()[axis]
+        step = signs[axis] * target.GetSpacing()[axis]
+        j = (offset[axis] + np.arange(target.GetSize()[axis]) * step) / source.GetSpacing()[axis]
+        base = np.floor(j)
+        frac = j - base
+        inside = (j >= -0.5) & (j < n_src - 0.5)
+        i0 = np.clip(base, 0, n_src - 1).astype(np.int64)
+        i1 = np.clip(base + 1, 0, n_src - 1).astype(np.int64)
+        maps.append((torch.from_numpy(i0).to(device), torch.from_numpy(i1).to(device),
+                     torch.from_numpy((1.0 - frac) * inside).float().to(device),
+                     torch.from_numpy(frac * inside).float().to(device)))
+    return maps
+
+
+def fused_scores(network: torch.Tensor, prior: torch.Tensor, network_weight: float) -> torch.Tensor:
+    """Class scores inside C2: the weighted mean w * network + (1 - w) * prior of the stage-2
+    probabilities and the prior on the same voxels; their argmax is the label there."""
+    return network_weight * network + (1.0 - network_weight) * prior
 
 
 def gaussian_smooth(volume: torch.Tensor, sigma_vox: list[float]) -> torch.Tensor:
