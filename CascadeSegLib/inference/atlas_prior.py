@@ -9,9 +9,9 @@ the label is argmax(w * p_network + (1 - w) * prior); outside C2 (where the netw
 looked) it is the prior's argmax, so organs stage 1 missed are still found.
 
 On a stage-2 grid finer than 3 mm the prior is built at 3 mm (`PRIOR_SPACING_MM`) and never
-interpolated over the whole fine grid (K floats per voxel): `GridPrior` takes the argmax on the
-3 mm grid and resamples that label map (nearest) for outside C2, and interpolates the K-class
-prior only over the boxes stage 2 computes, where it is fused box by box.
+interpolated over the whole fine grid (K floats per voxel): `GridPrior` interpolates the K-class
+prior only over the boxes stage 2 computes, where it is fused box by box, and outside C2 takes
+the argmax on the 3 mm grid, interpolating only along the borders between its labels.
 
 The rule and its weights were chosen on one leave-one-out fold (sample CT held out) and
 reported on another (s0009 held out); see the bundled model's card.
@@ -19,13 +19,14 @@ reported on another (s0009 held out); see the bundled model's card.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -220,11 +221,12 @@ class GridPrior:
     """The atlas prior of stage 2's grid `target`, held on the grid `source` it was built on.
 
     `prior` is (K, z, y, x) on `source`: stage 2's grid itself, or the 3 mm grid when stage 2 is
-    finer. Nothing K-channel is made on a finer `target` as a whole: `labels()` is the prior's
-    argmax (the label outside C2) taken on `source` and resampled nearest onto `target`, and
-    `region(lo, hi)` interpolates the prior linearly onto `target`'s voxels [lo, hi) only (one
-    stage-2 box), where `fused_labels` mixes it with the network. Index ranges are (z, y, x)
-    voxels of `target`; both grids are placed in physical space by their own geometry.
+    finer. Nothing K-channel is made on a finer `target` as a whole: `region(lo, hi)`
+    interpolates the prior linearly onto `target`'s voxels [lo, hi) only (one stage-2 box),
+    where `fused_labels` mixes it with the network, and `labels()` (the label outside C2) is the
+    interpolated prior's argmax, interpolated only where the source labels change. Index ranges
+    are (z, y, x) voxels of `target`; both grids are placed in physical space by their own
+    geometry.
     """
 
     def __init__(self, prior: torch.Tensor, source: sitk.Image, target: sitk.Image, network_weight: float) -> None:
@@ -240,18 +242,54 @@ class GridPrior:
         self._vector: sitk.Image | None = None
 
     def labels(self) -> torch.Tensor:
-        """uint8 (z, y, x) on `target`: the prior's argmax, the label outside C2. On a finer
-        target it is taken on `source` and resampled nearest, with the edge reach of labels
-        from model grids (`resample_labels_to(..., edge=1)`)."""
+        """uint8 (z, y, x) on `target`: the argmax of the prior interpolated linearly onto it,
+        the label outside C2, without a K-channel volume of `target`.
+
+        Where the (up to 8) source voxels a target voxel interpolates from share their argmax,
+        that is the argmax of any weighted mean of them, so only target voxels whose source
+        cell holds more than one label (along the prior's label borders, ~2% of a 1.5 mm grid)
+        are interpolated. Past `source`'s last voxel centres the edge voxels reach one voxel
+        further, as labels from model grids do (`resample_labels_to(..., edge=1)`), where
+        `region` is 0. Grids that do not share their axes get the argmax resampled nearest.
+        """
         coarse = self.prior.argmax(0).to(torch.uint8)
         if self.same_grid:
             return coarse
-        from .cascade import resample_labels_to  # cascade imports this module
+        if self._maps is None:
+            from .cascade import resample_labels_to  # cascade imports this module
 
-        img = sitk.GetImageFromArray(coarse.cpu().numpy())
-        img.CopyInformation(self.source)
-        out = resample_labels_to(img, self.target, edge=1)
-        return preprocess.to_device(sitk.GetArrayViewFromImage(out), self.prior.device)
+            img = sitk.GetImageFromArray(coarse.cpu().numpy())
+            img.CopyInformation(self.source)
+            nearest = resample_labels_to(img, self.target, edge=1)
+            return preprocess.to_device(sitk.GetArrayViewFromImage(nearest), self.prior.device)
+        maps = self._maps
+
+        def lower_corner(volume: torch.Tensor) -> torch.Tensor:   # source (z, y, x) -> target grid
+            for dim in (2, 1, 0):
+                volume = volume.index_select(dim, maps[dim].lower)
+            return volume
+
+        out = lower_corner(coarse)
+        border = lower_corner(_mixed_cells(coarse)).nonzero()
+        for chunk in border.split(1 << 20):
+            out[chunk[:, 0], chunk[:, 1], chunk[:, 2]] = self._interpolated_argmax(chunk)
+        reach = [m.reach for m in maps]
+        if not all(bool(r.all()) for r in reach):
+            out *= reach[0][:, None, None] & reach[1][None, :, None] & reach[2][None, None, :]
+        return out
+
+    def _interpolated_argmax(self, index: torch.Tensor) -> torch.Tensor:
+        """uint8 argmax of the prior interpolated at target voxels `index` (N, 3: z, y, x), the
+        edge voxels extended (the weights `labels` uses)."""
+        corners = []
+        for dim, m in enumerate(self._maps or []):
+            i = index[:, dim]
+            frac = m.frac[i]
+            corners.append(((m.lower[i], 1.0 - frac), (m.upper[i], frac)))
+        scores = torch.zeros((self.prior.shape[0], index.shape[0]), dtype=self.prior.dtype, device=self.prior.device)
+        for (z, wz), (y, wy), (x, wx) in itertools.product(*corners):
+            scores += self.prior[:, z, y, x] * (wz * wy * wx)
+        return scores.argmax(0).to(torch.uint8)
 
     def region(self, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
         """The prior (K, z, y, x) on `target`'s voxels [lo, hi) (z, y, x): linear interpolation
@@ -265,11 +303,12 @@ class GridPrior:
             return self._resampled(lo, hi)
         out = self.prior
         picks = []
-        for dim, (i0, i1, w0, w1) in enumerate(self._maps, start=1):
+        for dim, m in enumerate(self._maps, start=1):
             a, b = lo[dim - 1], hi[dim - 1]
-            first, last = int(i0[a:b].min()), int(i1[a:b].max())
+            first, last = int(m.lower[a:b].min()), int(m.upper[a:b].max())
             out = out.narrow(dim, first, last - first + 1)   # only the source voxels the region reads
-            picks.append((i0[a:b] - first, i1[a:b] - first, w0[a:b], w1[a:b]))
+            frac, inside = m.frac[a:b], m.inside[a:b]
+            picks.append((m.lower[a:b] - first, m.upper[a:b] - first, (1.0 - frac) * inside, frac * inside))
         for dim in (3, 2, 1):                                  # x, y, z: the cheap axes first
             i0, i1, w0, w1 = picks[dim - 1]
             shape = [1, 1, 1, 1]
@@ -300,15 +339,34 @@ def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
             and a.GetDirection() == b.GetDirection())
 
 
-LinearMap = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+class AxisMap(NamedTuple):
+    """Along one axis, per target index: where its centre falls between the source's voxels."""
+    lower: torch.Tensor    # int64 source index below (clamped to the grid)
+    upper: torch.Tensor    # int64 source index above (clamped to the grid)
+    frac: torch.Tensor     # float32 weight of `upper` (1 - frac: of `lower`)
+    inside: torch.Tensor   # bool: SimpleITK interpolates here (continuous index in [-0.5, n - 0.5))
+    reach: torch.Tensor    # bool: the nearest source index is at most one voxel past the grid
 
 
-def _linear_maps(source: sitk.Image, target: sitk.Image, device: torch.device) -> list[LinearMap] | None:
-    """Per target array axis (z, y, x): for each target index, the lower and upper source
-    neighbours and their linear weights, as SimpleITK's linear interpolator takes them
-    (continuous index j inside [-0.5, n - 0.5), neighbours clamped to the grid, weights 0
-    outside it); None unless each axis of one grid is an axis of the other, same order,
-    possibly flipped, so that trilinear interpolation is separable."""
+def _mixed_cells(labels: torch.Tensor) -> torch.Tensor:
+    """bool (z, y, x): whether the voxel and its +1 neighbours along each axis (the cell a
+    target voxel interpolates from; the last voxel stands in past the far edge) differ."""
+    padded = labels
+    for dim in range(3):
+        padded = torch.cat([padded, padded.narrow(dim, padded.shape[dim] - 1, 1)], dim)
+    z, y, x = labels.shape
+    mixed = torch.zeros(labels.shape, dtype=torch.bool, device=labels.device)
+    for dz, dy, dx in itertools.product((0, 1), repeat=3):
+        mixed |= padded[dz:dz + z, dy:dy + y, dx:dx + x] != labels
+    return mixed
+
+
+def _linear_maps(source: sitk.Image, target: sitk.Image, device: torch.device) -> list[AxisMap] | None:
+    """Per target array axis (z, y, x): for each target index, the source neighbours and weights
+    SimpleITK's linear interpolator takes (continuous index j; neighbours floor(j) and
+    floor(j) + 1 clamped to the grid; 0 outside [-0.5, n - 0.5)); None unless each axis of one
+    grid is an axis of the other, same order, possibly flipped, so that trilinear
+    interpolation is separable."""
     d_src = np.array(source.GetDirection()).reshape(3, 3)
     d_tgt = np.array(target.GetDirection()).reshape(3, 3)
     signs = np.sign(np.einsum("ij,ij->j", d_src, d_tgt))
@@ -316,19 +374,16 @@ def _linear_maps(source: sitk.Image, target: sitk.Image, device: torch.device) -
         return None
     # Target voxel centres in the source's continuous index, axis by axis (x, y, z).
     offset = d_src.T @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
-    maps: list[LinearMap] = []
+    maps: list[AxisMap] = []
     for axis in (2, 1, 0):
         n_src = source.GetSize()[axis]
         step = signs[axis] * target.GetSpacing()[axis]
         j = (offset[axis] + np.arange(target.GetSize()[axis]) * step) / source.GetSpacing()[axis]
         base = np.floor(j)
-        frac = j - base
-        inside = (j >= -0.5) & (j < n_src - 0.5)
-        i0 = np.clip(base, 0, n_src - 1).astype(np.int64)
-        i1 = np.clip(base + 1, 0, n_src - 1).astype(np.int64)
-        maps.append((torch.from_numpy(i0).to(device), torch.from_numpy(i1).to(device),
-                     torch.from_numpy((1.0 - frac) * inside).float().to(device),
-                     torch.from_numpy(frac * inside).float().to(device)))
+        nearest = np.floor(j + 0.5)
+        arrays = (np.clip(base, 0, n_src - 1).astype(np.int64), np.clip(base + 1, 0, n_src - 1).astype(np.int64),
+                  (j - base).astype(np.float32), (j >= -0.5) & (j < n_src - 0.5), (nearest >= -1) & (nearest <= n_src))
+        maps.append(AxisMap(*(torch.from_numpy(a).to(device) for a in arrays)))
     return maps
 
 
