@@ -1,10 +1,14 @@
 """Atlas prior: registration, the prior on stage 2's grid, the fusion rule, packaging and the
-skip for short scans, on the bundled sample CT and the DICOM slab; labels reach the last slices."""
+skip for short scans, on the bundled sample CT and the DICOM slab; labels reach the last slices.
+On a stage-2 grid finer than the prior's 3 mm the fusion runs box by box: inside C2 it equals
+the old fusion with the prior interpolated over the whole grid, and so does the prior's argmax
+outside C2, except that the 3 mm grid's edge voxels reach the fine grid's last slices."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +18,7 @@ from conftest import REPO_DIR
 
 from CascadeSegLib.errors import ModelError
 from CascadeSegLib.inference import atlas_prior as ap
+from CascadeSegLib.inference import cascade, preprocess
 from CascadeSegLib.inference.cascade import Segmenter, resample_labels_to
 from CascadeSegLib.inference.preprocess import grid_for_spacing, resample
 from CascadeSegLib.io import read_image
@@ -85,6 +90,12 @@ def test_prior_is_a_distribution_on_the_stage2_grid(atlas_package: Path, sample:
     assert _dice(labels == 1, truth == 1) > 0.85     # the shifted atlas lands on the liver
 
 
+def _line_grid(n: int, spacing: float = 3.0) -> sitk.Image:
+    grid = sitk.Image([n, 1, 1], sitk.sitkUInt8)
+    grid.SetSpacing([spacing] * 3)
+    return grid
+
+
 def test_fusion_follows_the_network_inside_c2_and_the_prior_outside() -> None:
     network = torch.zeros(3, 1, 1, 4)
     prior = torch.zeros(3, 1, 1, 4)
@@ -93,10 +104,13 @@ def test_fusion_follows_the_network_inside_c2_and_the_prior_outside() -> None:
     prior[2] = 1.0            # the atlases say organ 2 everywhere
     prior[:, ..., 3] = torch.tensor([0.7, 0.3, 0.0])[:, None, None]
     c2 = torch.tensor([True, True, False, True]).reshape(1, 1, 4)
-    labels = ap.fused_scores(network, prior, c2, 0.5).argmax(0).flatten().tolist()
+    fusion = ap.GridPrior(prior, _line_grid(4), _line_grid(4), 0.5)
+    inside = fusion.fused_labels((0, 0, 0), (1, 1, 4), network)
+    labels = torch.where(c2, inside, fusion.labels()).flatten().tolist()
     # 0.5*1 + 0.5*0 ties organ 1 and 2 -> first; outside C2 only the prior counts;
     # voxel 3: background 0.575 beats organ 1's 0.425
     assert labels == [1, 1, 2, 0]
+    assert fusion.fused_labels((0, 0, 1), (1, 1, 3), network[..., 1:3]).flatten().tolist() == [1, 1]  # a region
 
 
 def test_package_round_trip_and_damaged_atlas(atlas_package: Path, tmp_path: Path) -> None:
@@ -145,19 +159,139 @@ def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:
     assert sitk.GetArrayFromImage(resample_labels_to(ones, ct)).min() == 0      # without: the last slices are lost
 
 
-def test_a_prior_for_a_finer_stage2_grid_is_interpolated_from_3_mm(sample: tuple[sitk.Image, sitk.Image]) -> None:
+def _one_hot_prior(lab: sitk.Image, grid: sitk.Image) -> torch.Tensor:
+    """The sample's labels on `grid` as a smoothed K-class prior (K = 11), rows summing to 1."""
+    labels = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8))).long()
+    prior = ap.gaussian_smooth(torch.nn.functional.one_hot(labels, 11).permute(3, 0, 1, 2).float(), [1.0] * 3)
+    return prior / prior.sum(0, keepdim=True)
+
+
+def _sitk_linear(prior: torch.Tensor, source: sitk.Image, target: sitk.Image) -> torch.Tensor:
+    """The prior interpolated onto the whole target grid by SimpleITK: the old full-volume way."""
+    img = sitk.GetImageFromArray(prior.permute(1, 2, 3, 0).contiguous().numpy(), isVector=True)
+    img.CopyInformation(source)
+    out = sitk.Resample(img, target, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
+    return torch.from_numpy(sitk.GetArrayFromImage(out)).permute(3, 0, 1, 2)
+
+
+@pytest.fixture(scope="module")
+def fine_prior(sample: tuple[sitk.Image, sitk.Image]) -> ap.GridPrior:
+    """The sample's labels as a prior on the 3 mm grid, for a 1.5 mm stage-2 grid."""
     ct, lab = sample
     coarse, fine = grid_for_spacing(ct, (3.0, 3.0, 3.0)), grid_for_spacing(ct, (1.5, 1.5, 1.5))
-    labels = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, coarse, "nearest", 0, sitk.sitkUInt8))).long()
-    prior = torch.nn.functional.one_hot(labels, 11).permute(3, 0, 1, 2).float()
-    out = ap.resample_prior(prior, coarse, fine)
-    assert tuple(out.shape) == (11,) + tuple(fine.GetSize()[::-1])
+    return ap.GridPrior(_one_hot_prior(lab, coarse), coarse, fine, 0.5)
+
+
+def test_a_prior_for_a_finer_stage2_grid_is_interpolated_from_3_mm(fine_prior: ap.GridPrior) -> None:
+    prior, fine = fine_prior.prior, fine_prior.target
+    assert not fine_prior.same_grid and fine_prior.shape == tuple(fine.GetSize()[::-1])
+    out = fine_prior.region((0, 0, 0), fine_prior.shape)
+    assert tuple(out.shape) == (11,) + fine_prior.shape
     # both grids start at the same voxel centre: every second fine voxel is a coarse voxel
     n = [min(a, 2 * b - 1) for a, b in zip(out.shape[1:], prior.shape[1:])]
     half = [(k + 1) // 2 for k in n]
     assert torch.equal(out[:, :n[0]:2, :n[1]:2, :n[2]:2], prior[:, :half[0], :half[1], :half[2]])
     inside = out[:, :n[0], :n[1], :n[2]].sum(0)
     assert torch.allclose(inside, torch.ones_like(inside), atol=1e-5)
+    # SimpleITK's linear interpolation, its edges included (0 beyond half a coarse voxel) ...
+    torch.testing.assert_close(out, _sitk_linear(prior, fine_prior.source, fine), atol=1e-6, rtol=0)
+    # ... and a region is exactly that crop of the whole grid's
+    assert torch.equal(fine_prior.region((5, 7, 9), (40, 33, 61)), out[:, 5:40, 7:33, 9:61])
+    with pytest.raises(ValueError, match="outside the grid"):
+        fine_prior.region((0, 0, 0), (fine_prior.shape[0] + 1, 1, 1))
+
+
+def test_a_rotated_stage2_grid_gets_the_prior_from_simpleitk(fine_prior: ap.GridPrior) -> None:
+    """Grids that do not share their axes: no separable interpolation, SimpleITK per region."""
+    target = sitk.Image(fine_prior.target)
+    c, s = np.cos(0.3), np.sin(0.3)
+    target.SetDirection((np.array(target.GetDirection()).reshape(3, 3) @ np.array(
+        [[c, -s, 0], [s, c, 0], [0, 0, 1]])).ravel().tolist())
+    rotated = ap.GridPrior(fine_prior.prior, fine_prior.source, target, 0.5)
+    lo, hi = (60, 50, 40), (90, 120, 150)
+    sub = preprocess.subgrid(target, lo[::-1], [b - a for a, b in zip(lo[::-1], hi[::-1])])
+    expected = _sitk_linear(fine_prior.prior, fine_prior.source, sub)
+    assert torch.equal(rotated.region(lo, hi), expected)
+
+
+def _edge_padded(prior: torch.Tensor, grid: sitk.Image) -> tuple[torch.Tensor, sitk.Image]:
+    """The prior with its edge voxels repeated one voxel out on every side, and its grid."""
+    padded = torch.nn.functional.pad(prior[None], (1, 1, 1, 1, 1, 1), mode="replicate")[0]
+    return padded, preprocess.subgrid(grid, (-1, -1, -1), [n + 2 for n in grid.GetSize()])
+
+
+def _clear(scores: torch.Tensor) -> torch.Tensor:
+    """Voxels whose best class wins by more than float noise."""
+    top2 = scores.topk(2, dim=0).values
+    return (top2[0] - top2[1]) > 1e-5
+
+
+def test_fine_grid_fusion_equals_the_full_volume_fusion(sample: tuple[sitk.Image, sitk.Image],
+                                                        fine_prior: ap.GridPrior) -> None:
+    """Box by box, with the prior interpolated only inside the boxes, the labels are the old
+    way's (whole prior interpolated onto the whole 1.5 mm grid): inside C2 the fused ones,
+    outside C2 the prior's argmax, which past the 3 mm grid's last voxel centres (where the old
+    way had 0) comes from its edge voxels reaching one voxel further."""
+    ct, lab = sample
+    fine, coarse = fine_prior.target, fine_prior.source
+    truth = torch.from_numpy(sitk.GetArrayFromImage(resample(lab, fine, "nearest", 0, sitk.sitkUInt8)))
+    c2 = preprocess.dilate((truth == 3) | (truth == 4), 3)   # the kidneys: liver, spleen, ... lie outside C2
+    g = torch.Generator().manual_seed(0)
+    network = torch.softmax(4 * torch.rand((11,) + fine_prior.shape, generator=g), 0)
+    z, y, x = fine_prior.shape
+    boxes = [((0, 0, 0), (40, y, x)), ((40, 0, 0), (z, 60, x)), ((40, 60, 0), (z, y, x))]
+    inside = torch.full(fine_prior.shape, 255, dtype=torch.uint8)
+    for lo, hi in boxes:         # disjoint, covering the grid: like a box cover's output boxes
+        sl = (slice(None),) + tuple(slice(a, b) for a, b in zip(lo, hi))
+        inside[sl[1:]] = fine_prior.fused_labels(lo, hi, network[sl])
+    assert not bool((inside == 255).any())
+    got = torch.where(c2, inside, fine_prior.labels())
+
+    full = _sitk_linear(fine_prior.prior, coarse, fine)
+    old_scores = torch.where(c2[None], 0.5 * network + 0.5 * full, full)
+    old = old_scores.argmax(0).to(torch.uint8)
+    clear = _clear(old_scores)
+    assert float((c2 & ~clear).float().mean()) < 1e-4
+    assert torch.equal(got[c2 & clear], old[c2 & clear])
+    # Outside C2: SimpleITK's interpolation of the prior extended by its edge voxels, which is the
+    # old interpolation wherever that had the prior (SimpleITK reaches half a voxel past the centres).
+    extended = _sitk_linear(*_edge_padded(fine_prior.prior, coarse), fine)
+    clear = _clear(extended)
+    assert float((~clear).float().mean()) < 1e-4
+    expected = extended.argmax(0).to(torch.uint8)
+    assert torch.equal(got[~c2 & clear], expected[~c2 & clear])
+    past = full.sum(0) == 0                              # the old way's 0: past the 3 mm grid
+    assert torch.equal(old[~c2 & ~past & clear], expected[~c2 & ~past & clear])
+    assert bool((got[~c2 & past] > 0).any())             # organs in the last slice, past the 3 mm grid
+    assert int(past.sum()) < 0.02 * past.numel()
+
+
+def test_a_fine_stage2_grid_fuses_box_by_box(atlas_package: Path, sample: tuple[sitk.Image, sitk.Image],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2 at 1.5 mm with atlases: labels only from the box cover (no K-channel volume of
+    the grid), the same labels as the slab-by-slab fusion of whole-grid probabilities that
+    keep_probabilities takes, and the input's exact geometry."""
+    ct, lab = sample
+    pkg = ModelPackage.load(atlas_package)
+    pkg.stages[1].spacing = (1.5, 1.5, 1.5)
+    calls: list[tuple[bool, bool]] = []
+    real = cascade.predict_boxes
+
+    def spy(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append((kwargs.get("labels_only", False), kwargs.get("to_labels") is not None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cascade, "predict_boxes", spy)
+    steps: list[str] = []
+    result = Segmenter(pkg, progress=lambda stage, f, msg: steps.append(stage)).segment(ct)
+    assert calls == [(True, True)]
+    assert "atlases" in steps and "stage2" in steps and steps[-1] == "done"
+    out = result.labels
+    assert (out.GetOrigin(), out.GetSpacing(), out.GetDirection(), out.GetSize()) == \
+        (ct.GetOrigin(), ct.GetSpacing(), ct.GetDirection(), ct.GetSize())
+    kept = Segmenter(pkg, keep_probabilities=True).segment(ct)
+    assert np.array_equal(sitk.GetArrayFromImage(kept.labels), sitk.GetArrayFromImage(out))
+    assert _dice(sitk.GetArrayFromImage(out) == 1, sitk.GetArrayFromImage(lab) == 1) > 0.85
 
 
 def test_the_report_says_whether_the_atlases_were_used() -> None:

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from CascadeSegLib.inference import preprocess
-from CascadeSegLib.inference.tiling import fit_tile, plan_boxes, plan_tiles, predict_boxes, tile_geometry
+from CascadeSegLib.inference.tiling import (
+    fit_tile,
+    labels_over,
+    plan_boxes,
+    plan_tiles,
+    predict_boxes,
+    tile_geometry,
+)
 from CascadeSegLib.network import NetConfig, OneDnnConv3d, build_network, prefer_onednn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +91,30 @@ def test_box_predictions_equal_one_whole_volume_pass_when_the_halo_covers_the_re
     labels = predict_boxes(net, volume, boxes, 4, labels_only=True)
     assert labels.dtype == torch.uint8
     assert torch.equal(labels[inside], whole.argmax(0).to(torch.uint8)[inside])
+
+    # A caller's labelling (the atlas fusion) gets each output box and its softmax probabilities.
+    seen = []
+
+    def shifted(lo, hi, probs):
+        seen.append((lo, hi, tuple(probs.shape)))
+        return probs.argmax(0).to(torch.uint8) + 1           # visibly not the plain argmax
+
+    def shifted_softmax(lo, hi, probs):
+        torch.testing.assert_close(probs.sum(0), torch.ones(probs.shape[1:]))
+        return shifted(lo, hi, probs)
+
+    fused = predict_boxes(net, volume, boxes, 4, labels_only=True, to_labels=shifted_softmax)
+    assert sorted(seen) == sorted((b.out_lo, b.out_hi, (4,) + tuple(h - l for l, h in zip(b.out_lo, b.out_hi)))
+                                  for b in boxes)
+    assert torch.equal(fused[inside], labels[inside] + 1) and not bool(fused[~inside].any())
+    # The same over whole-grid probabilities, slab by slab across the mask's bounding box.
+    seen.clear()
+    slabs = labels_over(got, mask, shifted, slab=7)
+    assert len(seen) > 1 and torch.equal(slabs[mask], labels[mask] + 1)
+    box = preprocess.bounding_box(mask)
+    outside_box = torch.ones_like(mask)
+    outside_box[tuple(slice(lo, hi) for lo, hi in box)] = False
+    assert not bool(slabs[outside_box].any())
 
 
 def test_out_of_memory_splits_the_box_and_gives_the_same_answer():

@@ -25,8 +25,10 @@ from .tiling import (
     BOX_HALO,
     DEFAULT_BOX_TILE_VOXELS,
     Box,
+    LabelsFn,
     box_tile,
     fit_tile,
+    labels_over,
     plan_boxes,
     plan_tiles,
     predict_boxes,
@@ -160,9 +162,11 @@ class Segmenter:
         return preprocess.to_device(sitk.GetArrayViewFromImage(image), self.device)
 
     def predict_stage(self, index: int, hu: torch.Tensor | preprocess.GridWindows, mask: torch.Tensor, overlap: float,
-                 stage: str, labels_only: bool = False) -> torch.Tensor:
+                 stage: str, labels_only: bool = False, to_labels: LabelsFn | None = None) -> torch.Tensor:
         """Class probabilities (K, z, y, x) of stage `index` over `mask`, or (`labels_only`) the
-        uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box."""
+        uint8 argmax. `hu` is the grid in HU, or a `GridWindows` resampled box by box. With
+        `labels_only` and `to_labels(lo, hi, probabilities of the voxels [lo, hi))`, the labels
+        are what that gives, region by region over the mask's cover (box by box for box covers)."""
         spec = self.model.stages[index]
         net = self.network(index)
         k = self.model.labels.num_classes
@@ -188,7 +192,8 @@ class Segmenter:
             else:
                 fetch = preprocess.normalize(hu, window, mode)[None]
             return predict_boxes(net, fetch, boxes, k, pad_value=pad_value, progress=progress, cancel=self.cancel,
-                                 on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape))
+                                 on_oom=self._smaller_boxes, labels_only=labels_only, shape=tuple(mask.shape),
+                                 to_labels=to_labels)
         if isinstance(hu, preprocess.GridWindows):
             hu = hu.full()
         volume = preprocess.normalize(hu, window, mode)[None]
@@ -200,13 +205,14 @@ class Segmenter:
         probs = predict_volume(net, volume, mask, spec.tile_zyx, k, overlap=overlap, batch_size=self.batch_size,
                                pad_value=pad_value, progress=progress, cancel=self.cancel, plan=plan,
                                on_oom=self._smaller_batches)
+        if labels_only and to_labels is not None:
+            return labels_over(probs, mask, to_labels)
         return probs.argmax(0).to(torch.uint8) if labels_only else probs
 
-    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image,
-                     t: dict[str, float]) -> tuple[torch.Tensor, float] | None:
-        """The package's registered-atlas prior on stage 2's grid and the network's weight in the
-        fusion, or None (no atlases, or a scan too short to register: a slab holds too little
-        anatomy for an affine to lock on)."""
+    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> atlas_prior.GridPrior | None:
+        """The package's registered-atlas prior for stage 2's grid, with the network's weight in
+        the fusion, or None (no atlases, or a scan too short to register: a slab holds too
+        little anatomy for an affine to lock on)."""
         spec = self.model.atlas_prior
         if spec is None or self.model.root is None:
             return None
@@ -218,19 +224,19 @@ class Segmenter:
             return None
         t0 = time.perf_counter()
         self._report("atlases", 0.0, "registering atlases")
-        # The prior is smooth (sigma 4 mm): on a stage-2 grid finer than 3 mm it is built at 3 mm
-        # and interpolated, not warped and smoothed ten times over eight times the voxels.
+        # The prior is smooth (sigma 4 mm): on a stage-2 grid finer than 3 mm it is built at 3 mm,
+        # not warped and smoothed ten times over eight times the voxels, and GridPrior
+        # interpolates it only inside stage 2's boxes (its argmax, resampled, serves outside C2).
         coarse = min(grid.GetSpacing()) < atlas_prior.PRIOR_SPACING_MM
         prior_grid = preprocess.grid_for_spacing(image, [atlas_prior.PRIOR_SPACING_MM] * 3) if coarse else grid
         prior, seconds = atlas_prior.atlas_prior(
             image, prior_grid, spec, self.model.root, self.model.labels.num_classes, self.device,
             progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel)
-        if coarse:
-            prior = atlas_prior.resample_prior(prior, prior_grid, grid)
+        fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
         self._stats["atlas_prior_atlases"] = float(len(seconds))
-        return prior, spec.network_weight
+        return fusion
 
     def _smaller_boxes(self, voxels: int) -> None:
         self.max_tile_voxels = min(self.max_tile_voxels, voxels)  # keep what fits for the next stage and case
@@ -296,24 +302,29 @@ class Segmenter:
             hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
             self.check_cancel()
-            atlas = self._atlas_prior(image, ref2, t)        # (prior, network weight) or None
+            atlas = self._atlas_prior(image, ref2, t)        # GridPrior or None
             t0 = time.perf_counter()
             self._report("stage2", 0.0, "stage 2")
             probs = None
-            if self.keep_probabilities or atlas is not None:
+            if self.keep_probabilities:
                 probs = (self.predict_stage(1, hu2, c2, self.overlap, "stage2") if bool(c2.any())
                          else torch.zeros((model.labels.num_classes,) + tuple(c2.shape), device=self.device))
-                if atlas is not None:
-                    final = atlas_prior.fused_scores(probs, atlas[0], c2, atlas[1]).argmax(0).to(torch.uint8)
-                    atlas = None                             # the K-channel prior is not needed any more
-                else:
-                    final = probs.argmax(0).to(torch.uint8) * c2
-                if not self.keep_probabilities:
-                    probs = None
+                final = (labels_over(probs, c2, atlas.fused_labels) if atlas is not None
+                         else probs.argmax(0).to(torch.uint8) * c2)
+            elif atlas is not None:
+                # Fused box by box: the prior is interpolated over stage 2's boxes only, and no
+                # K-channel volume of the grid is made.
+                final = (self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True,
+                                            to_labels=atlas.fused_labels) if bool(c2.any())
+                         else torch.zeros(c2.shape, dtype=torch.uint8, device=self.device))
             elif bool(c2.any()):
                 final = self.predict_stage(1, hu2, c2, self.overlap, "stage2", labels_only=True) * c2
             else:
                 final = torch.zeros(c2.shape, dtype=torch.uint8, device=self.device)
+            if atlas is not None:
+                # Inside C2 the fused label, outside it (where the network never looked) the prior's.
+                final = torch.where(c2, final, atlas.labels())
+                atlas = None                                 # the prior is not needed any more
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values)
             t["stage2"] = time.perf_counter() - t0

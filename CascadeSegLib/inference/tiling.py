@@ -28,6 +28,9 @@ ProgressFn = Callable[[float, str], None]
 # that is 2x faster than 64^3 tiles with equal Dice, and ~1.2 GB of activations at base 16.
 DEFAULT_BOX_TILE_VOXELS = 1_500_000
 CancelFn = Callable[[], bool]
+# (lo, hi, probabilities (K, z, y, x) of the grid voxels [lo, hi)) -> their uint8 labels (z, y, x):
+# how a caller turns one region's class probabilities into labels (e.g. fused with a prior).
+LabelsFn = Callable[[tuple[int, int, int], tuple[int, int, int], torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -326,9 +329,11 @@ def predict_boxes(net: ConfiguredNetwork, volume: torch.Tensor | Callable[[Box],
                   progress: ProgressFn | None = None, cancel: CancelFn | None = None,
                   autocast: bool | None = None, on_oom: Callable[[int], None] | None = None,
                   labels_only: bool = False, shape: Sequence[int] | None = None,
-                  min_split_voxels: int = BOX_MIN_SPLIT_VOXELS) -> torch.Tensor:
+                  min_split_voxels: int = BOX_MIN_SPLIT_VOXELS, to_labels: LabelsFn | None = None) -> torch.Tensor:
     """Softmax probabilities (K, z, y, x) over a box cover from `plan_boxes`, or with
-    `labels_only` their argmax as uint8 (z, y, x), computed box by box (no K-channel volume).
+    `labels_only` their argmax as uint8 (z, y, x), computed box by box (no K-channel volume);
+    with `labels_only` and `to_labels`, a box's labels are `to_labels(out_lo, out_hi, its
+    softmax probabilities)` instead of their argmax.
 
     `volume` is the normalised (C, z, y, x) grid, or a function giving a box's input window
     (then `shape` is the grid's), so a caller can resample the CT only where windows are.
@@ -376,7 +381,9 @@ def predict_boxes(net: ConfiguredNetwork, volume: torch.Tensor | Callable[[Box],
             (z0, y0, x0), (z1, y1, x1) = box.out_lo, box.out_hi
             a = [lo - s for lo, s in zip(box.out_lo, box.in_lo)]
             kept = logits[0, :, a[0]:a[0] + z1 - z0, a[1]:a[1] + y1 - y0, a[2]:a[2] + x1 - x0].float()
-            if labels_only:
+            if labels_only and to_labels is not None:
+                result[z0:z1, y0:y1, x0:x1] = to_labels(box.out_lo, box.out_hi, torch.softmax(kept, dim=0))
+            elif labels_only:
                 result[z0:z1, y0:y1, x0:x1] = kept.argmax(0).to(torch.uint8)
             else:
                 result[:, z0:z1, y0:y1, x0:x1] = torch.softmax(kept, dim=0)
@@ -384,6 +391,23 @@ def predict_boxes(net: ConfiguredNetwork, volume: torch.Tensor | Callable[[Box],
             if progress is not None:
                 progress(done / max(total, 1), f"box {len(boxes) - len(todo)}/{len(boxes)}")
     return result
+
+
+def labels_over(probs: torch.Tensor, mask: torch.Tensor, to_labels: LabelsFn, slab: int = 16) -> torch.Tensor:
+    """uint8 labels (z, y, x) from whole-grid probabilities (K, z, y, x): `to_labels` of each
+    slab of `slab` slices across the mask's bounding box (0 outside it), so whatever `to_labels`
+    builds per region (a prior) never spans the whole grid."""
+    from .preprocess import bounding_box
+
+    out = torch.zeros(tuple(probs.shape[1:]), dtype=torch.uint8, device=probs.device)
+    box = bounding_box(mask, shape=tuple(mask.shape))
+    if box is None:
+        return out
+    (z_lo, z_hi), (y0, y1), (x0, x1) = box
+    for z0 in range(z_lo, z_hi, slab):
+        z1 = min(z0 + slab, z_hi)
+        out[z0:z1, y0:y1, x0:x1] = to_labels((z0, y0, x0), (z1, y1, x1), probs[:, z0:z1, y0:y1, x0:x1])
+    return out
 
 
 def _window(volume: torch.Tensor, box: Box, pad_value: float) -> torch.Tensor:

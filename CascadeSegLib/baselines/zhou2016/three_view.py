@@ -38,6 +38,7 @@ from ...errors import Cancelled, ModelError, UserError
 from ...inference.cascade import Segmenter
 from ...inference.predictor import Predictor, make_predictor
 from ...inference.preprocess import GridWindows
+from ...inference.tiling import LabelsFn, labels_over
 from ...network import ConfiguredNetwork, NetConfig, fold_batchnorm, make_norm
 from ...packaging.model import ModelPackage
 
@@ -332,8 +333,9 @@ class ThreeViewSegmenter(Segmenter):
         return self._nets[index]
 
     def predict_stage(self, index: int, hu: torch.Tensor | GridWindows, mask: torch.Tensor, overlap: float,
-                      stage: str, labels_only: bool = False) -> torch.Tensor:
-        """The StagePredictor step: the stage's views over the mask's box, fused; `overlap` is unused."""
+                      stage: str, labels_only: bool = False, to_labels: LabelsFn | None = None) -> torch.Tensor:
+        """The StagePredictor step: the stage's views over the mask's box, fused; `overlap` is unused.
+        `to_labels` as in Segmenter.predict_stage (applied slab by slab to the fused probabilities)."""
         from ...inference import preprocess
 
         if isinstance(hu, preprocess.GridWindows):
@@ -347,6 +349,8 @@ class ThreeViewSegmenter(Segmenter):
             net, volume, mask, self.model.labels.num_classes, self.options.fusion,
             self.options.context, pad_value, batch_size=self.batch_size,
             progress=lambda f, msg: self._report(stage, f, msg), cancel=self.cancel)
+        if labels_only and to_labels is not None:
+            return labels_over(probs, mask, to_labels)
         return labels.to(torch.uint8) if labels_only else probs
 
 
