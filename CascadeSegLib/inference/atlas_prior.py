@@ -32,6 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from ..checksum import sha256_file
 from ..errors import ModelError
 from . import preprocess
 
@@ -415,11 +416,9 @@ def gaussian_smooth(volume: torch.Tensor, sigma_vox: list[float]) -> torch.Tenso
 
 def _read(path: Path, sha256: str) -> sitk.Image:
     """An atlas image, read only after its bytes match the sha256 model.json records."""
-    import hashlib
-
     if not path.is_file():
         raise ModelError(f"atlas file {path.name} is missing from {path.parent}; re-install the model")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != sha256.lower():
         raise ModelError(f"atlas file {path.name} fails its sha256 check (got {digest[:12]}..., expected "
                          f"{sha256[:12] or 'nothing'}...); re-install the model")

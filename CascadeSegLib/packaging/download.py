@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..checksum import sha256_file
 from ..errors import ModelError
 from ..locking import file_lock
 from ..resources import bundled_models_dir
@@ -84,14 +85,6 @@ def _check_sha(sha256: str | None) -> str | None:
     return sha256.lower()
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 class _SafeRedirects(urllib.request.HTTPRedirectHandler):
     """Follow redirects only to URLs we would have accepted in the first place."""
 
@@ -144,7 +137,7 @@ def download(url: str, dest_file: str | os.PathLike, sha256: str | None = None,
     dest = Path(dest_file)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists() and sha256 is not None and file_sha256(dest) == sha256:
+    if dest.exists() and sha256 is not None and sha256_file(dest) == sha256:
         if progress:
             size = dest.stat().st_size
             progress(size, size)
@@ -323,7 +316,7 @@ def install_model(source: str | os.PathLike, models_dir: str | os.PathLike | Non
         else:
             assert local is not None
             if sha256 is not None:
-                digest = file_sha256(local)
+                digest = sha256_file(local)
                 if digest != sha256:
                     raise ModelError(f"{local} has sha256 {digest}, expected {sha256}; the "
                                      "file is damaged or not the one you meant")

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..atomic import atomic_path, atomic_write
+from ..checksum import sha256_file
 from ..errors import ModelError
 from ..inference.atlas_prior import AtlasPriorSpec
 from ..labels import LabelSet
@@ -237,14 +238,6 @@ class ModelPackage:
                              "baseline2d.make_segmenter (cascadeseg segment does this)")
         net = self.fill_network(stage_index, build_network(self.stages[stage_index].network))
         return net.to(device).eval()
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _atomic_torch_save(obj: Any, target: Path) -> None:
