@@ -132,3 +132,28 @@ def test_train_without_simpleitk_then_export_segments(packed, tmp_path):
     labels = Segmenter(pkg, device="cpu").segment(image).labels
     assert labels.GetSize() == image.GetSize() and labels.GetOrigin() == image.GetOrigin()
     assert labels.GetSpacing() == image.GetSpacing() and labels.GetDirection() == image.GetDirection()
+
+
+def test_all_runs_every_step_once_and_resumes(packed, tmp_path):
+    """`all` packs, trains and exports; run again, it keeps the finished pack and stages."""
+    root, _, cases = packed
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), "all", str(root / "config.json"), "--run-dir", str(run_dir),
+           "--work", str(root / "work"), "--device", "cpu", "--threads", "1", "--no-atlases"]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    pack_json = run_dir / "pack" / "pack.json"
+    done = {s: (run_dir / "networks" / s / "done.json") for s in ("stage1", "stage2")}
+    stamps = {p: p.stat().st_mtime_ns for p in (pack_json, *done.values())}
+    assert all(json.loads(p.read_text())["iterations"] == 3 for p in done.values())
+
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "is complete, kept" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps        # nothing packed or trained twice
+
+    from CascadeSegLib.packaging.model import load_model
+
+    pkg = load_model(str(run_dir / "networks" / "model"))
+    assert [s.name for s in pkg.stages] == ["stage1", "stage2"] and pkg.atlas_prior is None
+    assert pkg.labels.names == json.loads((root / "config.json").read_text())["labels"]

@@ -3,6 +3,7 @@
     python configs/train_prepared.py pack CONFIG -o PACK [--exclude CASE] [--work DIR]
     python configs/train_prepared.py train PACK --run-dir RUN [--device cuda] [--minutes M M]
     python configs/train_prepared.py export RUN -o MODEL
+    python configs/train_prepared.py all CONFIG --run-dir RUN [--exclude CASE] [--device cuda] [--minutes M M]
 
 `pack` runs here, where the data and SimpleITK are: it generates the config's synthetic cases,
 resamples every case onto both stage grids (the trainer's own cache) and writes one xz-compressed
@@ -18,6 +19,12 @@ makes every organ voxel a training candidate even where a young stage 1 still mi
 (recorded in the run's config.json), so the poly schedule still ends at zero. Resumable.
 
 `export` writes the model package (here, with SimpleITK) from the run folder.
+
+`all` is the one command that retrains a default model: pack (RUN/pack), train (RUN/networks),
+export (RUN/networks/model), then add the atlases with configs/build_atlas_model.py (RUN/model).
+Run it again after a stop and it goes on where it stopped: a finished pack (its pack.json) and
+finished atlases (RUN/model/model.json) are kept, training resumes from its checkpoints. On a CPU
+leave out --minutes (a stage whose wall time runs out counts as finished) and stop with Ctrl-C.
 """
 
 from __future__ import annotations
@@ -271,6 +278,33 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def all_steps(args: argparse.Namespace) -> int:
+    """Pack, train, export and add the atlases; each finished step is kept when run again."""
+    import subprocess
+
+    run = Path(args.run_dir)
+    pack_dir, networks = run / "pack", run / "networks"
+    if (pack_dir / "pack.json").is_file():
+        print(f"pack: {pack_dir} is complete, kept", flush=True)
+    else:
+        pack(argparse.Namespace(config=args.config, output=str(pack_dir), exclude=args.exclude, work=args.work))
+    train(argparse.Namespace(pack=str(pack_dir), run_dir=str(networks), device=args.device, minutes=args.minutes,
+                             threads=args.threads, progress=args.progress, only=None))
+    export(argparse.Namespace(run_dir=str(networks), output=str(networks / "model")))
+    if args.no_atlases:
+        return 0
+    if (run / "model" / "model.json").is_file():
+        print(f"atlases: {run / 'model'} is complete, kept (delete it to rebuild)", flush=True)
+        return 0
+    raw = json.loads((pack_dir / "pack.json").read_text(encoding="utf-8"))["config"]
+    cmd = [sys.executable, str(REPO / "configs" / "build_atlas_model.py"), "-o", str(run / "model"),
+           "--base", str(networks / "model"), "--name", str(args.name or raw.get("name", "abdomen-ct")),
+           "--version", str(raw.get("version", "1.0.0"))]
+    if args.exclude:
+        cmd += ["--exclude", args.exclude]
+    return subprocess.call(cmd)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -293,6 +327,18 @@ def main() -> int:
     c.add_argument("run_dir")
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=export)
+    d = sub.add_parser("all", help="pack, train, export and add the atlases; run again to resume")
+    d.add_argument("config")
+    d.add_argument("--run-dir", required=True)
+    d.add_argument("--exclude", help="leave this case out everywhere (a held-out fold)")
+    d.add_argument("--work")
+    d.add_argument("--device", default="auto")
+    d.add_argument("--minutes", type=float, nargs="*")
+    d.add_argument("--threads", type=int, default=4)
+    d.add_argument("--progress", action="store_true")
+    d.add_argument("--name", help="the package's name (default: the config's)")
+    d.add_argument("--no-atlases", action="store_true", help="stop after exporting the networks")
+    d.set_defaults(func=all_steps)
     args = p.parse_args()
     return int(args.func(args))
 
