@@ -308,3 +308,30 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     plain = report_markdown({**base, "candidate_regions": {}}, labels)
     assert "Atlas prior: 10 atlases registered onto this scan" in used
     assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
+
+
+def test_saved_probabilities_are_the_scores_the_labels_come_from(atlas_package: Path,
+                                                                 sample: tuple[sitk.Image, sitk.Image]) -> None:
+    """With atlases, --save-probabilities writes the fused scores (network and prior inside C2,
+    the prior outside it), so their argmax is the segmentation, also where stage 2 never looked."""
+    ct, _ = sample
+    pkg = ModelPackage.load(atlas_package)
+    result = Segmenter(pkg, keep_probabilities=True, keep_candidates=True).segment(ct)
+    probs = result.probabilities
+    assert probs is not None and probs.GetNumberOfComponentsPerPixel() == pkg.labels.num_classes
+    assert probs.GetSpacing() == ct.GetSpacing() and probs.GetDirection() == ct.GetDirection()
+    # the probabilities' box on the input grid, and the labels and C2 over the same voxels
+    start = ct.TransformPhysicalPointToIndex(probs.GetOrigin())
+    assert probs.GetOrigin() == ct.TransformIndexToPhysicalPoint(start)
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], probs.GetSize()[::-1]))
+    scores = sitk.GetArrayFromImage(probs)                       # (z, y, x, K)
+    labels = sitk.GetArrayFromImage(result.labels)[box]
+    c2 = sitk.GetArrayFromImage(result.c2)[box] > 0
+    organs = labels > 0
+    assert np.isfinite(scores).all() and scores.min() >= 0.0 and scores.max() <= 1.0 + 1e-5
+    outside = organs & ~c2
+    assert outside.sum() > 100                                     # the prior labels organs stage 2 never saw
+    agree = scores.argmax(-1) == labels
+    assert agree[organs].mean() > 0.98 and agree[outside].mean() > 0.98
+    # every voxel labelled as an organ lies in the box: nothing the labels hold is cut away
+    assert int((sitk.GetArrayFromImage(result.labels) > 0).sum()) == int(organs.sum())

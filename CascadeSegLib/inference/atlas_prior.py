@@ -322,6 +322,18 @@ class GridPrior:
         `network` the stage-2 probabilities (K, z, y, x) of that region. The label inside C2."""
         return fused_scores(network, self.region(lo, hi), self.network_weight).argmax(0).to(torch.uint8)
 
+    def fuse_into(self, probs: torch.Tensor, inside: torch.Tensor, slab: int = 16) -> torch.Tensor:
+        """Stage 2's whole-grid probabilities (K, z, y, x on `target`) turned, in place and slab by
+        slab, into the scores the labels are the argmax of: fused inside C2 (`inside`), the
+        interpolated prior outside it. What `--save-probabilities` writes for an atlas model."""
+        z_n, y_n, x_n = self.shape
+        for z0 in range(0, z_n, slab):
+            z1 = min(z0 + slab, z_n)
+            prior = self.region((z0, 0, 0), (z1, y_n, x_n)).to(probs.dtype)
+            probs[:, z0:z1] = torch.where(inside[z0:z1], fused_scores(probs[:, z0:z1], prior, self.network_weight),
+                                          prior)
+        return probs
+
     def _resampled(self, lo: list[int], hi: list[int]) -> torch.Tensor:
         """`region` for grids that do not share their axes: SimpleITK over the region's sub-grid."""
         if self._vector is None:

@@ -324,6 +324,8 @@ class Segmenter:
             if atlas is not None:
                 # Inside C2 the fused label, outside it (where the network never looked) the prior's.
                 final = torch.where(c2, final, atlas.labels())
+                if probs is not None:                        # saved scores = what the labels came from
+                    probs = atlas.fuse_into(probs, c2)
                 atlas = None                                 # the prior is not needed any more
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values)
@@ -505,11 +507,11 @@ def _boxed_nearest(labels: sitk.Image, reference: sitk.Image) -> np.ndarray:
 def resample_probabilities_to(probs: torch.Tensor, grid: sitk.Image, reference: sitk.Image) -> sitk.Image:
     """Class probabilities (K, z, y, x) on a model grid -> linear interpolation on the input grid.
 
-    Only the box where stage 2 computed anything is returned (same spacing and direction as the
+    Only the box where any organ has a score is returned (same spacing and direction as the
     input, origin at the box's first voxel), since everything outside it is background: a
     full-size float copy per class would dwarf the CT itself.
     """
-    covered = probs.sum(0) > 0
+    covered = probs[1:].sum(0) > 0          # any organ score: a prior's background alone spans the grid
     box = preprocess.bounding_box(covered, pad=1, shape=tuple(covered.shape))
     arr = probs.permute(1, 2, 3, 0).contiguous().cpu().numpy()
     pimg = sitk.GetImageFromArray(arr, isVector=True)
