@@ -27,7 +27,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from CascadeSegLib.inference.atlas_prior import register  # noqa: E402 - the model's own registration
+from CascadeSegLib.inference.atlas_prior import register, soft_tissue  # noqa: E402 - the model's own registration
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.labels import LabelSet  # noqa: E402
 from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
@@ -61,11 +61,12 @@ def main() -> int:
             continue
         fixed = read_image(ct_path)
         t0 = time.perf_counter()
+        fixed_soft = soft_tissue(fixed)                  # the patient's registration grid, made once
         warped, coverage = [], []
         for atlas, (a_ct, a_lab) in cases.items():
             if atlas == test:
                 continue
-            tx = register(fixed, read_image(a_ct))
+            tx = register(fixed, read_image(a_ct), fixed_soft=fixed_soft)
             lab = sitk.ReadImage(str(a_lab))
             ours = sitk.GetImageFromArray(table[sitk.GetArrayFromImage(lab)])
             ours.CopyInformation(lab)
