@@ -26,6 +26,12 @@ _STAGE_OVERRIDES = {"name", "patch", "train", "augment"}
 log = logging.getLogger(__name__)
 
 
+def same_labels(a: LabelSet, b: LabelSet) -> bool:
+    """Whether two label sets give the same names the same values: then the output layer and the
+    atlases (labelled in those values) carry over unchanged."""
+    return [(lab.value, lab.name) for lab in a] == [(lab.value, lab.name) for lab in b]
+
+
 def merge_with_package(data: dict[str, Any], pkg, freeze_encoder: bool) -> dict[str, Any]:
     """The config with the package's stages, intensity window, body mask and dilation filled in."""
     data = copy.deepcopy(data)
@@ -68,8 +74,7 @@ def transfer_state(old_state: dict[str, torch.Tensor], old_labels: LabelSet, new
         if key not in old_state or old_state[key].shape != value.shape:
             raise UserError(f"the model's weights do not fit its network config at {key}; re-export the model")
         out[key] = old_state[key].clone()
-    same = [(l.value, l.name) for l in old_labels] == [(l.value, l.name) for l in new_labels]
-    if same and old_state["head.weight"].shape == fresh["head.weight"].shape:
+    if same_labels(old_labels, new_labels) and old_state["head.weight"].shape == fresh["head.weight"].shape:
         out["head.weight"] = old_state["head.weight"].clone()
         out["head.bias"] = old_state["head.bias"].clone()
         return out
@@ -113,7 +118,7 @@ def finetune_run(model: str | Path, config: str | Path, run_dir: str | Path | No
     rd = Path(run_dir) if run_dir else (cfg.run_dir or Path("runs") / cfg.name)
     extra: dict[str, Any] = {"finetuned_from": merged["finetune"]["from"]}
     if pkg.atlas_prior is not None:
-        if [(lab.value, lab.name) for lab in new_labels] == [(lab.value, lab.name) for lab in pkg.labels]:
+        if same_labels(pkg.labels, new_labels):
             extra["atlas_prior_from"] = keep_atlases(pkg, rd)
         else:
             log.warning("model %s carries atlases for its own labels; the fine-tuned model has other labels, so "

@@ -81,10 +81,8 @@ def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] 
     prov.update(provenance or {})
     atlas_prior, atlas_files = None, None
     if meta.get("atlas_prior_from"):          # fine-tuned from a model with atlases: they come along
-        import copy
-
         base = ModelPackage.load(run_dir / meta["atlas_prior_from"])
-        atlas_prior, atlas_files = copy.deepcopy(base.atlas_prior), base.root
+        atlas_prior, atlas_files = base.atlas_prior, base.root
     pkg = ModelPackage(name=cfg.name, version=cfg.version, labels=cfg.label_set(), stages=specs, window=cfg.window,
                        normalization=cfg.normalization, body_threshold_hu=cfg.body_threshold_hu,
                        dilation_radius=cfg.dilation_radius, description=cfg.description, license=cfg.license,
