@@ -247,19 +247,14 @@ def _stage_data(cfg, index: int, pack_dir: Path, meta: dict, run_dir: Path, dev)
     import torch
 
     from CascadeSegLib.inference import preprocess
-    from CascadeSegLib.network import build_network
-    from CascadeSegLib.train import checkpoint as ckpt
-    from CascadeSegLib.train.candidates import pad_value_for, predict_labels
+    from CascadeSegLib.train.candidates import load_best, pad_value_for, predict_labels
 
     stage = cfg.stages[index]
     cases = [_load(pack_dir, stage.name, e) for e in meta["cases"]]
     if index == 0:
         return cases, [np.asarray(c.c1) for c in cases], [], []
     s1 = cfg.stages[0]
-    best = ckpt.load_checkpoint(run_dir / s1.name / "best.pt")
-    net = build_network(s1.network)
-    net.load_state_dict(best["model"])
-    net = net.to(dev).eval()
+    net = load_best(run_dir / s1.name, s1, dev)
     masks = []
     for entry, c2 in zip(meta["cases"], cases):
         c1 = _load(pack_dir, s1.name, entry)
