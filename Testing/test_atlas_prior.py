@@ -139,6 +139,28 @@ def test_segment_uses_the_prior_and_keeps_the_geometry(atlas_package: Path,
     assert _dice(got == 1, truth == 1) > 0.85
 
 
+def test_segment_vetoes_pieces_far_from_the_atlases(atlas_package: Path, sample: tuple[sitk.Image, sitk.Image],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest-component step gets the prior's veto: a big piece the network labels spleen
+    far from where the atlas puts it is dropped for the spleen where the atlas has it."""
+    ct, lab = sample
+    real = cascade.keep_largest_components
+    seen: dict[str, Any] = {}
+
+    def with_far_spleen(labels: torch.Tensor, values: list[int], plausible: Any = None) -> torch.Tensor:
+        seen["plausible"] = plausible
+        planted = labels.clone()
+        planted[:12, 40:80, 40:80] = 2      # a spleen 12 x 40 x 40 voxels in the pelvis (3 mm grid)
+        seen["planted"] = int((planted == 2).sum() - (labels == 2).sum())
+        return real(planted, values, plausible)
+
+    monkeypatch.setattr(cascade, "keep_largest_components", with_far_spleen)
+    got = sitk.GetArrayFromImage(Segmenter(ModelPackage.load(atlas_package)).segment(ct).labels)
+    assert seen["plausible"] is not None and seen["planted"] > int((sitk.GetArrayFromImage(lab) == 2).sum())
+    assert not (got[:12, 40:80, 40:80] == 2).any()
+    assert _dice(got == 2, sitk.GetArrayFromImage(lab) == 2) > 0.8
+
+
 def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_dir: Path) -> None:
     ct = read_image(dicom_slab_dir)
     warnings: list[str] = []
@@ -199,6 +221,38 @@ def test_a_prior_for_a_finer_stage2_grid_is_interpolated_from_3_mm(fine_prior: a
     assert torch.equal(fine_prior.region((5, 7, 9), (40, 33, 61)), out[:, 5:40, 7:33, 9:61])
     with pytest.raises(ValueError, match="outside the grid"):
         fine_prior.region((0, 0, 0), (fine_prior.shape[0] + 1, 1, 1))
+
+
+@pytest.mark.parametrize("rotated", [False, True])
+def test_plausible_is_where_the_atlases_put_the_organ_grown_by_the_margin(fine_prior: ap.GridPrior,
+                                                                           rotated: bool) -> None:
+    """Checked against SimpleITK's own index <-> point mapping and scipy's box dilation."""
+    from scipy import ndimage
+
+    target = sitk.Image(fine_prior.target)
+    if rotated:
+        c, s = np.cos(0.3), np.sin(0.3)
+        target.SetDirection((np.array(target.GetDirection()).reshape(3, 3) @ np.array(
+            [[c, -s, 0], [s, c, 0], [0, 0, 1]])).ravel().tolist())
+    fusion = ap.GridPrior(fine_prior.prior, fine_prior.source, target, 0.5)
+    source = fusion.source
+    r = int(np.ceil(ap.PLAUSIBLE_MARGIN_MM / source.GetSpacing()[0]))
+    spleen = (fusion.prior[2] > ap.PLAUSIBLE_MIN_PRIOR).numpy()
+    expected_support = ndimage.maximum_filter(spleen, size=2 * r + 1, mode="constant")
+    assert 0 < spleen.mean() < expected_support.mean() < 0.5
+    rng = np.random.default_rng(0)
+    shape = np.array(fusion.shape)
+    index = np.concatenate([rng.integers(0, shape, size=(3000, 3)),
+                            np.argwhere(np.ones((2, 2, 2))) * (shape - 1)])   # and the 8 corners
+    got = fusion.plausible(2, index)
+    expected = []
+    for z, y, x in index:
+        point = target.TransformIndexToPhysicalPoint((int(x), int(y), int(z)))
+        i, j, k = source.TransformPhysicalPointToIndex(point)                   # nearest, x, y, z
+        inside = all(0 <= a < n for a, n in zip((i, j, k), source.GetSize()))
+        expected.append(bool(expected_support[k, j, i]) if inside else True)
+    assert got.tolist() == expected
+    assert 0.05 < got.mean() < 0.9                   # both answers occur among the samples
 
 
 def test_a_rotated_stage2_grid_gets_the_prior_from_simpleitk(fine_prior: ap.GridPrior) -> None:

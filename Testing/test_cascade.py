@@ -244,3 +244,23 @@ def test_largest_component_removes_islands_only_for_listed_organs():
     out = keep_largest_components(labels, [1])
     assert int((out == 1).sum()) == 1000 and int(out[21, 21, 21]) == 0
     assert torch.equal(out == 2, labels == 2)
+
+
+def test_largest_component_prefers_the_piece_where_the_atlases_allow_it():
+    from CascadeSegLib.inference.cascade import keep_largest_components
+
+    labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    labels[2:12, 2:12, 2:12] = 2          # a big spleen where the atlases put none
+    labels[20:25, 20:25, 20:25] = 2       # a smaller one where they put it
+    labels[20:25, 2:4, 2:4] = 3           # two kidney pieces, neither allowed: size decides
+    labels[2:4, 20:22, 20:22] = 3
+    asked: list[int] = []
+
+    def plausible(value: int, index: np.ndarray) -> np.ndarray:
+        asked.append(value)
+        return (index[:, 0] >= 15) & (value == 2)
+
+    out = keep_largest_components(labels, [2, 3], plausible)
+    assert int((out == 2).sum()) == 125 and int(out[5, 5, 5]) == 0 and int(out[22, 22, 22]) == 2
+    assert int((out == 3).sum()) == 20 and int(out[2, 20, 20]) == 0
+    assert asked == [2, 3]

@@ -38,6 +38,12 @@ from . import preprocess
 
 #: the finest grid the prior is built on (finer stage-2 grids get it interpolated box by box)
 PRIOR_SPACING_MM = 3.0
+#: where the atlases put an organ, grown by this much, is where a piece of it may lie (see
+#: `GridPrior.plausible`): a gross-misplacement veto, wide enough for a misregistered atlas
+PLAUSIBLE_MARGIN_MM = 30.0
+#: prior probability below which no atlas (after smoothing) puts the organ; uncovered voxels
+#: hold 1/K, above this, so where no atlas reaches every organ is plausible
+PLAUSIBLE_MIN_PRIOR = 0.01
 
 
 @dataclass
@@ -241,6 +247,28 @@ class GridPrior:
         # share their axes (the model grids do); otherwise SimpleITK resamples each region.
         self._maps = None if self.same_grid else _linear_maps(source, target, prior.device)
         self._vector: sitk.Image | None = None
+        self._support: dict[int, np.ndarray] = {}
+
+    def plausible(self, value: int, index: np.ndarray) -> np.ndarray:
+        """bool (N,): whether target voxels `index` (N, 3: z, y, x) lie within
+        `PLAUSIBLE_MARGIN_MM` (a box, per axis) of where the atlases put label `value`.
+
+        The atlases know roughly where an organ is even where they miss its borders; a piece
+        of it the network finds a hand's width away from every atlas (a spleen in the pelvis)
+        is implausible. Voxels past the prior's grid count as plausible (nothing is known there).
+        """
+        support = self._support.get(value)
+        if support is None:
+            near = (self.prior[value] > PLAUSIBLE_MIN_PRIOR).float()[None, None]
+            for dim, spacing in enumerate(self.source.GetSpacing()[::-1]):
+                r = int(np.ceil(PLAUSIBLE_MARGIN_MM / spacing))
+                kernel = [1, 1, 1]
+                kernel[dim] = 2 * r + 1
+                pad = [0, 0, 0, 0, 0, 0]
+                pad[2 * (2 - dim)] = pad[2 * (2 - dim) + 1] = r
+                near = torch.nn.functional.max_pool3d(torch.nn.functional.pad(near, pad), kernel, stride=1)
+            support = self._support[value] = near[0, 0].bool().cpu().numpy()
+        return _lookup(support, self.source, self.target, index)
 
     def labels(self) -> torch.Tensor:
         """uint8 (z, y, x) on `target`: the argmax of the prior interpolated linearly onto it,
@@ -344,6 +372,23 @@ class GridPrior:
         out = sitk.Resample(self._vector, sub, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkVectorFloat32)
         arr = torch.from_numpy(sitk.GetArrayFromImage(out)).to(self.prior.device)
         return arr.permute(3, 0, 1, 2).contiguous()
+
+
+def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: np.ndarray) -> np.ndarray:
+    """`volume` (on `source`, z, y, x) at the nearest source voxel of each target voxel
+    `index` (N, 3: z, y, x); True past the source grid."""
+    def matrix(img: sitk.Image) -> np.ndarray:
+        return np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
+
+    xyz = index[:, ::-1].astype(np.float64)
+    physical = xyz @ matrix(target).T + np.array(target.GetOrigin())
+    continuous = np.linalg.solve(matrix(source), (physical - np.array(source.GetOrigin())).T).T
+    nearest = np.floor(continuous + 0.5).astype(np.int64)[:, ::-1]          # back to z, y, x
+    inside = np.all((nearest >= 0) & (nearest < np.array(volume.shape)), axis=1)
+    out = np.ones(len(index), dtype=bool)
+    z, y, x = nearest[inside].T
+    out[inside] = volume[z, y, x]
+    return out
 
 
 def same_grid(a: sitk.Image, b: sitk.Image) -> bool:

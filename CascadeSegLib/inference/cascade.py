@@ -326,9 +326,10 @@ class Segmenter:
                 final = torch.where(c2, final, atlas.labels())
                 if probs is not None:                        # saved scores = what the labels came from
                     probs = atlas.fuse_into(probs, c2)
-                atlas = None                                 # the prior is not needed any more
             if self.largest_component_values:
-                final = keep_largest_components(final, self.largest_component_values)
+                final = keep_largest_components(final, self.largest_component_values,
+                                                atlas.plausible if atlas is not None else None)
+            atlas = None                                     # the prior is not needed any more
             t["stage2"] = time.perf_counter() - t0
             final_grid = ref2
             c2_img = _from_tensor(c2.to(torch.uint8), ref2) if self.keep_candidates else None
@@ -357,8 +358,15 @@ class Segmenter:
         return result
 
 
-def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
-    """Keep only the largest 26-connected component of each label in `values` (rest: background)."""
+def keep_largest_components(labels: torch.Tensor, values: list[int],
+                            plausible: Callable[[int, np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+    """Keep only the largest 26-connected component of each label in `values` (rest: background).
+
+    With `plausible(value, index)` (the atlas prior's veto, `GridPrior.plausible`), a component
+    is measured by its voxels where the atlases allow the organ: a large piece far from every
+    atlas (a spleen in the pelvis) loses to the organ where the atlases put it. When no piece is
+    plausible at all, plain size decides, as without atlases.
+    """
     from scipy import ndimage
 
     arr = labels.cpu().numpy()
@@ -374,6 +382,12 @@ def keep_largest_components(labels: torch.Tensor, values: list[int]) -> torch.Te
         if n > 1:
             sizes = np.bincount(comp.ravel())
             sizes[0] = 0
+            if plausible is not None:
+                where = np.argwhere(comp > 0)
+                allowed = plausible(value, where + np.array([s.start for s in box]))
+                scores = np.bincount(comp[tuple(where[allowed].T)], minlength=n + 1)
+                if scores.max() > 0:
+                    sizes = scores
             out[box][(comp > 0) & (comp != int(sizes.argmax()))] = 0
     return torch.from_numpy(out).to(labels.device)
 
