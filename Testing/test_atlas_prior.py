@@ -161,6 +161,55 @@ def test_segment_vetoes_pieces_far_from_the_atlases(atlas_package: Path, sample:
     assert _dice(got == 2, sitk.GetArrayFromImage(lab) == 2) > 0.8
 
 
+@pytest.fixture(scope="module")
+def fat_liver_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[sitk.Image, sitk.Image]) -> Path:
+    """The default networks with the sample CT as the one atlas, its liver label grown by 15 mm:
+    an atlas that knows where the liver is but not its border."""
+    ct, lab = sample
+    folder = tmp_path_factory.mktemp("fat-liver-model")
+    model = load_model()
+    for stage in model.stages:
+        shutil.copy2(model.weight_path(stage), folder / stage.weights)
+    (folder / "atlases").mkdir()
+    liver = sitk.BinaryDilate(lab == 1, [5, 5, 5])
+    fat = sitk.Mask(lab, sitk.Not(liver)) + sitk.Cast(liver, lab.GetPixelID())
+    sitk.WriteImage(ct, str(folder / "atlases/a_ct.nii.gz"), True)
+    sitk.WriteImage(fat, str(folder / "atlases/a_labels.nii.gz"), True)
+    model.atlas_prior = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec("a", "atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz")],
+                                          network_weight=1.0)
+    model.save(folder)
+    return folder
+
+
+@pytest.mark.parametrize("candidates", [False, True])
+def test_atlas_candidates_let_stage2_segment_what_stage1_missed(fat_liver_package: Path, candidates: bool,
+                                                                sample: tuple[sitk.Image, sitk.Image],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 finds nothing. Without atlas candidates the prior labels the liver alone (its
+    grown border); with them the atlas region is C2 and the network draws the border."""
+    ct, lab = sample
+    real = Segmenter.predict_stage
+
+    def blind_stage1(self: Segmenter, index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(self, index, *args, **kwargs)
+        return torch.zeros_like(out) if index == 0 else out
+
+    monkeypatch.setattr(Segmenter, "predict_stage", blind_stage1)
+    pkg = ModelPackage.load(fat_liver_package)
+    assert pkg.atlas_prior is not None
+    pkg.atlas_prior.candidates = candidates
+    assert ModelPackage.from_json(pkg.to_json(), pkg.root).atlas_prior.candidates is candidates  # type: ignore[union-attr]
+    result = Segmenter(pkg, keep_candidates=True).segment(ct)
+    truth, got = sitk.GetArrayFromImage(lab) == 1, sitk.GetArrayFromImage(result.labels) == 1
+    c2 = sitk.GetArrayFromImage(result.c2) > 0
+    fat = _dice(got, truth) < 0.8 and got.sum() > 1.3 * truth.sum()      # the atlas's grown liver
+    if candidates:
+        assert c2[truth].mean() > 0.99 and 0.05 < result.stats["c2_fraction"] < 0.5
+        assert _dice(got, truth) > 0.9 and not fat
+    else:
+        assert not c2.any() and fat
+
+
 def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_dir: Path) -> None:
     ct = read_image(dicom_slab_dir)
     warnings: list[str] = []

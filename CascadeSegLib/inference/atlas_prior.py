@@ -5,16 +5,20 @@ registered atlases know where organs lie but not their exact borders. A model pa
 atlases (`"atlas_prior"` in model.json). Each is registered onto the patient (affine on mutual
 information, then diffeomorphic demons, both on soft-tissue HU at a coarse spacing, 8 mm), its label
 map warped onto stage 2's grid, and the atlases averaged into a smoothed class prior. Inside C2
-the label is argmax(w * p_network + (1 - w) * prior); outside C2 (where the network never
-looked) it is the prior's argmax, so organs stage 1 missed are still found.
+the label is argmax(w * p_network + (1 - w) * prior). With `candidates` (abdomen-ct 2.1.0 on)
+the prior's organs join C2 before its dilation, so stage 2 also looks where stage 1 missed an
+organ the atlases know, and outside C2 is background; without it, outside C2 (where the
+network never looked) the label is the prior's argmax. Each organ then keeps its largest piece
+among those near where the atlases put it (`GridPrior.plausible`).
 
 On a stage-2 grid finer than 3 mm the prior is built at 3 mm (`PRIOR_SPACING_MM`) and never
 interpolated over the whole fine grid (K floats per voxel): `GridPrior` interpolates the K-class
 prior only over the boxes stage 2 computes, where it is fused box by box, and outside C2 takes
 the argmax on the 3 mm grid, interpolating only along the borders between its labels.
 
-The rule and its weights were chosen on one leave-one-out fold (sample CT held out) and
-reported on another (s0009 held out); see the bundled model's card.
+The smoothing and registration settings were chosen for 1.0.0 on one leave-one-out fold; the
+candidates rule and the weight of 2.1.0 on both folds, each reported with the weight the other
+fold chose; see the bundled model's card.
 """
 
 from __future__ import annotations
@@ -73,12 +77,16 @@ class AtlasPriorSpec:
     smoothing_mm: float = 4.0            # Gaussian sigma applied to the averaged atlas labels
     min_extent_mm: float = 100.0         # shorter scans (slabs) are not registered: too little anatomy
     demons_iterations: int = 30
+    # True: the atlases' organs join C2 (dilated like stage 1's), so stage 2 looks wherever
+    # either stage 1 or the atlases put an organ and the prior never labels a voxel alone.
+    # False (packages before abdomen-ct 2.1.0): outside C2 the prior's argmax is the label.
+    candidates: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
-                "demons_iterations": self.demons_iterations}
+                "demons_iterations": self.demons_iterations, "candidates": self.candidates}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -88,7 +96,8 @@ class AtlasPriorSpec:
                               network_weight=float(d.get("network_weight", 0.5)),
                               smoothing_mm=float(d.get("smoothing_mm", 4.0)),
                               min_extent_mm=float(d.get("min_extent_mm", 100.0)),
-                              demons_iterations=int(d.get("demons_iterations", 30)))
+                              demons_iterations=int(d.get("demons_iterations", 30)),
+                              candidates=bool(d.get("candidates", False)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -248,6 +257,7 @@ class GridPrior:
         self._maps = None if self.same_grid else _linear_maps(source, target, prior.device)
         self._vector: sitk.Image | None = None
         self._support: dict[int, np.ndarray] = {}
+        self._labels: torch.Tensor | None = None
 
     def plausible(self, value: int, index: np.ndarray) -> np.ndarray:
         """bool (N,): whether target voxels `index` (N, 3: z, y, x) lie within
@@ -281,6 +291,11 @@ class GridPrior:
         further, as labels from model grids do (`resample_labels_to(..., edge=1)`), where
         `region` is 0. Grids that do not share their axes get the argmax resampled nearest.
         """
+        if self._labels is None:
+            self._labels = self._argmax_on_target()
+        return self._labels
+
+    def _argmax_on_target(self) -> torch.Tensor:
         coarse = self.prior.argmax(0).to(torch.uint8)
         if self.same_grid:
             return coarse

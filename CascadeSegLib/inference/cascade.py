@@ -303,6 +303,12 @@ class Segmenter:
             t["c2"] = time.perf_counter() - t0
             self.check_cancel()
             atlas = self._atlas_prior(image, ref2, t)        # GridPrior or None
+            if atlas is not None and model.atlas_prior is not None and model.atlas_prior.candidates:
+                # The atlases' organs are candidates too, dilated like stage 1's: stage 2 looks
+                # wherever either puts an organ (an organ stage 1 missed is segmented by the
+                # network, not copied from the atlases), and outside C2 the prior says background.
+                c2 |= preprocess.dilate(atlas.labels() > 0, model.dilation_radius)
+                stats["c2_fraction"] = float(c2.float().mean())
             t0 = time.perf_counter()
             self._report("stage2", 0.0, "stage 2")
             probs = None
