@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +65,33 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes, fsync: bool = 
         else:
             tmp.write_bytes(data)
     return target
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a fresh hidden folder beside `path` to fill; on a normal exit it becomes `path`.
+
+    The temporary name is unique per call (`temporary_path`), so two processes filling the
+    same destination never share a folder. An existing `path` is moved aside first and removed
+    after the rename (a reader may briefly find no folder, never a half-filled one); if another
+    process put `path` in place in between, its folder is kept and ours discarded. On any
+    error, and on Ctrl-C, the temporary folder is removed and `path` is left as it was.
+    """
+    target = Path(path)
+    tmp = temporary_path(target)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = temporary_path(target, "-old")
+        try:
+            target.rename(old)
+        except FileNotFoundError:
+            pass                                 # nothing to move aside
+        try:
+            tmp.rename(target)
+        except OSError:                          # another process's folder got there first
+            if not target.is_dir():
+                raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -232,6 +232,31 @@ def test_multi_member_gzip_nifti_is_accepted(tmp_out):
 # ------------------------------------------------------------------ writing safely
 
 
+def test_atomic_dir_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    from CascadeSegLib.atomic import atomic_dir
+
+    target = tmp_path / "atlas_source"
+    with atomic_dir(target) as tmp:                      # a new folder
+        assert tmp.parent == tmp_path and tmp.name.startswith(".tmp-") and not target.exists()
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "a.txt").write_text("one")
+    assert (target / "sub" / "a.txt").read_text() == "one"
+    with pytest.raises(KeyboardInterrupt):               # an interrupted refill: nothing changes
+        with atomic_dir(target) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas_source"]
+    assert sorted(p.name for p in target.rglob("*")) == ["a.txt", "sub"]
+    with atomic_dir(target) as tmp:                      # a finished refill replaces it whole
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.rglob("*")) == ["b.txt"]
+    with atomic_dir(target) as first, atomic_dir(target) as second:   # two writers at once
+        assert first != second
+        (first / "c.txt").write_text("first")
+        (second / "d.txt").write_text("second")
+    assert sorted(p.name for p in target.iterdir()) in (["c.txt"], ["d.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["atlas_source"]
+
 def test_atomic_write_keeps_old_file_on_failure(tmp_out, monkeypatch):
     path = io.write_image(_image(), tmp_out / "out.nii.gz")
     before = path.read_bytes()

@@ -161,10 +161,9 @@ class IntensityTable:
         return cls({str(k): dict(v) for k, v in data.get("structures", {}).items()}, list(data.get("sources", [])))
 
     def save(self, path: str | Path) -> None:
-        p = Path(path)
-        tmp = p.with_name(f".{p.name}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n", encoding="utf-8")
-        tmp.replace(p)
+        from ..atomic import atomic_write
+
+        atomic_write(path, json.dumps(self.to_json(), indent=1) + "\n", make_parents=False)
 
     @classmethod
     def load(cls, path: str | Path) -> IntensityTable:

@@ -133,15 +133,14 @@ def keep_atlases(pkg, run_dir: Path) -> str:
     export carries the atlases even if the source model is later moved or removed."""
     import shutil
 
+    from ..atomic import atomic_dir
+
     base = Path(run_dir) / "atlas_source"
     if not (base / "model.json").is_file():
-        tmp = Path(run_dir) / ".atlas_source.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        shutil.copy2(pkg.root / "model.json", tmp / "model.json")
-        for name, _ in pkg.atlas_prior.files():
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(pkg.root / name, tmp / name)
-        shutil.rmtree(base, ignore_errors=True)
-        tmp.replace(base)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(base) as tmp:
+            shutil.copy2(pkg.root / "model.json", tmp / "model.json")
+            for name, _ in pkg.atlas_prior.files():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(pkg.root / name, tmp / name)
     return base.name

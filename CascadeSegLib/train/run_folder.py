@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from . import checkpoint as ckpt
 from .config import RunConfig
@@ -35,9 +36,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None 
 
         for sub in [run_dir / s.name for s in cfg.stages] + [run_dir / "model"]:
             shutil.rmtree(sub, ignore_errors=True)
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(new, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(path, json.dumps(new, indent=2) + "\n")
 
 
 def load_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
