@@ -43,22 +43,27 @@ def sample(sample_ct_path: Path) -> tuple[sitk.Image, sitk.Image]:
     return ct, ours
 
 
+def _one_atlas_package(folder: Path, ct: sitk.Image, labels: sitk.Image, **spec: Any) -> Path:
+    """The default networks in `folder` with (ct, labels) as the package's one atlas."""
+    model = load_model()
+    for stage in model.stages:
+        shutil.copy2(model.weight_path(stage), folder / stage.weights)
+    (folder / "atlases").mkdir()
+    sitk.WriteImage(ct, str(folder / "atlases/a_ct.nii.gz"), True)
+    sitk.WriteImage(labels, str(folder / "atlases/a_labels.nii.gz"), True)
+    model.atlas_prior = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec("a", "atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz")],
+                                          **spec)
+    model.save(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def atlas_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[sitk.Image, sitk.Image]) -> Path:
-    """The demo model with the sample CT, shifted by 12 mm, as its one atlas."""
-    ct, lab = sample
-    folder = tmp_path_factory.mktemp("atlas-model")
-    demo = load_model()
-    for stage in demo.stages:
-        shutil.copy2(demo.weight_path(stage), folder / stage.weights)
-    (folder / "atlases").mkdir()
-    for img, name in ((ct, "atlases/a_ct.nii.gz"), (lab, "atlases/a_labels.nii.gz")):
-        moved = sitk.Image(img)
-        moved.SetOrigin([o + 12.0 for o in img.GetOrigin()])
-        sitk.WriteImage(moved, str(folder / name), True)
-    demo.atlas_prior = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec("a", "atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz")])
-    demo.save(folder)
-    return folder
+    """The default networks with the sample CT, shifted by 12 mm, as their one atlas."""
+    moved = [sitk.Image(img) for img in sample]
+    for img in moved:
+        img.SetOrigin([o + 12.0 for o in img.GetOrigin()])
+    return _one_atlas_package(tmp_path_factory.mktemp("atlas-model"), *moved)
 
 
 def test_registration_recovers_a_shifted_copy(sample: tuple[sitk.Image, sitk.Image]) -> None:
@@ -166,19 +171,9 @@ def fat_liver_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[si
     """The default networks with the sample CT as the one atlas, its liver label grown by 15 mm:
     an atlas that knows where the liver is but not its border."""
     ct, lab = sample
-    folder = tmp_path_factory.mktemp("fat-liver-model")
-    model = load_model()
-    for stage in model.stages:
-        shutil.copy2(model.weight_path(stage), folder / stage.weights)
-    (folder / "atlases").mkdir()
     liver = sitk.BinaryDilate(lab == 1, [5, 5, 5])
     fat = sitk.Mask(lab, sitk.Not(liver)) + sitk.Cast(liver, lab.GetPixelID())
-    sitk.WriteImage(ct, str(folder / "atlases/a_ct.nii.gz"), True)
-    sitk.WriteImage(fat, str(folder / "atlases/a_labels.nii.gz"), True)
-    model.atlas_prior = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec("a", "atlases/a_ct.nii.gz", "atlases/a_labels.nii.gz")],
-                                          network_weight=1.0)
-    model.save(folder)
-    return folder
+    return _one_atlas_package(tmp_path_factory.mktemp("fat-liver-model"), ct, fat, network_weight=1.0)
 
 
 @pytest.mark.parametrize("candidates", [False, True])
