@@ -1,5 +1,6 @@
-"""Atlas prior: registration, the prior on stage 2's grid, the fusion rule, packaging and the
-skip for short scans, on the bundled sample CT and the DICOM slab; labels reach the last slices.
+"""Atlas prior: registration (of whole scans and of slabs), the prior on stage 2's grid, the
+fusion rule, packaging and the skip for short scans, on the bundled sample CT (and slabs cut
+from it) and the DICOM slab; labels reach the last slices.
 On a stage-2 grid finer than the prior's 3 mm the fusion runs box by box: inside C2 it equals
 the old fusion with the prior interpolated over the whole grid, and so does the prior's argmax
 outside C2, except that the 3 mm grid's edge voxels reach the fine grid's last slices."""
@@ -215,6 +216,106 @@ def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_d
     assert np.array_equal(sitk.GetArrayFromImage(with_atlas.labels), sitk.GetArrayFromImage(plain.labels))
 
 
+#: where the slab tests' atlas lies from the slab's patient: further along the body than a slab is long
+SLAB_SHIFT_MM = (10.0, -8.0, 100.0)
+
+
+def _moved(image: sitk.Image, shift: tuple[float, float, float]) -> sitk.Image:
+    out = sitk.Image(image)
+    out.SetOrigin(tuple(o + d for o, d in zip(image.GetOrigin(), shift)))
+    return out
+
+
+def _slab(image: sitk.Image, first: int, mm: float) -> sitk.Image:
+    """`mm` of `image` along its slice axis from slice `first` (an exact sub-grid)."""
+    return image[:, :, first:first + int(round(mm / image.GetSpacing()[2]))]
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_best_translation_finds_a_slab_in_a_whole_scan(sample: tuple[sitk.Image, sitk.Image], flip: bool) -> None:
+    """A 40 mm slab of the sample CT against the whole CT moved by a known shift (and stored
+    with its y axis flipped: other axes, the same physical image) is placed within a voxel."""
+    ct, _ = sample
+    shift = np.array([15.0, -9.0, 21.0])
+    moved = sitk.Image(ct)
+    moved.SetOrigin(tuple(np.array(ct.GetOrigin()) + shift))
+    if flip:
+        moved = sitk.Flip(moved, [False, True, False])
+        assert moved.GetDirection() != ct.GetDirection()
+    fixed = ap.soft_tissue(_slab(ct, 60, 40.0), 4.0)
+    found = np.array(ap.best_translation(fixed, ap.soft_tissue(moved, 4.0)))
+    assert np.all(np.abs(found - shift) <= 4.0), found
+
+
+def test_slab_registration_puts_the_atlas_on_the_slab(sample: tuple[sitk.Image, sitk.Image]) -> None:
+    """The atlas 100 mm further along than the slab (2.5 slab lengths): mutual information
+    optimised from where the two overlap does not find it (Dice 0); the translation search does."""
+    ct, lab = sample
+    moved_ct, moved_lab = (_moved(img, SLAB_SHIFT_MM) for img in sample)
+    slab, truth = _slab(ct, 85, 40.0), sitk.GetArrayFromImage(_slab(lab, 85, 40.0))
+    tx = ap.register_slab(slab, moved_ct)
+    after = sitk.GetArrayFromImage(sitk.Resample(moved_lab, slab, tx, sitk.sitkNearestNeighbor, 0))
+    before = sitk.GetArrayFromImage(sitk.Resample(moved_lab, slab, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    for organ in (1, 2):                        # liver, spleen
+        assert _dice(after == organ, truth == organ) > 0.85 > _dice(before == organ, truth == organ) + 0.1
+
+
+@pytest.fixture(scope="module")
+def slab_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[sitk.Image, sitk.Image]) -> Path:
+    """The sample CT moved by `SLAB_SHIFT_MM` as the one atlas of a package that registers slabs."""
+    moved = [_moved(img, SLAB_SHIFT_MM) for img in sample]
+    return _one_atlas_package(tmp_path_factory.mktemp("slab-model"), *moved, slabs=True, candidates=True)
+
+
+def test_a_package_that_registers_slabs_fuses_a_slab(slab_package: Path, sample: tuple[sitk.Image, sitk.Image],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 is blinded, so the liver is found only where the registered atlas puts it
+    (its organs are stage 2's candidates): it is, when the slab is registered."""
+    ct, lab = sample
+    real = Segmenter.predict_stage
+
+    def blind_stage1(self: Segmenter, index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(self, index, *args, **kwargs)
+        return torch.zeros_like(out) if index == 0 else out
+
+    monkeypatch.setattr(Segmenter, "predict_stage", blind_stage1)
+    slab, truth = _slab(ct, 85, 40.0), sitk.GetArrayFromImage(_slab(lab, 85, 40.0))
+    pkg = ModelPackage.load(slab_package)
+    assert pkg.atlas_prior is not None and pkg.to_json()["atlas_prior"]["slabs"] is True
+    warnings: list[str] = []
+    result = Segmenter(pkg, on_warning=warnings.append).segment(slab)
+    assert warnings == [] and result.stats["atlas_prior_used"] == 1.0 and result.stats["atlas_prior_slab"] == 1.0
+    out = result.labels
+    assert (out.GetOrigin(), out.GetSpacing(), out.GetDirection(), out.GetSize()) == \
+        (slab.GetOrigin(), slab.GetSpacing(), slab.GetDirection(), slab.GetSize())
+    assert _dice(sitk.GetArrayFromImage(out) == 1, truth == 1) > 0.85
+    # The same package without slab registration (the default): skipped.
+    pkg.atlas_prior.slabs = False
+    skipped = Segmenter(pkg, on_warning=warnings.append).segment(slab)
+    assert skipped.stats["atlas_prior_used"] == 0.0 and warnings[0].startswith("atlas prior skipped")
+    assert not sitk.GetArrayFromImage(skipped.labels).any()          # blind stage 1, no atlas: nothing
+
+
+def test_a_slab_too_thin_for_registration_is_skipped(slab_package: Path, sample: tuple[sitk.Image, sitk.Image]) -> None:
+    ct, _ = sample
+    warnings: list[str] = []
+    thin = _slab(ct, 60, 18.0)                   # 6 slices of 3 mm
+    result = Segmenter(ModelPackage.load(slab_package), on_warning=warnings.append).segment(thin)
+    assert result.stats["atlas_prior_used"] == 0.0 and "atlas_prior" not in result.timings
+    assert warnings == [f"atlas prior skipped: the scan is 18 mm long along its shortest axis, under the "
+                        f"{ap.SLAB_MIN_EXTENT_MM:.0f} mm atlases need to register; the network alone segmented it"]
+
+
+def test_packages_before_slab_registration_keep_skipping_slabs() -> None:
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    spec = ap.AtlasPriorSpec.from_json(old)
+    assert spec.slabs is False and spec.slab_spacing_mm == 4.0
+    again = ap.AtlasPriorSpec.from_json({**old, "slabs": True, "slab_spacing_mm": 5.0})
+    assert (again.slabs, again.slab_spacing_mm) == (True, 5.0) and again.to_json()["slabs"] is True
+    with pytest.raises(ValueError, match="slab_spacing_mm"):
+        ap.AtlasPriorSpec.from_json({**old, "slab_spacing_mm": 0})
+
+
 def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:
     """grid_for_spacing rounds its voxel count; labels on it still cover the scan's far end."""
     ct = read_image(sample_ct_path)
@@ -405,6 +506,8 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     skipped = report_markdown({**base, "candidate_regions": {"atlas_prior_used": 0.0}}, labels)
     plain = report_markdown({**base, "candidate_regions": {}}, labels)
     assert "Atlas prior: 10 atlases registered onto this scan" in used
+    on_slab = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_slab": 1.0}}, labels)
+    assert "Atlas prior: 10 atlases registered onto this slab (placed by a translation search)" in on_slab
     assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
 
 

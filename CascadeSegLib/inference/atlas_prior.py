@@ -11,6 +11,10 @@ organ the atlases know, and outside C2 is background; without it, outside C2 (wh
 network never looked) the label is the prior's argmax. Each organ then keeps its largest piece
 among those near where the atlases put it (`GridPrior.plausible`).
 
+A slab (a scan shorter than `min_extent_mm`, 100 mm) gives the moments initialiser too little
+anatomy: where the package allows it (`slabs`, abdomen-ct 2.2.0 on) each atlas is registered by
+`register_slab`, which first searches every translation of the slab along the atlas.
+
 On a stage-2 grid finer than 3 mm the prior is built at 3 mm (`PRIOR_SPACING_MM`) and never
 interpolated over the whole fine grid (K floats per voxel): `GridPrior` interpolates the K-class
 prior only over the boxes stage 2 computes, where it is fused box by box, and outside C2 takes
@@ -48,6 +52,9 @@ PLAUSIBLE_MARGIN_MM = 30.0
 #: prior probability below which no atlas (after smoothing) puts the organ; uncovered voxels
 #: hold 1/K, above this, so where no atlas reaches every organ is plausible
 PLAUSIBLE_MIN_PRIOR = 0.01
+#: scans shorter than this get no prior even where the package registers slabs: at the slab
+#: spacing (4 mm) fewer than six slices leave a similarity transform and demons too little to fit
+SLAB_MIN_EXTENT_MM = 24.0
 
 
 @dataclass
@@ -75,18 +82,24 @@ class AtlasPriorSpec:
     window_hu: tuple[float, float] = (-200.0, 300.0)
     network_weight: float = 0.5          # w in w * p_network + (1 - w) * prior inside C2
     smoothing_mm: float = 4.0            # Gaussian sigma applied to the averaged atlas labels
-    min_extent_mm: float = 100.0         # shorter scans (slabs) are not registered: too little anatomy
+    min_extent_mm: float = 100.0         # shorter scans are slabs: skipped, or see `slabs`
     demons_iterations: int = 30
     # True: the atlases' organs join C2 (dilated like stage 1's), so stage 2 looks wherever
     # either stage 1 or the atlases put an organ and the prior never labels a voxel alone.
     # False (packages before abdomen-ct 2.1.0): outside C2 the prior's argmax is the label.
     candidates: bool = False
+    # True: slabs (shorter than min_extent_mm, at least SLAB_MIN_EXTENT_MM) are registered by
+    # `register_slab` on a `slab_spacing_mm` grid. False (packages before abdomen-ct 2.2.0):
+    # slabs get the network alone.
+    slabs: bool = False
+    slab_spacing_mm: float = 4.0
 
     def to_json(self) -> dict[str, Any]:
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
-                "demons_iterations": self.demons_iterations, "candidates": self.candidates}
+                "demons_iterations": self.demons_iterations, "candidates": self.candidates,
+                "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -97,13 +110,15 @@ class AtlasPriorSpec:
                               smoothing_mm=float(d.get("smoothing_mm", 4.0)),
                               min_extent_mm=float(d.get("min_extent_mm", 100.0)),
                               demons_iterations=int(d.get("demons_iterations", 30)),
-                              candidates=bool(d.get("candidates", False)))
+                              candidates=bool(d.get("candidates", False)),
+                              slabs=bool(d.get("slabs", False)),
+                              slab_spacing_mm=float(d.get("slab_spacing_mm", 4.0)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
             raise ValueError(f"atlas_prior network_weight {spec.network_weight} is outside [0, 1]")
-        if spec.spacing_mm <= 0 or hi <= lo:
-            raise ValueError("atlas_prior needs spacing_mm > 0 and window_hu low < high")
+        if spec.spacing_mm <= 0 or spec.slab_spacing_mm <= 0 or hi <= lo:
+            raise ValueError("atlas_prior needs spacing_mm > 0, slab_spacing_mm > 0 and window_hu low < high")
         return spec
 
     def files(self) -> list[tuple[str, str]]:
@@ -154,6 +169,98 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
     return sitk.CompositeTransform([affine, disp])
 
 
+def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 4.0,
+                  window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 30,
+                  fixed_soft: sitk.Image | None = None, threads: int = 0) -> sitk.Transform:
+    """`register` for a slab (a few centimetres of a patient, a whole atlas): the moments
+    initialiser would put the slab at the atlas's centre of mass, so the slab is first placed
+    where it correlates best (`best_translation`, every voxel shift at once), then a similarity
+    (rotation, one scale: an affine's scale along the slab is unconstrained) on mutual
+    information, then demons. Both at `spacing_mm` without shrinking: a slab has few slices."""
+    fixed = body_box(fixed_soft if fixed_soft is not None else soft_tissue(fixed_ct, spacing_mm, window_hu))
+    moving = soft_tissue(moving_ct, spacing_mm, window_hu)
+    similarity = sitk.Similarity3DTransform()
+    similarity.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+    similarity.SetTranslation(best_translation(fixed, moving))
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(32)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.2, seed=1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsRegularStepGradientDescent(2.0, 1e-4, 200, relaxationFactor=0.7)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([1, 1])
+    reg.SetSmoothingSigmasPerLevel([1, 0])
+    reg.SetInitialTransform(similarity, inPlace=False)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    if threads > 0:
+        reg.SetNumberOfThreads(threads)
+        demons.SetNumberOfThreads(threads)
+    linear = reg.Execute(fixed, moving)
+    aligned = sitk.Resample(moving, fixed, linear, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    demons.SetNumberOfIterations(demons_iterations)
+    demons.SetStandardDeviations(2.0)
+    displacement = demons.Execute(fixed, aligned)
+    disp = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    return sitk.CompositeTransform([linear, disp])
+
+
+def body_box(soft: sitk.Image, margin: int = 2) -> sitk.Image:
+    """`soft` (a `soft_tissue` image) cropped in-plane to the body (above -150 HU) and `margin`
+    voxels: the air around a slab's body only slows its registration (a 500 mm field of view
+    holds a 350 mm body). The whole image when nothing is body."""
+    body = sitk.GetArrayViewFromImage(soft) > 50.0
+    rows, cols = np.nonzero(body.any(2).any(0))[0], np.nonzero(body.any(1).any(0))[0]
+    if rows.size == 0:
+        return soft
+    y0, y1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, body.shape[1])
+    x0, x1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, body.shape[2])
+    return soft[x0:x1, y0:y1, :]
+
+
+def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, float, float]:
+    """The physical translation (fixed point -> moving point) of the voxel shift at which
+    `fixed` correlates best (normalised cross-correlation, all shifts by FFT) with `moving`.
+
+    `moving` is first resampled onto `fixed`'s axes and spacing, over its own bounding box and
+    padded in-plane by half the fixed image (air), so the slab may lie anywhere along the
+    atlas and partly past its sides, but never past its ends (an atlas must hold the slab)."""
+    from scipy import fft
+
+    axes = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
+    origin = np.array(fixed.GetOrigin())
+    corners = [moving.TransformContinuousIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, moving.GetSize())])
+               for corner in itertools.product((0, 1), repeat=3)]
+    index = np.linalg.solve(axes, (np.array(corners) - origin).T).T       # in fixed's continuous index
+    lo, hi = np.floor(index.min(0)), np.ceil(index.max(0))
+    box = sitk.Image([int(n) for n in hi - lo + 1], sitk.sitkFloat32)
+    box.SetSpacing(fixed.GetSpacing())
+    box.SetDirection(fixed.GetDirection())
+    box.SetOrigin(tuple(origin + axes @ lo))
+    m = sitk.GetArrayFromImage(sitk.Resample(moving, box, sitk.Transform(), sitk.sitkLinear, 0.0))
+    f = sitk.GetArrayFromImage(fixed).astype(np.float64)
+    pad = [0, f.shape[1] // 2, f.shape[2] // 2]                           # z, y, x
+    m = np.pad(m, [(p, p) for p in pad]).astype(np.float64)
+    if any(a < b for a, b in zip(m.shape, f.shape)):
+        raise ModelError("an atlas is shorter than the slab it should register onto; fix the package")
+    f -= f.mean()
+    # Correlations by FFT, the transforms of m and m^2 shared by the three: valid shifts only.
+    shape = [fft.next_fast_len(int(a), real=True) for a in m.shape]
+    valid = tuple(slice(b - 1, a) for a, b in zip(m.shape, f.shape))
+
+    def correlate(spectrum: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+        product = spectrum * fft.rfftn(kernel[::-1, ::-1, ::-1], shape)
+        return np.asarray(fft.irfftn(product, shape)[valid])
+
+    m_hat, m2_hat = fft.rfftn(m, shape), fft.rfftn(m * m, shape)
+    ones = np.ones_like(f)
+    local_sum = correlate(m_hat, ones)
+    local_var = correlate(m2_hat, ones) - local_sum ** 2 / f.size
+    ncc = correlate(m_hat, f) / np.sqrt(np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
+    shift = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape)) - np.array(pad)   # z, y, x
+    return tuple(float(v) for v in axes @ (lo + shift[::-1]))  # type: ignore[return-value]
+
+
 def body_extent_mm(image: sitk.Image) -> float:
     """The scan's physical length along its slice axis (the axis a slab is short in)."""
     size, spacing = image.GetSize(), image.GetSpacing()
@@ -165,8 +272,12 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
                 progress: Callable[[float, str], None] | None = None,
                 check_cancel: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The smoothed class prior (K, z, y, x) on `grid` from the package's atlases registered onto
-    `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds."""
-    fixed_soft = soft_tissue(image, spec.spacing_mm, spec.window_hu)
+    `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds. A scan
+    shorter than `spec.min_extent_mm` is registered as a slab (`register_slab`)."""
+    slab = body_extent_mm(image) < spec.min_extent_mm
+    spacing = spec.slab_spacing_mm if slab else spec.spacing_mm
+    method = register_slab if slab else register
+    fixed_soft = soft_tissue(image, spacing, spec.window_hu)
     shape = tuple(grid.GetSize()[::-1])
     counts = torch.zeros((num_classes,) + shape, dtype=torch.float32, device=device)
     covered = torch.zeros(shape, dtype=torch.float32, device=device)
@@ -179,7 +290,7 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         t0 = time.perf_counter()
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
-        transform = register(image, moving, spec.spacing_mm, spec.window_hu, spec.demons_iterations, fixed_soft)
+        transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft)
         # 255 marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one.
         warped = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 255, sitk.sitkUInt8)

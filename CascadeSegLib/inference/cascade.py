@@ -212,15 +212,17 @@ class Segmenter:
     def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> atlas_prior.GridPrior | None:
         """The package's registered-atlas prior for stage 2's grid, with the network's weight in
         the fusion, or None (no atlases, or a scan too short to register: a slab holds too
-        little anatomy for an affine to lock on)."""
+        little anatomy for an affine to lock on, unless the package registers slabs)."""
         spec = self.model.atlas_prior
         if spec is None or self.model.root is None:
             return None
         extent = atlas_prior.body_extent_mm(image)
-        if extent < spec.min_extent_mm:
+        slab = extent < spec.min_extent_mm
+        if slab and (not spec.slabs or extent < atlas_prior.SLAB_MIN_EXTENT_MM):
+            shortest = atlas_prior.SLAB_MIN_EXTENT_MM if spec.slabs else spec.min_extent_mm
             self._stats["atlas_prior_used"] = 0.0
             self._warn(f"atlas prior skipped: the scan is {extent:.0f} mm long along its shortest axis, under the "
-                       f"{spec.min_extent_mm:.0f} mm atlases need to register; the network alone segmented it")
+                       f"{shortest:.0f} mm atlases need to register; the network alone segmented it")
             return None
         t0 = time.perf_counter()
         self._report("atlases", 0.0, "registering atlases")
@@ -235,6 +237,7 @@ class Segmenter:
         fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
+        self._stats["atlas_prior_slab"] = float(slab)
         self._stats["atlas_prior_atlases"] = float(len(seconds))
         return fusion
 
