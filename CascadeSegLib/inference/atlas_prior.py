@@ -223,8 +223,8 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     `fixed` correlates best (normalised cross-correlation, all shifts by FFT) with `moving`.
 
     `moving` is first resampled onto `fixed`'s axes and spacing, over its own bounding box and
-    padded in-plane by half the fixed image (air), so the slab may lie anywhere along the
-    atlas and partly past its sides, but never past its ends (an atlas must hold the slab)."""
+    padded across the slab by half the fixed image (air), so the slab may lie anywhere along
+    the atlas and partly past its sides, but not past its ends."""
     from scipy import fft
 
     axes = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
@@ -239,10 +239,12 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     box.SetOrigin(tuple(origin + axes @ lo))
     m = sitk.GetArrayFromImage(sitk.Resample(moving, box, sitk.Transform(), sitk.sitkLinear, 0.0))
     f = sitk.GetArrayFromImage(fixed).astype(np.float64)
-    pad = [0, f.shape[1] // 2, f.shape[2] // 2]                           # z, y, x
+    # Padded by half the slab across it; along it (its shortest physical axis) only as far as a
+    # slab longer than the atlas there needs (a slab across the body, longer than the atlas).
+    along = int(np.argmin(np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())))   # x, y, z
+    pad = [n // 2 for n in f.shape]                                       # z, y, x
+    pad[2 - along] = max(0, -(-(f.shape[2 - along] - m.shape[2 - along]) // 2))
     m = np.pad(m, [(p, p) for p in pad]).astype(np.float64)
-    if any(a < b for a, b in zip(m.shape, f.shape)):
-        raise ModelError("an atlas is shorter than the slab it should register onto; fix the package")
     f -= f.mean()
     # Correlations by FFT, the transforms of m and m^2 shared by the three: valid shifts only.
     shape = [fft.next_fast_len(int(a), real=True) for a in m.shape]
