@@ -89,6 +89,9 @@ def main() -> int:
                          "the leave-one-out folds; 2.0.0: 0.5)")
     ap.add_argument("--no-candidates", dest="candidates", action="store_false",
                     help="the atlases' organs do not join C2: outside C2 the prior labels alone (before 2.1.0)")
+    ap.add_argument("--no-slabs", dest="slabs", action="store_false",
+                    help="scans shorter than 100 mm get the networks alone (before 2.2.0); by default the "
+                         "atlases are registered onto them by a translation search first")
     args = ap.parse_args()
 
     raw = json.loads(MAIN.read_text(encoding="utf-8"))
@@ -113,7 +116,8 @@ def main() -> int:
     network = f"{base.name} {base.version}"
     base.name, base.version = args.name, args.version
     base.atlas_prior = AtlasPriorSpec(atlases=atlases, spacing_mm=args.spacing_mm, network_weight=args.network_weight,
-                                      demons_iterations=args.demons_iterations, candidates=args.candidates)
+                                      demons_iterations=args.demons_iterations, candidates=args.candidates,
+                                      slabs=args.slabs)
     base.description = (f"Cascade (Roth et al. 2018) for 10 abdominal structures: the {network} networks fused "
                         f"with {len(atlases)} registered atlases; research use, not for clinical decisions.")
     base.license = (f"networks: {base.license or 'see the base model'}; atlases: CC-BY-4.0, derived from the "
