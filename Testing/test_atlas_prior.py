@@ -167,6 +167,17 @@ def test_segment_vetoes_pieces_far_from_the_atlases(atlas_package: Path, sample:
     assert _dice(got == 2, sitk.GetArrayFromImage(lab) == 2) > 0.8
 
 
+def _blind_stage1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 finds nothing: whatever stage 2 segments, it found in the atlases' candidates."""
+    real = Segmenter.predict_stage
+
+    def blind_stage1(self: Segmenter, index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = real(self, index, *args, **kwargs)
+        return torch.zeros_like(out) if index == 0 else out
+
+    monkeypatch.setattr(Segmenter, "predict_stage", blind_stage1)
+
+
 @pytest.fixture(scope="module")
 def fat_liver_package(tmp_path_factory: pytest.TempPathFactory, sample: tuple[sitk.Image, sitk.Image]) -> Path:
     """The default networks with the sample CT as the one atlas, its liver label grown by 15 mm:
@@ -184,13 +195,7 @@ def test_atlas_candidates_let_stage2_segment_what_stage1_missed(fat_liver_packag
     """Stage 1 finds nothing. Without atlas candidates the prior labels the liver alone (its
     grown border); with them the atlas region is C2 and the network draws the border."""
     ct, lab = sample
-    real = Segmenter.predict_stage
-
-    def blind_stage1(self: Segmenter, index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = real(self, index, *args, **kwargs)
-        return torch.zeros_like(out) if index == 0 else out
-
-    monkeypatch.setattr(Segmenter, "predict_stage", blind_stage1)
+    _blind_stage1(monkeypatch)
     pkg = ModelPackage.load(fat_liver_package)
     assert pkg.atlas_prior is not None
     pkg.atlas_prior.candidates = candidates
@@ -276,13 +281,7 @@ def test_a_package_that_registers_slabs_fuses_a_slab(slab_package: Path, sample:
     """Stage 1 is blinded, so the liver is found only where the registered atlas puts it
     (its organs are stage 2's candidates): it is, when the slab is registered."""
     ct, lab = sample
-    real = Segmenter.predict_stage
-
-    def blind_stage1(self: Segmenter, index: int, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = real(self, index, *args, **kwargs)
-        return torch.zeros_like(out) if index == 0 else out
-
-    monkeypatch.setattr(Segmenter, "predict_stage", blind_stage1)
+    _blind_stage1(monkeypatch)
     slab, truth = _slab(ct, 85, 40.0), sitk.GetArrayFromImage(_slab(lab, 85, 40.0))
     pkg = ModelPackage.load(slab_package)
     assert pkg.atlas_prior is not None and pkg.to_json()["atlas_prior"]["slabs"] is True
