@@ -65,10 +65,7 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path:
         if axis != 2:  # rows are z: superior (larger z in LPS) at the top
             hu, lb = hu[::-1], lb[::-1]
         views.append(_compose(hu, lb, labelset, window, alpha))
-    height = max(v.shape[0] for v in views)
-    gap = np.zeros((height, 6, 3), np.uint8)
-    padded = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
-    picture = np.concatenate(sum(([p, gap] for p in padded), [])[:-1], axis=1)
+    picture = _layout(views)
     picture = _upscale(picture, 2 if picture.shape[1] < 700 else 1)
     out = sitk.GetImageFromArray(picture, isVector=True)
     path = Path(path)
@@ -76,6 +73,19 @@ def render_preview(ct: sitk.Image, labels: sitk.Image, labelset: LabelSet, path:
     with atomic_path(path) as tmp:
         sitk.WriteImage(out, str(tmp))
     return path
+
+
+def _layout(views: list[np.ndarray], gap: int = 6) -> np.ndarray:
+    """The views side by side; for a slab, whose coronal and sagittal views are a few rows
+    of an axial view's height, one under the other, so they are not strips above a black field."""
+    height, width = max(v.shape[0] for v in views), max(v.shape[1] for v in views)
+    if 3 * min(v.shape[0] for v in views) >= height:
+        spacer = np.zeros((height, gap, 3), np.uint8)
+        side = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
+        return np.concatenate(sum(([p, spacer] for p in side), [])[:-1], axis=1)
+    spacer = np.zeros((gap, width, 3), np.uint8)
+    stacked = [np.pad(v, ((0, 0), (0, width - v.shape[1]), (0, 0))) for v in views]
+    return np.concatenate(sum(([p, spacer] for p in stacked), [])[:-1], axis=0)
 
 
 def _compose(hu: np.ndarray, lb: np.ndarray, labelset: LabelSet, window: tuple[float, float],
