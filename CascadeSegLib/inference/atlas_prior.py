@@ -234,19 +234,20 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     pad[2 - along] = max(0, -(-(f.shape[2 - along] - m.shape[2 - along]) // 2))
     m = np.pad(m, [(p, p) for p in pad]).astype(np.float64)
     f -= f.mean()
-    # Correlations by FFT, the transforms of m and m^2 shared by the three: valid shifts only.
+    # Correlations by FFT, each transform computed once (the box of ones serves two): valid
+    # shifts only.
     shape = [fft.next_fast_len(int(a), real=True) for a in m.shape]
     valid = tuple(slice(b - 1, a) for a, b in zip(m.shape, f.shape))
 
-    def correlate(spectrum: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-        product = spectrum * fft.rfftn(kernel[::-1, ::-1, ::-1], shape)
-        return np.asarray(fft.irfftn(product, shape)[valid])
+    def correlate(spectrum: np.ndarray, mirrored_kernel_hat: np.ndarray) -> np.ndarray:
+        return np.asarray(fft.irfftn(spectrum * mirrored_kernel_hat, shape)[valid])
 
     m_hat, m2_hat = fft.rfftn(m, shape), fft.rfftn(m * m, shape)
-    ones = np.ones_like(f)
-    local_sum = correlate(m_hat, ones)
-    local_var = correlate(m2_hat, ones) - local_sum ** 2 / f.size
-    ncc = correlate(m_hat, f) / np.sqrt(np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
+    ones_hat = fft.rfftn(np.ones_like(f), shape)          # a box of ones is its own mirror image
+    local_sum = correlate(m_hat, ones_hat)
+    local_var = correlate(m2_hat, ones_hat) - local_sum ** 2 / f.size
+    ncc = correlate(m_hat, fft.rfftn(f[::-1, ::-1, ::-1], shape)) / np.sqrt(
+        np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
     shift = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape)) - np.array(pad)   # z, y, x
     return tuple(float(v) for v in axes @ (lo + shift[::-1]))  # type: ignore[return-value]
 
@@ -260,11 +261,11 @@ def body_extent_mm(image: sitk.Image) -> float:
 def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root: Path, num_classes: int,
                 device: torch.device,
                 progress: Callable[[float, str], None] | None = None,
-                check_cancel: Callable[[], None] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                check_cancel: Callable[[], None] | None = None,
+                slab: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """The smoothed class prior (K, z, y, x) on `grid` from the package's atlases registered onto
-    `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds. A scan
-    shorter than `spec.min_extent_mm` is registered as a slab (`register_slab`)."""
-    slab = body_extent_mm(image) < spec.min_extent_mm
+    `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds. `slab`:
+    register with `register_slab` at `spec.slab_spacing_mm` (the caller decides what is a slab)."""
     spacing = spec.slab_spacing_mm if slab else spec.spacing_mm
     method = register_slab if slab else register
     fixed_soft = soft_tissue(image, spacing, spec.window_hu)

@@ -233,7 +233,7 @@ class Segmenter:
         prior_grid = preprocess.grid_for_spacing(image, [atlas_prior.PRIOR_SPACING_MM] * 3) if coarse else grid
         prior, seconds = atlas_prior.atlas_prior(
             image, prior_grid, spec, self.model.root, self.model.labels.num_classes, self.device,
-            progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel)
+            progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel, slab=slab)
         fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
