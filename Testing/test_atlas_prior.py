@@ -8,6 +8,7 @@ outside C2, except that the 3 mm grid's edge voxels reach the fine grid's last s
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import SimpleITK as sitk
 import torch
 from conftest import REPO_DIR
 
+from CascadeSegLib.checksum import sha256_file
 from CascadeSegLib.errors import ModelError
 from CascadeSegLib.inference import atlas_prior as ap
 from CascadeSegLib.inference import cascade, preprocess
@@ -211,6 +213,69 @@ def test_atlas_candidates_let_stage2_segment_what_stage1_missed(fat_liver_packag
         assert not c2.any() and fat
 
 
+def _atlas_files(folder: Path, name: str, ct: sitk.Image, labels: sitk.Image) -> ap.AtlasSpec:
+    """(ct, labels) written into `folder` as one atlas, with their sha256s."""
+    sitk.WriteImage(ct, str(folder / f"{name}_ct.nii.gz"), True)
+    sitk.WriteImage(labels, str(folder / f"{name}_labels.nii.gz"), True)
+    files = (f"{name}_ct.nii.gz", f"{name}_labels.nii.gz")
+    return ap.AtlasSpec(name, *files, sha256={f: sha256_file(folder / f) for f in files})
+
+
+def test_local_weights_let_the_atlas_that_looks_like_the_patient_outvote_one_that_does_not(
+        sample: tuple[sitk.Image, sitk.Image], tmp_path: Path) -> None:
+    """Two atlases: the sample CT itself, and a copy whose liver is fat (-100 HU) and labelled
+    background. Counted alike they split the liver half and half (and the argmax, background
+    first, loses it); weighted by how well each looks like the patient around each voxel, the
+    matching one decides there."""
+    ct, lab = sample
+    liver = sitk.GetArrayFromImage(lab) == 1
+    fat = sitk.GetArrayFromImage(ct)
+    fat[liver] = -100
+    fat_ct = sitk.GetImageFromArray(fat)
+    fat_ct.CopyInformation(ct)
+    atlases = [_atlas_files(tmp_path, "same", ct, lab),
+               _atlas_files(tmp_path, "fat", fat_ct, sitk.Mask(lab, lab != 1))]
+    grid = grid_for_spacing(ct, [3.0] * 3)
+    truth = sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8)) == 1
+    core = torch.from_numpy(sitk.GetArrayFromImage(sitk.BinaryErode(resample(lab, grid, "nearest", 0, sitk.sitkUInt8)
+                                                                    == 1, [3, 3, 3])) > 0)
+    got = {}
+    for power in (0.0, 3.0):
+        spec = ap.AtlasPriorSpec(atlases=atlases, local_weight_power=power)
+        prior, _ = ap.atlas_prior(ct, grid, spec, tmp_path, 11, torch.device("cpu"))
+        got[power] = (float(prior[1][core].mean()), _dice(prior.argmax(0).numpy() == 1, truth))
+    assert 0.4 < got[0.0][0] < 0.6 and got[0.0][1] < 0.5
+    assert got[3.0][0] > 0.95 and got[3.0][1] > 0.9
+
+
+def test_votes_are_added_in_atlas_order_whatever_order_registrations_finish(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Float weights summed in another order differ in their last bits and could tip an argmax:
+    the registrations finish 1, 2, 0 here, the votes still add up as 0, 1, 2 would."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (6, 7, 8)
+    labels = [torch.randint(0, 3, shape, generator=generator, dtype=torch.uint8) for _ in range(3)]
+    weights = [torch.rand(shape, generator=generator) * 10.0 ** -i for i in range(3)]
+    delays = [0.4, 0.1, 0.0]
+    spec = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec(str(i), "", "") for i in range(3)])
+    finished: list[int] = []
+
+    def warp(atlas: ap.AtlasSpec) -> tuple[ap.AtlasSpec, sitk.Image, torch.Tensor, float]:
+        i = int(atlas.name)
+        time.sleep(delays[i])
+        finished.append(i)
+        return atlas, sitk.GetImageFromArray(labels[i].numpy()), weights[i], 0.0
+
+    counts, covered = torch.zeros((3,) + shape), torch.zeros(shape)
+    ap._register_all(spec, warp, 2, 3, counts, covered, {}, None, None)
+    assert finished == [1, 2, 0]
+    in_order, finish_order = torch.zeros(shape), torch.zeros(shape)
+    for i in (0, 1, 2):
+        in_order += weights[i]
+    for i in finished:
+        finish_order += weights[i]
+    assert torch.equal(covered, in_order) and not torch.equal(covered, finish_order)
+
+
 def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_dir: Path) -> None:
     ct = read_image(dicom_slab_dir)
     warnings: list[str] = []
@@ -317,6 +382,19 @@ def test_packages_before_slab_registration_keep_skipping_slabs() -> None:
     assert (again.slabs, again.slab_spacing_mm) == (True, 5.0) and again.to_json()["slabs"] is True
     with pytest.raises(ValueError, match="slab_spacing_mm"):
         ap.AtlasPriorSpec.from_json({**old, "slab_spacing_mm": 0})
+
+
+def test_packages_before_local_weights_count_every_atlas_alike() -> None:
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    spec = ap.AtlasPriorSpec.from_json(old)
+    assert spec.local_weight_power == 0.0
+    again = ap.AtlasPriorSpec.from_json({**old, "local_weight_power": 3, "local_weight_sigma_mm": 2.5})
+    assert (again.local_weight_power, again.local_weight_sigma_mm) == (3.0, 2.5)
+    assert ap.AtlasPriorSpec.from_json(again.to_json()) == again
+    for bad in ({"local_weight_power": -1}, {"local_weight_power": ap.MAX_LOCAL_WEIGHT_POWER + 1},
+                {"local_weight_sigma_mm": 0}):
+        with pytest.raises(ValueError, match="local_weight"):
+            ap.AtlasPriorSpec.from_json({**old, **bad})
 
 
 def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:

@@ -55,6 +55,12 @@ PLAUSIBLE_MIN_PRIOR = 0.01
 #: scans shorter than this get no prior even where the package registers slabs: at the slab
 #: spacing (4 mm) fewer than six slices leave a similarity transform and demons too little to fit
 SLAB_MIN_EXTENT_MM = 24.0
+#: the local mean squared HU difference at which an atlas's vote halves, per unit of power
+#: ((10 HU)^2: within-organ noise); see `local_weights`
+LOCAL_WEIGHT_SCALE_HU2 = 100.0
+#: weights stay above float32's smallest normal number up to this power (the window's largest
+#: squared difference, 500^2 HU^2, gives 2500^-power)
+MAX_LOCAL_WEIGHT_POWER = 9.0
 
 
 @dataclass
@@ -93,13 +99,20 @@ class AtlasPriorSpec:
     # slabs get the network alone.
     slabs: bool = False
     slab_spacing_mm: float = 4.0
+    # > 0: each atlas votes per voxel with weight (1 + local MSE / (10 HU)^2) ** -power, its
+    # warped CT compared with the patient's (soft-tissue window, Gaussian window of
+    # `local_weight_sigma_mm`), so where one atlas's anatomy matches better it counts more.
+    # 0 (packages before abdomen-ct 2.3.0): every atlas counts the same.
+    local_weight_power: float = 0.0
+    local_weight_sigma_mm: float = 2.0
 
     def to_json(self) -> dict[str, Any]:
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
                 "demons_iterations": self.demons_iterations, "candidates": self.candidates,
-                "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm}
+                "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm,
+                "local_weight_power": self.local_weight_power, "local_weight_sigma_mm": self.local_weight_sigma_mm}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -112,13 +125,18 @@ class AtlasPriorSpec:
                               demons_iterations=int(d.get("demons_iterations", 30)),
                               candidates=bool(d.get("candidates", False)),
                               slabs=bool(d.get("slabs", False)),
-                              slab_spacing_mm=float(d.get("slab_spacing_mm", 4.0)))
+                              slab_spacing_mm=float(d.get("slab_spacing_mm", 4.0)),
+                              local_weight_power=float(d.get("local_weight_power", 0.0)),
+                              local_weight_sigma_mm=float(d.get("local_weight_sigma_mm", 2.0)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
             raise ValueError(f"atlas_prior network_weight {spec.network_weight} is outside [0, 1]")
         if spec.spacing_mm <= 0 or spec.slab_spacing_mm <= 0 or hi <= lo:
             raise ValueError("atlas_prior needs spacing_mm > 0, slab_spacing_mm > 0 and window_hu low < high")
+        if not 0.0 <= spec.local_weight_power <= MAX_LOCAL_WEIGHT_POWER or spec.local_weight_sigma_mm <= 0:
+            raise ValueError(f"atlas_prior needs local_weight_power in [0, {MAX_LOCAL_WEIGHT_POWER:g}] "
+                             "and local_weight_sigma_mm > 0")
         return spec
 
     def files(self) -> list[tuple[str, str]]:
@@ -277,7 +295,11 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     # each, finish sooner than one after the other with all the cores.
     workers = max(1, min(2, len(spec.atlases), os.cpu_count() or 1))
 
-    def warp(atlas: AtlasSpec) -> tuple[AtlasSpec, sitk.Image, float]:
+    weighted = spec.local_weight_power > 0
+    target = _soft_on_grid(image, grid, spec.window_hu, device) if weighted else None
+    sigma_vox = [spec.local_weight_sigma_mm / s for s in grid.GetSpacing()[::-1]]
+
+    def warp(atlas: AtlasSpec) -> tuple[AtlasSpec, sitk.Image, torch.Tensor | None, float]:
         t0 = time.perf_counter()
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
@@ -285,7 +307,12 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         # 255 marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one.
         warped = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 255, sitk.sitkUInt8)
-        return atlas, warped, time.perf_counter() - t0
+        weights = None
+        if target is not None:
+            moved = sitk.Resample(moving, grid, transform, sitk.sitkLinear, spec.window_hu[0], sitk.sitkFloat32)
+            weights = local_weights(_soft_tensor(moved, spec.window_hu, device), target, sigma_vox,
+                                    spec.local_weight_power)
+        return atlas, warped, weights, time.perf_counter() - t0
 
     if progress is not None:
         progress(0.0, f"registering {len(spec.atlases)} atlas(es)")
@@ -298,7 +325,9 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         _register_all(spec, warp, workers, num_classes, counts, covered, seconds, progress, check_cancel)
     finally:
         sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_threads)
-    prior = torch.where(covered > 0, counts / covered.clamp(min=1), torch.full_like(counts, 1.0 / num_classes))
+    reached = covered > 0
+    prior = torch.where(reached, counts / torch.where(reached, covered, 1.0),
+                        torch.full_like(counts, 1.0 / num_classes))
     prior = gaussian_smooth(prior, [spec.smoothing_mm / s for s in grid.GetSpacing()[::-1]])
     prior /= prior.sum(0, keepdim=True).clamp(min=1e-6)
     if progress is not None:
@@ -306,24 +335,51 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     return prior, seconds
 
 
-def _register_all(spec: AtlasPriorSpec, warp: Callable[[AtlasSpec], tuple[AtlasSpec, sitk.Image, float]],
+def _soft_tensor(image: sitk.Image, window_hu: tuple[float, float], device: torch.device) -> torch.Tensor:
+    """HU of `image` clipped to the soft-tissue window, as a (z, y, x) float tensor."""
+    return preprocess.to_device(sitk.GetArrayViewFromImage(image), device).float().clamp(*window_hu)
+
+
+def _soft_on_grid(image: sitk.Image, grid: sitk.Image, window_hu: tuple[float, float],
+                  device: torch.device) -> torch.Tensor:
+    """The patient's soft-tissue HU on the prior's grid: what each warped atlas CT is compared with."""
+    on_grid = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, window_hu[0], sitk.sitkFloat32)
+    return _soft_tensor(on_grid, window_hu, device)
+
+
+def local_weights(moved: torch.Tensor, target: torch.Tensor, sigma_vox: list[float], power: float) -> torch.Tensor:
+    """Per-voxel vote of one warped atlas: (1 + local MSE / LOCAL_WEIGHT_SCALE_HU2) ** -power.
+
+    Locally weighted voting: an atlas whose warped CT looks like the patient around a voxel was
+    probably registered well there, so its label counts more than that of an atlas that looks
+    different (another organ, or air, where it should be liver). The local MSE is the squared HU
+    difference under a Gaussian window. Weights lie in (0, 1]; only their ratios matter.
+    """
+    mse = gaussian_smooth(((moved - target) ** 2)[None], sigma_vox)[0]
+    return (1.0 + mse / LOCAL_WEIGHT_SCALE_HU2).pow(-power)
+
+
+def _register_all(spec: AtlasPriorSpec,
+                  warp: Callable[[AtlasSpec], tuple[AtlasSpec, sitk.Image, torch.Tensor | None, float]],
                   workers: int, num_classes: int, counts: torch.Tensor, covered: torch.Tensor,
                   seconds: dict[str, float], progress: Callable[[float, str], None] | None,
                   check_cancel: Callable[[], None] | None) -> None:
-    """Register and warp every atlas (`workers` at a time) and add its votes to `counts`."""
-    device = counts.device
+    """Register and warp every atlas (`workers` at a time) and add its votes to `counts`: one
+    per voxel it reaches, or its local weights there. Votes are added in the package's atlas
+    order whatever order the registrations finish in: float weights summed in another order
+    could tip an argmax, and the same CT must always get the same labels."""
+    finished: dict[int, tuple[AtlasSpec, sitk.Image, torch.Tensor | None]] = {}
+    next_to_add = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = [pool.submit(warp, a) for a in spec.atlases]
+        order = {future: i for i, future in enumerate(pending)}
         try:
             for done, future in enumerate(as_completed(pending), start=1):
-                atlas, warped, took = future.result()
-                arr = preprocess.to_device(sitk.GetArrayViewFromImage(warped), device).long()
-                inside = arr != 255
-                if bool((arr[inside] >= num_classes).any()):
-                    raise ModelError(f"atlas {atlas.name} has label values outside 0..{num_classes - 1}; "
-                                     "fix the package")
-                counts.scatter_add_(0, torch.where(inside, arr, 0)[None], inside[None].float())
-                covered += inside
+                atlas, warped, weights, took = future.result()
+                finished[order[future]] = (atlas, warped, weights)
+                while next_to_add in finished:       # at most `workers` wait for an earlier one
+                    _add_votes(*finished.pop(next_to_add), num_classes, counts, covered)
+                    next_to_add += 1
                 seconds[atlas.name] = took
                 if progress is not None:
                     progress(done / len(spec.atlases), f"registered atlas {done}/{len(spec.atlases)} ({atlas.name})")
@@ -333,6 +389,18 @@ def _register_all(spec: AtlasPriorSpec, warp: Callable[[AtlasSpec], tuple[AtlasS
             for future in pending:        # a cancel or an error: start no further registration
                 future.cancel()
             raise
+
+
+def _add_votes(atlas: AtlasSpec, warped: sitk.Image, weights: torch.Tensor | None, num_classes: int,
+               counts: torch.Tensor, covered: torch.Tensor) -> None:
+    """Add one warped atlas's votes (`weights`, or one each) where it reaches (label != 255)."""
+    arr = preprocess.to_device(sitk.GetArrayViewFromImage(warped), counts.device).long()
+    inside = arr != 255
+    if bool((arr[inside] >= num_classes).any()):
+        raise ModelError(f"atlas {atlas.name} has label values outside 0..{num_classes - 1}; fix the package")
+    vote = inside.float() if weights is None else weights * inside
+    counts.scatter_add_(0, torch.where(inside, arr, 0)[None], vote[None])
+    covered += vote
 
 
 class GridPrior:
