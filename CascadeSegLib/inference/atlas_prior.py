@@ -4,7 +4,9 @@ A network trained on a handful of CTs knows texture but not where organs lie in 
 registered atlases know where organs lie but not their exact borders. A model package may carry
 atlases (`"atlas_prior"` in model.json). Each is registered onto the patient (affine on mutual
 information, then diffeomorphic demons, both on soft-tissue HU at a coarse spacing, 8 mm), its label
-map warped onto stage 2's grid, and the atlases averaged into a smoothed class prior. Inside C2
+map warped onto stage 2's grid, and the atlases averaged into a smoothed class prior (with
+`local_weight_power`, abdomen-ct 2.3.0 on, each atlas's vote weighted per voxel by how well its
+warped CT matches the patient's there: `local_weights`). Inside C2
 the label is argmax(w * p_network + (1 - w) * prior). With `candidates` (abdomen-ct 2.1.0 on)
 the prior's organs join C2 before its dilation, so stage 2 also looks where stage 1 missed an
 organ the atlases know, and outside C2 is background; without it, outside C2 (where the
@@ -377,7 +379,7 @@ def _register_all(spec: AtlasPriorSpec,
             for done, future in enumerate(as_completed(pending), start=1):
                 atlas, warped, weights, took = future.result()
                 finished[order[future]] = (atlas, warped, weights)
-                while next_to_add in finished:       # at most `workers` wait for an earlier one
+                while next_to_add in finished:       # later ones wait (a label grid each) for an earlier one
                     _add_votes(*finished.pop(next_to_add), num_classes, counts, covered)
                     next_to_add += 1
                 seconds[atlas.name] = took
