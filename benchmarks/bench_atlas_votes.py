@@ -6,7 +6,7 @@ child process, alternating so both see the same machine load; medians of `--repe
 the whole read-to-write time and of the atlas step, the peak RSS, the ratio weighted / equal,
 and how many voxels the two label maps disagree on.
 
-    python benchmarks/bench_atlas_votes.py [--model PATH] [--repeats 3] [--stage2-spacing 1.5] [--out FILE]
+    python benchmarks/bench_atlas_votes.py [--model PATH] [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -48,7 +48,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a package with atlases (default: the default model)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stage2-spacing", type=float, default=None)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
     model = ModelPackage.load(args.model) if args.model else load_model()
@@ -56,7 +55,7 @@ def main() -> int:
         print(f"{model.name} {model.version} has no locally weighted atlas votes to compare", file=sys.stderr)
         return 2
     ct = large_ct()
-    extra = ["--stage2-spacing", str(args.stage2_spacing)] if args.stage2_spacing else []
+    extra: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cascadeseg-votes-") as tmp:
         variants = {"weighted": model.root, "equal": equal_votes_copy(model, Path(tmp) / "equal")}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
@@ -81,8 +80,7 @@ def main() -> int:
     ratio = median([r["wall"] for r in runs["weighted"]]) / median([r["wall"] for r in runs["equal"]])
     text = "\n".join([
         f"{model.name} {model.version}, {'x'.join(map(str, sitk.ReadImage(str(ct)).GetSize()))} CT, read -> segment "
-        f"-> write through the CLI, medians of {args.repeats} alternating runs"
-        + (f", stage 2 at {args.stage2_spacing} mm" if args.stage2_spacing else ""),
+        f"-> write through the CLI, medians of {args.repeats} alternating runs",
         "",
         table(rows, [("variant", "atlas votes"), ("wall", "end to end (s)"), ("atlas", "atlas step (s)"),
                      ("peak", "peak RSS (GiB)")]),
