@@ -590,6 +590,10 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     on_slab = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_slab": 1.0}}, labels)
     assert "Atlas prior: 10 atlases registered onto this slab (placed by a translation search)" in on_slab
     assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
+    weighted = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_weighted": 1.0}}, labels)
+    assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
+            "locally, and fused with stage 2") in weighted
+    assert "Atlas prior: 10 atlases registered onto this scan and fused with stage 2" in used
 
 
 def test_saved_probabilities_are_the_scores_the_labels_come_from(atlas_package: Path,
