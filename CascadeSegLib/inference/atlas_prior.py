@@ -345,8 +345,7 @@ def _soft_tensor(image: sitk.Image, window_hu: tuple[float, float], device: torc
 def _soft_on_grid(image: sitk.Image, grid: sitk.Image, window_hu: tuple[float, float],
                   device: torch.device) -> torch.Tensor:
     """The patient's soft-tissue HU on the prior's grid: what each warped atlas CT is compared with."""
-    on_grid = sitk.Resample(image, grid, sitk.Transform(), sitk.sitkLinear, window_hu[0], sitk.sitkFloat32)
-    return _soft_tensor(on_grid, window_hu, device)
+    return _soft_tensor(preprocess.resample(image, grid, "linear", window_hu[0], sitk.sitkFloat32), window_hu, device)
 
 
 def local_weights(moved: torch.Tensor, target: torch.Tensor, sigma_vox: list[float], power: float) -> torch.Tensor:
