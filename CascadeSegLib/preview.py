@@ -79,13 +79,17 @@ def _layout(views: list[np.ndarray], gap: int = 6) -> np.ndarray:
     """The views side by side; for a slab, whose coronal and sagittal views are a few rows
     of an axial view's height, one under the other, so they are not strips above a black field."""
     height, width = max(v.shape[0] for v in views), max(v.shape[1] for v in views)
-    if 3 * min(v.shape[0] for v in views) >= height:
+    beside = 3 * min(v.shape[0] for v in views) >= height
+    if beside:      # pad each view to the tallest, join along the width
+        padded = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
         spacer = np.zeros((height, gap, 3), np.uint8)
-        side = [np.pad(v, ((0, height - v.shape[0]), (0, 0), (0, 0))) for v in views]
-        return np.concatenate(sum(([p, spacer] for p in side), [])[:-1], axis=1)
-    spacer = np.zeros((gap, width, 3), np.uint8)
-    stacked = [np.pad(v, ((0, 0), (0, width - v.shape[1]), (0, 0))) for v in views]
-    return np.concatenate(sum(([p, spacer] for p in stacked), [])[:-1], axis=0)
+    else:           # pad each view to the widest, join along the height
+        padded = [np.pad(v, ((0, 0), (0, width - v.shape[1]), (0, 0))) for v in views]
+        spacer = np.zeros((gap, width, 3), np.uint8)
+    parts = [padded[0]]
+    for view in padded[1:]:
+        parts += [spacer, view]
+    return np.concatenate(parts, axis=1 if beside else 0)
 
 
 def _compose(hu: np.ndarray, lb: np.ndarray, labelset: LabelSet, window: tuple[float, float],
