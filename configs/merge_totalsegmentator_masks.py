@@ -1,0 +1,89 @@
+"""Merge a TotalSegmentator dataset case's per-structure masks into one label map (v2 ids).
+
+The synthesis and the atlases read label maps in TotalSegmentator v2 "total" ids
+(`Resources/TrainingData/totalsegmentator/classes.json`); the dataset ships one mask file per
+structure:
+
+    python configs/merge_totalsegmentator_masks.py DATA/s0327/segmentations -o s0327_label.nii.gz
+
+The grid (size, spacing, origin, direction) is the source's, unchanged; only values change. A
+voxel claimed by two TotalSegmentator masks (rare, at boundaries) keeps the higher id, and the
+count is printed. Nothing is written over an existing file unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from CascadeSegLib.errors import UserError  # noqa: E402
+from CascadeSegLib.io import write_image  # noqa: E402
+
+CLASSES = REPO / "Resources" / "TrainingData" / "totalsegmentator" / "classes.json"
+
+
+class InputError(Exception):
+    """Bad input: one line saying what is wrong and what to do (exit code 2)."""
+
+
+def total_ids() -> dict[str, int]:
+    """TotalSegmentator v2 name -> id."""
+    return {name: int(i) for i, name in json.loads(CLASSES.read_text(encoding="utf-8")).items()}
+
+
+def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
+    """One label map from a case's per-structure masks; (image, voxels claimed twice)."""
+    ids = total_ids()
+    files = sorted(folder.glob("*.nii.gz"))
+    unknown = [f.name for f in files if f.name[:-7] not in ids]
+    if not files or unknown:
+        raise InputError(f"{folder} holds no TotalSegmentator masks, or masks of unknown structures "
+                         f"{unknown[:5]}; give a case's segmentations folder (<structure>.nii.gz files)")
+    first = sitk.ReadImage(str(files[0]))
+    out = np.zeros(sitk.GetArrayViewFromImage(first).shape, np.uint8)
+    twice = 0
+    for f in sorted(files, key=lambda p: ids[p.name[:-7]]):
+        mask = sitk.ReadImage(str(f))
+        if mask.GetSize() != first.GetSize() or not all(
+                np.allclose(getattr(mask, g)(), getattr(first, g)(), atol=1e-4)
+                for g in ("GetOrigin", "GetSpacing", "GetDirection")):
+            raise InputError(f"{f.name} is on another grid than {files[0].name}; "
+                             "the masks of one case share one grid: are they from one case?")
+        m = sitk.GetArrayViewFromImage(mask) > 0
+        twice += int((m & (out > 0)).sum())
+        out[m] = ids[f.name[:-7]]
+    img = sitk.GetImageFromArray(out)
+    img.CopyInformation(first)
+    return img, twice
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("source", type=Path, help="the case's segmentations folder (<structure>.nii.gz files)")
+    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--overwrite", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.out.exists() and not args.overwrite:
+            raise InputError(f"{args.out} exists; pass --overwrite to replace it")
+        img, twice = merge_totalsegmentator(args.source)
+        write_image(img, args.out)
+    except (InputError, UserError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    arr = sitk.GetArrayViewFromImage(img)
+    print(f"{args.out}: {img.GetSize()} voxels of {tuple(round(s, 3) for s in img.GetSpacing())} mm, "
+          f"{len(np.unique(arr)) - 1} structures; {twice} voxels were in two masks (the higher id kept)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
