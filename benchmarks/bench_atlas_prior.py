@@ -1,12 +1,14 @@
-"""What locally weighted atlas votes (abdomen-ct 2.3.0) cost against equal votes (2.2.0), in one run.
+"""What a change to a package's atlas prior costs, against the package without it, in one run.
 
-The same package twice: as shipped, and a copy whose `local_weight_power` is 0 (every atlas
-counts the same; otherwise identical). Each segments the 512x512x400 CT through the CLI in a
-child process, alternating so both see the same machine load; medians of `--repeats` runs of
-the whole read-to-write time and of the atlas step, the peak RSS, the ratio weighted / equal,
-and how many voxels the two label maps disagree on.
+The same package twice: as shipped, and a baseline copy, otherwise identical:
+`--baseline equal-votes` (default): every atlas counts the same (`local_weight_power` 0, as
+before abdomen-ct 2.3.0); `--baseline without:s0327,s0328`: the atlases whose names contain any
+of these left out (abdomen-ct 2.4.0 against 2.3.0's ten). Each segments the 512x512x400 CT
+through the CLI in a child process, alternating so both see the same machine load; medians of
+`--repeats` runs of the whole read-to-write time and of the atlas step, the peak RSS, the ratio
+shipped / baseline, and how many voxels the two label maps disagree on.
 
-    python benchmarks/bench_atlas_votes.py [--model PATH] [--repeats 3] [--out FILE]
+    python benchmarks/bench_atlas_prior.py [--model PATH] [--baseline B] [--repeats 3] [--out FILE]
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ sys.path.insert(0, str(REPO))
 from CascadeSegLib.packaging.model import ModelPackage, load_model  # noqa: E402
 
 
-def equal_votes_copy(model: ModelPackage, folder: Path) -> Path:
-    """`model` copied into `folder` with every atlas voting alike."""
+def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Path, str]:
+    """`model` copied into `folder` as `baseline` says, and the baseline's name for the table."""
     shutil.copytree(model.root, folder, dirs_exist_ok=True)
     copy = ModelPackage.load(folder)
     assert copy.atlas_prior is not None
-    copy.atlas_prior.local_weight_power = 0.0
+    if baseline == "equal-votes":
+        copy.atlas_prior.local_weight_power = 0.0
+        name = "equal votes"
+    else:
+        drop = [s for s in baseline.removeprefix("without:").split(",") if s]
+        kept = [a for a in copy.atlas_prior.atlases if not any(s in a.name for s in drop)]
+        if not drop or not kept or len(kept) == len(copy.atlas_prior.atlases):
+            raise SystemExit(f"error: --baseline {baseline} leaves out no atlas or all of them")
+        copy.atlas_prior.atlases = kept
+        name = f"{len(kept)} atlases (without {', '.join(drop)})"
     copy.save(folder)
-    return folder
+    return folder, name
 
 
 def segment(ct: Path, model: Path, out: Path, extra: list[str]) -> dict:
@@ -47,17 +58,25 @@ def segment(ct: Path, model: Path, out: Path, extra: list[str]) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a package with atlases (default: the default model)")
+    ap.add_argument("--baseline", default="equal-votes",
+                    help="equal-votes, or without:NAME,... (the atlases whose names contain one left out)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
     model = ModelPackage.load(args.model) if args.model else load_model()
-    if model.atlas_prior is None or model.atlas_prior.local_weight_power <= 0:
-        print(f"{model.name} {model.version} has no locally weighted atlas votes to compare", file=sys.stderr)
+    if model.atlas_prior is None or (args.baseline == "equal-votes" and model.atlas_prior.local_weight_power <= 0):
+        print(f"{model.name} {model.version} has no atlas prior, or no weighted votes, to compare", file=sys.stderr)
+        return 2
+    if args.baseline != "equal-votes" and not args.baseline.startswith("without:"):
+        print(f"--baseline {args.baseline}: give equal-votes or without:NAME,...", file=sys.stderr)
         return 2
     ct = large_ct()
     extra: list[str] = []
-    with tempfile.TemporaryDirectory(prefix="cascadeseg-votes-") as tmp:
-        variants = {"weighted": model.root, "equal": equal_votes_copy(model, Path(tmp) / "equal")}
+    with tempfile.TemporaryDirectory(prefix="cascadeseg-atlas-prior-") as tmp:
+        base_path, base_name = baseline_copy(model, args.baseline, Path(tmp) / "baseline")
+        shipped_name = (f"{len(model.atlas_prior.atlases)} atlases, "
+                        f"{'weighted' if model.atlas_prior.local_weight_power > 0 else 'equal'} votes (shipped)")
+        variants = {"shipped": model.root, "baseline": base_path}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.repeats):
             for name, path in variants.items():
@@ -69,23 +88,23 @@ def main() -> int:
                 r = runs[name][-1]
                 print(f"  {name} run {i + 1}/{args.repeats}: {r['wall']:.1f} s wall, atlases {r['atlas']:.1f} s, "
                       f"peak {r['peak'] / 2**30:.2f} GiB", file=sys.stderr)
-        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(runs[n][0]["labels"])) for n in ("weighted", "equal"))
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(runs[n][0]["labels"])) for n in ("shipped", "baseline"))
         differ = float(np.mean(a != b))
     rows = []
     for name, rs in runs.items():
-        rows.append({"variant": f"{name} votes" + (" (shipped)" if name == "weighted" else ""),
+        rows.append({"variant": shipped_name if name == "shipped" else base_name,
                      "wall": f"{median([r['wall'] for r in rs]):.2f}",
                      "atlas": f"{median([r['atlas'] for r in rs]):.2f}",
                      "peak": f"{max(r['peak'] for r in rs) / 2**30:.2f}"})
-    ratio = median([r["wall"] for r in runs["weighted"]]) / median([r["wall"] for r in runs["equal"]])
+    ratio = median([r["wall"] for r in runs["shipped"]]) / median([r["wall"] for r in runs["baseline"]])
     text = "\n".join([
         f"{model.name} {model.version}, {'x'.join(map(str, sitk.ReadImage(str(ct)).GetSize()))} CT, read -> segment "
         f"-> write through the CLI, medians of {args.repeats} alternating runs",
         "",
-        table(rows, [("variant", "atlas votes"), ("wall", "end to end (s)"), ("atlas", "atlas step (s)"),
+        table(rows, [("variant", "atlas prior"), ("wall", "end to end (s)"), ("atlas", "atlas step (s)"),
                      ("peak", "peak RSS (GiB)")]),
         "",
-        f"weighted / equal end to end: {ratio:.2f}x; labels differ on {100 * differ:.2f} % of the voxels",
+        f"shipped / baseline end to end: {ratio:.2f}x; labels differ on {100 * differ:.2f} % of the voxels",
     ])
     print(text)
     if args.out:
