@@ -397,6 +397,49 @@ def test_packages_before_local_weights_count_every_atlas_alike() -> None:
             ap.AtlasPriorSpec.from_json({**old, **bad})
 
 
+def test_packages_before_abdomen_ct_2_5_keep_200_affine_iterations() -> None:
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    assert ap.AtlasPriorSpec.from_json(old).linear_iterations == 200
+    again = ap.AtlasPriorSpec.from_json({**old, "linear_iterations": 50})
+    assert again.linear_iterations == 50 and ap.AtlasPriorSpec.from_json(again.to_json()) == again
+    for bad in ({"linear_iterations": 0}, {"demons_iterations": -1}):
+        with pytest.raises(ValueError, match="linear_iterations >= 1"):
+            ap.AtlasPriorSpec.from_json({**old, **bad})
+
+
+@pytest.mark.parametrize("slab", [False, True])
+def test_the_packages_affine_iterations_reach_the_optimiser(sample: tuple[sitk.Image, sitk.Image], slab: bool,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cap is the package's, for whole scans and slabs, and caps the optimiser's iterations."""
+    ct, lab = sample
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    spec = ap.AtlasPriorSpec(atlases=[_atlas_files(folder, "a", ct, lab)], linear_iterations=7)
+    asked: list[int] = []
+    done: list[int] = []
+    original = sitk.ImageRegistrationMethod.SetOptimizerAsRegularStepGradientDescent
+    execute = sitk.ImageRegistrationMethod.Execute
+
+    def spy(self: sitk.ImageRegistrationMethod, *args: Any, **kwargs: Any) -> Any:
+        asked.append(int(args[2]))                    # learningRate, minStep, numberOfIterations
+        return original(self, *args, **kwargs)
+
+    def counted(self: sitk.ImageRegistrationMethod, *args: Any) -> Any:
+        iterations = [0]
+        self.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
+        out = execute(self, *args)
+        done.append(iterations[0])
+        return out
+
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "SetOptimizerAsRegularStepGradientDescent", spy)
+    monkeypatch.setattr(sitk.ImageRegistrationMethod, "Execute", counted)
+    image = _slab(ct, 20, 40.0) if slab else ct
+    grid = preprocess.grid_for_spacing(image, [6.0] * 3)
+    ap.atlas_prior(image, grid, spec, folder, 11, torch.device("cpu"), slab=slab)
+    levels = 2 if slab else 3
+    assert asked == [7] and 0 < done[0] <= 7 * levels
+
+
 def test_a_coarse_grid_reaches_the_last_slices(sample_ct_path: Path) -> None:
     """grid_for_spacing rounds its voxel count; labels on it still cover the scan's far end."""
     ct = read_image(sample_ct_path)

@@ -3,7 +3,8 @@
 The same package twice: as shipped, and a baseline copy, otherwise identical:
 `--baseline equal-votes` (default): every atlas counts the same (`local_weight_power` 0, as
 before abdomen-ct 2.3.0); `--baseline without:s0327,s0328`: the atlases whose names contain any
-of these left out (abdomen-ct 2.4.0 against 2.3.0's ten). Each segments the 512x512x400 CT
+of these left out (abdomen-ct 2.4.0 against 2.3.0's ten); `--baseline set:linear_iterations=200`:
+one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap). Each segments the 512x512x400 CT
 through the CLI in a child process, alternating so both see the same machine load; medians of
 `--repeats` runs of the whole read-to-write time and of the atlas step, the peak RSS, the ratio
 shipped / baseline, and how many voxels the two label maps disagree on.
@@ -14,6 +15,7 @@ shipped / baseline, and how many voxels the two label maps disagree on.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -25,6 +27,7 @@ from common import REPO, large_ct, measure_module, median, table
 
 sys.path.insert(0, str(REPO))
 
+from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage, load_model  # noqa: E402
 
 
@@ -36,6 +39,15 @@ def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Pat
     if baseline == "equal-votes":
         copy.atlas_prior.local_weight_power = 0.0
         name = "equal votes"
+    elif baseline.startswith("set:"):
+        key, _, value = baseline.removeprefix("set:").partition("=")
+        settings = copy.atlas_prior.to_json()
+        if key not in settings or key == "atlases" or not value:
+            raise SystemExit(f"error: --baseline {baseline}: give set:KEY=VALUE, KEY a setting of the atlas_prior "
+                             "block")
+        settings[key] = json.loads(value)
+        copy.atlas_prior = AtlasPriorSpec.from_json(settings)
+        name = f"{key} = {value}"
     else:
         drop = [s for s in baseline.removeprefix("without:").split(",") if s]
         kept = [a for a in copy.atlas_prior.atlases if not any(s in a.name for s in drop)]
@@ -59,7 +71,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a package with atlases (default: the default model)")
     ap.add_argument("--baseline", default="equal-votes",
-                    help="equal-votes, or without:NAME,... (the atlases whose names contain one left out)")
+                    help="equal-votes, without:NAME,... (the atlases whose names contain one left out), or "
+                         "set:KEY=VALUE (one setting of the atlas_prior block)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
@@ -67,8 +80,8 @@ def main() -> int:
     if model.atlas_prior is None or (args.baseline == "equal-votes" and model.atlas_prior.local_weight_power <= 0):
         print(f"{model.name} {model.version} has no atlas prior, or no weighted votes, to compare", file=sys.stderr)
         return 2
-    if args.baseline != "equal-votes" and not args.baseline.startswith("without:"):
-        print(f"--baseline {args.baseline}: give equal-votes or without:NAME,...", file=sys.stderr)
+    if args.baseline != "equal-votes" and not args.baseline.startswith(("without:", "set:")):
+        print(f"--baseline {args.baseline}: give equal-votes, without:NAME,... or set:KEY=VALUE", file=sys.stderr)
         return 2
     ct = large_ct()
     extra: list[str] = []
