@@ -4,8 +4,9 @@ The same package twice: as shipped, and a baseline copy, otherwise identical:
 `--baseline equal-votes` (default): every atlas counts the same (`local_weight_power` 0, as
 before abdomen-ct 2.3.0); `--baseline without:s0327,s0328`: the atlases whose names contain any
 of these left out (abdomen-ct 2.4.0 against 2.3.0's ten); `--baseline set:linear_iterations=200`:
-one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap). Each segments the 512x512x400 CT
-through the CLI in a child process, alternating so both see the same machine load; medians of
+one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap). Each
+segments the 512x512x400 CT through the CLI in a child process, alternating so both see the same
+machine load; medians of
 `--repeats` runs of the whole read-to-write time and of the atlas step, the peak RSS, the ratio
 shipped / baseline, and how many voxels the two label maps disagree on.
 
@@ -45,8 +46,11 @@ def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Pat
         if key not in settings or key == "atlases" or not value:
             raise SystemExit(f"error: --baseline {baseline}: give set:KEY=VALUE, KEY a setting of the atlas_prior "
                              "block")
-        settings[key] = json.loads(value)
-        copy.atlas_prior = AtlasPriorSpec.from_json(settings)
+        try:
+            settings[key] = json.loads(value)
+            copy.atlas_prior = AtlasPriorSpec.from_json(settings)
+        except ValueError as e:              # not JSON, or a value the block refuses
+            raise SystemExit(f"error: --baseline {baseline}: {e}") from None
         name = f"{key} = {value}"
     else:
         drop = [s for s in baseline.removeprefix("without:").split(",") if s]

@@ -63,6 +63,9 @@ LOCAL_WEIGHT_SCALE_HU2 = 100.0
 #: weights stay above float32's smallest normal number up to this power (the window's largest
 #: squared difference, 500^2 HU^2, gives 2500^-power)
 MAX_LOCAL_WEIGHT_POWER = 9.0
+#: most affine / similarity optimiser iterations per level of packages that do not say
+#: (`AtlasPriorSpec.linear_iterations`; abdomen-ct 2.5.0 says 50)
+LEGACY_LINEAR_ITERATIONS = 200
 
 
 @dataclass
@@ -110,7 +113,7 @@ class AtlasPriorSpec:
     # Most iterations of the affine (or, on slabs, similarity) optimiser per resolution level.
     # 200 (packages before abdomen-ct 2.5.0) rarely converged before the cap and cost a third of
     # each registration; 50 was as good or better on the atlases-alone folds (recipe doc).
-    linear_iterations: int = 200
+    linear_iterations: int = LEGACY_LINEAR_ITERATIONS
 
     def to_json(self) -> dict[str, Any]:
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
@@ -135,7 +138,7 @@ class AtlasPriorSpec:
                               slab_spacing_mm=float(d.get("slab_spacing_mm", 4.0)),
                               local_weight_power=float(d.get("local_weight_power", 0.0)),
                               local_weight_sigma_mm=float(d.get("local_weight_sigma_mm", 2.0)),
-                              linear_iterations=int(d.get("linear_iterations", 200)))
+                              linear_iterations=int(d.get("linear_iterations", LEGACY_LINEAR_ITERATIONS)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -166,7 +169,7 @@ def soft_tissue(ct: sitk.Image, spacing_mm: float = 3.0,
 def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.0,
              window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 60,
              fixed_soft: sitk.Image | None = None, threads: int = 0,
-             linear_iterations: int = 200) -> sitk.Transform:
+             linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
     """The transform mapping `fixed_ct`'s physical points into `moving_ct`: an affine on Mattes
     mutual information (3 levels, at most `linear_iterations` each), then fast symmetric demons on
     the affinely aligned images. `fixed_soft` reuses the fixed image's soft-tissue grid when
@@ -183,7 +186,7 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
 def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 4.0,
                   window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 30,
                   fixed_soft: sitk.Image | None = None, threads: int = 0,
-                  linear_iterations: int = 200) -> sitk.Transform:
+                  linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
     """`register` for a slab (a few centimetres of a patient, a whole atlas): the moments
     initialiser would put the slab at the atlas's centre of mass, so the slab is first placed
     where it correlates best (`best_translation`, every voxel shift at once), then a similarity
@@ -200,7 +203,7 @@ def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float
 
 def _linear_then_demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, shrink: list[int],
                         sigmas: list[float], demons_iterations: int, threads: int,
-                        linear_iterations: int = 200) -> sitk.Transform:
+                        linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
     """`initial` optimised on Mattes mutual information (20 % of the voxels, one level per
     `shrink` factor), then fast symmetric demons on the images it aligns: the two
     registrations' common tail."""
