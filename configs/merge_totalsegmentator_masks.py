@@ -26,12 +26,9 @@ sys.path.insert(0, str(REPO))
 
 from CascadeSegLib.errors import UserError  # noqa: E402
 from CascadeSegLib.io import write_image  # noqa: E402
+from CascadeSegLib.io.images import WRITE_SUFFIXES, prepare_output  # noqa: E402
 
 CLASSES = REPO / "Resources" / "TrainingData" / "totalsegmentator" / "classes.json"
-
-
-class InputError(Exception):
-    """Bad input: one line saying what is wrong and what to do (exit code 2)."""
 
 
 def total_ids() -> dict[str, int]:
@@ -45,18 +42,21 @@ def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
     files = sorted(folder.glob("*.nii.gz"))
     unknown = [f.name for f in files if f.name[:-7] not in ids]
     if not files or unknown:
-        raise InputError(f"{folder} holds no TotalSegmentator masks, or masks of unknown structures "
-                         f"{unknown[:5]}; give a case's segmentations folder (<structure>.nii.gz files)")
-    first = sitk.ReadImage(str(files[0]))
+        raise UserError(f"{folder} holds no TotalSegmentator masks, or masks of unknown structures "
+                        f"{unknown[:5]}; give a case's segmentations folder (<structure>.nii.gz files)")
+    ordered = sorted(files, key=lambda p: ids[p.name[:-7]])     # higher ids written last
+    first = sitk.ReadImage(str(ordered[0]))
     out = np.zeros(sitk.GetArrayViewFromImage(first).shape, np.uint8)
     twice = 0
-    for f in sorted(files, key=lambda p: ids[p.name[:-7]]):
-        mask = sitk.ReadImage(str(f))
+    for f in ordered:
+        mask = first if f == ordered[0] else sitk.ReadImage(str(f))
+        # One grid up to header noise: the dataset's masks differ by 3e-5 in direction cosines
+        # (float32 headers), past evaluation.images.same_grid's 1e-5, so a looser check here only.
         if mask.GetSize() != first.GetSize() or not all(
                 np.allclose(getattr(mask, g)(), getattr(first, g)(), atol=1e-4)
                 for g in ("GetOrigin", "GetSpacing", "GetDirection")):
-            raise InputError(f"{f.name} is on another grid than {files[0].name}; "
-                             "the masks of one case share one grid: are they from one case?")
+            raise UserError(f"{f.name} is on another grid than {ordered[0].name}; "
+                            "the masks of one case share one grid: are they from one case?")
         m = sitk.GetArrayViewFromImage(mask) > 0
         twice += int((m & (out > 0)).sum())
         out[m] = ids[f.name[:-7]]
@@ -72,11 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overwrite", action="store_true")
     args = ap.parse_args(argv)
     try:
-        if args.out.exists() and not args.overwrite:
-            raise InputError(f"{args.out} exists; pass --overwrite to replace it")
+        prepare_output(args.out, args.overwrite, None, WRITE_SUFFIXES)   # refuse before reading 117 files
         img, twice = merge_totalsegmentator(args.source)
-        write_image(img, args.out)
-    except (InputError, UserError) as e:
+        write_image(img, args.out, overwrite=args.overwrite)
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     arr = sitk.GetArrayViewFromImage(img)
