@@ -63,9 +63,9 @@ def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Pat
     return folder, name
 
 
-def segment(ct: Path, model: Path, out: Path, extra: list[str]) -> dict:
+def segment(ct: Path, model: Path, out: Path) -> dict:
     r = measure_module("CascadeSegLib", ["segment", str(ct), "-o", str(out), "--progress-json", "--no-report",
-                                         "--overwrite", "--model", str(model), *extra])
+                                         "--overwrite", "--model", str(model)])
     done = [e for e in r["events"] if e["event"] == "done"][-1]
     return {"wall": r["wall"], "peak": r["peak_rss"], "atlas": done["timings"].get("atlas_prior", 0.0),
             "total": done["timings"]["total"], "labels": done["outputs"]["labels"]}
@@ -88,7 +88,6 @@ def main() -> int:
         print(f"--baseline {args.baseline}: give equal-votes, without:NAME,... or set:KEY=VALUE", file=sys.stderr)
         return 2
     ct = large_ct()
-    extra: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cascadeseg-atlas-prior-") as tmp:
         base_path, base_name = baseline_copy(model, args.baseline, Path(tmp) / "baseline")
         shipped_name = (f"{len(model.atlas_prior.atlases)} atlases, "
@@ -97,7 +96,7 @@ def main() -> int:
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.repeats):
             for name, path in variants.items():
-                runs[name].append(segment(ct, path, Path(tmp) / f"out-{name}", extra))
+                runs[name].append(segment(ct, path, Path(tmp) / f"out-{name}"))
                 if i == 0:
                     kept = Path(tmp) / f"{name}.nii.gz"
                     shutil.copy2(runs[name][-1]["labels"], kept)

@@ -203,7 +203,7 @@ def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float
 
 def _linear_then_demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, shrink: list[int],
                         sigmas: list[float], demons_iterations: int, threads: int,
-                        linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
+                        linear_iterations: int) -> sitk.Transform:
     """`initial` optimised on Mattes mutual information (20 % of the voxels, one level per
     `shrink` factor), then fast symmetric demons on the images it aligns: the two
     registrations' common tail."""
