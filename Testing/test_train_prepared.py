@@ -157,3 +157,47 @@ def test_all_runs_every_step_once_and_resumes(packed, tmp_path):
     pkg = load_model(str(run_dir / "networks" / "model"))
     assert [s.name for s in pkg.stages] == ["stage1", "stage2"] and pkg.atlas_prior is None
     assert pkg.labels.names == json.loads((root / "config.json").read_text())["labels"]
+
+
+def _train(pack, run_dir, *extra, cwd):
+    cmd = [sys.executable, str(SCRIPT), "train", str(pack), "--run-dir", str(run_dir), "--device", "cpu",
+           "--threads", "1"]
+    return subprocess.run([*cmd, *map(str, extra)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
+    """--init: each stage starts from the package's weights (a near-zero learning rate keeps them),
+    the provenance reaches the new package, and a run is never resumed from another model."""
+    _, out, _ = packed
+    first = _train(out, tmp_path / "a", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(tmp_path / "a"), "-o", str(tmp_path / "model-a")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    tuned = _train(out, tmp_path / "b", "--init", tmp_path / "model-a", "--lr-factor", "1e-9", "--iterations", 2, 2,
+                   "--warmup", 0, cwd=tmp_path)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(tmp_path / "b"), "-o", str(tmp_path / "model-b")],
+                   check=True, capture_output=True, cwd=tmp_path)
+
+    from CascadeSegLib.packaging.model import load_model
+
+    a, b = load_model(str(tmp_path / "model-a")), load_model(str(tmp_path / "model-b"))
+    for i in range(2):
+        assert json.loads((tmp_path / "b" / f"stage{i + 1}" / "done.json").read_text())["iterations"] == 2
+        sa, sb = a.load_network(i).state_dict(), b.load_network(i).state_dict()
+        assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
+    origin = json.loads((tmp_path / "b" / "config.json").read_text())["finetuned_from"]
+    assert origin["sha256"] == {s.name: s.sha256 for s in a.stages}
+    # the same from scratch differs: the weights above came from model-a, not from the seed
+    scratch = _train(out, tmp_path / "c", "--iterations", 2, 2, cwd=tmp_path)
+    assert scratch.returncode == 0, scratch.stderr[-2000:]
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(tmp_path / "c"), "-o", str(tmp_path / "model-c")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    sa, sc = a.load_network(0).state_dict(), load_model(str(tmp_path / "model-c")).load_network(0).state_dict()
+    assert not all(torch.allclose(sa[k], sc[k], atol=1e-3) for k in sa)
+
+    other = _train(out, tmp_path / "b", "--init", tmp_path / "model-b", cwd=tmp_path)
+    assert other.returncode == 2 and "was started from another model" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    bad = _train(out, tmp_path / "d", "--iterations", 5, cwd=tmp_path)
+    assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr

@@ -18,6 +18,12 @@ makes every organ voxel a training candidate even where a young stage 1 still mi
 `--minutes` caps each stage's wall time: the iteration count is set from the measured speed
 (recorded in the run's config.json), so the poly schedule still ends at zero. Resumable.
 
+`--init MODEL` starts both stages from a model package's weights instead of from scratch (fine-tuning
+a trained cascade on a new pack, e.g. one with more label maps), with the learning rate times
+`--lr-factor` (0.1); `--iterations N N` and `--warmup N` replace the pack config's counts. The
+package must have the pack's stages (spacing, tile, network) and labels; a run started from one
+package is never resumed from another.
+
 `export` writes the model package (here, with SimpleITK) from the run folder.
 
 `all` is the one command that retrains a default model: pack (RUN/pack), train (RUN/networks),
@@ -42,6 +48,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from CascadeSegLib.errors import UserError  # noqa: E402  (the library needs no SimpleITK for this)
 
 
 def _stub_simpleitk() -> None:
@@ -205,6 +213,12 @@ def train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     ctx = DistContext()
     minutes = list(args.minutes or [])
+    _override_counts(raw, args.iterations, args.warmup)
+    inits: list = [None] * len(raw["stages"])
+    origin, lr_scale = None, 1.0
+    if args.init:
+        inits, origin = _init_states(args.init, raw, pack_dir, run_dir)
+        lr_scale = float(args.lr_factor)
     for index in range(len(raw["stages"])):
         name = raw["stages"][index]["name"]
         folder = run_dir / name
@@ -222,15 +236,18 @@ def train(args: argparse.Namespace) -> int:
                 s.setdefault("train", {})["iterations"] = fitted[s["name"]]
         cfg = parse_config(raw, pack_dir)
         # config.json as prepare_run_dir writes it, with the iteration counts actually trained
-        (run_dir / "config.json").write_text(json.dumps({"config": raw, "base_dir": str(REPO / "configs")}, indent=2))
+        dump = {"config": raw, "base_dir": str(REPO / "configs")}
+        if origin:
+            dump["finetuned_from"] = origin
+        (run_dir / "config.json").write_text(json.dumps(dump, indent=2))
         if done:
             continue
         stage = cfg.stages[index]
         budget = minutes[index] * 60 + 20 if minutes else float("inf")
         deadline = [time.monotonic() + budget]
         data = _stage_data(cfg, index, pack_dir, meta, run_dir, dev)
-        trainer = _trainer_class(deadline)(cfg, stage, folder, *data, ctx, dev, None, 1.0, args.progress,
-                                           meta["weights"])
+        trainer = _trainer_class(deadline)(cfg, stage, folder, *data, ctx, dev, inits[index], lr_scale,
+                                           args.progress, meta["weights"])
         t0 = time.perf_counter()
         try:
             result = trainer.run()
@@ -240,6 +257,46 @@ def train(args: argparse.Namespace) -> int:
             (folder / "done.json").write_text(json.dumps(result, indent=2))
         print(f"{stage.name}: {result.get('iterations')} iterations in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def _override_counts(raw: dict, iterations: list[int] | None, warmup: int | None) -> None:
+    """Put `--iterations` (one per stage) and `--warmup` into the pack's config."""
+    if iterations:
+        if len(iterations) != len(raw["stages"]) or min(iterations) < 1:
+            raise UserError(f"--iterations needs one count >= 1 per stage ({len(raw['stages'])}), got {iterations}")
+        for s, n in zip(raw["stages"], iterations):
+            s.setdefault("train", {})["iterations"] = int(n)
+    if warmup is not None:
+        if warmup < 0:
+            raise UserError(f"--warmup must be >= 0, got {warmup}")
+        raw.setdefault("train", {})["warmup"] = int(warmup)
+
+
+def _init_states(model: str, raw: dict, pack_dir: Path, run_dir: Path) -> tuple[list, dict]:
+    """Each stage's starting weights from a model package that has the pack's stages and labels."""
+    from CascadeSegLib.packaging.model import ModelPackage, find_model
+    from CascadeSegLib.train.config import parse_config
+    from CascadeSegLib.train.finetune import same_labels, transfer_state
+
+    pkg = ModelPackage.load(find_model(model))
+    pkg.verify()
+    cfg = parse_config(raw, pack_dir)
+    if not same_labels(pkg.labels, cfg.label_set()):
+        raise UserError(f"model {pkg.name} has other labels than the pack ({', '.join(pkg.labels.names)}); "
+                        "fine-tune it with `cascadeseg finetune`, which maps labels by name")
+    mine = [(s.name, tuple(s.spacing), tuple(s.tile_zyx), s.network.to_json()) for s in cfg.stages]
+    theirs = [(s.name, tuple(s.spacing), tuple(s.tile_zyx), s.network.to_json()) for s in pkg.stages]
+    if mine != theirs:
+        raise UserError(f"model {pkg.name}'s stages (spacing, tile, network) differ from the pack's; "
+                        "start from a model trained with the same recipe")
+    origin = {"name": pkg.name, "version": pkg.version, "sha256": {s.name: s.sha256 for s in pkg.stages}}
+    record = run_dir / "init.json"
+    if record.is_file() and json.loads(record.read_text(encoding="utf-8")) != origin:
+        raise UserError(f"{run_dir} was started from another model ({record}); use a new --run-dir")
+    record.write_text(json.dumps(origin, indent=1), encoding="utf-8")
+    states = [transfer_state(pkg.load_network(i).state_dict(), pkg.labels, stage.network, cfg.label_set(),
+                             stage.train.seed) for i, stage in enumerate(cfg.stages)]
+    return states, origin
 
 
 def _stage_data(cfg, index: int, pack_dir: Path, meta: dict, run_dir: Path, dev):
@@ -284,7 +341,8 @@ def all_steps(args: argparse.Namespace) -> int:
     else:
         pack(argparse.Namespace(config=args.config, output=str(pack_dir), exclude=args.exclude, work=args.work))
     train(argparse.Namespace(pack=str(pack_dir), run_dir=str(networks), device=args.device, minutes=args.minutes,
-                             threads=args.threads, progress=args.progress, only=None))
+                             threads=args.threads, progress=args.progress, only=None, init=args.init,
+                             lr_factor=args.lr_factor, iterations=args.iterations, warmup=args.warmup))
     export(argparse.Namespace(run_dir=str(networks), output=str(networks / "model")))
     if args.no_atlases:
         return 0
@@ -298,6 +356,13 @@ def all_steps(args: argparse.Namespace) -> int:
     if args.exclude:
         cmd += ["--exclude", args.exclude]
     return subprocess.call(cmd)
+
+
+def _finetune_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--init", metavar="MODEL", help="start from this model package's weights (same stages and labels)")
+    p.add_argument("--lr-factor", type=float, default=0.1, help="learning rate x this with --init (default 0.1)")
+    p.add_argument("--iterations", type=int, nargs="+", metavar="N", help="iterations per stage (replace the config's)")
+    p.add_argument("--warmup", type=int, help="warm-up iterations (replace the config's)")
 
 
 def main() -> int:
@@ -317,6 +382,7 @@ def main() -> int:
     b.add_argument("--threads", type=int, default=4)
     b.add_argument("--progress", action="store_true")
     b.add_argument("--only", choices=("real", "synthetic"), help="train on the pack's real or synthetic cases only")
+    _finetune_options(b)
     b.set_defaults(func=train)
     c = sub.add_parser("export")
     c.add_argument("run_dir")
@@ -333,9 +399,14 @@ def main() -> int:
     d.add_argument("--progress", action="store_true")
     d.add_argument("--name", help="the package's name (default: the config's)")
     d.add_argument("--no-atlases", action="store_true", help="stop after exporting the networks")
+    _finetune_options(d)
     d.set_defaults(func=all_steps)
     args = p.parse_args()
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UserError as exc:        # what the user can mend: one line, exit 2
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
