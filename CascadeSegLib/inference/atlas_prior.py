@@ -44,6 +44,7 @@ import torch
 
 from ..checksum import sha256_file
 from ..errors import ModelError
+from ..io.images import same_geometry
 from . import preprocess
 
 #: the finest grid the prior is built on (finer stage-2 grids get it interpolated box by box)
@@ -440,7 +441,7 @@ class GridPrior:
         self.prior, self.source, self.target = prior, source, target
         self.network_weight = float(network_weight)
         self.shape: tuple[int, int, int] = tuple(int(n) for n in target.GetSize()[::-1])  # type: ignore[assignment]
-        self.same_grid = same_grid(source, target)
+        self.same_grid = same_geometry(source, target)
         # Per target axis (z, y, x): the two source neighbours and their weights, when the grids
         # share their axes (the model grids do); otherwise SimpleITK resamples each region.
         self._maps = None if self.same_grid else _linear_maps(source, target, prior.device)
@@ -593,12 +594,6 @@ def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: n
     z, y, x = nearest[inside].T
     out[inside] = volume[z, y, x]
     return out
-
-
-def same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    """True when both images have exactly the same voxel grid (size, spacing, origin, direction)."""
-    return (a.GetSize() == b.GetSize() and a.GetSpacing() == b.GetSpacing() and a.GetOrigin() == b.GetOrigin()
-            and a.GetDirection() == b.GetDirection())
 
 
 class AxisMap(NamedTuple):
