@@ -187,7 +187,8 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
         sa, sb = a.load_network(i).state_dict(), b.load_network(i).state_dict()
         assert all(torch.allclose(sa[k], sb[k], atol=1e-6) for k in sa)
     origin = json.loads((tmp_path / "b" / "config.json").read_text())["finetuned_from"]
-    assert origin["sha256"] == {s.name: s.sha256 for s in a.stages}
+    assert origin["sha256"] == {s.name: s.sha256 for s in a.stages} and origin["lr_factor"] == 1e-9
+    assert b.provenance["finetuned_from"] == origin          # the package says where it started
     # the same from scratch differs: the weights above came from model-a, not from the seed
     scratch = _train(out, tmp_path / "c", "--iterations", 2, 2, cwd=tmp_path)
     assert scratch.returncode == 0, scratch.stderr[-2000:]

@@ -238,7 +238,7 @@ def train(args: argparse.Namespace) -> int:
         # config.json as prepare_run_dir writes it, with the iteration counts actually trained
         dump = {"config": raw, "base_dir": str(REPO / "configs")}
         if origin:
-            dump["finetuned_from"] = origin
+            dump["finetuned_from"] = {**origin, "lr_factor": lr_scale}
         (run_dir / "config.json").write_text(json.dumps(dump, indent=2))
         if done:
             continue
