@@ -202,3 +202,29 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     assert len(other.stderr.strip().splitlines()) == 1
     bad = _train(out, tmp_path / "d", "--iterations", 5, cwd=tmp_path)
     assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr
+
+
+def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_first():
+    """The two configs that retrain the default model: every file they name is in the repo, the
+    DICOM slab is never among them, the fine-tune's pack adds label maps to the first one's and
+    keeps its stages, and the shipped package says it came from the fine-tune."""
+    from CascadeSegLib.packaging.model import load_model
+    from CascadeSegLib.train.config import parse_config, read_config_file
+
+    paths = [REPO / "configs" / "abdomen-ct-networks.json", REPO / "configs" / "abdomen-ct-networks-finetune.json"]
+    first, tune = (parse_config(read_config_file(p), p.parent) for p in paths)
+    for cfg in (first, tune):
+        data = cfg.raw["data"]
+        named = [c[k] for c in data["cases"] for k in ("image", "label")] + data["synthetic"]["label_maps"]
+        assert all(cfg.resolve(n).is_file() for n in named)
+        assert not any("dicom_slab" in str(n) for n in named)
+    old, new = (c.raw["data"]["synthetic"]["label_maps"] for c in (first, tune))
+    assert new[:len(old)] == old and {Path(n).name for n in new[len(old):]} == {"s0327_label.nii.gz",
+                                                                                  "s0328_label.nii.gz"}
+    assert [(s.name, s.spacing, s.tile, s.network) for s in first.stages] == \
+        [(s.name, s.spacing, s.tile, s.network) for s in tune.stages]
+    shipped = load_model(str(REPO / "Resources" / "Models" / "abdomen-ct"))
+    assert shipped.version == tune.version
+    assert "abdomen-ct-networks-finetune.json" in shipped.provenance["network"]["command"]
+    assert [(s.name, tuple(s.spacing), s.network.to_json()) for s in shipped.stages] == \
+        [(s.name, tuple(s.spacing), s.network.to_json()) for s in tune.stages]
