@@ -4,7 +4,9 @@ The same package twice: as shipped, and a baseline copy, otherwise identical:
 `--baseline equal-votes` (default): every atlas counts the same (`local_weight_power` 0, as
 before abdomen-ct 2.3.0); `--baseline without:s0327,s0328`: the atlases whose names contain any
 of these left out (abdomen-ct 2.4.0 against 2.3.0's ten); `--baseline set:linear_iterations=200`:
-one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap). Each
+one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap);
+`--baseline package:PATH`: another package as it is (2.6.0's fine-tuned networks against 2.5.0's,
+same atlases). Each
 segments the 512x512x400 CT through the CLI in a child process, alternating so both see the same
 machine load; medians of
 `--repeats` runs of the whole read-to-write time and of the atlas step, the peak RSS, the ratio
@@ -33,7 +35,11 @@ from CascadeSegLib.packaging.model import ModelPackage, load_model  # noqa: E402
 
 
 def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Path, str]:
-    """`model` copied into `folder` as `baseline` says, and the baseline's name for the table."""
+    """`model` copied into `folder` as `baseline` says (or another package, as it is), and the
+    baseline's name for the table."""
+    if baseline.startswith("package:"):
+        other = ModelPackage.load(Path(baseline.removeprefix("package:")))
+        return other.root, f"{other.name} {other.version} (baseline package)"
     shutil.copytree(model.root, folder, dirs_exist_ok=True)
     copy = ModelPackage.load(folder)
     assert copy.atlas_prior is not None
@@ -76,7 +82,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a package with atlases (default: the default model)")
     ap.add_argument("--baseline", default="equal-votes",
                     help="equal-votes, without:NAME,... (the atlases whose names contain one left out), or "
-                         "set:KEY=VALUE (one setting of the atlas_prior block)")
+                         "set:KEY=VALUE (one setting of the atlas_prior block), or package:PATH (another "
+                         "package)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
@@ -84,8 +91,12 @@ def main() -> int:
     if model.atlas_prior is None or (args.baseline == "equal-votes" and model.atlas_prior.local_weight_power <= 0):
         print(f"{model.name} {model.version} has no atlas prior, or no weighted votes, to compare", file=sys.stderr)
         return 2
-    if args.baseline != "equal-votes" and not args.baseline.startswith(("without:", "set:")):
-        print(f"--baseline {args.baseline}: give equal-votes, without:NAME,... or set:KEY=VALUE", file=sys.stderr)
+    if args.baseline != "equal-votes" and not args.baseline.startswith(("without:", "set:", "package:")):
+        print(f"--baseline {args.baseline}: give equal-votes, without:NAME,..., set:KEY=VALUE or package:PATH",
+              file=sys.stderr)
+        return 2
+    if args.baseline.startswith("package:") and not (Path(args.baseline[8:]) / "model.json").is_file():
+        print(f"--baseline {args.baseline}: no model.json there; give a model package folder", file=sys.stderr)
         return 2
     ct = large_ct()
     with tempfile.TemporaryDirectory(prefix="cascadeseg-atlas-prior-") as tmp:
