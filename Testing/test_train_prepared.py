@@ -197,6 +197,10 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     sa, sc = a.load_network(0).state_dict(), load_model(str(tmp_path / "model-c")).load_network(0).state_dict()
     assert not all(torch.allclose(sa[k], sc[k], atol=1e-3) for k in sa)
 
+    bare = _train(out, tmp_path / "b", cwd=tmp_path)            # resumed without --init: refused
+    assert bare.returncode == 2 and "give the same --init" in bare.stderr
+    lone = _train(out, tmp_path / "d", "--lr-factor", 0.5, cwd=tmp_path)
+    assert lone.returncode == 2 and "give --init MODEL" in lone.stderr
     other = _train(out, tmp_path / "b", "--init", tmp_path / "model-b", cwd=tmp_path)
     assert other.returncode == 2 and "was started from another model" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1

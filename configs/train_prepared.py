@@ -218,7 +218,14 @@ def train(args: argparse.Namespace) -> int:
     origin, lr_scale = None, 1.0
     if args.init:
         inits, origin = _init_states(args.init, raw, pack_dir, run_dir)
-        lr_scale = float(args.lr_factor)
+        lr_scale = 0.1 if args.lr_factor is None else float(args.lr_factor)
+        if lr_scale <= 0:
+            raise UserError(f"--lr-factor must be > 0, got {lr_scale}")
+    elif args.lr_factor is not None:
+        raise UserError("--lr-factor scales the learning rate of a fine-tune; give --init MODEL with it")
+    elif (run_dir / "init.json").is_file():
+        raise UserError(f"{run_dir} was started from a model ({run_dir / 'init.json'}); give the same --init "
+                        "to resume it")
     for index in range(len(raw["stages"])):
         name = raw["stages"][index]["name"]
         folder = run_dir / name
@@ -360,7 +367,7 @@ def all_steps(args: argparse.Namespace) -> int:
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", metavar="MODEL", help="start from this model package's weights (same stages and labels)")
-    p.add_argument("--lr-factor", type=float, default=0.1, help="learning rate x this with --init (default 0.1)")
+    p.add_argument("--lr-factor", type=float, help="learning rate x this with --init (default 0.1)")
     p.add_argument("--iterations", type=int, nargs="+", metavar="N", help="iterations per stage (replace the config's)")
     p.add_argument("--warmup", type=int, help="warm-up iterations (replace the config's)")
 
