@@ -204,6 +204,22 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     other = _train(out, tmp_path / "b", "--init", tmp_path / "model-b", cwd=tmp_path)
     assert other.returncode == 2 and "was started from another model" in other.stderr
     assert len(other.stderr.strip().splitlines()) == 1
+    # `all --keep-init-stage stage1`: stage 1 exported as the starting package had it, stage 2 fine-tuned
+    root = out.parent
+    cmd = [sys.executable, str(SCRIPT), "all", str(root / "config.json"), "--run-dir", str(tmp_path / "e"), "--work",
+           str(root / "work"), "--device", "cpu", "--threads", "1", "--no-atlases", "--init", str(tmp_path / "model-a"),
+           "--lr-factor", "1", "--iterations", 2, 2]
+    kept = subprocess.run([*map(str, cmd), "--keep-init-stage", "stage1"], capture_output=True, text=True, cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    e = load_model(str(tmp_path / "e" / "networks" / "model"))
+    e.verify()
+    s1, s2 = e.load_network(0).state_dict(), e.load_network(1).state_dict()
+    assert all(torch.equal(s1[k], sa[k]) for k in sa)
+    a2 = a.load_network(1).state_dict()
+    assert not all(torch.allclose(s2[k], a2[k], atol=1e-6) for k in a2)
+    assert e.provenance["stages_from_init"] == {"stage1": a.stages[0].sha256}
+    lonely = subprocess.run([*map(str, cmd[:-7]), "--keep-init-stage", "stage1"], capture_output=True, text=True)
+    assert lonely.returncode == 2 and "needs --init MODEL" in lonely.stderr
     bad = _train(out, tmp_path / "d", "--iterations", 5, cwd=tmp_path)
     assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr
 

@@ -22,7 +22,9 @@ makes every organ voxel a training candidate even where a young stage 1 still mi
 a trained cascade on a new pack, e.g. one with more label maps), with the learning rate times
 `--lr-factor` (0.1); `--iterations N N` and `--warmup N` replace the pack config's counts. The
 package must have the pack's stages (spacing, tile, network) and labels; a run started from one
-package is never resumed from another.
+package is never resumed from another. `all --keep-init-stage stage1` exports the starting
+package's stage-1 weights in place of the fine-tuned ones (stage 2 still trained on the fine-tuned
+stage 1's candidates): abdomen-ct 2.6.1's networks.
 
 `export` writes the model package (here, with SimpleITK) from the run folder.
 
@@ -337,10 +339,28 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def keep_init_stages(model_dir: Path, init: str, names: list[str]) -> None:
+    """Put the starting package's weights of the named stages into the exported package."""
+    from CascadeSegLib.packaging.model import ModelPackage, find_model
+
+    pkg, start = ModelPackage.load(model_dir), ModelPackage.load(find_model(init))
+    theirs = {s.name: i for i, s in enumerate(start.stages)}
+    states = [pkg.load_network(i).state_dict() for i in range(len(pkg.stages))]
+    for name in names:
+        mine = [i for i, s in enumerate(pkg.stages) if s.name == name]
+        if not mine or name not in theirs:
+            raise UserError(f"--keep-init-stage {name}: no such stage in both {pkg.name} and {start.name}")
+        states[mine[0]] = start.load_network(theirs[name]).state_dict()
+    pkg.provenance["stages_from_init"] = {n: start.stages[theirs[n]].sha256 for n in names}
+    pkg.save(model_dir, states)
+
+
 def all_steps(args: argparse.Namespace) -> int:
     """Pack, train, export and add the atlases; each finished step is kept when run again."""
     import subprocess
 
+    if args.keep_init_stage and not args.init:
+        raise UserError("--keep-init-stage needs --init MODEL (the package whose stage is kept)")
     run = Path(args.run_dir)
     pack_dir, networks = run / "pack", run / "networks"
     if (pack_dir / "pack.json").is_file():
@@ -351,6 +371,8 @@ def all_steps(args: argparse.Namespace) -> int:
                              threads=args.threads, progress=args.progress, only=None, init=args.init,
                              lr_factor=args.lr_factor, iterations=args.iterations, warmup=args.warmup))
     export(argparse.Namespace(run_dir=str(networks), output=str(networks / "model")))
+    if args.keep_init_stage:
+        keep_init_stages(networks / "model", args.init, args.keep_init_stage)
     if args.no_atlases:
         return 0
     if (run / "model" / "model.json").is_file():
@@ -406,6 +428,8 @@ def main() -> int:
     d.add_argument("--progress", action="store_true")
     d.add_argument("--name", help="the package's name (default: the config's)")
     d.add_argument("--no-atlases", action="store_true", help="stop after exporting the networks")
+    d.add_argument("--keep-init-stage", nargs="+", metavar="STAGE",
+                   help="export these stages with --init's weights (the others fine-tuned)")
     _finetune_options(d)
     d.set_defaults(func=all_steps)
     args = p.parse_args()
