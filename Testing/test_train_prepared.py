@@ -220,6 +220,11 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     assert e.provenance["stages_from_init"] == {"stage1": a.stages[0].sha256}
     lonely = subprocess.run([*map(str, cmd[:-7]), "--keep-init-stage", "stage1"], capture_output=True, text=True)
     assert lonely.returncode == 2 and "needs --init MODEL" in lonely.stderr
+    typo_run = [*map(str, cmd), "--keep-init-stage", "stage3"]
+    typo_run[typo_run.index(str(tmp_path / "e"))] = str(tmp_path / "f")
+    typo = subprocess.run(typo_run, capture_output=True, text=True)
+    assert typo.returncode == 2 and f"model {a.name} has the stages stage1, stage2" in typo.stderr
+    assert not (tmp_path / "f").exists()                                # refused before packing or training
     bad = _train(out, tmp_path / "d", "--iterations", 5, cwd=tmp_path)
     assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr
 

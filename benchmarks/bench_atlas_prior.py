@@ -95,7 +95,8 @@ def main() -> int:
         print(f"--baseline {args.baseline}: give equal-votes, without:NAME,..., set:KEY=VALUE or package:PATH",
               file=sys.stderr)
         return 2
-    if args.baseline.startswith("package:") and not (Path(args.baseline[8:]) / "model.json").is_file():
+    if args.baseline.startswith("package:") and not (Path(args.baseline.removeprefix("package:")) /
+                                                     "model.json").is_file():
         print(f"--baseline {args.baseline}: no model.json there; give a model package folder", file=sys.stderr)
         return 2
     ct = large_ct()

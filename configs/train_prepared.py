@@ -219,8 +219,10 @@ def train(args: argparse.Namespace) -> int:
     inits: list = [None] * len(raw["stages"])
     origin, lr_scale = None, 1.0
     if args.init:
+        from CascadeSegLib.train.finetune import DEFAULT_LR_FACTOR
+
         inits, origin = _init_states(args.init, raw, pack_dir, run_dir)
-        lr_scale = 0.1 if args.lr_factor is None else float(args.lr_factor)
+        lr_scale = DEFAULT_LR_FACTOR if args.lr_factor is None else float(args.lr_factor)
         if lr_scale <= 0:
             raise UserError(f"--lr-factor must be > 0, got {lr_scale}")
     elif args.lr_factor is not None:
@@ -339,20 +341,30 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _init_stage_names(init: str, names: list[str]) -> None:
+    """Refuse, before any packing or training, a --keep-init-stage the --init package lacks."""
+    from CascadeSegLib.packaging.model import ModelPackage, find_model
+
+    start = ModelPackage.load(find_model(init))
+    missing = [n for n in names if n not in [s.name for s in start.stages]]
+    if missing:
+        raise UserError(f"--keep-init-stage {' '.join(missing)}: model {start.name} has the stages "
+                        f"{', '.join(s.name for s in start.stages)}")
+
+
 def keep_init_stages(model_dir: Path, init: str, names: list[str]) -> None:
-    """Put the starting package's weights of the named stages into the exported package."""
+    """Put the starting package's weight files of the named stages into the exported package.
+    Both have the same stages in the same order (`_init_states` refused any other start)."""
+    import shutil
+
     from CascadeSegLib.packaging.model import ModelPackage, find_model
 
     pkg, start = ModelPackage.load(model_dir), ModelPackage.load(find_model(init))
-    theirs = {s.name: i for i, s in enumerate(start.stages)}
-    states = [pkg.load_network(i).state_dict() for i in range(len(pkg.stages))]
-    for name in names:
-        mine = [i for i, s in enumerate(pkg.stages) if s.name == name]
-        if not mine or name not in theirs:
-            raise UserError(f"--keep-init-stage {name}: no such stage in both {pkg.name} and {start.name}")
-        states[mine[0]] = start.load_network(theirs[name]).state_dict()
-    pkg.provenance["stages_from_init"] = {n: start.stages[theirs[n]].sha256 for n in names}
-    pkg.save(model_dir, states)
+    for mine, theirs in zip(pkg.stages, start.stages):
+        if mine.name in names:
+            shutil.copy2(start.weight_path(theirs), model_dir / mine.weights)
+    pkg.provenance["stages_from_init"] = {s.name: s.sha256 for s in start.stages if s.name in names}
+    pkg.save(model_dir)                 # model.json with the copied files' sha256
 
 
 def all_steps(args: argparse.Namespace) -> int:
@@ -361,6 +373,8 @@ def all_steps(args: argparse.Namespace) -> int:
 
     if args.keep_init_stage and not args.init:
         raise UserError("--keep-init-stage needs --init MODEL (the package whose stage is kept)")
+    if args.keep_init_stage:
+        _init_stage_names(args.init, args.keep_init_stage)
     run = Path(args.run_dir)
     pack_dir, networks = run / "pack", run / "networks"
     if (pack_dir / "pack.json").is_file():

@@ -23,6 +23,8 @@ from ..network import NetConfig, build_network
 from .config import parse_config, read_config_file
 
 _STAGE_OVERRIDES = {"name", "patch", "train", "augment"}
+#: learning rate x this when a trained model is fine-tuned and the config does not say
+DEFAULT_LR_FACTOR = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -102,7 +104,7 @@ def finetune_run(model: str | Path, config: str | Path, run_dir: str | Path | No
     data = read_config_file(cfg_path)
     ft = dict(data.get("finetune", {}) or {})
     if lr_factor is None:
-        lr_factor = float(ft.get("lr_factor", 0.1))
+        lr_factor = float(ft.get("lr_factor", DEFAULT_LR_FACTOR))
     if freeze_encoder is None:
         freeze_encoder = bool(ft.get("freeze_encoder", False))
     if lr_factor <= 0:
