@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from CascadeSegLib.synthesis import IntensityTable, default_table_path, totalsegmentator_names
-from CascadeSegLib.synthesis.transfer import TransferSettings, transfer
+from CascadeSegLib.synthesis.transfer import UNKNOWN_LABEL, TransferSettings, mend_misregistered, transfer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
@@ -102,3 +102,52 @@ def test_training_source_adds_one_case_per_label_map_and_atlas_but_not_the_atlas
     assert info["atlas"] == "sample" and info["dice_to_target"]["liver"] > 0.85
     with pytest.raises(UserError, match="atlases"):
         synthetic_cases(dict(spec, atlases=["nobody"]), Path, [atlas], tmp_path / "syn2")
+
+
+SPLEEN, KIDNEY_LEFT = 1, 3          # TotalSegmentator v2 ids
+
+
+def test_an_atlas_without_the_spleen_is_marked_unknown_where_the_target_has_one():
+    """The s0009 case in small: an atlas whose field of view lacks the spleen, warped onto an
+    anatomy that has one. Demons fills the spleen's place with neighbours; mending with
+    `UNKNOWN_LABEL` turns all of that into 'no vote' and leaves what the warp got right (the liver)."""
+    ct, labels = sitk.ReadImage(str(SAMPLE_CT)), sitk.ReadImage(str(SAMPLE_LABELS))
+    no_spleen = sitk.Mask(labels, labels != SPLEEN)
+    target = _target_anatomy(labels)
+    out = transfer(ct, no_spleen, target, totalsegmentator_names(), IntensityTable.load(default_table_path()),
+                   TransferSettings(spacing=(6.0, 6.0, 6.0)))
+    marked, ml = mend_misregistered(out.labels, target, [SPLEEN, KIDNEY_LEFT, LIVER], margin_mm=6.0,
+                                    fill=UNKNOWN_LABEL)
+    assert (marked.GetOrigin(), marked.GetSpacing(), marked.GetDirection(), marked.GetSize()) == \
+        (out.labels.GetOrigin(), out.labels.GetSpacing(), out.labels.GetDirection(), out.labels.GetSize())
+    got, before = sitk.GetArrayFromImage(marked), sitk.GetArrayFromImage(out.labels)
+    tgt = sitk.GetArrayFromImage(sitk.Resample(target, out.labels, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    assert (got[tgt == SPLEEN] == UNKNOWN_LABEL).all()               # every target spleen voxel: no vote
+    assert ml[SPLEEN] == pytest.approx((tgt == SPLEEN).sum() * 0.216, abs=0.01)
+    assert (got[before == LIVER] == LIVER).mean() > 0.97               # the warp's liver is kept
+    changed = got != before
+    assert (got[changed] == UNKNOWN_LABEL).all()                       # nothing is relabelled, only marked
+
+
+def test_a_kidney_on_the_spleen_is_mended_and_a_boundary_shift_is_not():
+    """Labels that put the left kidney where the target's spleen is (what 6 of abdomen-ct 2.6.1's 12
+    warped atlases do) get the target's spleen back, or 255 when asked; the same labels shifted by
+    one 3 mm voxel are left as they are."""
+    target = sitk.ReadImage(str(SAMPLE_LABELS))
+    arr = sitk.GetArrayFromImage(target)
+    wrong = np.where(arr == SPLEEN, KIDNEY_LEFT, arr).astype(arr.dtype)
+    wrong_img = sitk.GetImageFromArray(wrong)
+    wrong_img.CopyInformation(target)
+    mended, ml = mend_misregistered(wrong_img, target, [SPLEEN, KIDNEY_LEFT, LIVER], margin_mm=6.0)
+    assert (sitk.GetArrayFromImage(mended) == arr).all()
+    assert sum(ml.values()) == pytest.approx((arr == SPLEEN).sum() * 0.027, abs=0.01)
+    marked, _ = mend_misregistered(wrong_img, target, [SPLEEN, KIDNEY_LEFT, LIVER], margin_mm=6.0, fill=UNKNOWN_LABEL)
+    got = sitk.GetArrayFromImage(marked)
+    assert (got[arr == SPLEEN] == UNKNOWN_LABEL).all() and (got[arr != SPLEEN] == arr[arr != SPLEEN]).all()
+    shifted = sitk.GetImageFromArray(np.roll(arr, 1, axis=2))
+    shifted.CopyInformation(target)
+    kept, kept_ml = mend_misregistered(shifted, target, [SPLEEN, KIDNEY_LEFT, LIVER], margin_mm=6.0)
+    assert (sitk.GetArrayFromImage(kept) == np.roll(arr, 1, axis=2)).all() and sum(kept_ml.values()) == 0
+    # with no margin the same shift is mended: the margin is what spares boundaries
+    _, strict = mend_misregistered(shifted, target, [SPLEEN], margin_mm=0.0)
+    assert strict[SPLEEN] > 0

@@ -249,7 +249,7 @@ def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_fi
     assert [(s.name, s.spacing, s.tile, s.network) for s in first.stages] == \
         [(s.name, s.spacing, s.tile, s.network) for s in tune.stages]
     shipped = load_model(str(REPO / "Resources" / "Models" / "abdomen-ct"))
-    assert shipped.version == tune.version
+    assert shipped.provenance["network"]["model"] == f"{shipped.name} {tune.version}"   # the networks' version
     assert "abdomen-ct-networks-finetune.json" in shipped.provenance["network"]["command"]
     assert [(s.name, tuple(s.spacing), s.network.to_json()) for s in shipped.stages] == \
         [(s.name, tuple(s.spacing), s.network.to_json()) for s in tune.stages]

@@ -32,6 +32,7 @@ from CascadeSegLib.inference.preprocess import grid_for_spacing, resample  # noq
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.synthesis.source import synthetic_cases  # noqa: E402
+from CascadeSegLib.synthesis.transfer import UNKNOWN_LABEL, mend_misregistered  # noqa: E402
 from CascadeSegLib.train.dataset import Case, label_lookup  # noqa: E402
 
 MAIN = REPO / "configs" / "abdomen-ct.json"
@@ -57,15 +58,33 @@ def atlas_cases(raw: dict, exclude: set[str], work: Path) -> list[Case]:
     return real + warped
 
 
-def write_atlas(case: Case, lookup: np.ndarray, folder: Path, name: str) -> AtlasSpec:
-    """The case's CT (int16 HU) and labels (model values) on a 3 mm grid, inside `folder`."""
+def in_model_values(path: Path, lookup: np.ndarray) -> sitk.Image:
+    """A TotalSegmentator-id label map in the model's label values."""
+    labels = sitk.ReadImage(str(path))
+    ours = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(labels)])
+    ours.CopyInformation(labels)
+    return ours
+
+
+def write_atlas(case: Case, lookup: np.ndarray, folder: Path, name: str, misregistered: str = "keep",
+                margin_mm: float = 6.0) -> AtlasSpec:
+    """The case's CT (int16 HU) and labels (model values) on a 3 mm grid, inside `folder`. A warped
+    case (registration route) is mended where its labels contradict the label map it was warped onto
+    by more than `margin_mm` (`mend_misregistered`): `misregistered` "target" takes that map's
+    labels there, "unknown" marks 255 (no vote), "keep" leaves the warped labels."""
     ct = read_image(case.image)
     grid = grid_for_spacing(ct, ATLAS_SPACING)
     ct3 = resample(ct, grid, "linear", -1024.0, sitk.sitkInt16)
-    labels = sitk.ReadImage(str(case.label))
-    ours = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(labels)])
-    ours.CopyInformation(labels)
-    lab3 = resample(ours, grid, "nearest", 0, sitk.sitkUInt8)
+    lab3 = resample(in_model_values(case.label, lookup), grid, "nearest", 0, sitk.sitkUInt8)
+    info_path = case.label.parent / "info.json"
+    info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if misregistered != "keep" and info.get("route") == "registration":
+        target = in_model_values(Path(info["label_map"]), lookup)
+        lab3, mended = mend_misregistered(lab3, target, range(1, int(lookup[lookup != UNKNOWN_LABEL].max()) + 1),
+                                          margin_mm,
+                                          None if misregistered == "target" else UNKNOWN_LABEL)
+        print(f"  {name}: {sum(mended.values()):.0f} ml mended (" +
+              ", ".join(f"{v}: {ml:.0f}" for v, ml in mended.items() if ml >= 1) + ")", flush=True)
     (folder / "atlases").mkdir(parents=True, exist_ok=True)
     spec = AtlasSpec(name=name, image=f"atlases/{name}_ct.nii.gz", labels=f"atlases/{name}_labels.nii.gz")
     sitk.WriteImage(ct3, str(folder / spec.image), True)
@@ -100,6 +119,12 @@ def main() -> int:
     ap.add_argument("--linear-iterations", type=int, default=50,
                     help="most affine (slabs: similarity) optimiser iterations per level (abdomen-ct 2.5.0: 50, "
                          "chosen on the atlases alone across the folds; 200 before)")
+    ap.add_argument("--misregistered", choices=("target", "unknown", "keep"), default="target",
+                    help="a warped atlas's labels that contradict the label map it was warped onto (by more than "
+                         "--misregistered-margin-mm): take that map's labels there (abdomen-ct 2.7.0), mark them "
+                         "255, no vote, or keep them (before 2.7.0)")
+    ap.add_argument("--misregistered-margin-mm", type=float, default=6.0,
+                    help="disagreement within this distance is a boundary, kept")
     args = ap.parse_args()
 
     raw = json.loads(MAIN.read_text(encoding="utf-8"))
@@ -117,7 +142,8 @@ def main() -> int:
     atlases = []
     for case in cases:
         name = case.name.rsplit("-", 1)[0] if case.name.startswith("reg-") else case.name
-        atlases.append(write_atlas(case, lookup, out, name.replace("_label", "")))
+        atlases.append(write_atlas(case, lookup, out, name.replace("_label", ""), args.misregistered,
+                                   args.misregistered_margin_mm))
         print(f"  atlas {atlases[-1].name}", flush=True)
     for stage in base.stages:
         shutil.copy2(base.weight_path(stage), out / stage.weights)
@@ -133,7 +159,8 @@ def main() -> int:
     base.license = (f"networks: {base.license or 'see the base model'}; atlases: CC-BY-4.0, derived from the "
                     "TotalSegmentator dataset (Wasserthal et al. 2023) and its Apache-2.0 example CT")
     base.provenance = {"network": {"model": network, **base.provenance}, "atlas_prior": {
-        "built_by": "python configs/build_atlas_model.py" + (f" --exclude {args.exclude}" if exclude else ""),
+        "built_by": "python configs/build_atlas_model.py" + (f" --exclude {args.exclude}" if exclude else "")
+        + f" --misregistered {args.misregistered} --misregistered-margin-mm {args.misregistered_margin_mm:g}",
         "excluded": sorted(exclude), "atlases": [c.name for c in cases],
         "data": "TotalSegmentator dataset (Wasserthal et al. 2023, CC-BY 4.0) and its Apache-2.0 example CT"}}
     base.save(out)
