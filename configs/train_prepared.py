@@ -99,7 +99,7 @@ def pack(args: argparse.Namespace) -> int:
     weights = [1.0 / len(train)] * len(train)
     if cfg.data.get("synthetic"):
         measurable = [c for c in cases if c not in val]
-        train, weights = _with_synthetic(cfg, train, measurable, work / "synthetic", DistContext(), True)
+        train, weights = _with_synthetic(cfg, train, measurable, work / "synthetic", DistContext(), True, table)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     entries = []

@@ -14,6 +14,9 @@ named real cases of this run only, so a leave-one-out fold never learns the look
 patient. `share` is the fraction of training sub-volumes drawn from synthetic cases.
 `atlases` adds the registration route (`transfer.transfer`): each named real case of this run is
 warped onto each label map that is not its own, one more case per (label map, atlas) pair.
+`"misregistered": "unknown"` (default "keep") labels 255, never trained on, the voxels of such a
+case that contradict the label map by more than `misregistered_margin_mm` (6) in one of the
+structures the run trains (`transfer.mend_misregistered`): there the warped CT is not that anatomy.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from ..errors import UserError
 from ..io import case_name
 from .render import SynthSettings, synthesize
 from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
-from .transfer import TransferSettings, transfer
+from .transfer import UNKNOWN_LABEL, TransferSettings, mend_misregistered, transfer
 
-_KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "atlases", "comment"}
+_KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "atlases", "comment",
+         "misregistered", "misregistered_margin_mm"}
 
 
 def _table_for(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases: Sequence[Any]) -> IntensityTable:
@@ -58,8 +62,10 @@ def _table_for(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases:
 
 
 def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_cases: Sequence[Any], out_dir: Path,
-                    progress: Callable[[int, int], None] | None = None) -> list[Any]:
-    """Generate (or find) the run's synthetic cases; returns training `Case`s."""
+                    progress: Callable[[int, int], None] | None = None,
+                    trained: Sequence[int] | None = None) -> list[Any]:
+    """Generate (or find) the run's synthetic cases; returns training `Case`s. `trained`: the
+    label-map values the run learns (what `"misregistered"` checks; every structure when None)."""
     from ..train.dataset import Case
 
     unknown = set(spec) - _KEYS
@@ -103,15 +109,25 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
                 progress(done, total)
     transfer_settings = (TransferSettings(spacing=tuple(float(s) for s in spacing))  # type: ignore[arg-type]
                          if spacing else TransferSettings())
+    misregistered = spec.get("misregistered", "keep")
+    if misregistered not in ("keep", "unknown"):
+        raise UserError(f"data.synthetic.misregistered is {misregistered!r}; give 'keep' or 'unknown'")
+    margin = float(spec.get("misregistered_margin_mm", 6.0))
+    checked = [v for v in names if trained is None or v in set(trained)]
+    mended = f"-unknown{margin:g}mm" if misregistered == "unknown" else ""
     for atlas, path in pairs:
-        folder = out_dir / f"reg-{case_name(path)}-{atlas.name}-{key}"
+        folder = out_dir / f"reg-{case_name(path)}-{atlas.name}-{key}{mended}"
         if not (folder / "label.nii.gz").is_file():
             from ..io import read_image
 
-            result = transfer(read_image(atlas.image), read_image(atlas.label), sitk.ReadImage(str(path)),
-                              names, table, transfer_settings)
-            _write_case(out_dir, folder, result.ct, result.labels,
-                        {"label_map": str(path), "atlas": atlas.name, **result.info})
+            target = sitk.ReadImage(str(path))
+            result = transfer(read_image(atlas.image), read_image(atlas.label), target, names, table,
+                              transfer_settings)
+            labels, info = result.labels, {"label_map": str(path), "atlas": atlas.name, **result.info}
+            if mended:
+                labels, ml = mend_misregistered(labels, target, checked, margin, UNKNOWN_LABEL)
+                info["unknown_ml"] = round(sum(ml.values()), 1)
+            _write_case(out_dir, folder, result.ct, labels, info)
         cases.append(Case(folder.name, folder / "ct.nii.gz", folder / "label.nii.gz"))
         done += 1
         if progress:

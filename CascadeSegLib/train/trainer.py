@@ -32,7 +32,15 @@ from . import checkpoint as ckpt
 from .augment import augment_intensity, extract, random_spatial
 from .candidates import c2_masks, load_best, pad_value_for, predict_labels
 from .config import RunConfig, StageConfig, stage_to_json
-from .dataset import CachedCase, build_cached_case, discover_cases, label_lookup, read_split
+from .dataset import (
+    IGNORE_LABEL,
+    CachedCase,
+    build_cached_case,
+    discover_cases,
+    label_lookup,
+    read_split,
+    without_unknown,
+)
 from .ddp import DistContext, broadcast_buffers, init_distributed
 from .losses import image_class_weights, make_loss
 from .run_folder import export_run, prepare_run_dir
@@ -94,7 +102,11 @@ class StageTrainer:
                  ctx: DistContext, device: torch.device, init_state: dict[str, torch.Tensor] | None = None,
                  lr_scale: float = 1.0, progress: bool = True, case_weights: Sequence[float] | None = None) -> None:
         self.cfg, self.stage, self.folder, self.ctx, self.device = cfg, stage, folder, ctx, device
-        self.train_cases, self.train_masks = train_cases, train_masks
+        # A voxel labelled IGNORE_LABEL (unknown: e.g. where a warped atlas contradicts the anatomy it
+        # was warped onto) leaves C: no loss, no class count, no sub-volume centred on it.
+        self.train_cases = train_cases
+        self.train_masks = [without_unknown(m, c.label) for c, m in zip(train_cases, train_masks)]
+        train_masks = self.train_masks
         self.val_cases, self.val_masks = val_cases, val_masks
         self.settings = stage.train
         self.lr_scale = lr_scale
@@ -199,6 +211,7 @@ class StageTrainer:
             params = random_spatial(aug, self.stage.patch_zyx, self.gen)
             x, y, w = extract(case.image, case.label, self.train_masks[ci], centre, self.stage.patch_zyx, params,
                               self.pad_value, self.device)
+            y = torch.where(y == IGNORE_LABEL, 0, y)        # outside C (w False), so it teaches nothing
             x = augment_intensity(x, aug, self.gen, self.vrange)
             xs.append(x)
             ys.append(y)
@@ -378,7 +391,8 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
         weights = None
         if cfg.data.get("synthetic"):
             measurable = [c for c in cases if c not in val_cases]     # never the validation cases' look
-            train_cases, weights = _with_synthetic(cfg, train_cases, measurable, run_dir / "synthetic", ctx, progress)
+            train_cases, weights = _with_synthetic(cfg, train_cases, measurable, run_dir / "synthetic", ctx, progress,
+                                                   table)
         cache_dir = cfg.resolve(cfg.data["cache_dir"]) if cfg.data.get("cache_dir") else run_dir / "cache"
         cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -438,12 +452,14 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
 
 
 def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path, ctx: DistContext,
-                    progress: bool) -> tuple[list, list[float]]:
+                    progress: bool, table: np.ndarray | None = None) -> tuple[list, list[float]]:
     """Real training cases plus the config's synthetic ones, and each case's sampling weight:
-    synthetic cases together get `share` of the sub-volumes, real ones the rest."""
+    synthetic cases together get `share` of the sub-volumes, real ones the rest. `table` (label
+    map value -> model value) says which structures the run learns."""
     from ..synthesis.source import synthetic_cases
 
     spec = dict(cfg.data["synthetic"])
+    trained = None if table is None else [int(v) for v in np.flatnonzero((table > 0) & (table != IGNORE_LABEL))]
     bar = None
     if ctx.is_main and progress:
         from tqdm import tqdm
@@ -458,10 +474,10 @@ def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path,
 
     syn: list = []
     if ctx.is_main:
-        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir, report)
+        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir, report, trained)
     ctx.barrier()
     if not ctx.is_main:
-        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir)
+        syn = synthetic_cases(spec, cfg.resolve, measurable, out_dir, trained=trained)
     if bar is not None:
         bar.close()
     share = float(spec.get("share", 0.5)) if real else 1.0
