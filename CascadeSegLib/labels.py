@@ -19,6 +19,9 @@ Code = tuple[str, str, str]  # (coding scheme, code value, meaning)
 ANATOMY_CATEGORY: Code = ("SCT", "123037004", "Anatomical Structure")
 TERMINOLOGY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
+# A label map's "nothing known here": an atlas casts no vote there (also where it does not reach),
+# and training leaves such voxels out of the candidate region.
+UNKNOWN_LABEL = 255
 
 
 @dataclass(frozen=True)

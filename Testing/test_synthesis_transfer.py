@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from CascadeSegLib.labels import UNKNOWN_LABEL
 from CascadeSegLib.synthesis import IntensityTable, default_table_path, totalsegmentator_names
-from CascadeSegLib.synthesis.transfer import UNKNOWN_LABEL, TransferSettings, mend_misregistered, transfer
+from CascadeSegLib.synthesis.transfer import TransferSettings, mend_misregistered, transfer
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"

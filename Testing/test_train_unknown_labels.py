@@ -11,8 +11,8 @@ import torch
 from train_helpers import small_config, write_phantom_cases
 
 from CascadeSegLib.errors import UserError
-from CascadeSegLib.labels import LabelSet
-from CascadeSegLib.train.dataset import IGNORE_LABEL, label_lookup
+from CascadeSegLib.labels import UNKNOWN_LABEL, LabelSet
+from CascadeSegLib.train.dataset import label_lookup
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CT = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm.nii.gz"
@@ -22,8 +22,8 @@ SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii
 def test_lookup_keeps_unknown_unless_the_map_names_255():
     labels = LabelSet.from_names(["liver", "spleen"])
     table = label_lookup(labels, {5: "liver", 1: "spleen"})
-    assert table[5] == 1 and table[1] == 2 and table[IGNORE_LABEL] == IGNORE_LABEL and table[2] == 0
-    assert label_lookup(labels, {255: "liver"})[IGNORE_LABEL] == 1     # a dataset whose 255 is an organ
+    assert table[5] == 1 and table[1] == 2 and table[UNKNOWN_LABEL] == UNKNOWN_LABEL and table[2] == 0
+    assert label_lookup(labels, {255: "liver"})[UNKNOWN_LABEL] == 1     # a dataset whose 255 is an organ
 
 
 def test_unknown_voxels_leave_the_candidate_region_and_the_batches(tmp_path, monkeypatch):
@@ -38,7 +38,7 @@ def test_unknown_voxels_leave_the_candidate_region_and_the_batches(tmp_path, mon
     organ = arr == 1
     unknown = organ & (np.indices(arr.shape)[2] < np.median(np.nonzero(organ)[2]))
     assert 0 < unknown.sum() < organ.sum()
-    arr[unknown] = IGNORE_LABEL
+    arr[unknown] = UNKNOWN_LABEL
     marked = sitk.GetImageFromArray(arr)
     marked.CopyInformation(lab)
     sitk.WriteImage(marked, cases[0]["label"])
@@ -62,9 +62,9 @@ def test_unknown_voxels_leave_the_candidate_region_and_the_batches(tmp_path, mon
     monkeypatch.setattr(StageTrainer, "make_batch", spy_batch)
     train_run(cfg, tmp_path / "run", progress=False, export=False)
     mask, label, c1 = seen["masks"][0], seen["labels"][0], seen["c1"][0]
-    assert (label == IGNORE_LABEL).sum() > 0                   # the lookup kept the unknown voxels
-    assert not (mask & (label == IGNORE_LABEL)).any()
-    assert mask.sum() == (c1 & (label != IGNORE_LABEL)).sum()
+    assert (label == UNKNOWN_LABEL).sum() > 0                   # the lookup kept the unknown voxels
+    assert not (mask & (label == UNKNOWN_LABEL)).any()
+    assert mask.sum() == (c1 & (label != UNKNOWN_LABEL)).sum()
     assert all(int(y.max()) < cfg.label_set().num_classes for y in seen["y"])
     assert len(seen["w"]) == 3 and all(torch.is_tensor(w) and w.dtype == torch.bool for w in seen["w"])
 
@@ -86,7 +86,7 @@ def test_synthetic_source_marks_what_the_warp_could_not_follow(tmp_path):
     got = sitk.GetArrayFromImage(sitk.ReadImage(str(case.label)))
     target = sitk.GetArrayFromImage(sitk.Resample(labels, sitk.ReadImage(str(case.label)), sitk.Transform(),
                                                   sitk.sitkNearestNeighbor, 0))
-    assert (got[target == spleen] == IGNORE_LABEL).all() and (got == liver).sum() > 0.9 * (target == liver).sum()
+    assert (got[target == spleen] == UNKNOWN_LABEL).all() and (got == liver).sum() > 0.9 * (target == liver).sum()
     (kept,) = synthetic_cases(dict(spec, misregistered="keep"), Path, [atlas], tmp_path / "syn")
     assert kept.label != case.label and not (sitk.GetArrayFromImage(sitk.ReadImage(str(kept.label))) == 255).any()
     with pytest.raises(UserError, match="misregistered"):

@@ -32,7 +32,8 @@ from CascadeSegLib.inference.preprocess import grid_for_spacing, resample  # noq
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.synthesis.source import synthetic_cases  # noqa: E402
-from CascadeSegLib.synthesis.transfer import UNKNOWN_LABEL, mend_misregistered  # noqa: E402
+from CascadeSegLib.labels import UNKNOWN_LABEL  # noqa: E402
+from CascadeSegLib.synthesis.transfer import mend_misregistered  # noqa: E402
 from CascadeSegLib.train.dataset import Case, label_lookup  # noqa: E402
 
 MAIN = REPO / "configs" / "abdomen-ct.json"

@@ -45,6 +45,7 @@ import torch
 from ..checksum import sha256_file
 from ..errors import ModelError
 from ..io.images import same_geometry
+from ..labels import UNKNOWN_LABEL
 from . import preprocess
 
 #: the finest grid the prior is built on (finer stage-2 grids get it interpolated box by box)
@@ -325,9 +326,9 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
                            linear_iterations=spec.linear_iterations)
-        # 255 marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
+        # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one.
-        warped = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, 255, sitk.sitkUInt8)
+        warped = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, UNKNOWN_LABEL, sitk.sitkUInt8)
         weights = None
         if target is not None:
             moved = sitk.Resample(moving, grid, transform, sitk.sitkLinear, spec.window_hu[0], sitk.sitkFloat32)
@@ -413,9 +414,10 @@ def _register_all(spec: AtlasPriorSpec,
 
 def _add_votes(atlas: AtlasSpec, warped: sitk.Image, weights: torch.Tensor | None, num_classes: int,
                counts: torch.Tensor, covered: torch.Tensor) -> None:
-    """Add one warped atlas's votes (`weights`, or one each) where it reaches (label != 255)."""
+    """Add one warped atlas's votes (`weights`, or one each) where it has a label (not `UNKNOWN_LABEL`:
+    beyond its reach, or mended to unknown)."""
     arr = preprocess.to_device(sitk.GetArrayViewFromImage(warped), counts.device).long()
-    inside = arr != 255
+    inside = arr != UNKNOWN_LABEL
     if bool((arr[inside] >= num_classes).any()):
         raise ModelError(f"atlas {atlas.name} has label values outside 0..{num_classes - 1}; fix the package")
     vote = inside.float() if weights is None else weights * inside

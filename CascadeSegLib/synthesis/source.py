@@ -34,9 +34,10 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..io import case_name
+from ..labels import UNKNOWN_LABEL
 from .render import SynthSettings, synthesize
 from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
-from .transfer import UNKNOWN_LABEL, TransferSettings, mend_misregistered, transfer
+from .transfer import TransferSettings, mend_misregistered, transfer
 
 _KEYS = {"label_maps", "per_label_map", "seed", "spacing", "share", "table", "structures", "atlases", "comment",
          "misregistered", "misregistered_margin_mm"}
@@ -113,7 +114,8 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
     if misregistered not in ("keep", "unknown"):
         raise UserError(f"data.synthetic.misregistered is {misregistered!r}; give 'keep' or 'unknown'")
     margin = float(spec.get("misregistered_margin_mm", 6.0))
-    checked = [v for v in names if trained is None or v in set(trained)]
+    learned = set(names) if trained is None else set(trained)
+    checked = [v for v in names if v in learned]
     mended = f"-unknown{margin:g}mm" if misregistered == "unknown" else ""
     for atlas, path in pairs:
         folder = out_dir / f"reg-{case_name(path)}-{atlas.name}-{key}{mended}"

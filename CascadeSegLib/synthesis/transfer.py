@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from ..errors import UserError
 from ..inference.preprocess import grid_for_spacing
+from ..labels import UNKNOWN_LABEL
 from .render import SynthResult, image_on, structure_hu
 from .tissues import IntensityTable
 
@@ -126,15 +127,12 @@ def transfer(atlas_ct: sitk.Image, atlas_labels: sitk.Image, target_labels: sitk
     return SynthResult(image_on(ct_arr, fixed_ref), image_on(warped, fixed_ref), info)
 
 
-
-UNKNOWN_LABEL = 255          # "this map says nothing here": an atlas does not vote, as where it does not reach
-
-
 def mend_misregistered(warped: sitk.Image, target: sitk.Image, values: Iterable[int], margin_mm: float,
                        fill: int | None = None) -> tuple[sitk.Image, dict[int, float]]:
     """`warped` (a transferred atlas's labels) mended wherever it contradicts the anatomy it was
     warped onto (`target`, the same label values) by more than `margin_mm`: those voxels get the
     target's label (`fill` None) or `fill` (e.g. `UNKNOWN_LABEL`); and the ml mended per value.
+    The result has a pixel type that holds both maps' values and `fill`.
 
     Demons follows shapes only where both label maps have them: where the atlas lacks an organ the
     target has (s0009's field of view cuts off its spleen), a neighbour is stretched into its place
@@ -144,8 +142,9 @@ def mend_misregistered(warped: sitk.Image, target: sitk.Image, values: Iterable[
     of a boundary) is kept, so the labels still follow the warped CT's edges.
     """
     ref = sitk.Resample(target, warped, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    w = sitk.GetArrayFromImage(warped)
-    t = sitk.GetArrayFromImage(ref).astype(w.dtype)
+    w0, t0 = sitk.GetArrayFromImage(warped), sitk.GetArrayFromImage(ref)
+    dtype = np.promote_types(np.promote_types(w0.dtype, t0.dtype), np.min_scalar_type(UNKNOWN_LABEL))
+    w, t = w0.astype(dtype), t0.astype(dtype)
     sampling = tuple(float(s) for s in warped.GetSpacing()[::-1])
     bad = np.zeros(w.shape, dtype=bool)
     mended: dict[int, float] = {}
@@ -161,6 +160,6 @@ def mend_misregistered(warped: sitk.Image, target: sitk.Image, values: Iterable[
             elif here.any():
                 bad |= here & (ndimage.distance_transform_edt(~there, sampling=sampling) > margin_mm)
         mended[int(v)] = round((int(bad.sum()) - before) * voxel_ml, 2)
-    out = sitk.GetImageFromArray(np.where(bad, t if fill is None else np.asarray(fill, dtype=w.dtype), w))
+    out = sitk.GetImageFromArray(np.where(bad, t if fill is None else np.asarray(fill, dtype=dtype), w))
     out.CopyInformation(warped)
     return out, mended

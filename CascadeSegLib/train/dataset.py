@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UserError
 from ..inference import preprocess
-from ..labels import LabelSet
+from ..labels import UNKNOWN_LABEL, LabelSet
 
 # TotalSegmentator v2 ("total" task) ids of the abdominal structures the paper targets.
 TOTALSEGMENTATOR_IDS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver",
@@ -129,20 +129,17 @@ def discover_cases(data: dict[str, Any], resolve) -> tuple[list[Case], dict[int,
     return cases, names
 
 
-IGNORE_LABEL = 255      # a label map's "unknown": kept through the lookup, never trained on
-
-
 def without_unknown(mask: np.ndarray, label: np.ndarray) -> np.ndarray:
-    """`mask` (a candidate region) without the voxels labelled `IGNORE_LABEL`."""
+    """`mask` (a candidate region) without the voxels labelled `UNKNOWN_LABEL`."""
     mask = np.asarray(mask, dtype=bool)
-    unknown = np.asarray(label) == IGNORE_LABEL
+    unknown = np.asarray(label) == UNKNOWN_LABEL
     return mask & ~unknown if unknown.any() else mask
 
 
 def label_lookup(label_set: LabelSet, label_map: dict[Any, Any] | None, source_names: dict[int, str] | None = None,
                  preset: str | None = None) -> np.ndarray:
     """A uint8 table source id -> model label value (unmapped ids -> 0 background; 255, the
-    conventional "unknown", stays 255 unless the map names it: `IGNORE_LABEL`).
+    conventional "unknown", stays 255 unless the map names it: `UNKNOWN_LABEL`).
 
     `label_map` maps source ids to our label names or values. Without it, source names from
     dataset.json are matched to ours by name, and otherwise ids are taken as they are.
@@ -172,8 +169,8 @@ def label_lookup(label_set: LabelSet, label_map: dict[Any, Any] | None, source_n
                 raise UserError(f"label_map maps {src} to {dst!r}, which is not in the config's labels "
                                 f"({', '.join(label_set.names)})") from None
         table[int(src)] = int(dst)
-    if IGNORE_LABEL not in mapping:
-        table[IGNORE_LABEL] = IGNORE_LABEL
+    if UNKNOWN_LABEL not in mapping:
+        table[UNKNOWN_LABEL] = UNKNOWN_LABEL
     return table
 
 

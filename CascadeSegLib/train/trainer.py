@@ -26,21 +26,13 @@ from torch import nn
 from ..errors import UserError
 from ..evaluation.metrics import dice
 from ..inference import preprocess
-from ..labels import LabelSet
+from ..labels import UNKNOWN_LABEL, LabelSet
 from ..network import build_network
 from . import checkpoint as ckpt
 from .augment import augment_intensity, extract, random_spatial
 from .candidates import c2_masks, load_best, pad_value_for, predict_labels
 from .config import RunConfig, StageConfig, stage_to_json
-from .dataset import (
-    IGNORE_LABEL,
-    CachedCase,
-    build_cached_case,
-    discover_cases,
-    label_lookup,
-    read_split,
-    without_unknown,
-)
+from .dataset import CachedCase, build_cached_case, discover_cases, label_lookup, read_split, without_unknown
 from .ddp import DistContext, broadcast_buffers, init_distributed
 from .losses import image_class_weights, make_loss
 from .run_folder import export_run, prepare_run_dir
@@ -102,7 +94,7 @@ class StageTrainer:
                  ctx: DistContext, device: torch.device, init_state: dict[str, torch.Tensor] | None = None,
                  lr_scale: float = 1.0, progress: bool = True, case_weights: Sequence[float] | None = None) -> None:
         self.cfg, self.stage, self.folder, self.ctx, self.device = cfg, stage, folder, ctx, device
-        # A voxel labelled IGNORE_LABEL (unknown: e.g. where a warped atlas contradicts the anatomy it
+        # A voxel labelled UNKNOWN_LABEL (unknown: e.g. where a warped atlas contradicts the anatomy it
         # was warped onto) leaves C: no loss, no class count, no sub-volume centred on it.
         self.train_cases = train_cases
         self.train_masks = [without_unknown(m, c.label) for c, m in zip(train_cases, train_masks)]
@@ -211,7 +203,7 @@ class StageTrainer:
             params = random_spatial(aug, self.stage.patch_zyx, self.gen)
             x, y, w = extract(case.image, case.label, self.train_masks[ci], centre, self.stage.patch_zyx, params,
                               self.pad_value, self.device)
-            y = torch.where(y == IGNORE_LABEL, 0, y)        # outside C (w False), so it teaches nothing
+            y = torch.where(y == UNKNOWN_LABEL, 0, y)        # outside C (w False), so it teaches nothing
             x = augment_intensity(x, aug, self.gen, self.vrange)
             xs.append(x)
             ys.append(y)
@@ -459,7 +451,7 @@ def _with_synthetic(cfg: RunConfig, real: list, measurable: list, out_dir: Path,
     from ..synthesis.source import synthetic_cases
 
     spec = dict(cfg.data["synthetic"])
-    trained = None if table is None else [int(v) for v in np.flatnonzero((table > 0) & (table != IGNORE_LABEL))]
+    trained = None if table is None else [int(v) for v in np.flatnonzero((table > 0) & (table != UNKNOWN_LABEL))]
     bar = None
     if ctx.is_main and progress:
         from tqdm import tqdm
