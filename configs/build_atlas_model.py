@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec, AtlasSpec  # noqa: E402
 from CascadeSegLib.inference.preprocess import grid_for_spacing, resample  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
+from CascadeSegLib.labels import UNKNOWN_LABEL  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.synthesis.source import synthetic_cases  # noqa: E402
-from CascadeSegLib.labels import UNKNOWN_LABEL  # noqa: E402
 from CascadeSegLib.synthesis.transfer import mend_misregistered  # noqa: E402
 from CascadeSegLib.train.dataset import Case, label_lookup  # noqa: E402
 
