@@ -98,7 +98,6 @@ class StageTrainer:
         # was warped onto) leaves C: no loss, no class count, no sub-volume centred on it.
         self.train_cases = train_cases
         self.train_masks = [without_unknown(m, c.label) for c, m in zip(train_cases, train_masks)]
-        train_masks = self.train_masks
         self.val_cases, self.val_masks = val_cases, val_masks
         self.settings = stage.train
         self.lr_scale = lr_scale
@@ -138,10 +137,10 @@ class StageTrainer:
         if s.class_balance == "image":
             counts = np.stack([np.bincount(np.asarray(c.label)[np.asarray(m, bool)].ravel().astype(np.int64),
                                            minlength=self.num_classes)[:self.num_classes]
-                               for c, m in zip(train_cases, train_masks)])
+                               for c, m in zip(train_cases, self.train_masks)])
             self.case_lam = image_class_weights(torch.from_numpy(counts))
         self.last_cases: list[int] = []
-        self.sampler = CandidateSampler(train_masks, [c.label for c in train_cases], s.foreground_fraction,
+        self.sampler = CandidateSampler(self.train_masks, [c.label for c in train_cases], s.foreground_fraction,
                                         case_weights)
         self.rng = np.random.default_rng([s.seed, ctx.rank])
         self.gen = torch.Generator().manual_seed(s.seed * 1000 + ctx.rank)
