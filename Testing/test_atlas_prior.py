@@ -266,11 +266,11 @@ def test_votes_are_added_in_atlas_order_whatever_order_registrations_finish(monk
     spec = ap.AtlasPriorSpec(atlases=[ap.AtlasSpec(str(i), "", "") for i in range(3)])
     finished: list[int] = []
 
-    def warp(atlas: ap.AtlasSpec) -> tuple[ap.AtlasSpec, sitk.Image, torch.Tensor, float]:
+    def warp(atlas: ap.AtlasSpec) -> tuple[ap.AtlasSpec, torch.Tensor, torch.Tensor, float]:
         i = int(atlas.name)
         time.sleep(delays[i])
         finished.append(i)
-        return atlas, sitk.GetImageFromArray(labels[i].numpy()), weights[i], 0.0
+        return atlas, labels[i], weights[i], 0.0
 
     counts, covered = torch.zeros((3,) + shape), torch.zeros(shape)
     ap._register_all(spec, warp, 2, 3, counts, covered, {}, None, None)

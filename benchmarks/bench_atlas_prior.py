@@ -6,7 +6,8 @@ before abdomen-ct 2.3.0); `--baseline without:s0327,s0328`: the atlases whose na
 of these left out (abdomen-ct 2.4.0 against 2.3.0's ten); `--baseline set:linear_iterations=200`:
 one setting of the `"atlas_prior"` block changed (2.5.0 against 2.4.0's optimiser cap);
 `--baseline package:PATH`: another package as it is (2.6.0's fine-tuned networks against 2.5.0's,
-same atlases). Each
+same atlases); `--baseline code:PATH`: the same package run by the library of another checkout
+(`git worktree add /tmp/base REV`: a change to the library's registration or warping). Each
 segments the 512x512x400 CT through the CLI in a child process, alternating so both see the same
 machine load; medians of
 `--repeats` runs of the whole read-to-write time and of the atlas step, the peak RSS, the ratio
@@ -35,8 +36,10 @@ from CascadeSegLib.packaging.model import ModelPackage, load_model  # noqa: E402
 
 
 def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Path, str]:
-    """`model` copied into `folder` as `baseline` says (or another package, as it is), and the
-    baseline's name for the table."""
+    """`model` copied into `folder` as `baseline` says (or another package, as it is, or the same
+    one for another checkout's code), and the baseline's name for the table."""
+    if baseline.startswith("code:"):
+        return model.root, f"the same package, library of {baseline.removeprefix('code:')} (baseline code)"
     if baseline.startswith("package:"):
         other = ModelPackage.load(Path(baseline.removeprefix("package:")))
         return other.root, f"{other.name} {other.version} (baseline package)"
@@ -69,9 +72,9 @@ def baseline_copy(model: ModelPackage, baseline: str, folder: Path) -> tuple[Pat
     return folder, name
 
 
-def segment(ct: Path, model: Path, out: Path) -> dict:
+def segment(ct: Path, model: Path, out: Path, code: Path | None = None) -> dict:
     r = measure_module("CascadeSegLib", ["segment", str(ct), "-o", str(out), "--progress-json", "--no-report",
-                                         "--overwrite", "--model", str(model)])
+                                         "--overwrite", "--model", str(model)], code)
     done = [e for e in r["events"] if e["event"] == "done"][-1]
     return {"wall": r["wall"], "peak": r["peak_rss"], "atlas": done["timings"].get("atlas_prior", 0.0),
             "total": done["timings"]["total"], "labels": done["outputs"]["labels"]}
@@ -82,8 +85,8 @@ def main() -> int:
     ap.add_argument("--model", default=None, help="a package with atlases (default: the default model)")
     ap.add_argument("--baseline", default="equal-votes",
                     help="equal-votes, without:NAME,... (the atlases whose names contain one left out), or "
-                         "set:KEY=VALUE (one setting of the atlas_prior block), or package:PATH (another "
-                         "package)")
+                         "set:KEY=VALUE (one setting of the atlas_prior block), package:PATH (another "
+                         "package), or code:PATH (the same package, the library of another checkout)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = ap.parse_args()
@@ -91,8 +94,13 @@ def main() -> int:
     if model.atlas_prior is None or (args.baseline == "equal-votes" and model.atlas_prior.local_weight_power <= 0):
         print(f"{model.name} {model.version} has no atlas prior, or no weighted votes, to compare", file=sys.stderr)
         return 2
-    if args.baseline != "equal-votes" and not args.baseline.startswith(("without:", "set:", "package:")):
-        print(f"--baseline {args.baseline}: give equal-votes, without:NAME,..., set:KEY=VALUE or package:PATH",
+    if args.baseline != "equal-votes" and not args.baseline.startswith(("without:", "set:", "package:", "code:")):
+        print(f"--baseline {args.baseline}: give equal-votes, without:NAME,..., set:KEY=VALUE, package:PATH or "
+              "code:PATH", file=sys.stderr)
+        return 2
+    baseline_code = Path(args.baseline.removeprefix("code:")).resolve() if args.baseline.startswith("code:") else None
+    if baseline_code is not None and not (baseline_code / "CascadeSegLib" / "__init__.py").is_file():
+        print(f"--baseline {args.baseline}: no CascadeSegLib there; give a checkout (git worktree add PATH REV)",
               file=sys.stderr)
         return 2
     if args.baseline.startswith("package:") and not (Path(args.baseline.removeprefix("package:")) /
@@ -103,12 +111,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cascadeseg-atlas-prior-") as tmp:
         base_path, base_name = baseline_copy(model, args.baseline, Path(tmp) / "baseline")
         shipped_name = (f"{len(model.atlas_prior.atlases)} atlases, "
-                        f"{'weighted' if model.atlas_prior.local_weight_power > 0 else 'equal'} votes (shipped)")
+                        f"{'weighted' if model.atlas_prior.local_weight_power > 0 else 'equal'} votes "
+                        f"({'this checkout' if baseline_code is not None else 'shipped'})")
         variants = {"shipped": model.root, "baseline": base_path}
         runs: dict[str, list[dict]] = {name: [] for name in variants}
         for i in range(args.repeats):
             for name, path in variants.items():
-                runs[name].append(segment(ct, path, Path(tmp) / f"out-{name}"))
+                runs[name].append(segment(ct, path, Path(tmp) / f"out-{name}",
+                                          baseline_code if name == "baseline" else None))
                 if i == 0:
                     kept = Path(tmp) / f"{name}.nii.gz"
                     shutil.copy2(runs[name][-1]["labels"], kept)

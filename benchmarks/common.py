@@ -105,9 +105,11 @@ sys.exit(code)
 """
 
 
-def measure_module(module: str, args: list[str]) -> dict:
-    """Run `python -m module args` in a child; wall time, peak RSS and its JSON-lines stdout."""
-    wall, _, out, err = run_child(["-c", MEASURE_WRAPPER, module, *args])
+def measure_module(module: str, args: list[str], code: Path | None = None) -> dict:
+    """Run `python -m module args` in a child (importing the package from the checkout `code`,
+    default this one); wall time, peak RSS and its JSON-lines stdout."""
+    env = {"PYTHONPATH": str(code)} if code is not None else None
+    wall, _, out, err = run_child(["-c", MEASURE_WRAPPER, module, *args], env)
     stats = json.loads(err.strip().splitlines()[-1])
     events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     return {"wall": wall, "peak_rss": stats["peak_rss"], "events": events, "stderr": err}

@@ -47,6 +47,7 @@ from ..errors import ModelError
 from ..io.images import same_geometry
 from ..labels import UNKNOWN_LABEL
 from . import preprocess
+from .warping import warp_onto_grid
 
 #: the finest grid the prior is built on (finer stage-2 grids get it interpolated box by box)
 PRIOR_SPACING_MM = 3.0
@@ -320,20 +321,20 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     target = _soft_on_grid(image, grid, spec.window_hu, device) if weighted else None
     sigma_vox = [spec.local_weight_sigma_mm / s for s in grid.GetSpacing()[::-1]]
 
-    def warp(atlas: AtlasSpec) -> tuple[AtlasSpec, sitk.Image, torch.Tensor | None, float]:
+    def warp(atlas: AtlasSpec) -> tuple[AtlasSpec, torch.Tensor, torch.Tensor | None, float]:
         t0 = time.perf_counter()
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
                            linear_iterations=spec.linear_iterations)
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
-        # for background there, so a short atlas never vetoes a longer one.
-        warped = sitk.Resample(labels, grid, transform, sitk.sitkNearestNeighbor, UNKNOWN_LABEL, sitk.sitkUInt8)
+        # for background there, so a short atlas never vetoes a longer one. Labels and CT are read
+        # through one mapping of the grid (what sitk.Resample gives, in a third less time).
+        warped, moved = warp_onto_grid(transform, grid, labels, moving if target is not None else None,
+                                       UNKNOWN_LABEL, spec.window_hu[0], device)
         weights = None
-        if target is not None:
-            moved = sitk.Resample(moving, grid, transform, sitk.sitkLinear, spec.window_hu[0], sitk.sitkFloat32)
-            weights = local_weights(_soft_tensor(moved, spec.window_hu, device), target, sigma_vox,
-                                    spec.local_weight_power)
+        if target is not None and moved is not None:
+            weights = local_weights(moved.clamp(*spec.window_hu), target, sigma_vox, spec.local_weight_power)
         return atlas, warped, weights, time.perf_counter() - t0
 
     if progress is not None:
@@ -381,7 +382,7 @@ def local_weights(moved: torch.Tensor, target: torch.Tensor, sigma_vox: list[flo
 
 
 def _register_all(spec: AtlasPriorSpec,
-                  warp: Callable[[AtlasSpec], tuple[AtlasSpec, sitk.Image, torch.Tensor | None, float]],
+                  warp: Callable[[AtlasSpec], tuple[AtlasSpec, torch.Tensor, torch.Tensor | None, float]],
                   workers: int, num_classes: int, counts: torch.Tensor, covered: torch.Tensor,
                   seconds: dict[str, float], progress: Callable[[float, str], None] | None,
                   check_cancel: Callable[[], None] | None) -> None:
@@ -389,7 +390,7 @@ def _register_all(spec: AtlasPriorSpec,
     per voxel it reaches, or its local weights there. Votes are added in the package's atlas
     order whatever order the registrations finish in: float weights summed in another order
     could tip an argmax, and the same CT must always get the same labels."""
-    finished: dict[int, tuple[AtlasSpec, sitk.Image, torch.Tensor | None]] = {}
+    finished: dict[int, tuple[AtlasSpec, torch.Tensor, torch.Tensor | None]] = {}
     next_to_add = 0
     with ThreadPoolExecutor(max_workers=workers) as pool:
         pending = [pool.submit(warp, a) for a in spec.atlases]
@@ -412,11 +413,11 @@ def _register_all(spec: AtlasPriorSpec,
             raise
 
 
-def _add_votes(atlas: AtlasSpec, warped: sitk.Image, weights: torch.Tensor | None, num_classes: int,
+def _add_votes(atlas: AtlasSpec, warped: torch.Tensor, weights: torch.Tensor | None, num_classes: int,
                counts: torch.Tensor, covered: torch.Tensor) -> None:
     """Add one warped atlas's votes (`weights`, or one each) where it has a label (not `UNKNOWN_LABEL`:
     beyond its reach, or mended to unknown)."""
-    arr = preprocess.to_device(sitk.GetArrayViewFromImage(warped), counts.device).long()
+    arr = warped.to(counts.device).long()
     inside = arr != UNKNOWN_LABEL
     if bool((arr[inside] >= num_classes).any()):
         raise ModelError(f"atlas {atlas.name} has label values outside 0..{num_classes - 1}; fix the package")
