@@ -20,11 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import large_ct, measure_module, table
-
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import large_ct, measure_module, table
 
 
 def fast_runs(ct: Path, model: str | None, repeats: int, extra: list[str]) -> list[dict]:
@@ -49,9 +48,9 @@ def paper_estimate(ct: Path, labels: sitk.Image, sample_tiles: int) -> dict:
     C1 and C2 are made the paper's way on its half-resolution grid: the body mask, and the
     fast cascade's foreground dilated by 3 voxels.
     """
-    from CascadeSegLib.network import NetConfig, build_network, fold_batchnorm
     from CascadeSegLib.inference.preprocess import body_mask, dilate, grid_for_spacing, resample
     from CascadeSegLib.inference.tiling import plan_tiles, tile_geometry
+    from CascadeSegLib.network import NetConfig, build_network, fold_batchnorm
 
     image = sitk.ReadImage(str(ct))
     half = [2 * s for s in image.GetSpacing()]           # the paper: downsample by 2
@@ -100,7 +99,8 @@ def main() -> int:
     rows = [
         {"config": "fast (model)", "stage1": f"{med.get('stage1', 0):.1f}", "stage2": f"{med.get('stage2', 0):.1f}",
          "other": f"{other:.1f}", "total": f"{med['total']:.1f}", "wall": f"{wall:.1f}",
-         "vps": f"{n_vox / med['total'] / 1e6:.1f} M", "peak": f"{peak / 2**30:.2f}", "how": f"median of {len(runs)} runs"},
+         "vps": f"{n_vox / med['total'] / 1e6:.1f} M", "peak": f"{peak / 2**30:.2f}",
+         "how": f"median of {len(runs)} runs"},
         {"config": "paper 3D U-Net", "stage1": f"{paper['stage1']:.0f}", "stage2": f"{paper['stage2']:.0f}",
          "other": f"{other:.1f}", "total": f"{paper_total:.0f}", "wall": "-",
          "vps": f"{n_vox / paper_total / 1e6:.2f} M", "peak": "-",

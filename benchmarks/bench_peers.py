@@ -38,12 +38,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import large_ct, long_ct, measure_module, run_child, MEASURE_WRAPPER, table
-from flops import conv_flops, matmul_peak_gflops
-
 import numpy as np
 import SimpleITK as sitk
 import torch
+from common import MEASURE_WRAPPER, large_ct, long_ct, measure_module, run_child, table
+from flops import conv_flops, matmul_peak_gflops
 
 HERE = Path(__file__).resolve().parent
 
@@ -73,8 +72,9 @@ def peer_run(script: str, ct: Path, model: str | None, extra: list[str] | None =
         args = [str(HERE / script), str(ct), str(Path(out) / "labels.nii.gz"), *(extra or [])]
         if model:
             args += ["--model", model]
-        wall, _, stdout, err = run_child(["-c", MEASURE_WRAPPER.replace("runpy.run_module(sys.argv[0], run_name=\"__main__\")",
-                                                                         "runpy.run_path(sys.argv[0], run_name=\"__main__\")"),
+        by_path = MEASURE_WRAPPER.replace("runpy.run_module(sys.argv[0], run_name=\"__main__\")",
+                                          "runpy.run_path(sys.argv[0], run_name=\"__main__\")")
+        wall, _, stdout, err = run_child(["-c", by_path,
                                           *args], env={"PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])})
     stats = json.loads(err.strip().splitlines()[-1])
     done = json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
@@ -153,8 +153,8 @@ def main() -> int:
     if args.stage2_spacing:
         args.model = str(respaced_model(args.model, args.stage2_spacing))
 
-    from CascadeSegLib.packaging.model import load_model
     from CascadeSegLib.network import fold_batchnorm
+    from CascadeSegLib.packaging.model import load_model
 
     model = load_model(args.model)
     size = tuple(int(v) for v in args.size.split(","))
@@ -177,9 +177,11 @@ def main() -> int:
     t = ours["timings"]
     net_time = t.get("stage1", 0) + t.get("stage2", 0)
     rows = [{"cfg": "CascadeSeg cascade", "s1": f"{t.get('stage1', 0):.1f}", "s2": f"{t.get('stage2', 0):.1f}",
-             "total": f"{t['total']:.1f}", "vps": f"{n_vox / t['total'] / 1e6:.1f}", "peak": f"{ours['peak'] / 2**30:.2f}",
+             "total": f"{t['total']:.1f}", "vps": f"{n_vox / t['total'] / 1e6:.1f}",
+             "peak": f"{ours['peak'] / 2**30:.2f}",
              "gf": f"{flops_ours / net_time / 1e9:.0f} ({flops_ours / net_time / 1e9 / peak_gflops:.0%})",
-             "how": f"median of {ours['n']}; tiles {ours['stats'].get('stage1_tiles')}+{ours['stats'].get('stage2_tiles')}"}]
+             "how": f"median of {ours['n']}; tiles {ours['stats'].get('stage1_tiles')}"
+                    f"+{ours['stats'].get('stage2_tiles')}"}]
     result = {"ours": ours, "peak_gflops": peak_gflops}
     if "monai" in peers:
         peer = monai_run(ct, args.model, args.overlap)
@@ -191,7 +193,8 @@ def main() -> int:
         rows.append({"cfg": f"MONAI sliding window ({args.overlap} overlap)", "s1": "-", "s2": f"{pt['network']:.1f}",
                      "total": f"{pt['total']:.1f}", "vps": f"{n_vox / pt['total'] / 1e6:.1f}",
                      "peak": f"{peer['peak'] / 2**30:.2f}",
-                     "gf": f"{flops_peer / pt['network'] / 1e9:.0f} ({flops_peer / pt['network'] / 1e9 / peak_gflops:.0%})",
+                     "gf": f"{flops_peer / pt['network'] / 1e9:.0f} "
+                           f"({flops_peer / pt['network'] / 1e9 / peak_gflops:.0%})",
                      "how": f"1 run; {n_win} windows over the whole {peer['grid']} grid"})
         result["monai"] = peer
     if "nnunet" in peers:
@@ -219,13 +222,16 @@ def main() -> int:
         paper = paper_estimate(ct, labels_ct, args.paper_tiles)
         other = t["total"] - net_time
         paper_total = paper["stage1"] + paper["stage2"] + other
-        rows.append({"cfg": "paper 3D U-Net (Roth 2018)", "s1": f"{paper['stage1']:.0f}", "s2": f"{paper['stage2']:.0f}",
+        rows.append({"cfg": "paper 3D U-Net (Roth 2018)", "s1": f"{paper['stage1']:.0f}",
+                     "s2": f"{paper['stage2']:.0f}",
                      "total": f"{paper_total:.0f}", "vps": f"{n_vox / paper_total / 1e6:.2f}", "peak": "-", "gf": "-",
-                     "how": f"{paper['per_tile']:.1f} s/tile x {paper['tiles1']}+{paper['tiles2']} tiles (extrapolated)"})
+                     "how": f"{paper['per_tile']:.1f} s/tile x {paper['tiles1']}+{paper['tiles2']} tiles "
+                            "(extrapolated)"})
     print()
     print(f"{size[0]}x{size[1]}x{size[2]} CT, read -> segment -> write, seconds ({os.cpu_count()}-core CPU; "
           f"stage 2 at {model.stages[-1].spacing[0]:g} mm)")
-    print(table(rows, [("cfg", "configuration"), ("s1", "stage 1"), ("s2", "stage 2 / network"), ("total", "end to end"),
+    print(table(rows, [("cfg", "configuration"), ("s1", "stage 1"), ("s2", "stage 2 / network"),
+                       ("total", "end to end"),
                        ("vps", "M input voxels/s"), ("peak", "peak RSS GiB"), ("gf", "network GFLOP/s (of peak)"),
                        ("how", "how measured")]))
     print()
@@ -245,9 +251,10 @@ def main() -> int:
                 path = make(n)
                 r = cascade_runs(path, args.model, 1)
                 st = r["stats"]
+                computed = st.get("stage1_computed_voxels", 0) + st.get("stage2_computed_voxels", 0)
                 srows.append({"n": n, "vox": f"{512 * 512 * n / 1e6:.0f}", "t": f"{r['timings']['total']:.1f}",
                               "per": f"{r['timings']['total'] / (512 * 512 * n / 1e6) * 1000:.0f}",
-                              "net": f"{(st.get('stage1_computed_voxels', 0) + st.get('stage2_computed_voxels', 0)) / 1e6:.1f}",
+                              "net": f"{computed / 1e6:.1f}",
                               "peak": f"{r['peak'] / 2**30:.2f}"})
                 if path.name != "ct_512x512x400.nii.gz":
                     path.unlink()

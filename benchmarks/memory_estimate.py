@@ -87,13 +87,15 @@ def main() -> int:
                 continue
             rows.append((mname, cname, res["peak_rss"], est.total, est.phase, res["wall"]))
     print()
-    print(f"{'model':<15} {'options':<40} {'peak RSS':>9} {'estimate':>9} {'est/peak':>8}  {'peak phase (est.)':<20} {'wall':>6}")
+    print(f"{'model':<15} {'options':<40} {'peak RSS':>9} {'estimate':>9} {'est/peak':>8}  "
+          f"{'peak phase (est.)':<20} {'wall':>6}")
     for mname, cname, peak, est, phase, wall in rows:
         print(f"{mname:<15} {cname:<40} {memory.format_bytes(peak):>9} {memory.format_bytes(est):>9} "
               f"{est / peak:>8.2f}  {phase:<20} {wall:>5.1f}s")
+    huge = memory.estimate_peak_bytes((1024, 1024, 2000), "int16", next(iter(models.values())),
+                                      spacing_xyz=(0.7, 0.7, 0.5))
     print(f"\navailable now: {memory.format_bytes(memory.available_bytes())}; a 1024x1024x2000 int16 CT at "
-          f"0.7/0.7/0.5 mm would need "
-          f"{memory.format_bytes(memory.estimate_peak_bytes((1024, 1024, 2000), 'int16', next(iter(models.values())), spacing_xyz=(0.7, 0.7, 0.5)))}"
+          f"0.7/0.7/0.5 mm would need {memory.format_bytes(huge)}"
           " with the coarse model")
     return 0
 

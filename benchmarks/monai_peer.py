@@ -15,14 +15,13 @@ import sys
 import time
 
 import common  # noqa: F401 - puts the repository on sys.path
-
 import SimpleITK as sitk
 import torch
 from monai.inferers import sliding_window_inference
 
-from CascadeSegLib.packaging.model import load_model
-from CascadeSegLib.network import fold_batchnorm
 from CascadeSegLib.inference.preprocess import normalize, resample_to_spacing
+from CascadeSegLib.network import fold_batchnorm
+from CascadeSegLib.packaging.model import load_model
 
 
 def main() -> int:

@@ -99,8 +99,8 @@ def main() -> int:
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from CascadeSegLib.packaging.model import load_model
     from CascadeSegLib.network import fold_batchnorm
+    from CascadeSegLib.packaging.model import load_model
 
     if not args.out.endswith(".nii.gz"):
         raise SystemExit("nnunet_peer: OUT must end in .nii.gz")

@@ -26,9 +26,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
@@ -170,7 +171,8 @@ def markdown(results: dict[str, dict[str, Run]], organs: list[str]) -> str:
     lines += ["\u2020 not in the reference but labelled by the method (a false positive; `cascadeseg evaluate` "
               "and `compare` score it Dice 0, this table leaves it out of the mean).", "",
               f"Refinement iterations per organ (c: stopped by the Dice > {TOL} rule, m: stopped at "
-              f"{MAX_ITER}, r: the masks alternated between two, x: the fine network lost the organ, its start mask was kept, "
+              f"{MAX_ITER}, r: the masks alternated between two, x: the fine network lost the organ, its start mask "
+              "was kept, "
               "0: absent from the start mask, left as it was)", "",
               "| case | method | " + " | ".join(SHORT.get(o, o) for o in organs) + " |",
               "|---|---|" + "---:|" * len(organs)]

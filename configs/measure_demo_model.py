@@ -21,11 +21,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from compare_bundled import dice_per_organ as organ_dice  # noqa: E402 - same folder
+from compare_bundled import reference_on_grid  # noqa: E402 - same folder
+
 from CascadeSegLib.inference.cascade import Segmenter  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402
-from compare_bundled import dice_per_organ as organ_dice, reference_on_grid  # noqa: E402 - same folder
 
 CASES = {
     "dicom_slab": (REPO / "Testing/Data/dicom_slab", REPO / "Testing/Data/dicom_slab_seg.nii.gz"),
