@@ -23,8 +23,11 @@ def organ_volumes(labels: sitk.Image, labelset: LabelSet) -> dict[str, dict[str,
 
 def build_report(case: str, image: sitk.Image, labels: sitk.Image, labelset: LabelSet,
                  timings: dict[str, float], model: dict[str, Any], outputs: dict[str, str],
-                 stats: dict[str, float] | None = None, device: str = "") -> dict[str, Any]:
-    return {
+                 stats: dict[str, float] | None = None, device: str = "",
+                 atlas_check: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The report's content; `atlas_check`: the conflicts with the atlases (inference/atlas_check.py)
+    of a result segmented with atlases, None for one without."""
+    report: dict[str, Any] = {
         "case": case,
         "input": {"size": list(image.GetSize()), "spacing": list(image.GetSpacing()),
                   "origin": list(image.GetOrigin()), "direction": list(image.GetDirection())},
@@ -35,6 +38,9 @@ def build_report(case: str, image: sitk.Image, labels: sitk.Image, labelset: Lab
         "candidate_regions": {k: round(v, 4) for k, v in (stats or {}).items()},
         "outputs": outputs,
     }
+    if atlas_check is not None:
+        report["atlas_check"] = atlas_check
+    return report
 
 
 def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
@@ -64,7 +70,27 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
                   "and fused with stage 2" if stats["atlas_prior_used"] else
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
+    lines += _atlas_check_lines(report.get("atlas_check"))
     return "\n".join(lines) + "\n"
+
+
+def _atlas_check_lines(conflicts: list[dict[str, Any]] | None) -> list[str]:
+    """The atlas check in words: what to review first, then the small border conflicts."""
+    if conflicts is None:
+        return []
+    flagged = [c for c in conflicts if c["flagged"]]
+    minor = [c for c in conflicts if not c["flagged"]]
+    lines = [""]
+    if flagged:
+        lines.append("**Atlas check: review these regions.**")
+        lines += [f"- {c['ml']:.0f} ml of the {c['organ']} ({c['fraction']:.0%} of it) lies where most atlases put "
+                  f"the {c['atlases_say']}" for c in flagged]
+    else:
+        lines.append("Atlas check: no organ lies, in a large part, where most atlases put another organ.")
+    if minor:
+        lines.append("Small disagreements (borders): " + ", ".join(
+            f"{c['organ']} {c['ml']:.0f} ml where the atlases say {c['atlases_say']}" for c in minor))
+    return lines
 
 
 def write_report(report: dict[str, Any], labelset: LabelSet, json_path: Path, md_path: Path) -> None:

@@ -60,6 +60,9 @@ FAKE_CLI = textwrap.dedent(r'''
     if mode == "crash":
         print("Traceback (most recent call last):\n  boom\nRuntimeError: CUDA out of memory", file=sys.stderr)
         sys.exit(1)
+    if os.environ.get("FAKE_WARNING"):
+        print("cascadeseg: warning: " + os.environ["FAKE_WARNING"], file=sys.stderr)
+        say(event="warning", message=os.environ["FAKE_WARNING"])
     dst = os.path.join(out, "input_labels.nii.gz")
     shutil.copy(os.environ["FAKE_LABELS"], dst)
     say(event="done", case="input", outputs={"labels": dst}, labels=json.loads(os.environ["FAKE_LABELSET"]),
@@ -309,6 +312,25 @@ def test_widget_segment_then_rerun_replaces_after_confirmation(app, sample, fake
     ui.segmentButton.clicked.emit()
     drive(ctl)
     assert ui.outputSegmentationSelector.currentNode() is seg and app.scene.GetNumberOfNodes() == n
+
+
+def test_widget_shows_the_run_s_warnings_with_its_result(app, sample, fake_logic, monkeypatch):
+    """A warning the CLI emits (the atlas check's, here) reaches the panel with the result, not
+    only the log: the segmentation is still made and shown."""
+    volume, labels_path, _ = sample
+    monkeypatch.setenv("FAKE_MODE", "ok")
+    monkeypatch.setenv("FAKE_LABELS", str(labels_path))
+    message = "atlas check: 71 ml of the left kidney (100% of it) lies where most atlases put the spleen; review"
+    monkeypatch.setenv("FAKE_WARNING", message)
+    gui = FakeGui()
+    ui, ctl = make_controller(fake_logic, gui)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ctl.update_buttons()
+    ui.segmentButton.clicked.emit()
+    drive(ctl)
+    assert not gui.errors and gui.shown == [ui.outputSegmentationSelector.currentNode()]
+    first, second = ui.statusLabel.text.split("\n")
+    assert first.startswith("Done in 0.4 s") and second == "Warning: " + message
 
 
 def test_widget_cancel_and_failure(app, sample, fake_logic, monkeypatch):

@@ -70,6 +70,7 @@ class SegmentRun:
     done_events: list[dict[str, Any]] = field(default_factory=list)
     error_event: dict[str, Any] | None = None
     log_lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)   # the run's warning events (shown with its result)
     what: str = "segmentation"      # names the run in messages ("model install", ...)
     history: list[Progress] = field(default_factory=list)   # every progress event, in order
 
@@ -85,6 +86,9 @@ class SegmentRun:
                 self.done_events.append(ev)
             elif kind == "error":
                 self.error_event = ev
+            elif kind == "warning":
+                self.warnings.append(str(ev.get("message", "")))
+                self.log_lines.append(self.warnings[-1])
             else:
                 self.log_lines.append(str(ev.get("message", ev)))
         return self.progress

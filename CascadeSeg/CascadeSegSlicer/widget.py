@@ -7,6 +7,7 @@ injected, so tests drive it with fakes. `SlicerGui` is the real facade used insi
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +20,8 @@ from .logic import CascadeSegLogic
 from .parameter_node import parameter_node, segment_parameters
 from .parameters import SegmentParameters
 from .runs import RunCancelled, RunError, SegmentRun
+
+log = logging.getLogger(__name__)
 
 #: device key -> label (translated when the combo box is filled)
 DEVICE_ITEMS = [("auto", "Auto"), ("cuda", "GPU (CUDA)"), ("cpu", "CPU")]
@@ -285,7 +288,10 @@ class CascadeSegController:
             self.ui.outputSegmentationSelector.setCurrentNode(node)
             if self.values is not None:
                 self.values.outputSegmentation = node
-            self.ui.statusLabel.text = timing_text(run)
+            self.ui.statusLabel.text = "\n".join([timing_text(run)] + [
+                _("Warning: {message}").format(message=w) for w in run.warnings])
+            for warning in run.warnings:
+                log.warning("%s", warning)
             self.gui.show_result(node, self.ui.inputVolumeSelector.currentNode())
         finally:
             self.update_buttons()

@@ -448,8 +448,10 @@ class CaseWriter:
         render_preview(image, result.labels, labelset, tmp["preview"])
         timings["total"] = time.perf_counter() - t_start
         info_model = {"name": model.name, "version": model.version, "path": str(model.root)}
+        checked = result.stats.get("atlas_prior_used") and hasattr(result, "atlas_conflicts")
         report = build_report(case, image, result.labels, labelset, timings, info_model, outputs,
-                              result.stats, str(self.segmenter.device))
+                              result.stats, str(self.segmenter.device),
+                              [c.to_json() for c in result.atlas_conflicts] if checked else None)
         report["outputs"] = outputs
         write_report(report, labelset, tmp["report"], tmp["report_md"])
 

@@ -473,6 +473,17 @@ class GridPrior:
             support = self._support[value] = near[0, 0].bool().cpu().numpy()
         return _lookup(support, self.source, self.target, index)
 
+    def consensus(self, labels: torch.Tensor, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+        """For every organ voxel of `labels` (uint8 on `target`): its label and the organ that at
+        least `min_share` of the atlases' vote puts there (at the nearest prior voxel; 0 where no
+        organ has that share, or past the prior's grid). Two (N,) int arrays."""
+        share, top = self.prior.max(0)
+        agreed = torch.where(share >= min_share, top, 0).to(torch.uint8).cpu().numpy()
+        arr = labels.cpu().numpy()
+        index = np.argwhere(arr > 0)
+        return (arr[tuple(index.T)].astype(np.int64),
+                _lookup(agreed, self.source, self.target, index, fill=0).astype(np.int64))
+
     def labels(self) -> torch.Tensor:
         """uint8 (z, y, x) on `target`: the argmax of the prior interpolated linearly onto it,
         the label outside C2, without a K-channel volume of `target`.
@@ -582,9 +593,10 @@ class GridPrior:
         return arr.permute(3, 0, 1, 2).contiguous()
 
 
-def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: np.ndarray) -> np.ndarray:
+def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: np.ndarray,
+            fill: Any = True) -> np.ndarray:
     """`volume` (on `source`, z, y, x) at the nearest source voxel of each target voxel
-    `index` (N, 3: z, y, x); True past the source grid."""
+    `index` (N, 3: z, y, x); `fill` past the source grid."""
     def matrix(img: sitk.Image) -> np.ndarray:
         return np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
 
@@ -593,7 +605,7 @@ def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: n
     continuous = np.linalg.solve(matrix(source), (physical - np.array(source.GetOrigin())).T).T
     nearest = np.floor(continuous + 0.5).astype(np.int64)[:, ::-1]          # back to z, y, x
     inside = np.all((nearest >= 0) & (nearest < np.array(volume.shape)), axis=1)
-    out = np.ones(len(index), dtype=bool)
+    out = np.full(len(index), fill, dtype=volume.dtype)
     z, y, x = nearest[inside].T
     out[inside] = volume[z, y, x]
     return out

@@ -20,6 +20,7 @@ from ..errors import Cancelled, UserError
 from ..network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
 from ..packaging.model import ModelPackage
 from . import atlas_prior, preprocess
+from .atlas_check import AtlasConflict, atlas_conflicts
 from .memory import free_accelerator_memory, is_out_of_memory
 from .tiling import (
     BOX_HALO,
@@ -66,6 +67,8 @@ class SegmentationResult:
     c1: sitk.Image | None = None                # uint8 masks on the input grid (keep_candidates)
     c2: sitk.Image | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    # where the result and the registered atlases disagree on the organ (atlas_check.py)
+    atlas_conflicts: list[AtlasConflict] = field(default_factory=list)
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -291,6 +294,7 @@ class Segmenter:
         t["stage1"] = time.perf_counter() - t0
         stage1_img = _from_tensor(labels1, grid1)
 
+        conflicts: list[AtlasConflict] = []
         if self.stage1_only:
             final_grid, final = grid1, labels1
             probs = None
@@ -339,6 +343,11 @@ class Segmenter:
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values,
                                                 atlas.plausible if atlas is not None else None)
+            if atlas is not None:
+                conflicts = atlas_conflicts(final, ref2, atlas, model.labels)
+                for conflict in conflicts:
+                    if conflict.flagged:
+                        self._warn(conflict.message())
             atlas = None                                     # the prior is not needed any more
             t["stage2"] = time.perf_counter() - t0
             final_grid = ref2
@@ -351,7 +360,7 @@ class Segmenter:
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
         c1_img = _from_tensor(c1.to(torch.uint8), grid1)
         labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
-        result = SegmentationResult(labels=labels, timings=t, stats=stats)
+        result = SegmentationResult(labels=labels, timings=t, stats=stats, atlas_conflicts=conflicts)
         if self.keep_stage1 or self.stage1_only:
             result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image, edge=1)
         if self.keep_candidates:

@@ -1,0 +1,141 @@
+"""The atlas check: organs labelled where the atlases agree on another organ are measured,
+listed and, when large, flagged (a warning line, the report) without changing a label.
+
+On real data: the default model whose stage-2 network has the spleen's and the left kidney's
+outputs swapped (the mix-up the check exists for) is flagged on the sample CT, both ways; the
+default model as shipped flags nothing there. The thresholds are checked on a hand-made prior
+voxel for voxel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from CascadeSegLib.cli import main
+from CascadeSegLib.inference import atlas_check
+from CascadeSegLib.inference.atlas_prior import GridPrior
+from CascadeSegLib.inference.cascade import Segmenter
+from CascadeSegLib.io import read_image
+from CascadeSegLib.labels import LabelSet
+from CascadeSegLib.packaging.model import ModelPackage, load_model
+
+
+def _grid(size: tuple[int, int, int], spacing: float) -> sitk.Image:
+    img = sitk.Image(list(size), sitk.sitkUInt8)
+    img.SetSpacing([spacing] * 3)
+    img.SetOrigin((-40.0, 12.5, 300.0))
+    return img
+
+
+def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
+    """10 mm voxels (1 ml each). The atlases say spleen at share 0.8 on the first 40 slices'
+    lower rows, left kidney at 0.6 (under the 0.7 consensus) from slice 40 on, background
+    elsewhere; the prior's grid ends 10 slices before the labels' does."""
+    labels = LabelSet.from_names(["liver", "spleen", "kidney_left"])   # 1, 2, 3
+    grid = _grid((4, 10, 60), 10.0)                                   # x, y, z
+    prior = torch.zeros((4, 50, 10, 4))
+    prior[0] = 1.0
+    prior[:, :40, :5] = torch.tensor([0.1, 0.0, 0.8, 0.1])[:, None, None, None]
+    prior[:, 40:] = torch.tensor([0.2, 0.2, 0.0, 0.6])[:, None, None, None]
+    fused = GridPrior(prior, _grid((4, 10, 50), 10.0), grid, 0.9)
+    lab = torch.zeros((60, 10, 4), dtype=torch.uint8)
+    lab[:30, 0, 0] = 1                    # 30 ml of liver where the atlases say spleen
+    lab[30:40, 5:, :] = 1                 # 200 ml where they say background
+    lab[45:50, 0, 0] = 1                  # 5 ml where no organ has 0.7 of the vote
+    lab[52:, :, :] = 1                    # 320 ml past the prior's grid: nothing is known there
+    lab[:5, 1, 0] = 3                     # 5 ml of left kidney where they say spleen
+    out = atlas_check.atlas_conflicts(lab, grid, fused, labels)
+    # 30 of 555 ml of liver: a border-sized share, listed; 5 ml of kidney: under 10 ml, listed
+    assert out == [atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.054, False),
+                   atlas_check.AtlasConflict("left kidney", "spleen", 5.0, 1.0, False)]
+    lab[30:40] = 0
+    lab[52:] = 0
+    flagged = atlas_check.atlas_conflicts(lab, grid, fused, labels)[0]
+    assert flagged == atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.857, True)   # 30 of 35 ml
+    assert flagged.message() == ("atlas check: 30 ml of the liver (86% of it) lies where most atlases put the "
+                                 "spleen; review that region")
+    assert json.loads(json.dumps(flagged.to_json()))["flagged"] is True
+    lab[:] = 0
+    assert atlas_check.atlas_conflicts(lab, grid, fused, labels) == []
+
+
+@pytest.fixture(scope="module")
+def swapped_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model with stage 2's spleen and left-kidney outputs swapped."""
+    model = load_model()
+    folder = tmp_path_factory.mktemp("swapped")
+    spleen, kidney = model.labels.by_name("spleen").value, model.labels.by_name("kidney_left").value
+    states = [model.load_weights(i) for i in range(len(model.stages))]
+    order = list(range(model.labels.num_classes))
+    order[spleen], order[kidney] = kidney, spleen
+    for key in ("head.weight", "head.bias"):
+        states[1][key] = states[1][key][order].clone()
+    model.save(folder, states, files_from=model.root)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def swapped_run(swapped_model: Path, sample_ct_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`cascadeseg segment` of the sample CT with the swapped model: its output folder (stderr
+    saved beside it)."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("swapped-run")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["segment", str(sample_ct_path), "-o", str(out), "--model", str(swapped_model)]) == 0
+    (out / "stderr.txt").write_text(err.getvalue())
+    return out
+
+
+def test_a_network_that_mixes_up_two_organs_is_flagged(swapped_run: Path) -> None:
+    err = (swapped_run / "stderr.txt").read_text()
+    report = json.loads(next(swapped_run.glob("*_report.json")).read_text())
+    flagged = {(c["organ"], c["atlases_say"]): c for c in report["atlas_check"] if c["flagged"]}
+    assert set(flagged) == {("left kidney", "spleen"), ("spleen", "left kidney")}
+    # most of each swapped organ lies where the atlases put the other one
+    assert flagged[("left kidney", "spleen")]["fraction"] > 0.5 and flagged[("spleen", "left kidney")]["fraction"] > 0.5
+    for c in flagged.values():
+        assert f"cascadeseg: warning: atlas check: {c['ml']:.0f} ml of the {c['organ']}" in err
+    markdown = next(swapped_run.glob("*_report.md")).read_text()
+    assert "**Atlas check: review these regions.**" in markdown and "lies where most atlases put the spleen" in markdown
+
+
+def test_the_check_changes_no_label(swapped_model: Path, swapped_run: Path, sample_ct_path: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from CascadeSegLib.inference import cascade
+
+    monkeypatch.setattr(cascade, "atlas_conflicts", lambda *args: [])
+    unchecked = Segmenter(ModelPackage.load(swapped_model), device="cpu").segment(read_image(sample_ct_path))
+    assert unchecked.atlas_conflicts == []
+    checked = sitk.ReadImage(str(next(swapped_run.glob("*_labels.nii.gz"))))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(unchecked.labels), sitk.GetArrayFromImage(checked))
+
+
+def test_the_shipped_model_flags_nothing_on_the_sample_ct(sample_ct_path: Path) -> None:
+    warnings: list[str] = []
+    result = Segmenter(load_model(), device="cpu", on_warning=warnings.append).segment(read_image(sample_ct_path))
+    assert not [w for w in warnings if "atlas check" in w]
+    assert not [c for c in result.atlas_conflicts if c.flagged]
+
+
+def test_a_model_without_atlases_reports_no_check(sample_ct_path: Path, tmp_path: Path) -> None:
+    model = ModelPackage.load(load_model().root)
+    folder = tmp_path / "no-atlases"
+    model.atlas_prior = None
+    for stage in model.stages:
+        folder.mkdir(exist_ok=True)
+        shutil.copy2(model.weight_path(stage), folder / stage.weights)
+    model.save(folder)
+    out = tmp_path / "out"
+    assert main(["segment", str(sample_ct_path), "-o", str(out), "--model", str(folder), "--quiet"]) == 0
+    report = json.loads(next(out.glob("*_report.json")).read_text())
+    assert "atlas_check" not in report and "Atlas check" not in next(out.glob("*_report.md")).read_text()
+    assert np.isfinite(report["organs"]["liver"]["ml"])
