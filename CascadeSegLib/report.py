@@ -83,14 +83,20 @@ def _atlas_check_lines(conflicts: list[dict[str, Any]] | None) -> list[str]:
     lines = [""]
     if flagged:
         lines.append("**Atlas check: review these regions.**")
-        lines += [f"- {c['ml']:.0f} ml of the {c['organ']} ({c['fraction']:.0%} of it) lies where most atlases put "
-                  f"the {c['atlases_say']}" for c in flagged]
+        lines += ["- " + _conflict_text(c) for c in flagged]
     else:
-        lines.append("Atlas check: no organ lies, in a large part, where most atlases put another organ.")
+        lines.append("Atlas check: no organ lies, in a large part, where most atlases put another organ or none.")
     if minor:
-        lines.append("Small disagreements (borders): " + ", ".join(
-            f"{c['organ']} {c['ml']:.0f} ml where the atlases say {c['atlases_say']}" for c in minor))
+        lines.append("Small disagreements (borders): " + "; ".join(_conflict_text(c) for c in minor))
     return lines
+
+
+def _conflict_text(c: dict[str, Any]) -> str:
+    if c.get("kind") == "missed":
+        return (f"{c['ml']:.0f} ml where most atlases put the {c['atlases_say']} is unlabelled "
+                f"({c['fraction']:.0%} of where they agree on it)")
+    return f"{c['ml']:.0f} ml of the {c['organ']} ({c['fraction']:.0%} of it) lies where most atlases put the " \
+           f"{c['atlases_say']}"
 
 
 def write_report(report: dict[str, Any], labelset: LabelSet, json_path: Path, md_path: Path) -> None:

@@ -35,8 +35,8 @@ def _grid(size: tuple[int, int, int], spacing: float) -> sitk.Image:
 
 def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     """10 mm voxels (1 ml each). The atlases say spleen at share 0.8 on the first 40 slices'
-    lower rows, left kidney at 0.6 (under the 0.7 consensus) from slice 40 on, background
-    elsewhere; the prior's grid ends 10 slices before the labels' does."""
+    lower rows (800 ml), left kidney at 0.6 (under the 0.7 consensus) from slice 40 on,
+    background elsewhere; the prior's grid ends 10 slices before the labels' does."""
     labels = LabelSet.from_names(["liver", "spleen", "kidney_left"])   # 1, 2, 3
     grid = _grid((4, 10, 60), 10.0)                                   # x, y, z
     prior = torch.zeros((4, 50, 10, 4))
@@ -51,17 +51,24 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     lab[52:, :, :] = 1                    # 320 ml past the prior's grid: nothing is known there
     lab[:5, 1, 0] = 3                     # 5 ml of left kidney where they say spleen
     out = atlas_check.atlas_conflicts(lab, grid, fused, labels)
-    # 30 of 555 ml of liver: a border-sized share, listed; 5 ml of kidney: under 10 ml, listed
-    assert out == [atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.054, False),
+    # 30 of 555 ml of liver: a border-sized share, listed; 5 ml of kidney: under 10 ml, listed;
+    # the spleen the atlases agree on (800 ml) holds 35 ml of organs: 765 ml missed, flagged
+    assert out == [atlas_check.AtlasConflict("no organ", "spleen", 765.0, 0.956, True, "missed"),
+                   atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.054, False),
                    atlas_check.AtlasConflict("left kidney", "spleen", 5.0, 1.0, False)]
+    assert out[0].message() == ("atlas check: most atlases put the spleen on 765 ml that the result leaves "
+                                "unlabelled (96% of where they agree on it); review that region")
     lab[30:40] = 0
     lab[52:] = 0
-    flagged = atlas_check.atlas_conflicts(lab, grid, fused, labels)[0]
-    assert flagged == atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.857, True)   # 30 of 35 ml
-    assert flagged.message() == ("atlas check: 30 ml of the liver (86% of it) lies where most atlases put the "
-                                 "spleen; review that region")
-    assert json.loads(json.dumps(flagged.to_json()))["flagged"] is True
-    lab[:] = 0
+    lab[:40, 2:5, :] = 2                   # 480 of the 800 ml labelled spleen: 285 ml missed, 36 %
+    out = atlas_check.atlas_conflicts(lab, grid, fused, labels)
+    assert out == [atlas_check.AtlasConflict("no organ", "spleen", 285.0, 0.356, True, "missed"),
+                   atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.857, True),     # 30 of 35 ml
+                   atlas_check.AtlasConflict("left kidney", "spleen", 5.0, 1.0, False)]
+    assert out[1].message() == ("atlas check: 30 ml of the liver (86% of it) lies where most atlases put the "
+                                "spleen; review that region")
+    assert json.loads(json.dumps(out[1].to_json()))["flagged"] is True
+    lab[:40, :5, :] = 2                    # all of it: nothing missed, nothing mixed up
     assert atlas_check.atlas_conflicts(lab, grid, fused, labels) == []
 
 
@@ -117,6 +124,27 @@ def test_the_check_changes_no_label(swapped_model: Path, swapped_run: Path, samp
     assert unchecked.atlas_conflicts == []
     checked = sitk.ReadImage(str(next(swapped_run.glob("*_labels.nii.gz"))))
     np.testing.assert_array_equal(sitk.GetArrayFromImage(unchecked.labels), sitk.GetArrayFromImage(checked))
+
+
+def test_a_network_that_never_finds_the_spleen_is_flagged(sample_ct_path: Path,
+                                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Stage 2 with the spleen's output pushed to -1000: the fused labels lose the spleen, and
+    the region the atlases agree is spleen is reported missed (the liver, found, is not)."""
+    model = load_model()
+    folder = tmp_path_factory.mktemp("no-spleen")
+    states = [model.load_weights(i) for i in range(len(model.stages))]
+    states[1]["head.bias"] = states[1]["head.bias"].clone()
+    states[1]["head.bias"][model.labels.by_name("spleen").value] = -1000.0
+    model.save(folder, states, files_from=model.root)
+    warnings: list[str] = []
+    result = Segmenter(ModelPackage.load(folder), device="cpu", on_warning=warnings.append).segment(
+        read_image(sample_ct_path))
+    spleen = model.labels.by_name("spleen").value
+    assert int((sitk.GetArrayViewFromImage(result.labels) == spleen).sum()) == 0
+    missed = {c.atlases_say: c for c in result.atlas_conflicts if c.kind == "missed"}
+    assert missed["spleen"].flagged and missed["spleen"].ml > 100 and missed["spleen"].fraction > 0.9
+    assert not missed.get("liver") or not missed["liver"].flagged
+    assert [w for w in warnings if w.startswith("atlas check: most atlases put the spleen on ")]
 
 
 def test_the_shipped_model_flags_nothing_on_the_sample_ct(sample_ct_path: Path) -> None:

@@ -1,13 +1,17 @@
 """Where the result and the atlases disagree on which organ lies where: a check on every result.
 
 Inside C2 the label follows the network (weight 0.9 in abdomen-ct): a network that mistakes one
-organ for another (the lower pole of a spleen labelled left kidney) is not overruled by atlases
-that agree it is spleen. Such a mix-up is the error a reader most needs to see, so a result
-segmented with atlases is checked: how much of each organ lies where at least `MIN_SHARE` of the
-atlases' vote goes to one *other* organ. A conflict of at least `MIN_ML` that is also at least
-`MIN_FRACTION` of the organ's labelled volume is flagged (a warning, and the report); smaller
-ones (borders where a registration is off by a few millimetres) are only listed in the report.
-The check changes no label. Its thresholds were set on 2026-12-01 before it was run on any scan.
+organ for another (the lower pole of a spleen labelled left kidney), or misses part of one, is
+not overruled by atlases that agree otherwise. Such errors are what a reader most needs to see,
+so a result segmented with atlases is checked where at least `MIN_SHARE` of the atlases' vote goes
+to one organ:
+- mix-ups: how much of each organ lies where the atlases agree on another organ; flagged from
+  `MIN_ML` and `MIN_FRACTION` of the organ's labelled volume;
+- missed: how much of the region where the atlases agree on an organ the result leaves
+  unlabelled; flagged from `MIN_ML` and `MIN_MISSED_FRACTION` of that region.
+Flagged conflicts become a warning line and the report's "review these regions"; smaller ones
+(borders where a registration is off by a few millimetres) are only listed in the report. The
+check changes no label. Its thresholds were set on 2026-12-01 before it was run on any scan.
 """
 
 from __future__ import annotations
@@ -28,20 +32,28 @@ MIN_SHARE = 0.7
 MIN_ML = 10.0
 #: ... that is also this share of the organ's labelled volume is flagged
 MIN_FRACTION = 0.2
+#: ... or, for a missed region, this share of where the atlases agree on the organ
+MIN_MISSED_FRACTION = 0.3
 #: smaller conflicts than this are not listed at all
 LISTED_ML = 1.0
 
 
 @dataclass(frozen=True)
 class AtlasConflict:
-    """`ml` of `organ` (that `fraction` of its labelled volume) lies where the atlases put `atlases_say`."""
+    """A mix-up: `ml` of `organ` (that `fraction` of its labelled volume) lies where the atlases
+    put `atlases_say`. Missed (`organ` "no organ"): `ml` where the atlases agree on `atlases_say`
+    (that `fraction` of the region where they do) is unlabelled."""
     organ: str
     atlases_say: str
     ml: float
     fraction: float
     flagged: bool
+    kind: str = "mix-up"
 
     def message(self) -> str:
+        if self.kind == "missed":
+            return (f"atlas check: most atlases put the {self.atlases_say} on {self.ml:.0f} ml that the result "
+                    f"leaves unlabelled ({self.fraction:.0%} of where they agree on it); review that region")
         return (f"atlas check: {self.ml:.0f} ml of the {self.organ} ({self.fraction:.0%} of it) lies where most "
                 f"atlases put the {self.atlases_say}; review that region")
 
@@ -53,6 +65,15 @@ def atlas_conflicts(labels: torch.Tensor, grid: sitk.Image, prior: GridPrior,
                     labelset: LabelSet) -> list[AtlasConflict]:
     """The conflicts of `labels` (uint8 on `grid`, the prior's target grid) with the atlases,
     largest first."""
+    out = _mix_ups(labels, grid, prior, labelset) + _missed(labels, prior, labelset)
+    return sorted(out, key=lambda c: -c.ml)
+
+
+def _name(labelset: LabelSet, value: int) -> str:
+    return labelset.by_value(value).display.lower()
+
+
+def _mix_ups(labels: torch.Tensor, grid: sitk.Image, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
     organ, agreed = prior.consensus(labels, MIN_SHARE)
     k = labelset.num_classes
     voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
@@ -67,6 +88,23 @@ def atlas_conflicts(labels: torch.Tensor, grid: sitk.Image, prior: GridPrior,
             continue
         fraction = ml / volume[value]
         flagged = bool(ml >= MIN_ML and fraction >= MIN_FRACTION)
-        out.append(AtlasConflict(labelset.by_value(value).display.lower(), labelset.by_value(other).display.lower(),
-                                 round(ml, 1), round(float(fraction), 3), flagged))
-    return sorted(out, key=lambda c: -c.ml)
+        out.append(AtlasConflict(_name(labelset, value), _name(labelset, other), round(ml, 1),
+                                 round(float(fraction), 3), flagged))
+    return out
+
+
+def _missed(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
+    agreed, got = prior.agreed_regions(labels, MIN_SHARE)
+    voxel_ml = float(np.prod(prior.source.GetSpacing())) / 1000.0
+    out = []
+    for value in np.unique(agreed).tolist():
+        region = agreed == value
+        missed = int((got[region] == 0).sum())
+        ml = missed * voxel_ml
+        if ml < LISTED_ML:
+            continue
+        fraction = missed / int(region.sum())
+        flagged = bool(ml >= MIN_ML and fraction >= MIN_MISSED_FRACTION)
+        out.append(AtlasConflict("no organ", _name(labelset, value), round(ml, 1), round(fraction, 3), flagged,
+                                 "missed"))
+    return out

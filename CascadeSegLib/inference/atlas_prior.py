@@ -477,12 +477,26 @@ class GridPrior:
         """For every organ voxel of `labels` (uint8 on `target`): its label and the organ that at
         least `min_share` of the atlases' vote puts there (at the nearest prior voxel; 0 where no
         organ has that share, or past the prior's grid). Two (N,) int arrays."""
-        share, top = self.prior.max(0)
-        agreed = torch.where(share >= min_share, top, 0).to(torch.uint8).cpu().numpy()
+        agreed = self._agreed(min_share)
         arr = labels.cpu().numpy()
         index = np.argwhere(arr > 0)
         return (arr[tuple(index.T)].astype(np.int64),
                 _lookup(agreed, self.source, self.target, index, fill=0).astype(np.int64))
+
+    def agreed_regions(self, labels: torch.Tensor, min_share: float) -> tuple[np.ndarray, np.ndarray]:
+        """For every voxel of the prior's own grid where at least `min_share` of the atlases' vote
+        goes to one organ: that organ and the label of `labels` (uint8 on `target`) at the
+        nearest target voxel (0 past the target grid). Two (N,) int arrays; N voxels of the
+        prior's grid (`source`)."""
+        agreed = self._agreed(min_share)
+        index = np.argwhere(agreed > 0)
+        return (agreed[tuple(index.T)].astype(np.int64),
+                _lookup(labels.cpu().numpy(), self.target, self.source, index, fill=0).astype(np.int64))
+
+    def _agreed(self, min_share: float) -> np.ndarray:
+        """uint8 (z, y, x) on `source`: the organ that gets at least `min_share` of the vote, else 0."""
+        share, top = self.prior.max(0)
+        return torch.where(share >= min_share, top, 0).to(torch.uint8).cpu().numpy()
 
     def labels(self) -> torch.Tensor:
         """uint8 (z, y, x) on `target`: the argmax of the prior interpolated linearly onto it,
