@@ -70,17 +70,18 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
                   "and fused with stage 2" if stats["atlas_prior_used"] else
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
-    lines += _atlas_check_lines(report.get("atlas_check"))
+    refined = any(k.startswith("refine_iterations_") for k in stats)
+    lines += _atlas_check_lines(report.get("atlas_check"), refined)
     return "\n".join(lines) + "\n"
 
 
-def _atlas_check_lines(conflicts: list[dict[str, Any]] | None) -> list[str]:
+def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = False) -> list[str]:
     """The atlas check in words: what to review first, then the small border conflicts."""
     if conflicts is None:
         return []
     flagged = [c for c in conflicts if c["flagged"]]
     minor = [c for c in conflicts if not c["flagged"]]
-    lines = [""]
+    lines = ["", "(The atlas check below is of the cascade's labels, before --refine.)"] if refined else [""]
     if flagged:
         lines.append("**Atlas check: review these regions.**")
         lines += ["- " + _conflict_text(c) for c in flagged]

@@ -167,3 +167,22 @@ def test_a_model_without_atlases_reports_no_check(sample_ct_path: Path, tmp_path
     report = json.loads(next(out.glob("*_report.json")).read_text())
     assert "atlas_check" not in report and "Atlas check" not in next(out.glob("*_report.md")).read_text()
     assert np.isfinite(report["organs"]["liver"]["ml"])
+
+
+def test_the_report_says_what_to_review_and_what_the_check_was_of() -> None:
+    from CascadeSegLib.report import report_markdown
+
+    labels = load_model().labels
+    conflicts = [atlas_check.AtlasConflict("no organ", "spleen", 120.0, 0.6, True, "missed").to_json(),
+                 atlas_check.AtlasConflict("liver", "right kidney", 14.9, 0.009, False).to_json()]
+    base = {"case": "c", "model": {"name": "m", "version": "1"}, "device": "cpu",
+            "input": {"size": [1, 1, 1], "spacing": [1.0, 1.0, 1.0]}, "timings_s": {},
+            "organs": {lab.name: {"ml": 0.0, "voxels": 0} for lab in labels}}
+    text = report_markdown({**base, "atlas_check": conflicts, "candidate_regions": {}}, labels)
+    assert ("**Atlas check: review these regions.**\n- 120 ml where most atlases put the spleen is unlabelled "
+            "(60% of where they agree on it)\nSmall disagreements (borders): 15 ml of the liver (1% of it) lies "
+            "where most atlases put the right kidney") in text
+    refined = report_markdown({**base, "atlas_check": conflicts,
+                               "candidate_regions": {"refine_iterations_liver": 3.0}}, labels)
+    assert "(The atlas check below is of the cascade's labels, before --refine.)" in refined
+    assert "Atlas check" not in report_markdown({**base, "candidate_regions": {}}, labels)
