@@ -50,7 +50,7 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     lab[45:50, 0, 0] = 1                  # 5 ml where no organ has 0.7 of the vote
     lab[52:, :, :] = 1                    # 320 ml past the prior's grid: nothing is known there
     lab[:5, 1, 0] = 3                     # 5 ml of left kidney where they say spleen
-    out = atlas_check.atlas_conflicts(lab, grid, fused, labels)
+    out = atlas_check.atlas_conflicts(lab, fused, labels)
     # 30 of 555 ml of liver: a border-sized share, listed; 5 ml of kidney: under 10 ml, listed;
     # the spleen the atlases agree on (800 ml) holds 35 ml of organs: 765 ml missed, flagged
     assert out == [atlas_check.AtlasConflict("no organ", "spleen", 765.0, 0.956, True, "missed"),
@@ -61,7 +61,7 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     lab[30:40] = 0
     lab[52:] = 0
     lab[:40, 2:5, :] = 2                   # 480 of the 800 ml labelled spleen: 285 ml missed, 36 %
-    out = atlas_check.atlas_conflicts(lab, grid, fused, labels)
+    out = atlas_check.atlas_conflicts(lab, fused, labels)
     assert out == [atlas_check.AtlasConflict("no organ", "spleen", 285.0, 0.356, True, "missed"),
                    atlas_check.AtlasConflict("liver", "spleen", 30.0, 0.857, True),     # 30 of 35 ml
                    atlas_check.AtlasConflict("left kidney", "spleen", 5.0, 1.0, False)]
@@ -69,7 +69,7 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
                                 "spleen; review that region")
     assert json.loads(json.dumps(out[1].to_json()))["flagged"] is True
     lab[:40, :5, :] = 2                    # all of it: nothing missed, nothing mixed up
-    assert atlas_check.atlas_conflicts(lab, grid, fused, labels) == []
+    assert atlas_check.atlas_conflicts(lab, fused, labels) == []
 
 
 @pytest.fixture(scope="module")

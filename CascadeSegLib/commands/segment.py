@@ -448,7 +448,7 @@ class CaseWriter:
         render_preview(image, result.labels, labelset, tmp["preview"])
         timings["total"] = time.perf_counter() - t_start
         info_model = {"name": model.name, "version": model.version, "path": str(model.root)}
-        checked = result.stats.get("atlas_prior_used") and hasattr(result, "atlas_conflicts")
+        checked = result.stats.get("atlas_prior_used")
         report = build_report(case, image, result.labels, labelset, timings, info_model, outputs,
                               result.stats, str(self.segmenter.device),
                               [c.to_json() for c in result.atlas_conflicts] if checked else None)

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 from ..labels import LabelSet
@@ -61,11 +60,10 @@ class AtlasConflict:
         return asdict(self)
 
 
-def atlas_conflicts(labels: torch.Tensor, grid: sitk.Image, prior: GridPrior,
-                    labelset: LabelSet) -> list[AtlasConflict]:
-    """The conflicts of `labels` (uint8 on `grid`, the prior's target grid) with the atlases,
+def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
+    """The conflicts of `labels` (uint8 on the prior's target grid, stage 2's) with the atlases,
     largest first."""
-    out = _mix_ups(labels, grid, prior, labelset) + _missed(labels, prior, labelset)
+    out = _mix_ups(labels, prior, labelset) + _missed(labels, prior, labelset)
     return sorted(out, key=lambda c: -c.ml)
 
 
@@ -73,10 +71,10 @@ def _name(labelset: LabelSet, value: int) -> str:
     return labelset.by_value(value).display.lower()
 
 
-def _mix_ups(labels: torch.Tensor, grid: sitk.Image, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
+def _mix_ups(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
     organ, agreed = prior.consensus(labels, MIN_SHARE)
     k = labelset.num_classes
-    voxel_ml = float(np.prod(grid.GetSpacing())) / 1000.0
+    voxel_ml = float(np.prod(prior.target.GetSpacing())) / 1000.0
     volume = np.bincount(organ, minlength=k) * voxel_ml
     clash = (agreed > 0) & (agreed != organ)
     pairs, counts = np.unique(organ[clash] * k + agreed[clash], return_counts=True)

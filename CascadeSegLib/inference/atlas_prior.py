@@ -450,6 +450,7 @@ class GridPrior:
         self._maps = None if self.same_grid else _linear_maps(source, target, prior.device)
         self._vector: sitk.Image | None = None
         self._support: dict[int, np.ndarray] = {}
+        self._agreed_at: dict[float, np.ndarray] = {}
         self._labels: torch.Tensor | None = None
 
     def plausible(self, value: int, index: np.ndarray) -> np.ndarray:
@@ -494,9 +495,12 @@ class GridPrior:
                 _lookup(labels.cpu().numpy(), self.target, self.source, index, fill=0).astype(np.int64))
 
     def _agreed(self, min_share: float) -> np.ndarray:
-        """uint8 (z, y, x) on `source`: the organ that gets at least `min_share` of the vote, else 0."""
-        share, top = self.prior.max(0)
-        return torch.where(share >= min_share, top, 0).to(torch.uint8).cpu().numpy()
+        """uint8 (z, y, x) on `source`: the organ that gets at least `min_share` of the vote, else 0
+        (made once per share: the mix-up and the missed-region checks both read it)."""
+        if min_share not in self._agreed_at:
+            share, top = self.prior.max(0)
+            self._agreed_at[min_share] = torch.where(share >= min_share, top, 0).to(torch.uint8).cpu().numpy()
+        return self._agreed_at[min_share]
 
     def labels(self) -> torch.Tensor:
         """uint8 (z, y, x) on `target`: the argmax of the prior interpolated linearly onto it,

@@ -344,7 +344,7 @@ class Segmenter:
                 final = keep_largest_components(final, self.largest_component_values,
                                                 atlas.plausible if atlas is not None else None)
             if atlas is not None:
-                conflicts = atlas_conflicts(final, ref2, atlas, model.labels)
+                conflicts = atlas_conflicts(final, atlas, model.labels)
                 for conflict in conflicts:
                     if conflict.flagged:
                         self._warn(conflict.message())
