@@ -159,14 +159,15 @@ def onto_ct_grid(seg: sitk.Image, ct: sitk.Image, what: str = "the segmentation"
     otherwise the correction was drawn on another image and is refused.
     """
     from .io import describe_geometry
+    from .io.images import index_to_physical
 
     if seg.GetDimension() != 3:
         raise UserError(f"{what} is {seg.GetDimension()}D; a correction is a 3D label map of the CT")
-    m_ct = np.array(ct.GetDirection()).reshape(3, 3) * np.array(ct.GetSpacing())
-    m_seg = np.array(seg.GetDirection()).reshape(3, 3) * np.array(seg.GetSpacing())
+    m_ct, o_ct = index_to_physical(ct)
+    m_seg, o_seg = index_to_physical(seg)
     inv = np.linalg.inv(m_ct)
     axes = inv @ m_seg
-    shift = inv @ (np.array(seg.GetOrigin()) - np.array(ct.GetOrigin()))
+    shift = inv @ (o_seg - o_ct)
     lattice = np.allclose(np.abs(axes).sum(0), 1.0, atol=1e-3) and np.allclose(
         np.abs(axes), np.round(np.abs(axes)), atol=1e-3) and np.allclose(shift, np.round(shift), atol=1e-3)
     if not lattice:

@@ -44,7 +44,7 @@ import torch
 
 from ..checksum import sha256_file
 from ..errors import ModelError
-from ..io.images import same_geometry
+from ..io.images import index_to_physical, same_geometry
 from ..labels import UNKNOWN_LABEL
 from . import preprocess
 from .warping import warp_onto_grid
@@ -255,8 +255,7 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     the atlas and partly past its sides, but not past its ends."""
     from scipy import fft
 
-    axes = np.array(fixed.GetDirection()).reshape(3, 3) * np.array(fixed.GetSpacing())
-    origin = np.array(fixed.GetOrigin())
+    axes, origin = index_to_physical(fixed)
     corners = [moving.TransformContinuousIndexToPhysicalPoint([c * (n - 1) for c, n in zip(corner, moving.GetSize())])
                for corner in itertools.product((0, 1), repeat=3)]
     index = np.linalg.solve(axes, (np.array(corners) - origin).T).T       # in fixed's continuous index
@@ -615,12 +614,11 @@ def _lookup(volume: np.ndarray, source: sitk.Image, target: sitk.Image, index: n
             fill: Any = True) -> np.ndarray:
     """`volume` (on `source`, z, y, x) at the nearest source voxel of each target voxel
     `index` (N, 3: z, y, x); `fill` past the source grid."""
-    def matrix(img: sitk.Image) -> np.ndarray:
-        return np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
-
+    m_tgt, o_tgt = index_to_physical(target)
+    m_src, o_src = index_to_physical(source)
     xyz = index[:, ::-1].astype(np.float64)
-    physical = xyz @ matrix(target).T + np.array(target.GetOrigin())
-    continuous = np.linalg.solve(matrix(source), (physical - np.array(source.GetOrigin())).T).T
+    physical = xyz @ m_tgt.T + o_tgt
+    continuous = np.linalg.solve(m_src, (physical - o_src).T).T
     nearest = np.floor(continuous + 0.5).astype(np.int64)[:, ::-1]          # back to z, y, x
     inside = np.all((nearest >= 0) & (nearest < np.array(volume.shape)), axis=1)
     out = np.full(len(index), fill, dtype=volume.dtype)

@@ -17,16 +17,10 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from ..io.images import same_geometry
+from ..io.images import index_to_physical, same_geometry
 
 #: slices of the output grid mapped at a time (bounds the float64 point arrays to a few MB)
 CHUNK_SLICES = 16
-
-
-def _index_to_point(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(A, o): physical point = A @ (x, y, z) index + o."""
-    axes = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3) * np.array(image.GetSpacing())
-    return axes, np.array(image.GetOrigin(), dtype=np.float64)
 
 
 def _affine_of(transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +55,7 @@ def _field_then_affine(transform: sitk.Transform) -> tuple[sitk.Image | None, np
 def _on_grid(grid: sitk.Image, inverse: np.ndarray, origin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(G, g): continuous (x, y, z) index in an image (`inverse` of its index-to-point axes,
     `origin`) = G @ grid index + g."""
-    axes, o = _index_to_point(grid)
+    axes, o = index_to_physical(grid)
     return inverse @ axes, inverse @ (o - origin)
 
 
@@ -109,7 +103,7 @@ def _field_on_grid(field: sitk.Image, grid: sitk.Image, device: torch.device) ->
     buffer. Axis-aligned grids (the field lies on the patient's own axes) take three small matrix
     products; any other orientation, one `grid_sample` over all voxels."""
     arr = np.ascontiguousarray(sitk.GetArrayViewFromImage(field), dtype=np.float32)    # (z, y, x, 3) mm
-    f_axes, f_origin = _index_to_point(field)
+    f_axes, f_origin = index_to_physical(field)
     g_matrix, g_offset = _on_grid(grid, np.linalg.inv(f_axes), f_origin)
     size = np.array(field.GetSize(), dtype=np.float64)
     nx, ny, nz = grid.GetSize()
@@ -129,7 +123,7 @@ class _Target:
     """An image read at mapped points: its index = G @ grid index + g + H @ displacement."""
 
     def __init__(self, image: sitk.Image, grid: sitk.Image, m: np.ndarray, b: np.ndarray) -> None:
-        axes, origin = _index_to_point(image)
+        axes, origin = index_to_physical(image)
         inverse = np.linalg.inv(axes)
         # q = M (p + d) + b with p = A i + o: index = inverse (q - origin)
         g_matrix, g_offset = _on_grid(grid, inverse @ m, np.zeros(3))

@@ -246,6 +246,13 @@ def same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
             and a.GetSpacing() == b.GetSpacing() and a.GetDirection() == b.GetDirection())
 
 
+def index_to_physical(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(A, o), float64: the physical point of continuous index (x, y, z) is A @ index + o
+    (A = direction x spacing; the one place this matrix is spelled out)."""
+    axes = np.array(img.GetDirection(), dtype=np.float64).reshape(3, 3) * np.array(img.GetSpacing(), dtype=np.float64)
+    return axes, np.array(img.GetOrigin(), dtype=np.float64)
+
+
 def describe_geometry(img: sitk.Image) -> str:
     """One line describing the grid, for error messages and reports."""
     def fmt(values: Iterable[float]) -> str:

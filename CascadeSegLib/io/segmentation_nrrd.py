@@ -12,7 +12,7 @@ import SimpleITK as sitk
 
 from ..errors import UserError
 from ..labels import LabelSet
-from .images import atomic_write_image, describe_geometry, prepare_output, read_image
+from .images import atomic_write_image, describe_geometry, index_to_physical, prepare_output, read_image
 
 SEG_REPRESENTATION = "Binary labelmap"
 _SEG_CONTAINED = "Binary labelmap|Closed surface|"
@@ -21,10 +21,8 @@ _SEG_STATUS_TAG = "Segmentation.Status:inprogress"
 
 def _ijk_to_ras(img: sitk.Image) -> np.ndarray:
     """4x4 voxel-index -> RAS matrix of a 3D image (SimpleITK geometry is LPS)."""
-    d = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     m = np.eye(4)
-    m[:3, :3] = d * np.array(img.GetSpacing(), dtype=float)[None, :]
-    m[:3, 3] = img.GetOrigin()
+    m[:3, :3], m[:3, 3] = index_to_physical(img)
     lps_to_ras = np.diag([-1.0, -1.0, 1.0, 1.0])
     return lps_to_ras @ m
 

@@ -18,6 +18,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
+from ..io.images import index_to_physical
+
 
 @dataclass(frozen=True)
 class AnatomySettings:
@@ -43,16 +45,15 @@ def physical_grid(ref: sitk.Image) -> torch.Tensor:
     idx = [torch.arange(n, dtype=torch.float32) for n in size]
     zz, yy, xx = torch.meshgrid(idx[2], idx[1], idx[0], indexing="ij")
     ijk = torch.stack([xx, yy, zz], -1)
-    m = torch.tensor(np.array(ref.GetDirection()).reshape(3, 3) * np.array(ref.GetSpacing())[None, :],
-                     dtype=torch.float32)
-    return ijk @ m.T + torch.tensor(ref.GetOrigin(), dtype=torch.float32)
+    m, origin = index_to_physical(ref)
+    return ijk @ torch.tensor(m, dtype=torch.float32).T + torch.tensor(origin, dtype=torch.float32)
 
 
 def _to_input_grid(points: torch.Tensor, image: sitk.Image) -> torch.Tensor:
     """Physical points -> grid_sample coordinates of `image` (align_corners=True)."""
-    m = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())[None, :]
+    m, origin = index_to_physical(image)
     inv = torch.tensor(np.linalg.inv(m), dtype=torch.float32)
-    ijk = (points - torch.tensor(image.GetOrigin(), dtype=torch.float32)) @ inv.T
+    ijk = (points - torch.tensor(origin, dtype=torch.float32)) @ inv.T
     size = torch.tensor([max(n - 1, 1) for n in image.GetSize()], dtype=torch.float32)
     return ijk / size * 2.0 - 1.0
 

@@ -20,6 +20,7 @@ from scipy import ndimage
 
 from ..errors import UserError
 from ..inference.preprocess import grid_for_spacing
+from ..io.images import index_to_physical
 from ..labels import UNKNOWN_LABEL
 from .render import SynthResult, image_on, structure_hu
 from .tissues import IntensityTable
@@ -38,8 +39,7 @@ class TransferSettings:
 def _centroids(lab: np.ndarray, ref: sitk.Image, values: list[int]) -> dict[int, np.ndarray]:
     """Physical centroid of each label value present in `lab` (a z, y, x array on `ref`'s grid)."""
     out: dict[int, np.ndarray] = {}
-    m = np.array(ref.GetDirection()).reshape(3, 3) * np.array(ref.GetSpacing())[None, :]
-    origin = np.array(ref.GetOrigin())
+    m, origin = index_to_physical(ref)
     flat = lab.ravel()
     counts = np.bincount(flat, minlength=max(values) + 1)
     zz, yy, xx = np.indices(lab.shape).reshape(3, -1)
