@@ -113,3 +113,19 @@ def test_finetuning_a_model_with_atlases_keeps_them(tmp_path, caplog):
     run = finetune_run(DEFAULT_MODEL, cfg, run_dir=tmp_path / "run2", progress=False, device="cpu")
     assert ModelPackage.load(run / "model").atlas_prior is None
     assert "without them" in caplog.text
+
+
+def test_help_texts_state_the_libraries_learning_rate_factor():
+    """The parsers spell the default out (importing it would load torch before --help); they must
+    say what finetune_run does."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from CascadeSegLib.train.finetune import DEFAULT_LR_FACTOR
+
+    root = Path(__file__).resolve().parents[1]
+    for cmd in ([sys.executable, "-m", "CascadeSegLib", "finetune", "--help"],
+                [sys.executable, str(root / "configs" / "train_prepared.py"), "train", "--help"]):
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
+        assert f"(default {DEFAULT_LR_FACTOR:g})" in " ".join(out.split()), cmd
