@@ -128,18 +128,26 @@ def test_the_check_changes_no_label(swapped_model: Path, swapped_run: Path, samp
 
 def test_a_network_that_never_finds_the_spleen_is_flagged(sample_ct_path: Path,
                                                           tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Stage 2 with the spleen's output pushed to -1000: the fused labels lose the spleen, and
-    the region the atlases agree is spleen is reported missed (the liver, found, is not)."""
+    """Stage 2 with the spleen's output pushed to -1000. With the network weighted 0.9 (2.1.0-2.7.0)
+    the fused labels lose the spleen, and the region the atlases agree is spleen is reported
+    missed (the liver, found, is not); at the shipped equal weight the atlases give part of it back."""
     model = load_model()
-    folder = tmp_path_factory.mktemp("no-spleen")
     states = [model.load_weights(i) for i in range(len(model.stages))]
     states[1]["head.bias"] = states[1]["head.bias"].clone()
     states[1]["head.bias"][model.labels.by_name("spleen").value] = -1000.0
+    spleen = model.labels.by_name("spleen").value
+    ct = read_image(sample_ct_path)
+    assert model.atlas_prior is not None and model.atlas_prior.network_weight == 0.5
+    folder = tmp_path_factory.mktemp("no-spleen-equal")
+    model.save(folder, states, files_from=model.root)
+    restored = Segmenter(ModelPackage.load(folder), device="cpu").segment(ct)
+    assert int((sitk.GetArrayViewFromImage(restored.labels) == spleen).sum()) > 1000      # > 27 ml
+
+    model.atlas_prior.network_weight = 0.9
+    folder = tmp_path_factory.mktemp("no-spleen")
     model.save(folder, states, files_from=model.root)
     warnings: list[str] = []
-    result = Segmenter(ModelPackage.load(folder), device="cpu", on_warning=warnings.append).segment(
-        read_image(sample_ct_path))
-    spleen = model.labels.by_name("spleen").value
+    result = Segmenter(ModelPackage.load(folder), device="cpu", on_warning=warnings.append).segment(ct)
     assert int((sitk.GetArrayViewFromImage(result.labels) == spleen).sum()) == 0
     missed = {c.atlases_say: c for c in result.atlas_conflicts if c.kind == "missed"}
     assert missed["spleen"].flagged and missed["spleen"].ml > 100 and missed["spleen"].fraction > 0.9

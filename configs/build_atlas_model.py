@@ -104,9 +104,9 @@ def main() -> int:
     ap.add_argument("--version", default="1.0.0")
     ap.add_argument("--spacing-mm", type=float, default=8.0, help="registration grid spacing")
     ap.add_argument("--demons-iterations", type=int, default=30)
-    ap.add_argument("--network-weight", type=float, default=0.9,
-                    help="w in w * network + (1 - w) * prior inside C2 (abdomen-ct 2.1.0: 0.9, chosen across "
-                         "the leave-one-out folds; 2.0.0: 0.5)")
+    ap.add_argument("--network-weight", type=float, default=0.5,
+                    help="w in w * network + (1 - w) * prior inside C2 (abdomen-ct 2.8.0: 0.5, chosen across "
+                         "both leave-one-out folds with the mended atlases; 2.1.0-2.7.0: 0.9; 2.0.0: 0.5)")
     ap.add_argument("--no-candidates", dest="candidates", action="store_false",
                     help="the atlases' organs do not join C2: outside C2 the prior labels alone (before 2.1.0)")
     ap.add_argument("--no-slabs", dest="slabs", action="store_false",
