@@ -120,12 +120,14 @@ def test_help_texts_state_the_libraries_learning_rate_factor():
     say what finetune_run does."""
     import subprocess
     import sys
-    from pathlib import Path
+
+    from cli_process import REPO, cascadeseg, child_env
 
     from CascadeSegLib.train.finetune import DEFAULT_LR_FACTOR
 
-    root = Path(__file__).resolve().parents[1]
-    for cmd in ([sys.executable, "-m", "CascadeSegLib", "finetune", "--help"],
-                [sys.executable, str(root / "configs" / "train_prepared.py"), "train", "--help"]):
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root, check=True).stdout
-        assert f"(default {DEFAULT_LR_FACTOR:g})" in " ".join(out.split()), cmd
+    finetune = cascadeseg("finetune", "--help")
+    prepared = subprocess.run([sys.executable, str(REPO / "configs" / "train_prepared.py"), "train", "--help"],
+                              capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=300)
+    for res in (finetune, prepared):
+        assert res.returncode == 0, res.stderr
+        assert f"(default {DEFAULT_LR_FACTOR:g})" in " ".join(res.stdout.split()), res.args
