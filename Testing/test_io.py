@@ -96,6 +96,32 @@ def test_index_to_physical_is_itks_mapping(dicom_slab_dir):
             np.testing.assert_allclose(axes @ np.asarray(index, dtype=float) + origin, expected, rtol=0, atol=1e-9)
 
 
+def test_axis_aligned_indices_are_itks_continuous_indices(sample_ct_path):
+    """Target voxel centres in the source's continuous index, axis by axis, equal ITK's for a
+    target whose axes are the source's flipped (other spacing and origin); grids whose axes are
+    not the other's (rotated, or permuted) get None."""
+    from CascadeSegLib.io.images import axis_aligned_indices
+
+    source = io.read_image(sample_ct_path)
+    target = sitk.Image([9, 6, 4], sitk.sitkUInt8)
+    target.SetSpacing((2.2, 4.5, 1.25))
+    d = np.array(source.GetDirection()).reshape(3, 3) * np.array([-1.0, 1.0, -1.0])
+    target.SetDirection(tuple(d.ravel()))
+    target.SetOrigin((150.5, 20.0, 60.75))
+    indices = axis_aligned_indices(source, target)
+    assert indices is not None and [len(j) for j in indices] == [9, 6, 4]
+    for index in ([0, 0, 0], [8, 5, 3], [3, 1, 2]):
+        point = target.TransformIndexToPhysicalPoint(index)
+        expected = source.TransformPhysicalPointToContinuousIndex(point)
+        np.testing.assert_allclose([indices[a][index[a]] for a in range(3)], expected, rtol=0, atol=1e-9)
+    rotated = sitk.Image(target)
+    c, s = math.cos(0.2), math.sin(0.2)
+    rotated.SetDirection(tuple((d @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])).ravel()))
+    permuted = sitk.Image(target)
+    permuted.SetDirection(tuple(d[:, [1, 0, 2]].ravel()))
+    assert axis_aligned_indices(source, rotated) is None and axis_aligned_indices(source, permuted) is None
+
+
 def test_sample_ct_read_as_is(sample_ct_path, tmp_out):
     img = io.read_image(sample_ct_path)
     assert img.GetSize() == (122, 101, 112)

@@ -44,7 +44,7 @@ import torch
 
 from ..checksum import sha256_file
 from ..errors import ModelError
-from ..io.images import index_to_physical, same_geometry
+from ..io.images import axis_aligned_indices, index_to_physical, same_geometry
 from ..labels import UNKNOWN_LABEL
 from . import preprocess
 from .warping import warp_onto_grid
@@ -652,21 +652,14 @@ def _mixed_cells(labels: torch.Tensor) -> torch.Tensor:
 def _linear_maps(source: sitk.Image, target: sitk.Image, device: torch.device) -> list[AxisMap] | None:
     """Per target array axis (z, y, x): for each target index, the source neighbours and weights
     SimpleITK's linear interpolator takes (continuous index j; neighbours floor(j) and
-    floor(j) + 1 clamped to the grid; 0 outside [-0.5, n - 0.5)); None unless each axis of one
-    grid is an axis of the other, same order, possibly flipped, so that trilinear
-    interpolation is separable."""
-    d_src = np.array(source.GetDirection()).reshape(3, 3)
-    d_tgt = np.array(target.GetDirection()).reshape(3, 3)
-    signs = np.sign(np.einsum("ij,ij->j", d_src, d_tgt))
-    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_tgt, atol=1e-9, rtol=0):
+    floor(j) + 1 clamped to the grid; 0 outside [-0.5, n - 0.5)); None unless the grids' axes
+    align (`axis_aligned_indices`), so that trilinear interpolation is separable."""
+    indices = axis_aligned_indices(source, target)
+    if indices is None:
         return None
-    # Target voxel centres in the source's continuous index, axis by axis (x, y, z).
-    offset = d_src.T @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
     maps: list[AxisMap] = []
     for axis in (2, 1, 0):
-        n_src = source.GetSize()[axis]
-        step = signs[axis] * target.GetSpacing()[axis]
-        j = (offset[axis] + np.arange(target.GetSize()[axis]) * step) / source.GetSpacing()[axis]
+        j, n_src = indices[axis], source.GetSize()[axis]
         base = np.floor(j)
         nearest = np.floor(j + 0.5)
         arrays = (np.clip(base, 0, n_src - 1).astype(np.int64), np.clip(base + 1, 0, n_src - 1).astype(np.int64),

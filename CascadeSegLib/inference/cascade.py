@@ -17,6 +17,7 @@ import SimpleITK as sitk
 import torch
 
 from ..errors import Cancelled, UserError
+from ..io.images import axis_aligned_indices
 from ..network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
 from ..packaging.model import ModelPackage
 from . import atlas_prior, preprocess
@@ -446,21 +447,13 @@ def _index_maps(src: sitk.Image, reference: sitk.Image, edge: int = 0) -> list[t
     inside the source; None unless each axis of one grid is an axis of the other, same order,
     possibly flipped (the model grids are the input's axes flipped into the model orientation).
     `edge`: how many voxels past its border the source's edge voxels reach."""
-    d_src = np.array(src.GetDirection()).reshape(3, 3)
-    d_ref = np.array(reference.GetDirection()).reshape(3, 3)
-    signs = np.sign(np.einsum("ij,ij->j", d_src, d_ref))
-    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_ref, atol=1e-9, rtol=0):
+    indices = axis_aligned_indices(src, reference)
+    if indices is None:
         return None
-    # Reference voxel centres expressed in the source's continuous index, axis by axis.
-    offset = d_src.T @ (np.array(reference.GetOrigin()) - np.array(src.GetOrigin()))
     maps = []
-    for axis in range(3):
-        n_ref, n_src = reference.GetSize()[axis], src.GetSize()[axis]
-        step = signs[axis] * reference.GetSpacing()[axis]
-        j = (offset[axis] + np.arange(n_ref) * step) / src.GetSpacing()[axis]
+    for j, n_src in zip(indices, src.GetSize()):
         idx = np.floor(j + 0.5).astype(np.int64)
-        ok = (idx >= -edge) & (idx < n_src + edge)
-        maps.append((np.clip(idx, 0, n_src - 1), ok))
+        maps.append((np.clip(idx, 0, n_src - 1), (idx >= -edge) & (idx < n_src + edge)))
     return maps
 
 

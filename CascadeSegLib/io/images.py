@@ -253,6 +253,21 @@ def index_to_physical(img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     return axes, np.array(img.GetOrigin(), dtype=np.float64)
 
 
+def axis_aligned_indices(source: sitk.Image, target: sitk.Image) -> list[np.ndarray] | None:
+    """Per axis (x, y, z), float64: the continuous index in `source` of each of `target`'s voxel
+    centres along that axis; None unless each axis of one grid is an axis of the other, same
+    order, possibly flipped (then any resampling between them is separable, axis by axis). The
+    one place that check and mapping are written; nearest and linear lookups build on it."""
+    d_src = np.array(source.GetDirection(), dtype=np.float64).reshape(3, 3)
+    d_tgt = np.array(target.GetDirection(), dtype=np.float64).reshape(3, 3)
+    signs = np.sign(np.einsum("ij,ij->j", d_src, d_tgt))
+    if not np.all(signs != 0) or not np.allclose(d_src * signs, d_tgt, atol=1e-9, rtol=0):
+        return None
+    offset = d_src.T @ (np.array(target.GetOrigin()) - np.array(source.GetOrigin()))
+    return [(offset[axis] + np.arange(target.GetSize()[axis]) * signs[axis] * target.GetSpacing()[axis])
+            / source.GetSpacing()[axis] for axis in range(3)]
+
+
 def describe_geometry(img: sitk.Image) -> str:
     """One line describing the grid, for error messages and reports."""
     def fmt(values: Iterable[float]) -> str:
