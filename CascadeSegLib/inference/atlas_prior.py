@@ -3,7 +3,7 @@
 A network trained on a handful of CTs knows texture but not where organs lie in a new patient;
 registered atlases know where organs lie but not their exact borders. A model package may carry
 atlases (`"atlas_prior"` in model.json). Each is registered onto the patient (affine on mutual
-information, then diffeomorphic demons, both on soft-tissue HU at a coarse spacing, 8 mm), its label
+information, then symmetric-forces demons, both on soft-tissue HU at a coarse spacing, 8 mm), its label
 map warped onto stage 2's grid, and the atlases averaged into a smoothed class prior (with
 `local_weight_power`, abdomen-ct 2.3.0 on, each atlas's vote weighted per voxel by how well its
 warped CT matches the patient's there: `local_weights`). Inside C2
@@ -69,6 +69,10 @@ MAX_LOCAL_WEIGHT_POWER = 9.0
 #: most affine / similarity optimiser iterations per level of packages that do not say
 #: (`AtlasPriorSpec.linear_iterations`; abdomen-ct 2.5.0 says 50)
 LEGACY_LINEAR_ITERATIONS = 200
+#: Gaussian std (registration-grid voxels) of the demons displacement field, for packages that do
+#: not say (`AtlasPriorSpec.demons_smoothing`, `slab_demons_smoothing`; abdomen-ct 2.9.0 says 0.75
+#: for whole scans, 2.0 for slabs)
+LEGACY_DEMONS_SMOOTHING = 2.0
 
 
 @dataclass
@@ -117,6 +121,12 @@ class AtlasPriorSpec:
     # 200 (packages before abdomen-ct 2.5.0) rarely converged before the cap and cost a third of
     # each registration; 50 was as good or better on the atlases-alone folds (recipe doc).
     linear_iterations: int = LEGACY_LINEAR_ITERATIONS
+    # Gaussian std, in voxels of the registration grid, of the demons displacement field after each
+    # iteration: the deformation's stiffness, for whole scans and for slabs. On whole scans 2.0
+    # (packages before abdomen-ct 2.9.0) was stiffer than the atlases-alone folds liked; on slabs
+    # (4 mm grid, a few centimetres of anatomy) softer fields lost. See the recipe's fourteenth round.
+    demons_smoothing: float = LEGACY_DEMONS_SMOOTHING
+    slab_demons_smoothing: float = LEGACY_DEMONS_SMOOTHING
 
     def to_json(self) -> dict[str, Any]:
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
@@ -125,7 +135,8 @@ class AtlasPriorSpec:
                 "demons_iterations": self.demons_iterations, "candidates": self.candidates,
                 "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm,
                 "local_weight_power": self.local_weight_power, "local_weight_sigma_mm": self.local_weight_sigma_mm,
-                "linear_iterations": self.linear_iterations}
+                "linear_iterations": self.linear_iterations, "demons_smoothing": self.demons_smoothing,
+                "slab_demons_smoothing": self.slab_demons_smoothing}
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -141,7 +152,9 @@ class AtlasPriorSpec:
                               slab_spacing_mm=float(d.get("slab_spacing_mm", 4.0)),
                               local_weight_power=float(d.get("local_weight_power", 0.0)),
                               local_weight_sigma_mm=float(d.get("local_weight_sigma_mm", 2.0)),
-                              linear_iterations=int(d.get("linear_iterations", LEGACY_LINEAR_ITERATIONS)))
+                              linear_iterations=int(d.get("linear_iterations", LEGACY_LINEAR_ITERATIONS)),
+                              demons_smoothing=float(d.get("demons_smoothing", LEGACY_DEMONS_SMOOTHING)),
+                              slab_demons_smoothing=float(d.get("slab_demons_smoothing", LEGACY_DEMONS_SMOOTHING)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -151,8 +164,10 @@ class AtlasPriorSpec:
         if not 0.0 <= spec.local_weight_power <= MAX_LOCAL_WEIGHT_POWER or spec.local_weight_sigma_mm <= 0:
             raise ValueError(f"atlas_prior needs local_weight_power in [0, {MAX_LOCAL_WEIGHT_POWER:g}] "
                              "and local_weight_sigma_mm > 0")
-        if spec.linear_iterations < 1 or spec.demons_iterations < 0:
-            raise ValueError("atlas_prior needs linear_iterations >= 1 and demons_iterations >= 0")
+        if spec.linear_iterations < 1 or spec.demons_iterations < 0 or not spec.demons_smoothing > 0 \
+                or not spec.slab_demons_smoothing > 0:
+            raise ValueError("atlas_prior needs linear_iterations >= 1, demons_iterations >= 0 and "
+                             "demons_smoothing, slab_demons_smoothing > 0")
         return spec
 
     def files(self) -> list[tuple[str, str]]:
@@ -172,24 +187,26 @@ def soft_tissue(ct: sitk.Image, spacing_mm: float = 3.0,
 def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.0,
              window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 60,
              fixed_soft: sitk.Image | None = None, threads: int = 0,
-             linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
+             linear_iterations: int = LEGACY_LINEAR_ITERATIONS,
+             demons_smoothing: float = LEGACY_DEMONS_SMOOTHING) -> sitk.Transform:
     """The transform mapping `fixed_ct`'s physical points into `moving_ct`: an affine on Mattes
     mutual information (3 levels, at most `linear_iterations` each), then fast symmetric demons on
-    the affinely aligned images. `fixed_soft` reuses the fixed image's soft-tissue grid when
-    several atlases are registered; `threads` > 0 caps SimpleITK's threads (for registrations
-    running side by side)."""
+    the affinely aligned images (the field smoothed by `demons_smoothing` voxels each iteration).
+    `fixed_soft` reuses the fixed image's soft-tissue grid when several atlases are registered;
+    `threads` > 0 caps SimpleITK's threads (for registrations running side by side)."""
     fixed = fixed_soft if fixed_soft is not None else soft_tissue(fixed_ct, spacing_mm, window_hu)
     moving = soft_tissue(moving_ct, spacing_mm, window_hu)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
     return _linear_then_demons(fixed, moving, init, [4, 2, 1], [2, 1, 0], demons_iterations, threads,
-                               linear_iterations)
+                               linear_iterations, demons_smoothing)
 
 
 def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 4.0,
                   window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 30,
                   fixed_soft: sitk.Image | None = None, threads: int = 0,
-                  linear_iterations: int = LEGACY_LINEAR_ITERATIONS) -> sitk.Transform:
+                  linear_iterations: int = LEGACY_LINEAR_ITERATIONS,
+                  demons_smoothing: float = LEGACY_DEMONS_SMOOTHING) -> sitk.Transform:
     """`register` for a slab (a few centimetres of a patient, a whole atlas): the moments
     initialiser would put the slab at the atlas's centre of mass, so the slab is first placed
     where it correlates best (`best_translation`, every voxel shift at once), then a similarity
@@ -201,12 +218,12 @@ def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float
     similarity.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
     similarity.SetTranslation(best_translation(fixed, moving))
     return _linear_then_demons(fixed, moving, similarity, [1, 1], [1, 0], demons_iterations, threads,
-                               linear_iterations)
+                               linear_iterations, demons_smoothing)
 
 
 def _linear_then_demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Transform, shrink: list[int],
                         sigmas: list[float], demons_iterations: int, threads: int,
-                        linear_iterations: int) -> sitk.Transform:
+                        linear_iterations: int, demons_smoothing: float) -> sitk.Transform:
     """`initial` optimised on Mattes mutual information (20 % of the voxels, one level per
     `shrink` factor), then fast symmetric demons on the images it aligns: the two
     registrations' common tail."""
@@ -227,7 +244,7 @@ def _linear_then_demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tra
     linear = reg.Execute(fixed, moving)
     aligned = sitk.Resample(moving, fixed, linear, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
     demons.SetNumberOfIterations(demons_iterations)
-    demons.SetStandardDeviations(2.0)
+    demons.SetStandardDeviations(demons_smoothing)
     displacement = demons.Execute(fixed, aligned)
     disp = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
     return sitk.CompositeTransform([linear, disp])
@@ -306,6 +323,7 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds. `slab`:
     register with `register_slab` at `spec.slab_spacing_mm` (the caller decides what is a slab)."""
     spacing = spec.slab_spacing_mm if slab else spec.spacing_mm
+    smoothing = spec.slab_demons_smoothing if slab else spec.demons_smoothing
     method = register_slab if slab else register
     fixed_soft = soft_tissue(image, spacing, spec.window_hu)
     shape = tuple(grid.GetSize()[::-1])
@@ -325,7 +343,7 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
-                           linear_iterations=spec.linear_iterations)
+                           linear_iterations=spec.linear_iterations, demons_smoothing=smoothing)
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one. Labels and CT are read
         # through one mapping of the grid (what sitk.Resample gives, in a third less time).
