@@ -84,9 +84,9 @@ def test_bad_inputs_get_one_line_and_exit_2_and_nothing_is_overwritten(tmp_path,
 
 
 def test_the_committed_label_maps_hold_all_ten_organs():
-    """s0327 and s0328 (merged by the script) carry every organ of the default model."""
+    """s0327, s0328 and s0011 (merged by the script) carry every organ of the default model."""
     organs = (1, 2, 3, 4, 5, 6, 7, 52, 63, 64)       # v2 ids of our ten structures
-    for case in ("s0327", "s0328"):
+    for case in ("s0327", "s0328", "s0011"):
         arr = sitk.GetArrayFromImage(sitk.ReadImage(str(TS / f"{case}_label.nii.gz")))
         present = set(np.unique(arr).tolist())
         assert set(organs) <= present, case
