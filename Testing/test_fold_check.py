@@ -51,6 +51,22 @@ def test_cut_slabs_run_evenly_over_the_slices_holding_liver_and_spleen(mod, samp
         mod.slab_starts(np.where(arr == values["spleen"], 0, arr), values["liver"], values["spleen"], slices)
 
 
+@pytest.mark.parametrize("rows, expected", [
+    (range(30, 35), [25, 26, 27, 28, 30]),      # 5 shared slices mid-scan: every 10-slice slab holds them all
+    (range(45, 50), [40]),                      # at the scan's top edge: the one slab inside the scan
+    (range(10, 30), [10, 12, 15, 17, 20]),      # 20 slices: the slabs lie within them
+])
+def test_cut_slabs_hold_liver_and_spleen_and_stay_inside_the_scan(mod, rows, expected):
+    ref = np.zeros((50, 3, 3), np.uint8)
+    ref[:, 0] = 1                               # liver on every slice
+    ref[list(rows), 1] = 2                      # spleen on `rows`
+    starts = mod.slab_starts(ref, 1, 2, 10)
+    assert starts == expected
+    assert all(0 <= k and k + 10 <= 50 for k in starts)
+    with pytest.raises(ValueError, match="fewer than one 60-slice slab"):
+        mod.slab_starts(ref, 1, 2, 60)
+
+
 def test_false_organ_ml_counts_only_organs_the_reference_lacks(mod):
     ref = np.zeros((4, 5, 6), np.uint8)
     ref[:2] = 1                                   # liver in the reference

@@ -3,9 +3,9 @@
 A leave-one-out fold package (networks trained without patient P: `train_prepared.py all ...
 --exclude P`; atlases built without P: `build_atlas_model.py --exclude P`) segments P's CT,
 scored against P's reference labels (TotalSegmentator ids or the model's values):
-- fused, at each network weight asked for: the whole held-out scan, and five 40 mm slabs cut
-  from it evenly over the slices that hold both liver and spleen (the "cut slabs": what the
-  DICOM slab is, on a patient with a reference); mean Dice of the organs each reference holds;
+- fused, at each network weight asked for: the whole held-out scan, and up to five 40 mm slabs
+  cut from it where it holds both liver and spleen (the "cut slabs": what the DICOM slab is, on
+  a patient with a reference; `slab_starts`); mean Dice of the organs each reference holds;
 - the atlas prior alone (its argmax, no network): the same whole scan and cut slabs;
 - false organs: ml labelled as organs that a slab's reference does not hold at all, on five
   40 mm slabs spread over the whole scan length (lower-abdomen slabs show what a network
@@ -77,13 +77,20 @@ class RegisterOnce(Segmenter):
 
 
 def slab_starts(ref: np.ndarray, liver: int, spleen: int, slices: int) -> list[int]:
-    """First slices of the five cut slabs (`slices` long, of the (z, y, x) `ref`), evenly over
-    the slices that hold both liver and spleen: the first starts at the lowest such slice, the
-    last ends at the highest (past it when that range is shorter than a slab)."""
+    """First slices of the cut slabs (`slices` long, inside the (z, y, x) `ref`): five placed
+    evenly among the slabs that hold the most slices with both liver and spleen, duplicates
+    dropped. Where that range is longer than a slab, the slabs lie within it (the first starts at
+    its lowest slice, the last ends at its highest); where shorter, each slab holds all of it;
+    where it ends at the scan's edge, fewer (s0009: its liver and spleen share the top 14 slices
+    of its scan, and one 40 mm slab holds them)."""
     both = np.nonzero((ref == liver).any((1, 2)) & (ref == spleen).any((1, 2)))[0]
     if both.size == 0:
         raise ValueError("the reference holds no slice with both liver and spleen: no cut slabs")
-    return [int(both[0] + f * (len(both) - slices)) for f in FRACTIONS]
+    if slices > ref.shape[0]:
+        raise ValueError(f"the scan has {ref.shape[0]} slices, fewer than one {slices}-slice slab")
+    lo, hi = sorted((int(both[0]), int(both[-1]) - slices + 1))
+    lo, hi = min(max(lo, 0), ref.shape[0] - slices), min(max(hi, 0), ref.shape[0] - slices)
+    return sorted({int(lo + f * (hi - lo)) for f in FRACTIONS})
 
 
 def span_starts(depth: int, slices: int) -> list[int]:
@@ -136,10 +143,13 @@ def check(model: ModelPackage, ct: sitk.Image, ref: sitk.Image, weights: list[fl
                            for i, r in zip(span_imgs, span_refs)]
         out["fused"][f"{w:g}"] = row
     if spec is not None:
-        alone: list[dict[str, float | None]] = []
+        alone = []
         for image, r in zip(whole_img + cut_imgs, whole_ref + cut_refs):
             labels = seg.prior_labels(image)
-            alone.append(dice_per_organ(labels, r, values)[0] if labels is not None else {"mean": None})
+            if labels is None:                # atlases skipped (too little body): they give nothing
+                labels = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+                labels.CopyInformation(image)
+            alone.append(dice_per_organ(labels, r, values)[0])
         out["atlases_alone"] = _summary(alone[0], alone[1:], organs)
     return out
 
@@ -152,8 +162,8 @@ def markdown(result: dict[str, Any], organs: list[str]) -> str:
     def organ_cells(row: dict[str, Any]) -> list[str]:
         return [f"{cell(row['organs'][o]['whole'])[:4]} / {cell(row['organs'][o]['slabs'])[:4]}" for o in organs]
 
-    lines = [f"{result['model']}: whole held-out scan / five cut {SLAB_MM:g} mm slabs (mean Dice of the organs "
-             "each reference holds)", "",
+    lines = [f"{result['model']}: whole held-out scan / {len(result['cut_slabs'])} cut {SLAB_MM:g} mm slab(s) "
+             "(mean Dice of the organs each reference holds)", "",
              "| | whole | cut slabs | " + " | ".join(organs) + " | false organs on spread slabs (ml) |",
              "|---|---:|---:|" + "---:|" * len(organs) + "---|"]
     for w, row in result["fused"].items():
