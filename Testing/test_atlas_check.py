@@ -194,3 +194,74 @@ def test_the_report_says_what_to_review_and_what_the_check_was_of() -> None:
                                "candidate_regions": {"refine_iterations_liver": 3.0}}, labels)
     assert "(The atlas check below is of the cascade's labels, before --refine.)" in refined
     assert "Atlas check" not in report_markdown({**base, "candidate_regions": {}}, labels)
+
+
+def test_mixup_relabel_takes_the_atlases_organ_where_they_agree_among_the_named_organs() -> None:
+    """10 mm voxels. The atlases say spleen at 0.8 on slices 0-19, left kidney at 0.6 (under the
+    share) on slices 20-39, aorta at 0.9 on slices 40-49; the prior's grid ends at slice 50."""
+    grid = _grid((4, 10, 60), 10.0)
+    prior = torch.zeros((5, 50, 10, 4))                               # background, liver, spleen, kidney_left, aorta
+    prior[:, :20] = torch.tensor([0.1, 0.0, 0.8, 0.1, 0.0])[:, None, None, None]
+    prior[:, 20:40] = torch.tensor([0.2, 0.2, 0.0, 0.6, 0.0])[:, None, None, None]
+    prior[:, 40:] = torch.tensor([0.1, 0.0, 0.0, 0.0, 0.9])[:, None, None, None]
+    fused = GridPrior(prior, _grid((4, 10, 50), 10.0), grid, 0.5)
+    lab = torch.zeros((60, 10, 4), dtype=torch.uint8)
+    lab[:10, :5] = 3                      # left kidney where the atlases agree on spleen: -> spleen
+    lab[10:20, :5] = 4                    # aorta there: not one of the organs, kept
+    lab[20:40] = 2                        # spleen where no organ has the share: kept
+    lab[40:50, :5] = 1                    # liver where they agree on the aorta (not named): kept
+    lab[50:] = 3                          # past the prior's grid: kept
+    out = fused.relabel_mixups(lab, 0.7, [1, 2, 3])
+    expected = lab.clone()
+    expected[:10, :5] = 2
+    assert torch.equal(out, expected)
+    assert torch.equal(fused.relabel_mixups(lab, 0.85, [1, 2, 3]), lab)        # 0.8 is under the share
+    assert torch.equal(fused.relabel_mixups(lab, 0.7, [1, 3]), lab)            # spleen not named
+
+
+def test_mixup_settings_default_off_round_trip_and_are_checked() -> None:
+    from CascadeSegLib.errors import ModelError
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+
+    shipped = load_model()
+    assert shipped.atlas_prior is not None and shipped.atlas_prior.mixup_share == 0.0
+    raw = shipped.atlas_prior.to_json()
+    assert "mixup_share" not in raw and "mixup_organs" not in raw      # packages written as before
+    on = AtlasPriorSpec.from_json({**raw, "mixup_share": 0.7, "mixup_organs": ["spleen", "kidney_left"]})
+    assert on.to_json()["mixup_organs"] == ["spleen", "kidney_left"]
+    assert AtlasPriorSpec.from_json(on.to_json()) == on
+    for bad in ({"mixup_share": 0.4, "mixup_organs": ["spleen", "liver"]},
+                {"mixup_share": 1.5, "mixup_organs": ["spleen", "liver"]},
+                {"mixup_share": 0.7, "mixup_organs": ["spleen"]}):
+        with pytest.raises(ValueError, match="mixup_share must lie in"):
+            AtlasPriorSpec.from_json({**raw, **bad})
+    shipped.atlas_prior = AtlasPriorSpec.from_json({**raw, "mixup_share": 0.7, "mixup_organs": ["spleen", "lung"]})
+    with pytest.raises(ModelError, match=r"mixup_organs names unknown organs \['lung'\]"):
+        ModelPackage.from_json(json.loads(json.dumps(shipped.to_json())))
+
+
+def test_mixup_relabel_gives_a_swapped_network_its_organs_back(swapped_model: Path, sample_ct_path: Path) -> None:
+    """The network that calls the spleen left kidney and back: with the atlases deciding which
+    organ among liver, spleen, kidneys and stomach, both organs come back on the sample CT."""
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+
+    reference = Path(__file__).resolve().parent.parent / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
+    model = ModelPackage.load(swapped_model)
+    ct = read_image(sample_ct_path)
+    names = ["liver", "spleen", "kidney_right", "kidney_left", "stomach"]
+    ts_ids = {"spleen": 1, "kidney_left": 3}                          # TotalSegmentator v2 ids
+    ref = sitk.GetArrayFromImage(sitk.Resample(sitk.ReadImage(str(reference)), ct, sitk.Transform(),
+                                               sitk.sitkNearestNeighbor, 0))
+
+    def dice(labels: sitk.Image, organ: str) -> float:
+        a, b = sitk.GetArrayViewFromImage(labels) == model.labels.by_name(organ).value, ref == ts_ids[organ]
+        return float(2 * (a & b).sum() / (a.sum() + b.sum()))
+
+    before = Segmenter(model, device="cpu").segment(ct)
+    assert model.atlas_prior is not None
+    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "mixup_share": 0.7,
+                                                  "mixup_organs": names})
+    after = Segmenter(model, device="cpu").segment(ct)
+    for organ in ("spleen", "kidney_left"):
+        assert dice(before.labels, organ) < 0.3 < 0.7 < dice(after.labels, organ)
+    assert not [c for c in after.atlas_conflicts if c.flagged]

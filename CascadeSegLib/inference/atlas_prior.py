@@ -127,8 +127,15 @@ class AtlasPriorSpec:
     # (4 mm grid, a few centimetres of anatomy) softer fields lost. See the recipe's fourteenth round.
     demons_smoothing: float = LEGACY_DEMONS_SMOOTHING
     slab_demons_smoothing: float = LEGACY_DEMONS_SMOOTHING
+    # > 0: organ identity from the atlases. A voxel the fused result gives to one of
+    # `mixup_organs` where at least this share of the atlases' vote goes to another of them
+    # takes the atlases' organ (a spleen labelled left kidney); borders stay the network's.
+    # 0 (every package so far): the result is kept, and only the atlas check reports such regions.
+    mixup_share: float = 0.0
+    mixup_organs: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
+        mixups = {"mixup_share": self.mixup_share, "mixup_organs": list(self.mixup_organs)} if self.mixup_share else {}
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
@@ -136,7 +143,7 @@ class AtlasPriorSpec:
                 "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm,
                 "local_weight_power": self.local_weight_power, "local_weight_sigma_mm": self.local_weight_sigma_mm,
                 "linear_iterations": self.linear_iterations, "demons_smoothing": self.demons_smoothing,
-                "slab_demons_smoothing": self.slab_demons_smoothing}
+                "slab_demons_smoothing": self.slab_demons_smoothing} | mixups
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -154,7 +161,9 @@ class AtlasPriorSpec:
                               local_weight_sigma_mm=float(d.get("local_weight_sigma_mm", 2.0)),
                               linear_iterations=int(d.get("linear_iterations", LEGACY_LINEAR_ITERATIONS)),
                               demons_smoothing=float(d.get("demons_smoothing", LEGACY_DEMONS_SMOOTHING)),
-                              slab_demons_smoothing=float(d.get("slab_demons_smoothing", LEGACY_DEMONS_SMOOTHING)))
+                              slab_demons_smoothing=float(d.get("slab_demons_smoothing", LEGACY_DEMONS_SMOOTHING)),
+                              mixup_share=float(d.get("mixup_share", 0.0)),
+                              mixup_organs=tuple(str(o) for o in d.get("mixup_organs", ())))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -168,6 +177,9 @@ class AtlasPriorSpec:
                 or not spec.slab_demons_smoothing > 0:
             raise ValueError("atlas_prior needs linear_iterations >= 1, demons_iterations >= 0 and "
                              "demons_smoothing, slab_demons_smoothing > 0")
+        if spec.mixup_share and not (0.5 < spec.mixup_share <= 1.0 and len(spec.mixup_organs) >= 2):
+            raise ValueError("atlas_prior mixup_share must lie in (0.5, 1] (a majority) and name at least two "
+                             "mixup_organs, or be 0")
         return spec
 
     def files(self) -> list[tuple[str, str]]:
@@ -510,6 +522,22 @@ class GridPrior:
         index = np.argwhere(agreed > 0)
         return (agreed[tuple(index.T)].astype(np.int64),
                 _lookup(labels.cpu().numpy(), self.target, self.source, index, fill=0).astype(np.int64))
+
+    def relabel_mixups(self, labels: torch.Tensor, min_share: float, organs: Sequence[int]) -> torch.Tensor:
+        """`labels` (uint8 on `target`) where each voxel of one of `organs` that at least `min_share`
+        of the atlases' vote gives to another of `organs` (at the nearest prior voxel) takes that
+        organ: the atlases decide which organ, the labels where (AtlasPriorSpec.mixup_share)."""
+        arr = labels.cpu().numpy().copy()
+        allowed = np.zeros(256, bool)
+        allowed[list(organs)] = True
+        index = np.argwhere(allowed[arr])
+        if index.size == 0:
+            return labels
+        agreed = _lookup(self._agreed(min_share), self.source, self.target, index, fill=0)
+        own = arr[tuple(index.T)]
+        switch = allowed[agreed] & (agreed != own)
+        arr[tuple(index[switch].T)] = agreed[switch]
+        return torch.from_numpy(arr).to(labels.device)
 
     def _agreed(self, min_share: float) -> np.ndarray:
         """uint8 (z, y, x) on `source`: the organ that gets at least `min_share` of the vote, else 0

@@ -341,6 +341,10 @@ class Segmenter:
                 final = torch.where(c2, final, atlas.labels())
                 if probs is not None:                        # saved scores = what the labels came from
                     probs = atlas.fuse_into(probs, c2)
+                spec = model.atlas_prior
+                if spec is not None and spec.mixup_share > 0:
+                    final = atlas.relabel_mixups(final, spec.mixup_share,
+                                                 [model.labels.by_name(o).value for o in spec.mixup_organs])
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values,
                                                 atlas.plausible if atlas is not None else None)
