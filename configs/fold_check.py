@@ -176,6 +176,26 @@ def markdown(result: dict[str, Any], organs: list[str]) -> str:
     return "\n".join(lines)
 
 
+def with_settings(model: ModelPackage, settings: list[str]) -> ModelPackage:
+    """`model` with its atlas_prior settings changed (KEY=JSON each), checked as model.json is."""
+    if model.atlas_prior is None:
+        raise ValueError("the model has no atlas_prior")
+    raw = model.atlas_prior.to_json()
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in raw and key not in ("mixup_share", "mixup_organs"):
+            raise ValueError(f"{item!r} is not KEY=VALUE with a known atlas_prior KEY")
+        try:
+            raw[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"{item!r}: the value is not JSON") from None
+    model.atlas_prior = atlas_prior.AtlasPriorSpec.from_json(raw)
+    unknown = set(model.atlas_prior.mixup_organs) - set(model.labels.names)
+    if unknown:
+        raise ValueError(f"mixup_organs names unknown organs {sorted(unknown)}")
+    return model
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="the fold's package: networks and atlases without the patient")
@@ -183,9 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labels", required=True, help="its reference labels (TotalSegmentator ids)")
     ap.add_argument("--weights", type=float, nargs="+", default=None,
                     help="network weights to fuse with (default: the package's own)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=JSON",
+                    help="change atlas_prior settings for this check, e.g. mixup_share=0.7 "
+                         "'mixup_organs=[\"liver\", \"spleen\"]'")
     ap.add_argument("--json", default=None, help="also write the numbers to this file")
     args = ap.parse_args(argv)
     model = ModelPackage.load(args.model)
+    if args.set:
+        try:
+            model = with_settings(model, args.set)
+        except ValueError as exc:
+            print(f"error: --set: {exc}", file=sys.stderr)
+            return 2
     weights = args.weights or [model.atlas_prior.network_weight if model.atlas_prior is not None else 1.0]
     if any(not 0.0 <= w <= 1.0 for w in weights):
         print("error: --weights must lie in [0, 1]", file=sys.stderr)
