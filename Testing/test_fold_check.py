@@ -133,3 +133,17 @@ def test_the_whole_check_on_the_sample_ct(mod, sample_ct_path, tmp_path, capsys)
     assert row["whole"] > 0.5 and row["organs"]["liver"]["whole"] > 0.9
     assert len(result["cut_slabs"]) == 5 and len(row["false_ml"]) == 5
     assert f"| fused, w 1 | {row['whole']:.4f} | {row['slabs']:.4f} |" in table
+
+
+def test_settings_are_changed_as_model_json_would_be_read(mod):
+    model = mod.with_settings(load_model("abdomen-ct"), ["mixup_share=0.8", 'mixup_organs=["spleen", "kidney_left"]',
+                                                         "network_weight=0.9"])
+    assert model.atlas_prior.mixup_share == 0.8 and model.atlas_prior.network_weight == 0.9
+    assert model.atlas_prior.mixup_organs == ("spleen", "kidney_left")
+    for bad, message in ((["network_weight=1.5"], "outside"), (["no_such_key=1"], "known atlas_prior KEY"),
+                         (["mixup_share=0.8", 'mixup_organs=["spleen", "lung"]'], "unknown organs"),
+                         (["network_weight=0,5"], "not JSON")):
+        with pytest.raises(ValueError, match=message):
+            mod.with_settings(load_model("abdomen-ct"), bad)
+    with pytest.raises(ValueError, match="no atlas_prior"):
+        mod.with_settings(load_model("abdomen-ct-demo"), ["network_weight=0.5"])
