@@ -72,10 +72,19 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     assert atlas_check.atlas_conflicts(lab, fused, labels) == []
 
 
+def _without_mixups(model: ModelPackage) -> ModelPackage:
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+
+    assert model.atlas_prior is not None
+    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "mixup_share": 0.0})
+    return model
+
+
 @pytest.fixture(scope="module")
 def swapped_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The default model with stage 2's spleen and left-kidney outputs swapped."""
-    model = load_model()
+    """The default model with stage 2's spleen and left-kidney outputs swapped, the atlases'
+    organ-identity step off (what the check is for is seeing such a mix-up)."""
+    model = _without_mixups(load_model())
     folder = tmp_path_factory.mktemp("swapped")
     spleen, kidney = model.labels.by_name("spleen").value, model.labels.by_name("kidney_left").value
     states = [model.load_weights(i) for i in range(len(model.stages))]
@@ -131,7 +140,7 @@ def test_a_network_that_never_finds_the_spleen_is_flagged(sample_ct_path: Path,
     """Stage 2 with the spleen's output pushed to -1000. With the network weighted 0.9 (2.1.0-2.7.0)
     the fused labels lose the spleen, and the region the atlases agree is spleen is reported
     missed (the liver, found, is not); at the shipped equal weight the atlases give part of it back."""
-    model = load_model()
+    model = _without_mixups(load_model())
     states = [model.load_weights(i) for i in range(len(model.stages))]
     states[1]["head.bias"] = states[1]["head.bias"].clone()
     states[1]["head.bias"][model.labels.by_name("spleen").value] = -1000.0
@@ -224,9 +233,11 @@ def test_mixup_settings_default_off_round_trip_and_are_checked() -> None:
     from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
 
     shipped = load_model()
-    assert shipped.atlas_prior is not None and shipped.atlas_prior.mixup_share == 0.0
-    raw = shipped.atlas_prior.to_json()
-    assert "mixup_share" not in raw and "mixup_organs" not in raw      # packages written as before
+    assert shipped.atlas_prior is not None and shipped.atlas_prior.mixup_share == 0.7      # abdomen-ct 2.10.0
+    assert shipped.atlas_prior.mixup_organs == ("liver", "spleen", "kidney_right", "kidney_left", "stomach")
+    raw = {k: v for k, v in shipped.atlas_prior.to_json().items() if not k.startswith("mixup")}
+    off = AtlasPriorSpec.from_json(raw)                                 # a package that does not name it
+    assert off.mixup_share == 0.0 and off.to_json() == raw              # ... is written as before
     on = AtlasPriorSpec.from_json({**raw, "mixup_share": 0.7, "mixup_organs": ["spleen", "kidney_left"]})
     assert on.to_json()["mixup_organs"] == ["spleen", "kidney_left"]
     assert AtlasPriorSpec.from_json(on.to_json()) == on

@@ -131,6 +131,12 @@ def main() -> int:
                          "255, no vote, or keep them (before 2.7.0)")
     ap.add_argument("--misregistered-margin-mm", type=float, default=6.0,
                     help="disagreement within this distance is a boundary, kept")
+    ap.add_argument("--mixup-share", type=float, default=0.7,
+                    help="where at least this share of the atlases' vote goes to one of --mixup-organs, a voxel "
+                         "the result gives to another of them takes the atlases' organ (abdomen-ct 2.10.0: 0.7, "
+                         "the atlas check's consensus); 0: off (before 2.10.0)")
+    ap.add_argument("--mixup-organs", nargs="+", default=["liver", "spleen", "kidney_right", "kidney_left", "stomach"],
+                    help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
     args = ap.parse_args()
 
     raw = json.loads(MAIN.read_text(encoding="utf-8"))
@@ -161,7 +167,9 @@ def main() -> int:
                                       local_weight_sigma_mm=args.local_weight_sigma_mm,
                                       linear_iterations=args.linear_iterations,
                                       demons_smoothing=args.demons_smoothing,
-                                      slab_demons_smoothing=args.slab_demons_smoothing)
+                                      slab_demons_smoothing=args.slab_demons_smoothing,
+                                      mixup_share=args.mixup_share,
+                                      mixup_organs=tuple(args.mixup_organs) if args.mixup_share else ())
     base.description = (f"Cascade (Roth et al. 2018) for 10 abdominal structures: the {network} networks fused "
                         f"with {len(atlases)} registered atlases; research use, not for clinical decisions.")
     base.license = (f"networks: {base.license or 'see the base model'}; atlases: CC-BY-4.0, derived from the "
