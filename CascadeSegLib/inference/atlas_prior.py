@@ -129,7 +129,7 @@ class AtlasPriorSpec:
     slab_demons_smoothing: float = LEGACY_DEMONS_SMOOTHING
     # > 0: organ identity from the atlases. A voxel the fused result gives to one of
     # `mixup_organs` where at least this share of the atlases' vote goes to another of them
-    # takes the atlases' organ (a spleen labelled left kidney); borders stay the network's.
+    # takes the atlases' organ (a spleen labelled left kidney); borders stay the fused result's.
     # 0 (every package so far): the result is kept, and only the atlas check reports such regions.
     mixup_share: float = 0.0
     mixup_organs: tuple[str, ...] = ()
