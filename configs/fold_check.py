@@ -45,17 +45,22 @@ SLAB_MM = 40.0
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def _geometry(image: sitk.Image) -> tuple:
+    """What identifies an image here: stage 2's grid, and so its prior, follow from it."""
+    return image.GetSize() + image.GetOrigin() + image.GetSpacing()
+
+
 class RegisterOnce(Segmenter):
-    """A Segmenter that keeps each image's registered atlases (keyed by the image's and stage
-    2's grids) and fuses them with the package's current network weight: `spec.network_weight`
-    may change between calls."""
+    """A Segmenter that keeps each image's registered atlases (keyed by the image's geometry) and
+    fuses them with the package's current network weight: `spec.network_weight` may change
+    between calls."""
 
     def __init__(self, model: ModelPackage) -> None:
         super().__init__(model, device="cpu")
         self.priors: dict[tuple, atlas_prior.GridPrior | None] = {}
 
     def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> atlas_prior.GridPrior | None:
-        key = tuple(g.GetSize() + g.GetOrigin() + g.GetSpacing() for g in (image, grid))
+        key = _geometry(image)
         if key not in self.priors:
             self.priors[key] = super()._atlas_prior(image, grid, t)
         cached = self.priors[key]
@@ -66,14 +71,14 @@ class RegisterOnce(Segmenter):
     def prior_labels(self, image: sitk.Image) -> sitk.Image | None:
         """The atlas prior's own labels (its argmax, no network) on `image`'s grid, from the
         registrations `segment(image)` made; None where the atlases were skipped."""
-        for key, fusion in self.priors.items():
-            if key[0] == image.GetSize() + image.GetOrigin() + image.GetSpacing():
-                if fusion is None:
-                    return None
-                labels = sitk.GetImageFromArray(fusion.labels().cpu().numpy())
-                labels.CopyInformation(fusion.target)
-                return resample_labels_to(labels, image, edge=1)
-        raise KeyError("segment the image first")
+        if _geometry(image) not in self.priors:
+            raise KeyError("segment the image first")
+        fusion = self.priors[_geometry(image)]
+        if fusion is None:
+            return None
+        labels = sitk.GetImageFromArray(fusion.labels().cpu().numpy())
+        labels.CopyInformation(fusion.target)
+        return resample_labels_to(labels, image, edge=1)
 
 
 def slab_starts(ref: np.ndarray, liver: int, spleen: int, slices: int) -> list[int]:
