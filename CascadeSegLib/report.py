@@ -66,8 +66,10 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
     if "atlas_prior_used" in stats:     # a model with atlases: say whether they shaped this result
         where = "this slab (placed by a translation search)" if stats.get("atlas_prior_slab") else "this scan"
         votes = ", each voting by how well it matches the scan locally," if stats.get("atlas_prior_weighted") else ""
-        lines += [f"Atlas prior: {int(stats.get('atlas_prior_atlases', 0))} atlases registered onto {where}{votes} "
-                  "and fused with stage 2" if stats["atlas_prior_used"] else
+        own_hu = (" weighted by each organ's HU in this scan," if votes else ", weighted by each organ's HU in this "
+                  "scan,") if stats.get("atlas_prior_intensity") else ""
+        lines += [f"Atlas prior: {int(stats.get('atlas_prior_atlases', 0))} atlases registered onto {where}{votes}"
+                  f"{own_hu} and fused with stage 2" if stats["atlas_prior_used"] else
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
     refined = any(k.startswith("refine_iterations_") for k in stats)

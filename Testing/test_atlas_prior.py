@@ -700,6 +700,13 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
             "locally, and fused with stage 2") in weighted
     assert "Atlas prior: 10 atlases registered onto this scan and fused with stage 2" in used
+    own_hu = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_weighted": 1.0,
+                                                           "atlas_prior_intensity": 1.0}}, labels)
+    assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
+            "locally, weighted by each organ's HU in this scan, and fused with stage 2") in own_hu
+    own_hu_only = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_intensity": 1.0}}, labels)
+    assert ("Atlas prior: 10 atlases registered onto this scan, weighted by each organ's HU in this scan, and fused "
+            "with stage 2") in own_hu_only
 
 
 def test_saved_probabilities_are_the_scores_the_labels_come_from(atlas_package: Path,
@@ -731,3 +738,85 @@ def test_saved_probabilities_are_the_scores_the_labels_come_from(atlas_package: 
     assert agree[organs].mean() > 0.98 and agree[outside].mean() > 0.98
     # every voxel labelled as an organ lies in the box: nothing the labels hold is cut away
     assert int((sitk.GetArrayFromImage(result.labels) > 0).sum()) == int(organs.sum())
+
+
+def _smeared_prior(lab: sitk.Image, grid: sitk.Image, shift_mm: float, sigma_mm: float) -> torch.Tensor:
+    """A prior like misregistered atlases give: the labels moved by `shift_mm` along every axis,
+    one-hot and Gaussian smoothed, on `grid`."""
+    moved = sitk.Image(lab)
+    moved.SetOrigin([o + shift_mm for o in lab.GetOrigin()])
+    arr = torch.from_numpy(sitk.GetArrayFromImage(resample(moved, grid, "nearest", 0, sitk.sitkUInt8)).astype(np.int64))
+    onehot = torch.nn.functional.one_hot(arr, 11).permute(3, 0, 1, 2).float()
+    prior = ap.gaussian_smooth(onehot, [sigma_mm / s for s in grid.GetSpacing()[::-1]])
+    return prior / prior.sum(0, keepdim=True)
+
+
+@pytest.mark.parametrize("enhance_hu", [0.0, 80.0])
+def test_intensity_refinement_moves_borders_to_where_the_patients_hu_are(sample: tuple[sitk.Image, sitk.Image],
+                                                                          enhance_hu: float) -> None:
+    """A prior 6 mm off and smeared loses the liver's and spleen's borders; each class's HU
+    histogram over its core, taken from this patient, puts them back, also when the organs
+    are brighter than any atlas made them (a contrast phase the atlases never saw)."""
+    ct, lab = sample
+    grid = grid_for_spacing(ct, [3.0] * 3)
+    truth = sitk.GetArrayFromImage(resample(lab, grid, "nearest", 0, sitk.sitkUInt8))
+    hu = sitk.GetArrayFromImage(resample(ct, grid, "linear", -1024.0, sitk.sitkFloat32))
+    hu[(truth == 1) | (truth == 2)] += enhance_hu
+    target = torch.from_numpy(hu).clamp(-200.0, 300.0)
+    prior = _smeared_prior(lab, grid, 6.0, 6.0)
+    refined = ap.intensity_refined(prior, target, (-200.0, 300.0), 1.0, 0.7)
+    assert refined.shape == prior.shape and not bool(refined.isnan().any())
+    assert torch.allclose(refined.sum(0), torch.ones(()), atol=1e-4)
+    for organ in (1, 2):                                      # liver, spleen
+        before = _dice(prior.argmax(0).numpy() == organ, truth == organ)
+        after = _dice(refined.argmax(0).numpy() == organ, truth == organ)
+        assert after > before + 0.03, (organ, before, after)
+
+
+def test_cores_are_where_a_class_is_most_likely_and_a_class_without_one_keeps_its_prior() -> None:
+    """A class the atlases never place above the core share (a pancreas) takes its core where it
+    is the most likely class and reaches 0.8 of its own highest prior. A class that is nowhere
+    the most likely has no core, even where its prior is 0.8 of its highest (air, on a slab the
+    atlases barely cover, was once a gallbladder's core): it keeps its prior exactly, and the
+    classes with cores share the rest by their HU."""
+    n = 400
+    fat, organ = slice(0, n // 2), slice(n // 2, n)
+    hu = torch.full((1, 1, n), -100.0)
+    hu[..., organ] = 60.0
+    prior = torch.zeros(4, 1, 1, n)
+    prior[:, ..., fat] = torch.tensor([0.55, 0.15, 0.30, 0.0])[:, None, None, None]
+    prior[:, ..., organ] = torch.tensor([0.35, 0.45, 0.20, 0.0])[:, None, None, None]
+    refined = ap.intensity_refined(prior, hu, (-200.0, 300.0), 1.0, 0.7)
+    assert torch.allclose(refined.sum(0), torch.ones(()), atol=1e-5)
+    assert torch.equal(refined[2], prior[2]) and torch.equal(refined[3], prior[3])
+    labels = refined.argmax(0).flatten()
+    assert labels[fat].eq(0).all() and labels[organ].eq(1).all()
+    assert float(refined[1, ..., fat].max()) < 0.01 and float(refined[0, ..., organ].max()) < 0.01
+    # without any core (a prior nobody is sure of anywhere) nothing changes
+    flat = torch.full((3, 1, 1, n), 1.0 / 3.0)
+    assert torch.equal(ap.intensity_refined(flat, hu, (-200.0, 300.0), 1.0, 0.7), flat)
+
+
+def test_packages_before_abdomen_ct_2_11_use_the_atlas_vote_alone(atlas_package: Path,
+                                                                  sample: tuple[sitk.Image, sitk.Image]) -> None:
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    legacy = ap.AtlasPriorSpec.from_json(old)
+    assert legacy.intensity_weight == 0.0 and "intensity_weight" not in legacy.to_json()
+    again = ap.AtlasPriorSpec.from_json({**old, "intensity_weight": 0.5, "intensity_core_share": 0.8})
+    assert (again.intensity_weight, again.intensity_core_share) == (0.5, 0.8)
+    assert ap.AtlasPriorSpec.from_json(again.to_json()) == again
+    for bad in ({"intensity_weight": -0.1}, {"intensity_weight": ap.MAX_INTENSITY_WEIGHT + 1},
+                {"intensity_weight": 0.5, "intensity_core_share": 0.5}):
+        with pytest.raises(ValueError, match="intensity_weight in"):
+            ap.AtlasPriorSpec.from_json({**old, **bad})
+    # A package that says so gets exactly the refined prior of its atlases' vote.
+    ct, _ = sample
+    pkg = ModelPackage.load(atlas_package)
+    assert pkg.atlas_prior is not None
+    grid = grid_for_spacing(ct, [3.0] * 3)
+    plain, _ = ap.atlas_prior(ct, grid, pkg.atlas_prior, atlas_package, 11, torch.device("cpu"))
+    pkg.atlas_prior.intensity_weight = 0.5
+    refined, _ = ap.atlas_prior(ct, grid, pkg.atlas_prior, atlas_package, 11, torch.device("cpu"))
+    hu = ap._soft_on_grid(ct, grid, pkg.atlas_prior.window_hu, torch.device("cpu"))
+    assert torch.equal(refined, ap.intensity_refined(plain, hu, pkg.atlas_prior.window_hu, 0.5, 0.7))
+    assert not torch.equal(refined, plain)

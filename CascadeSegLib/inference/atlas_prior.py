@@ -69,6 +69,15 @@ MAX_LOCAL_WEIGHT_POWER = 9.0
 #: most affine / similarity optimiser iterations per level of packages that do not say
 #: (`AtlasPriorSpec.linear_iterations`; abdomen-ct 2.5.0 says 50)
 LEGACY_LINEAR_ITERATIONS = 200
+#: most exponent of the patient's class HU likelihoods (`AtlasPriorSpec.intensity_weight`)
+MAX_INTENSITY_WEIGHT = 4.0
+#: HU bin width of the class histograms (`intensity_refined`), and their Gaussian smoothing in bins
+INTENSITY_BIN_HU = 5.0
+INTENSITY_SMOOTH_BINS = 2.0
+#: a class's core also holds the voxels where its prior reaches this share of its own highest prior
+INTENSITY_CORE_OF_MAX = 0.8
+#: a class with fewer core voxels than this has no intensity evidence and keeps its prior
+INTENSITY_MIN_CORE = 50
 #: Gaussian std (registration-grid voxels) of the demons displacement field, for packages that do
 #: not say (`AtlasPriorSpec.demons_smoothing`, `slab_demons_smoothing`; abdomen-ct 2.9.0 says 0.75
 #: for whole scans, 2.0 for slabs)
@@ -133,9 +142,17 @@ class AtlasPriorSpec:
     # 0 (every package so far): the result is kept, and only the atlas check reports such regions.
     mixup_share: float = 0.0
     mixup_organs: tuple[str, ...] = ()
+    # > 0: the prior is weighted by how each class's HU look in this patient (`intensity_refined`):
+    # prior * p(HU | class) ** intensity_weight, the class histograms taken from the voxels where at
+    # least `intensity_core_share` of the atlases' vote goes to that class. 0 (every package so far):
+    # the prior is the atlases' vote alone.
+    intensity_weight: float = 0.0
+    intensity_core_share: float = 0.7
 
     def to_json(self) -> dict[str, Any]:
         mixups = {"mixup_share": self.mixup_share, "mixup_organs": list(self.mixup_organs)} if self.mixup_share else {}
+        intensity = {"intensity_weight": self.intensity_weight,
+                     "intensity_core_share": self.intensity_core_share} if self.intensity_weight else {}
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
@@ -143,7 +160,7 @@ class AtlasPriorSpec:
                 "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm,
                 "local_weight_power": self.local_weight_power, "local_weight_sigma_mm": self.local_weight_sigma_mm,
                 "linear_iterations": self.linear_iterations, "demons_smoothing": self.demons_smoothing,
-                "slab_demons_smoothing": self.slab_demons_smoothing} | mixups
+                "slab_demons_smoothing": self.slab_demons_smoothing} | mixups | intensity
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -163,7 +180,9 @@ class AtlasPriorSpec:
                               demons_smoothing=float(d.get("demons_smoothing", LEGACY_DEMONS_SMOOTHING)),
                               slab_demons_smoothing=float(d.get("slab_demons_smoothing", LEGACY_DEMONS_SMOOTHING)),
                               mixup_share=float(d.get("mixup_share", 0.0)),
-                              mixup_organs=tuple(str(o) for o in d.get("mixup_organs", ())))
+                              mixup_organs=tuple(str(o) for o in d.get("mixup_organs", ())),
+                              intensity_weight=float(d.get("intensity_weight", 0.0)),
+                              intensity_core_share=float(d.get("intensity_core_share", 0.7)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -180,6 +199,9 @@ class AtlasPriorSpec:
         if spec.mixup_share and not (0.5 < spec.mixup_share <= 1.0 and len(spec.mixup_organs) >= 2):
             raise ValueError("atlas_prior mixup_share must lie in (0.5, 1] (a majority) and name at least two "
                              "mixup_organs, or be 0")
+        if not 0.0 <= spec.intensity_weight <= MAX_INTENSITY_WEIGHT or not 0.5 < spec.intensity_core_share <= 1.0:
+            raise ValueError(f"atlas_prior needs intensity_weight in [0, {MAX_INTENSITY_WEIGHT:g}] and "
+                             "intensity_core_share in (0.5, 1]")
         return spec
 
     def files(self) -> list[tuple[str, str]]:
@@ -347,7 +369,8 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     workers = max(1, min(2, len(spec.atlases), os.cpu_count() or 1))
 
     weighted = spec.local_weight_power > 0
-    target = _soft_on_grid(image, grid, spec.window_hu, device) if weighted else None
+    target = _soft_on_grid(image, grid, spec.window_hu, device) \
+        if weighted or spec.intensity_weight > 0 else None
     sigma_vox = [spec.local_weight_sigma_mm / s for s in grid.GetSpacing()[::-1]]
 
     def warp(atlas: AtlasSpec) -> tuple[AtlasSpec, torch.Tensor, torch.Tensor | None, float]:
@@ -359,10 +382,10 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one. Labels and CT are read
         # through one mapping of the grid (what sitk.Resample gives, in a third less time).
-        warped, moved = warp_onto_grid(transform, grid, labels, moving if target is not None else None,
+        warped, moved = warp_onto_grid(transform, grid, labels, moving if weighted else None,
                                        UNKNOWN_LABEL, spec.window_hu[0], device)
         weights = None
-        if target is not None and moved is not None:
+        if weighted and target is not None and moved is not None:
             weights = local_weights(moved.clamp(*spec.window_hu), target, sigma_vox, spec.local_weight_power)
         return atlas, warped, weights, time.perf_counter() - t0
 
@@ -382,9 +405,47 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
                         torch.full_like(counts, 1.0 / num_classes))
     prior = gaussian_smooth(prior, [spec.smoothing_mm / s for s in grid.GetSpacing()[::-1]])
     prior /= prior.sum(0, keepdim=True).clamp(min=1e-6)
+    if spec.intensity_weight > 0 and target is not None:
+        prior = intensity_refined(prior, target, spec.window_hu, spec.intensity_weight, spec.intensity_core_share)
     if progress is not None:
         progress(1.0, "atlases registered")
     return prior, seconds
+
+
+def intensity_refined(prior: torch.Tensor, hu: torch.Tensor, window_hu: tuple[float, float], weight: float,
+                      core_share: float) -> torch.Tensor:
+    """`prior` (K, z, y, x) weighted by each class's HU likelihood in this patient, to the power
+    `weight`: the atlases say roughly where an organ is, the patient's own image says where its
+    HU are (an atlas-guided classifier, as in atlas-based EM segmentation).
+
+    The likelihood p(HU | k) is the histogram (`INTENSITY_BIN_HU` bins over `window_hu`, Gaussian
+    smoothed) of `hu` (z, y, x, clipped to the window) over class k's core: the voxels where k
+    is the prior's most likely class and its prior reaches `core_share`, or
+    `INTENSITY_CORE_OF_MAX` of its own highest prior where that is lower (thin or variable
+    structures the atlases never quite agree on, such as the pancreas). Cores, not smeared
+    borders, so a contrast phase or scanner the atlases never saw sets its own intensities. A
+    class with fewer than `INTENSITY_MIN_CORE` core voxels has no evidence and keeps its prior;
+    the classes with cores share the rest of each voxel's prior in proportion to prior *
+    likelihood ** weight. One pass, no EM iterations: nothing feeds back."""
+    lo, hi = window_hu
+    bins = max(2, int(np.ceil((hi - lo) / INTENSITY_BIN_HU)))
+    index = ((hu - lo) / INTENSITY_BIN_HU).long().clamp(0, bins - 1).flatten()
+    k = prior.shape[0]
+    flat = prior.reshape(k, -1)
+    share, top = flat.max(0)
+    threshold = (INTENSITY_CORE_OF_MAX * flat.max(1).values).clamp(max=core_share)
+    # Each voxel is in at most one core, its most likely class's: one histogram pass for all.
+    in_core = share >= threshold[top]
+    hist = torch.bincount(top[in_core] * bins + index[in_core], minlength=k * bins).view(k, bins).float()
+    evidence = hist.sum(1) >= INTENSITY_MIN_CORE
+    if not bool(evidence.any()):
+        return prior
+    hist = gaussian_smooth(hist[evidence][:, None, None, :], [0.0, 0.0, INTENSITY_SMOOTH_BINS])[:, 0, 0, :]
+    likelihood = (hist / hist.sum(1, keepdim=True)).clamp(min=1e-6).pow(weight)
+    weighted = flat[evidence] * likelihood[:, index]
+    out = flat.clone()
+    out[evidence] = weighted * (flat[evidence].sum(0) / weighted.sum(0).clamp(min=1e-30))
+    return out.view(prior.shape)
 
 
 def _soft_tensor(image: sitk.Image, window_hu: tuple[float, float], device: torch.device) -> torch.Tensor:

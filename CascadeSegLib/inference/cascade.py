@@ -244,6 +244,7 @@ class Segmenter:
         self._stats["atlas_prior_slab"] = float(slab)
         self._stats["atlas_prior_atlases"] = float(len(seconds))
         self._stats["atlas_prior_weighted"] = float(spec.local_weight_power > 0)
+        self._stats["atlas_prior_intensity"] = float(spec.intensity_weight > 0)
         return fusion
 
     def _smaller_boxes(self, voxels: int) -> None:
