@@ -6,7 +6,9 @@ atlases (`"atlas_prior"` in model.json). Each is registered onto the patient (af
 information, then symmetric-forces demons, both on soft-tissue HU at a coarse spacing, 8 mm), its label
 map warped onto stage 2's grid, and the atlases averaged into a smoothed class prior (with
 `local_weight_power`, abdomen-ct 2.3.0 on, each atlas's vote weighted per voxel by how well its
-warped CT matches the patient's there: `local_weights`). Inside C2
+warped CT matches the patient's there: `local_weights`; with `intensity_weight`, abdomen-ct
+2.11.0 on, the prior is then weighted by each class's HU histogram in this patient, taken where
+the atlases are sure of the class: `intensity_refined`). Inside C2
 the label is argmax(w * p_network + (1 - w) * prior). With `candidates` (abdomen-ct 2.1.0 on)
 the prior's organs join C2 before its dilation, so stage 2 also looks where stage 1 missed an
 organ the atlases know, and outside C2 is background; without it, outside C2 (where the
