@@ -137,10 +137,12 @@ def test_the_whole_check_on_the_sample_ct(mod, sample_ct_path, tmp_path, capsys)
 
 def test_settings_are_changed_as_model_json_would_be_read(mod):
     model = mod.with_settings(load_model("abdomen-ct"), ["mixup_share=0.8", 'mixup_organs=["spleen", "kidney_left"]',
-                                                         "network_weight=0.9"])
+                                                         "network_weight=0.9", "intensity_weight=0.5"])
     assert model.atlas_prior.mixup_share == 0.8 and model.atlas_prior.network_weight == 0.9
+    assert model.atlas_prior.intensity_weight == 0.5
     assert model.atlas_prior.mixup_organs == ("spleen", "kidney_left")
     for bad, message in ((["network_weight=1.5"], "outside"), (["no_such_key=1"], "known atlas_prior KEY"),
+                         (['atlases=[]'], "known atlas_prior KEY"),
                          (["mixup_share=0.8", 'mixup_organs=["spleen", "lung"]'], "unknown organs"),
                          (["network_weight=0,5"], "not JSON")):
         with pytest.raises(ValueError, match=message):

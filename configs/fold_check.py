@@ -22,6 +22,7 @@ slabs); writes only the optional --json file.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,8 @@ from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage  # noqa: E402
 
 SLAB_MM = 40.0
+#: the atlas_prior settings --set may change (every field but the atlas list)
+KNOWN_SETTINGS = {f.name for f in dataclasses.fields(atlas_prior.AtlasPriorSpec)} - {"atlases"}
 FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -188,7 +191,7 @@ def with_settings(model: ModelPackage, settings: list[str]) -> ModelPackage:
     raw = model.atlas_prior.to_json()
     for item in settings:
         key, sep, value = item.partition("=")
-        if not sep or key not in raw and key not in ("mixup_share", "mixup_organs"):
+        if not sep or key not in KNOWN_SETTINGS:
             raise ValueError(f"{item!r} is not KEY=VALUE with a known atlas_prior KEY")
         try:
             raw[key] = json.loads(value)
