@@ -451,14 +451,19 @@ def test_the_packages_demons_smoothing_reaches_the_demons_filter(sample: tuple[s
     assert asked == [1.25 if slab else 0.75]
 
 
-def test_a_less_smoothed_demons_field_matches_another_patient_closer(sample: tuple[sitk.Image, sitk.Image]) -> None:
+def test_a_less_smoothed_demons_field_matches_another_patient_closer(sample: tuple[sitk.Image, sitk.Image],
+                                                                    request: pytest.FixtureRequest) -> None:
     """The sample CT registered onto s0009 (another patient): with the field smoothed by 0.75
     voxels (abdomen-ct 2.9.0) the warped CT differs less from s0009 than with 2.0 (before), and
-    the affine part is the same (the setting touches only the demons)."""
+    the affine part is the same, to the last bit (the setting touches only the demons, and one
+    thread makes the metric reproducible even where SimpleITK's global default is two)."""
     fixed = read_image(REPO_DIR / "Resources" / "TrainingData" / "totalsegmentator" / "s0009_ct.nii.gz")
     moving, _ = sample
     soft_fixed, soft_moving = ap.soft_tissue(fixed, 8.0), ap.soft_tissue(moving, 8.0)
     errors, affines = [], []
+    saved = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)   # what made the metric differ between runs
+    request.addfinalizer(lambda: sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved))
     for smoothing in (2.0, 0.75):
         transform = ap.register(fixed, moving, 8.0, demons_iterations=30, fixed_soft=soft_fixed, threads=1,
                                 linear_iterations=50, demons_smoothing=smoothing)
@@ -466,7 +471,7 @@ def test_a_less_smoothed_demons_field_matches_another_patient_closer(sample: tup
         difference = sitk.GetArrayViewFromImage(warped) - sitk.GetArrayViewFromImage(soft_fixed)
         errors.append(float(np.mean(difference ** 2)))
         affines.append(sitk.CompositeTransform(transform).GetNthTransform(0).GetParameters())
-    assert np.allclose(affines[0], affines[1], atol=1e-4)     # threads may round the metric differently
+    assert affines[0] == affines[1]     # one thread, whatever SimpleITK's global default: reproducible
     assert errors[1] < 0.9 * errors[0]
 
 

@@ -34,8 +34,9 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -274,16 +275,34 @@ def _linear_then_demons(fixed: sitk.Image, moving: sitk.Image, initial: sitk.Tra
     reg.SetSmoothingSigmasPerLevel(sigmas)
     reg.SetInitialTransform(initial, inPlace=False)
     demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(demons_iterations)
+    demons.SetStandardDeviations(demons_smoothing)
     if threads > 0:
         reg.SetNumberOfThreads(threads)
         demons.SetNumberOfThreads(threads)
-    linear = reg.Execute(fixed, moving)
-    aligned = sitk.Resample(moving, fixed, linear, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
-    demons.SetNumberOfIterations(demons_iterations)
-    demons.SetStandardDeviations(demons_smoothing)
-    displacement = demons.Execute(fixed, aligned)
+    # The metric's threads follow SimpleITK's global default, not the method's own setting: with
+    # more than one its sums (and so the affine) change from run to run in the last digits.
+    with itk_threads(threads):
+        linear = reg.Execute(fixed, moving)
+        aligned = sitk.Resample(moving, fixed, linear, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+        displacement = demons.Execute(fixed, aligned)
     disp = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
     return sitk.CompositeTransform([linear, disp])
+
+
+@contextmanager
+def itk_threads(threads: int) -> Iterator[None]:
+    """SimpleITK's global default number of threads set to `threads` (> 0) inside the block and
+    restored after; 0 leaves it alone."""
+    if threads <= 0:
+        yield
+        return
+    saved = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved)
 
 
 def body_box(soft: sitk.Image, margin: int = 2) -> sitk.Image:
@@ -396,12 +415,8 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     # ITK's multi-threaded metric sums its samples in whatever order threads finish: with more
     # than one thread per registration the answer changes from run to run. One thread each,
     # and the registrations side by side, is both reproducible and faster.
-    saved_threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
-    try:
+    with itk_threads(1):
         _register_all(spec, warp, workers, num_classes, counts, covered, seconds, progress, check_cancel)
-    finally:
-        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(saved_threads)
     reached = covered > 0
     prior = torch.where(reached, counts / torch.where(reached, covered, 1.0),
                         torch.full_like(counts, 1.0 / num_classes))
