@@ -164,10 +164,8 @@ def main() -> int:
     base.verify()
     settings = prior_settings(args)
     try:       # checked as model.json is read, before minutes of registrations
-        AtlasPriorSpec.from_json({**settings, "atlases": [{"name": "-", "image": "-", "labels": "-"}]})
-        unknown = set(settings.get("mixup_organs", ())) - set(base.labels.names)
-        if unknown:
-            raise ValueError(f"--mixup-organs names organs the model does not have: {sorted(unknown)}")
+        AtlasPriorSpec.from_json({**settings, "atlases": [{"name": "-", "image": "-", "labels": "-"}]}
+                                 ).check_organs(base.labels.names)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -198,9 +198,7 @@ def with_settings(model: ModelPackage, settings: list[str]) -> ModelPackage:
         except json.JSONDecodeError:
             raise ValueError(f"{item!r}: the value is not JSON") from None
     model.atlas_prior = atlas_prior.AtlasPriorSpec.from_json(raw)
-    unknown = set(model.atlas_prior.mixup_organs) - set(model.labels.names)
-    if unknown:
-        raise ValueError(f"mixup_organs names unknown organs {sorted(unknown)}")
+    model.atlas_prior.check_organs(model.labels.names)
     return model
 
 

@@ -123,10 +123,11 @@ class ModelPackage:
         unknown = set(pkg.largest_component) - set(pkg.labels.names)
         if unknown:
             raise ModelError(f"model {pkg.name}: postprocess names unknown organs {sorted(unknown)}; fix model.json")
-        unknown = set(pkg.atlas_prior.mixup_organs if pkg.atlas_prior else ()) - set(pkg.labels.names)
-        if unknown:
-            raise ModelError(f"model {pkg.name}: atlas_prior mixup_organs names unknown organs {sorted(unknown)}; "
-                             "fix model.json")
+        try:
+            if pkg.atlas_prior is not None:
+                pkg.atlas_prior.check_organs(pkg.labels.names)
+        except ValueError as exc:
+            raise ModelError(f"model {pkg.name}: {exc}; fix model.json") from None
         if not 1 <= len(pkg.stages) <= 2:
             raise ModelError(f"model {pkg.name} has {len(pkg.stages)} stages; a cascade has 1 or 2")
         for stage in pkg.stages:
