@@ -701,6 +701,9 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     on_slab = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_slab": 1.0}}, labels)
     assert "Atlas prior: 10 atlases registered onto this slab (placed by a translation search)" in on_slab
     assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
+    searched = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_search": 1.0}}, labels)
+    assert ("Atlas prior: 10 atlases registered onto this scan (each first placed where it correlates best) and "
+            "fused with stage 2") in searched
     weighted = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_weighted": 1.0}}, labels)
     assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
             "locally, and fused with stage 2") in weighted
@@ -825,3 +828,84 @@ def test_packages_before_abdomen_ct_2_11_use_the_atlas_vote_alone(atlas_package:
     hu = ap._soft_on_grid(ct, grid, pkg.atlas_prior.window_hu, torch.device("cpu"))
     assert torch.equal(refined, ap.intensity_refined(plain, hu, pkg.atlas_prior.window_hu, 0.5, 0.7))
     assert not torch.equal(refined, plain)
+
+
+#: a scan of the sample CT's upper 156 mm (slices 60-111: kidneys, liver, spleen, stomach) and an
+#: atlas of its lower 300 mm (slices 0-99) moved by this much: they share 120 mm along the body,
+#: and their centres of mass lie ~110 mm apart along it
+PART_SHIFT_MM = (10.0, -6.0, 40.0)
+
+
+def _upper_scan_and_lower_atlas(sample: tuple[sitk.Image, sitk.Image]
+                                ) -> tuple[sitk.Image, np.ndarray, sitk.Image, sitk.Image]:
+    ct, lab = sample
+    return ct[:, :, 60:112], sitk.GetArrayFromImage(lab[:, :, 60:112]), \
+        _moved(ct[:, :, 0:100], PART_SHIFT_MM), _moved(lab[:, :, 0:100], PART_SHIFT_MM)
+
+
+def test_search_placement_keeps_the_centres_of_mass_where_scan_and_atlas_cover_the_same_part(
+        sample: tuple[sitk.Image, sitk.Image]) -> None:
+    """The whole sample CT moved by 12 mm as the atlas: the search lands within the tolerance of
+    the centres of mass, so the registration is exactly the one packages before 2.12.0 make."""
+    ct, _ = sample
+    atlas = _moved(ct, (12.0, 12.0, 12.0))
+    fixed, moving = ap.soft_tissue(ct, 8.0), ap.soft_tissue(atlas, 8.0)
+    centres = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
+                                                sitk.CenteredTransformInitializerFilter.MOMENTS)
+    assert abs(ap.best_translation(fixed, moving, partial=True)[2] - centres.GetTranslation()[2]) \
+        < ap.PLACEMENT_TOLERANCE_MM
+    points = [ct.TransformIndexToPhysicalPoint(i) for i in ((10, 20, 30), (60, 50, 56), (100, 80, 100))]
+    moved = {placement: [ap.register(ct, atlas, spacing_mm=8.0, demons_iterations=5, linear_iterations=20,
+                                     threads=1, placement=placement).TransformPoint(p) for p in points]
+             for placement in ap.PLACEMENTS}
+    assert moved["search"] == moved["moments"]
+
+
+def test_search_placement_registers_an_atlas_where_centres_of_mass_mislead(
+        sample: tuple[sitk.Image, sitk.Image]) -> None:
+    """Lining up centres of mass starts the affine ~110 mm off, and no organ is found (Dice 0);
+    the partial search's placement (more than the tolerance from it) starts it near enough for
+    every organ of the shared part to be found (Dice > 0.9)."""
+    scan, truth, atlas_ct, atlas_labels = _upper_scan_and_lower_atlas(sample)
+    shared = np.zeros(truth.shape, bool)
+    shared[:40] = True                   # the scan's slices the atlas reaches (60-99)
+    dice = {}
+    for placement in ap.PLACEMENTS:
+        tx = ap.register(scan, atlas_ct, spacing_mm=8.0, demons_iterations=30, linear_iterations=50,
+                         demons_smoothing=0.75, placement=placement)
+        warped = sitk.GetArrayFromImage(sitk.Resample(atlas_labels, scan, tx, sitk.sitkNearestNeighbor, 0))
+        dice[placement] = [_dice((warped == v) & shared, (truth == v) & shared) for v in (1, 2, 3, 4)]
+    assert min(dice["search"]) > 0.9 and max(dice["moments"]) < 0.2, dice
+
+
+def test_a_package_that_searches_finds_the_organs_of_a_scan_of_another_part(
+        tmp_path: Path, sample: tuple[sitk.Image, sitk.Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 blinded: the liver is found only where the registered atlas puts it, in the scan
+    (156 mm, a whole scan, not a slab) its atlas covers only in part. It is, with placement
+    "search"; with "moments" (packages before abdomen-ct 2.12.0) it is not."""
+    scan, truth, atlas_ct, atlas_labels = _upper_scan_and_lower_atlas(sample)
+    _blind_stage1(monkeypatch)
+    pkg = ModelPackage.load(_one_atlas_package(tmp_path, atlas_ct, atlas_labels, candidates=True,
+                                               placement="search", linear_iterations=50))
+    assert pkg.atlas_prior is not None and pkg.to_json()["atlas_prior"]["placement"] == "search"
+    liver = {}
+    for placement in ("search", "moments"):
+        pkg.atlas_prior.placement = placement
+        result = Segmenter(pkg).segment(scan)
+        assert result.stats["atlas_prior_slab"] == 0.0
+        assert result.stats["atlas_prior_search"] == float(placement == "search")
+        out = result.labels
+        assert (out.GetOrigin(), out.GetSpacing(), out.GetDirection(), out.GetSize()) == \
+            (scan.GetOrigin(), scan.GetSpacing(), scan.GetDirection(), scan.GetSize())
+        liver[placement] = _dice(sitk.GetArrayFromImage(out)[:40] == 1, truth[:40] == 1)
+    assert liver["search"] > 0.85 > 0.2 > liver["moments"], liver
+
+
+def test_packages_before_abdomen_ct_2_12_line_up_centres_of_mass() -> None:
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    legacy = ap.AtlasPriorSpec.from_json(old)
+    assert legacy.placement == "moments" and "placement" not in legacy.to_json()
+    again = ap.AtlasPriorSpec.from_json({**old, "placement": "search"})
+    assert again.placement == "search" and ap.AtlasPriorSpec.from_json(again.to_json()) == again
+    with pytest.raises(ValueError, match="placement 'centre' is not one of moments, search"):
+        ap.AtlasPriorSpec.from_json({**old, "placement": "centre"})

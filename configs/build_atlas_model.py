@@ -27,7 +27,7 @@ import SimpleITK as sitk
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec, AtlasSpec  # noqa: E402
+from CascadeSegLib.inference.atlas_prior import PLACEMENTS, AtlasPriorSpec, AtlasSpec  # noqa: E402
 from CascadeSegLib.inference.preprocess import grid_for_spacing, resample  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.labels import UNKNOWN_LABEL  # noqa: E402
@@ -51,7 +51,9 @@ def atlas_cases(raw: dict, exclude: set[str], work: Path) -> list[Case]:
     names = [n for n in spec["atlases"] if n not in exclude]
     real = [Case(n, _resolve(by_name[n]["image"]), _resolve(by_name[n]["label"])) for n in names]
     excluded_labels = {_resolve(by_name[n]["label"]) for n in exclude if n in by_name}
-    maps = [m for m in spec["label_maps"] if _resolve(m) not in excluded_labels]
+    # a label-only anatomy is left out by its case name too (s0004: .../s0004_label.nii.gz)
+    maps = [m for m in spec["label_maps"]
+            if _resolve(m) not in excluded_labels and Path(m).name.split("_label")[0] not in exclude]
     synth = {"label_maps": maps, "atlases": names, "per_label_map": 0, "seed": spec.get("seed", 0),
              "spacing": spec.get("spacing"), "table": {"measure": names}}
     warped = synthetic_cases(synth, lambda p: _resolve(str(p)), real, work,
@@ -100,7 +102,7 @@ def prior_settings(args: argparse.Namespace) -> dict:
                 "local_weight_power": args.local_weight_power, "local_weight_sigma_mm": args.local_weight_sigma_mm,
                 "linear_iterations": args.linear_iterations, "demons_smoothing": args.demons_smoothing,
                 "slab_demons_smoothing": args.slab_demons_smoothing, "intensity_weight": args.intensity_weight,
-                "intensity_core_share": args.intensity_core_share}
+                "intensity_core_share": args.intensity_core_share, "placement": args.placement}
     if args.mixup_share:
         settings |= {"mixup_share": args.mixup_share, "mixup_organs": list(args.mixup_organs)}
     return settings
@@ -111,7 +113,8 @@ def main() -> int:
     ap.add_argument("-o", "--out", required=True, help="the package folder to write")
     ap.add_argument("--base", default=str(REPO / "Resources" / "Models" / "abdomen-ct-demo"),
                     help="the model package whose networks are used")
-    ap.add_argument("--exclude", default="", help="comma-separated cases to leave out (a held-out fold)")
+    ap.add_argument("--exclude", default="", help="comma-separated cases to leave out (a held-out fold): real "
+                    "cases, or label-only anatomies by name (s0004)")
     ap.add_argument("--work", default=str(REPO / "runs" / "atlas-work"), help="cache of the warped atlases")
     ap.add_argument("--name", default="abdomen-ct", help="the package's name")
     ap.add_argument("--version", default="1.0.0")
@@ -150,6 +153,9 @@ def main() -> int:
                          "the atlas check's consensus); 0: off (before 2.10.0)")
     ap.add_argument("--mixup-organs", nargs="+", default=["liver", "spleen", "kidney_right", "kidney_left", "stomach"],
                     help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="search",
+                    help="how each atlas is first placed on a whole scan (abdomen-ct 2.12.0: search, where it "
+                         "correlates best, also in part; moments: centres of mass, before 2.12.0)")
     ap.add_argument("--intensity-weight", type=float, default=0.5,
                     help="the prior times each class's HU likelihood in the patient to this power (abdomen-ct "
                          "2.11.0: 0.5, chosen on the atlases alone across the folds); 0: the atlases' vote alone")

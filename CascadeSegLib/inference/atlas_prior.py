@@ -15,6 +15,12 @@ organ the atlases know, and outside C2 is background; without it, outside C2 (wh
 network never looked) the label is the prior's argmax. Each organ then keeps its largest piece
 among those near where the atlases put it (`GridPrior.plausible`).
 
+A scan may cover another part of the body than the atlases (a chest CT down to the upper
+abdomen, a whole body): centres of mass then line up chest with abdomen. With `placement`
+"search" (abdomen-ct 2.12.0 on) each atlas is also placed where it correlates best with the
+scan, sliding along the body so that the two may overlap only in part (`best_translation`), and
+that placement is taken where it lies far (`PLACEMENT_TOLERANCE_MM`) from the centres of mass'.
+
 A slab (a scan shorter than `min_extent_mm`, 100 mm) gives the moments initialiser too little
 anatomy: where the package allows it (`slabs`, abdomen-ct 2.2.0 on) each atlas is registered by
 `register_slab`, which first searches every translation of the slab along the atlas.
@@ -81,6 +87,15 @@ INTENSITY_SMOOTH_BINS = 2.0
 INTENSITY_CORE_OF_MAX = 0.8
 #: a class with fewer core voxels than this has no intensity evidence and keeps its prior
 INTENSITY_MIN_CORE = 50
+#: with `placement` "search", a scan and an atlas may share as little as this share of the shorter
+#: one's length along the body (a chest CT that reaches only the upper abdomen)
+MIN_PLACEMENT_OVERLAP = 0.3
+#: with `placement` "search", the search's placement replaces the centres of mass where the two lie
+#: further apart than this along the body: scan and atlas then cover different parts of it (on
+#: the abdominal CTs of the folds they lay at most 35 mm apart; on a chest CT, 130-150 mm)
+PLACEMENT_TOLERANCE_MM = 60.0
+#: how a whole scan's atlases are first placed (`AtlasPriorSpec.placement`)
+PLACEMENTS = ("moments", "search")
 #: Gaussian std (registration-grid voxels) of the demons displacement field, for packages that do
 #: not say (`AtlasPriorSpec.demons_smoothing`, `slab_demons_smoothing`; abdomen-ct 2.9.0 says 0.75
 #: for whole scans, 2.0 for slabs)
@@ -151,11 +166,17 @@ class AtlasPriorSpec:
     # highest prior). 0 (packages before abdomen-ct 2.11.0): the prior is the atlases' vote alone.
     intensity_weight: float = 0.0
     intensity_core_share: float = 0.7
+    # How each atlas is first placed on a whole scan: "moments" (packages before abdomen-ct 2.12.0)
+    # lines up centres of mass, right only where scan and atlas cover the same part of the body;
+    # "search" takes the translation at which they correlate best, also in part (`best_translation`),
+    # where it lies more than PLACEMENT_TOLERANCE_MM head to feet from the centres of mass'.
+    placement: str = "moments"
 
     def to_json(self) -> dict[str, Any]:
         mixups = {"mixup_share": self.mixup_share, "mixup_organs": list(self.mixup_organs)} if self.mixup_share else {}
         intensity = {"intensity_weight": self.intensity_weight,
                      "intensity_core_share": self.intensity_core_share} if self.intensity_weight else {}
+        placement = {"placement": self.placement} if self.placement != "moments" else {}
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
@@ -163,7 +184,7 @@ class AtlasPriorSpec:
                 "slabs": self.slabs, "slab_spacing_mm": self.slab_spacing_mm,
                 "local_weight_power": self.local_weight_power, "local_weight_sigma_mm": self.local_weight_sigma_mm,
                 "linear_iterations": self.linear_iterations, "demons_smoothing": self.demons_smoothing,
-                "slab_demons_smoothing": self.slab_demons_smoothing} | mixups | intensity
+                "slab_demons_smoothing": self.slab_demons_smoothing} | mixups | intensity | placement
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
@@ -185,7 +206,8 @@ class AtlasPriorSpec:
                               mixup_share=float(d.get("mixup_share", 0.0)),
                               mixup_organs=tuple(str(o) for o in d.get("mixup_organs", ())),
                               intensity_weight=float(d.get("intensity_weight", 0.0)),
-                              intensity_core_share=float(d.get("intensity_core_share", 0.7)))
+                              intensity_core_share=float(d.get("intensity_core_share", 0.7)),
+                              placement=str(d.get("placement", "moments")))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -205,6 +227,8 @@ class AtlasPriorSpec:
         if not 0.0 <= spec.intensity_weight <= MAX_INTENSITY_WEIGHT or not 0.5 < spec.intensity_core_share <= 1.0:
             raise ValueError(f"atlas_prior needs intensity_weight in [0, {MAX_INTENSITY_WEIGHT:g}] and "
                              "intensity_core_share in (0.5, 1]")
+        if spec.placement not in PLACEMENTS:
+            raise ValueError(f"atlas_prior placement {spec.placement!r} is not one of {', '.join(PLACEMENTS)}")
         return spec
 
     def check_organs(self, names: Sequence[str]) -> None:
@@ -232,16 +256,26 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
              window_hu: tuple[float, float] = (-200.0, 300.0), demons_iterations: int = 60,
              fixed_soft: sitk.Image | None = None, threads: int = 0,
              linear_iterations: int = LEGACY_LINEAR_ITERATIONS,
-             demons_smoothing: float = LEGACY_DEMONS_SMOOTHING) -> sitk.Transform:
+             demons_smoothing: float = LEGACY_DEMONS_SMOOTHING, placement: str = "moments") -> sitk.Transform:
     """The transform mapping `fixed_ct`'s physical points into `moving_ct`: an affine on Mattes
     mutual information (3 levels, at most `linear_iterations` each), then fast symmetric demons on
     the affinely aligned images (the field smoothed by `demons_smoothing` voxels each iteration).
-    `fixed_soft` reuses the fixed image's soft-tissue grid when several atlases are registered;
-    `threads` > 0 caps SimpleITK's threads (for registrations running side by side)."""
+    The affine starts from the centres of mass lined up; with `placement` "search", from the
+    translation at which the images correlate best (`best_translation`, also where they overlap
+    only in part along the body) instead, where the two lie more than `PLACEMENT_TOLERANCE_MM`
+    apart head to feet: then the scans cover different parts of the body. `fixed_soft` reuses the fixed image's soft-tissue grid
+    when several atlases are registered; `threads` > 0 caps SimpleITK's threads (for registrations
+    running side by side)."""
     fixed = fixed_soft if fixed_soft is not None else soft_tissue(fixed_ct, spacing_mm, window_hu)
     moving = soft_tissue(moving_ct, spacing_mm, window_hu)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
+    if placement == "search":
+        found = best_translation(fixed, moving, partial=True)
+        if abs(found[2] - init.GetTranslation()[2]) > PLACEMENT_TOLERANCE_MM:     # head-feet (LPS z)
+            init = sitk.AffineTransform(3)
+            init.SetCenter(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+            init.SetTranslation(found)
     return _linear_then_demons(fixed, moving, init, [4, 2, 1], [2, 1, 0], demons_iterations, threads,
                                linear_iterations, demons_smoothing)
 
@@ -325,13 +359,15 @@ def body_box(soft: sitk.Image, margin: int = 2) -> sitk.Image:
     return soft[x0:x1, y0:y1, :]
 
 
-def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, float, float]:
+def best_translation(fixed: sitk.Image, moving: sitk.Image, partial: bool = False) -> tuple[float, float, float]:
     """The physical translation (fixed point -> moving point) of the voxel shift at which
     `fixed` correlates best (normalised cross-correlation, all shifts by FFT) with `moving`.
 
     `moving` is first resampled onto `fixed`'s axes and spacing, over its own bounding box and
     padded across the slab by half the fixed image (air), so the slab may lie anywhere along
-    the atlas and partly past its sides, but not past its ends."""
+    the atlas and partly past its sides, but not past its ends. `partial`: `fixed` is a whole
+    scan, padded along the body (its axis nearest head-feet) so that the two may share as little
+    as `MIN_PLACEMENT_OVERLAP` of the shorter one's length there (a chest CT, an abdominal atlas)."""
     from scipy import fft
 
     axes, origin = index_to_physical(fixed)
@@ -347,11 +383,15 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     f = sitk.GetArrayFromImage(fixed).astype(np.float64)
     # Padded by half the slab across it; along it (its shortest physical axis) only as far as a
     # slab longer than the atlas there needs (a slab across the body, longer than the atlas).
-    along = int(np.argmin(np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())))   # x, y, z
     pad = [n // 2 for n in f.shape]                                       # z, y, x
-    pad[2 - along] = max(0, -(-(f.shape[2 - along] - m.shape[2 - along]) // 2))
+    if partial:
+        along = int(np.argmax(np.abs(axes[2])))                           # x, y, z: nearest head-feet
+        f_n, m_n = f.shape[2 - along], m.shape[2 - along]
+        pad[2 - along] = max(0, f_n - m_n) + int((1.0 - MIN_PLACEMENT_OVERLAP) * min(f_n, m_n))
+    else:
+        along = int(np.argmin(np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())))   # x, y, z
+        pad[2 - along] = max(0, -(-(f.shape[2 - along] - m.shape[2 - along]) // 2))
     m = np.pad(m, [(p, p) for p in pad]).astype(np.float64)
-    f -= f.mean()
     # Correlations by FFT, each transform computed once (the box of ones serves two): valid
     # shifts only.
     shape = [fft.next_fast_len(int(a), real=True) for a in m.shape]
@@ -360,12 +400,15 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image) -> tuple[float, floa
     def correlate(spectrum: np.ndarray, mirrored_kernel_hat: np.ndarray) -> np.ndarray:
         return np.asarray(fft.irfftn(spectrum * mirrored_kernel_hat, shape)[valid])
 
+    def mirrored(kernel: np.ndarray) -> np.ndarray:
+        return np.asarray(fft.rfftn(kernel[::-1, ::-1, ::-1], shape))
+
     m_hat, m2_hat = fft.rfftn(m, shape), fft.rfftn(m * m, shape)
     ones_hat = fft.rfftn(np.ones_like(f), shape)          # a box of ones is its own mirror image
     local_sum = correlate(m_hat, ones_hat)
+    f -= f.mean()
     local_var = correlate(m2_hat, ones_hat) - local_sum ** 2 / f.size
-    ncc = correlate(m_hat, fft.rfftn(f[::-1, ::-1, ::-1], shape)) / np.sqrt(
-        np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
+    ncc = correlate(m_hat, mirrored(f)) / np.sqrt(np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
     shift = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape)) - np.array(pad)   # z, y, x
     return tuple(float(v) for v in axes @ (lo + shift[::-1]))  # type: ignore[return-value]
 
@@ -406,7 +449,8 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
-                           linear_iterations=spec.linear_iterations, demons_smoothing=smoothing)
+                           linear_iterations=spec.linear_iterations, demons_smoothing=smoothing,
+                           **({} if slab else {"placement": spec.placement}))
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one. Labels and CT are read
         # through one mapping of the grid (what sitk.Resample gives, in a third less time).

@@ -245,6 +245,7 @@ class Segmenter:
         self._stats["atlas_prior_atlases"] = float(len(seconds))
         self._stats["atlas_prior_weighted"] = float(spec.local_weight_power > 0)
         self._stats["atlas_prior_intensity"] = float(spec.intensity_weight > 0)
+        self._stats["atlas_prior_search"] = float(spec.placement == "search" and not slab)
         return fusion
 
     def _smaller_boxes(self, voxels: int) -> None:
