@@ -60,6 +60,14 @@ def write_error_log() -> str:
         return "details: " + text.strip().splitlines()[-1]
 
 
+def _missing_package(exc: BaseException) -> str | None:
+    """The top-level name of a third-party package an import could not find, else None (a module
+    of our own missing is a broken installation of ours: an internal error)."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] != "CascadeSegLib":
+        return exc.name.split(".")[0]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
@@ -82,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         print("cascadeseg: error: ran out of memory; close other programs, crop the CT or resample it to a "
               "coarser spacing, or use a machine with more memory", file=sys.stderr)
         return 2
-    except Exception:  # noqa: BLE001 - last resort: keep the traceback in a log, not on screen
+    except Exception as exc:  # noqa: BLE001 - last resort: keep the traceback in a log, not on screen
+        missing = _missing_package(exc)
+        if missing:              # the installation's fault, not a bug: say how to mend it
+            print(f"cascadeseg: error: the Python package {missing!r} is not installed in this Python "
+                  f"({sys.executable}); install CascadeSeg's requirements into it (python -m pip install -r "
+                  "requirements.txt) or activate the environment that has them", file=sys.stderr)
+            return 2
         where = write_error_log()
         print(f"cascadeseg: internal error ({sys.exc_info()[1].__class__.__name__}); {where}; please report it",
               file=sys.stderr)

@@ -169,6 +169,27 @@ def test_unexpected_error_exits_1_with_a_log_file(ct_path, model_dir, tmp_path, 
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
 
 
+@pytest.mark.parametrize("name,expect", [("SimpleITK", 2), ("scipy.fft", 2), ("CascadeSegLib.gone", 1)])
+def test_a_missing_package_says_how_to_install_it(ct_path, model_dir, tmp_path, capsys, monkeypatch, name, expect):
+    """A third-party package missing from the Python that runs cascadeseg (the venv not activated)
+    is the installation's fault: exit 2 and one line naming it and the mend; a module of our own
+    missing stays an internal error with a log."""
+    def missing(self, image):
+        raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+
+    monkeypatch.setattr(Segmenter, "segment", missing)
+    assert main(seg_args(ct_path, tmp_path / "o", model_dir)) == expect
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "Traceback" not in err[0]
+    if expect == 2:
+        top = name.split(".")[0]
+        assert err[0].startswith(f"cascadeseg: error: the Python package '{top}' is not installed") \
+            and "pip install -r requirements.txt" in err[0]
+    else:
+        assert "internal error (ModuleNotFoundError)" in err[0]
+        Path(err[0].split("details in ", 1)[1].split("; please report")[0]).unlink()
+
+
 def test_user_error_messages_are_always_one_line(ct_path, model_dir, tmp_path, capsys, monkeypatch):
     from CascadeSegLib.errors import UserError
 
