@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -263,9 +264,9 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
     The affine starts from the centres of mass lined up; with `placement` "search", from the
     translation at which the images correlate best (`best_translation`, also where they overlap
     only in part along the body) instead, where the two lie more than `PLACEMENT_TOLERANCE_MM`
-    apart head to feet: then the scans cover different parts of the body. `fixed_soft` reuses the fixed image's soft-tissue grid
-    when several atlases are registered; `threads` > 0 caps SimpleITK's threads (for registrations
-    running side by side)."""
+    apart head to feet: then the scans cover different parts of the body. `fixed_soft` reuses the
+    fixed image's soft-tissue grid when several atlases are registered; `threads` > 0 caps
+    SimpleITK's threads (for registrations running side by side)."""
     fixed = fixed_soft if fixed_soft is not None else soft_tissue(fixed_ct, spacing_mm, window_hu)
     moving = soft_tissue(moving_ct, spacing_mm, window_hu)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
@@ -429,7 +430,7 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     register with `register_slab` at `spec.slab_spacing_mm` (the caller decides what is a slab)."""
     spacing = spec.slab_spacing_mm if slab else spec.spacing_mm
     smoothing = spec.slab_demons_smoothing if slab else spec.demons_smoothing
-    method = register_slab if slab else register
+    method: Callable[..., sitk.Transform] = register_slab if slab else partial(register, placement=spec.placement)
     fixed_soft = soft_tissue(image, spacing, spec.window_hu)
     shape = tuple(grid.GetSize()[::-1])
     counts = torch.zeros((num_classes,) + shape, dtype=torch.float32, device=device)
@@ -449,8 +450,7 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
-                           linear_iterations=spec.linear_iterations, demons_smoothing=smoothing,
-                           **({} if slab else {"placement": spec.placement}))
+                           linear_iterations=spec.linear_iterations, demons_smoothing=smoothing)
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
         # for background there, so a short atlas never vetoes a longer one. Labels and CT are read
         # through one mapping of the grid (what sitk.Resample gives, in a third less time).
