@@ -283,6 +283,40 @@ def test_votes_are_added_in_atlas_order_whatever_order_registrations_finish(monk
     assert torch.equal(covered, in_order) and not torch.equal(covered, finish_order)
 
 
+def test_atlas_images_are_read_one_at_a_time_while_registrations_run_side_by_side(
+        atlas_package: Path, sample: tuple[sitk.Image, sitk.Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    """SimpleITK's readers crash now and then when threads read at once (its issues 74 and 805,
+    "double free or corruption"; seen once here): the two registration threads take turns."""
+    import threading
+
+    real = sitk.ReadImage
+    inside, most, reads = [0], [0], []
+    lock = threading.Lock()
+
+    def slow_read(*args: Any, **kwargs: Any) -> sitk.Image:
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        time.sleep(0.05)               # long enough for the other thread to arrive
+        try:
+            return real(*args, **kwargs)
+        finally:
+            with lock:
+                inside[0] -= 1
+                reads.append(args[0])
+
+    pkg = ModelPackage.load(atlas_package)
+    assert pkg.atlas_prior is not None
+    spec = pkg.atlas_prior
+    spec.atlases = [ap.AtlasSpec(f"copy{i}", a.image, a.labels, a.sha256) for i in range(4) for a in spec.atlases]
+    monkeypatch.setattr(ap.sitk, "ReadImage", slow_read)
+    ct, _ = sample
+    prior, seconds = ap.atlas_prior(ct, grid_for_spacing(ct, [6.0] * 3), spec, atlas_package, 11,
+                                    torch.device("cpu"))
+    assert len(seconds) == 4 and len(reads) == 8 and most[0] == 1
+    assert torch.allclose(prior.sum(0), torch.ones(prior.shape[1:]), atol=1e-5)
+
+
 def test_a_slab_is_segmented_without_the_prior(atlas_package: Path, dicom_slab_dir: Path) -> None:
     ct = read_image(dicom_slab_dir)
     warnings: list[str] = []

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -869,6 +870,11 @@ def gaussian_smooth(volume: torch.Tensor, sigma_vox: list[float]) -> torch.Tenso
     return out[0]
 
 
+#: one image read at a time: SimpleITK's readers are not safe to run in parallel threads (its issues
+#: 74 and 805: rare "double free or corruption" crashes), and the registrations run side by side
+_READ_LOCK = threading.Lock()
+
+
 def _read(path: Path, sha256: str) -> sitk.Image:
     """An atlas image, read only after its bytes match the sha256 model.json records."""
     if not path.is_file():
@@ -877,4 +883,5 @@ def _read(path: Path, sha256: str) -> sitk.Image:
     if digest != sha256.lower():
         raise ModelError(f"atlas file {path.name} fails its sha256 check (got {digest[:12]}..., expected "
                          f"{sha256[:12] or 'nothing'}...); re-install the model")
-    return sitk.ReadImage(str(path))
+    with _READ_LOCK:
+        return sitk.ReadImage(str(path))
