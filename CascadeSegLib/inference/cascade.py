@@ -213,7 +213,8 @@ class Segmenter:
             return labels_over(probs, mask, to_labels)
         return probs.argmax(0).to(torch.uint8) if labels_only else probs
 
-    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> atlas_prior.GridPrior | None:
+    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float],
+                     stage1: sitk.Image | None = None) -> atlas_prior.GridPrior | None:
         """The package's registered-atlas prior for stage 2's grid, with the network's weight in
         the fusion, or None (no atlases, or a scan too short to register: a slab holds too
         little anatomy for an affine to lock on, unless the package registers slabs)."""
@@ -235,9 +236,15 @@ class Segmenter:
         # interpolates it only inside stage 2's boxes (its argmax, resampled, serves outside C2).
         coarse = min(grid.GetSpacing()) < atlas_prior.PRIOR_SPACING_MM
         prior_grid = preprocess.grid_for_spacing(image, [atlas_prior.PRIOR_SPACING_MM] * 3) if coarse else grid
+        # Stage 1's organs on the prior's grid: where an atlas could start from two placements, the
+        # one that agrees better with them is kept (a scan of another part of the body).
+        network = None
+        if stage1 is not None and spec.placement == "search" and not slab:
+            network = self.to_tensor(preprocess.resample(stage1, prior_grid, "nearest", 0, sitk.sitkUInt8))
         prior, seconds = atlas_prior.atlas_prior(
             image, prior_grid, spec, self.model.root, self.model.labels.num_classes, self.device,
-            progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel, slab=slab)
+            progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel, slab=slab,
+            network_labels=network)
         fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
@@ -313,7 +320,7 @@ class Segmenter:
             hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
             self.check_cancel()
-            atlas = self._atlas_prior(image, ref2, t)        # GridPrior or None
+            atlas = self._atlas_prior(image, ref2, t, stage1_img)        # GridPrior or None
             if atlas is not None and model.atlas_prior is not None and model.atlas_prior.candidates:
                 # The atlases' organs are candidates too, dilated like stage 1's: stage 2 looks
                 # wherever either puts an organ (an organ stage 1 missed is segmented by the

@@ -1,0 +1,138 @@
+"""Fields of view the folds never show, in one command: abdomen-ct 2.12.0's check.
+
+The folds' CTs all cover the abdomen. A clinician's scan may be a chest CT that reaches the upper
+abdomen, a whole body, a pelvis, or a chest without abdominal organs. With no such real CT here,
+a label-only anatomy (TotalSegmentator ids) is turned into one synthetic CT (portal phase, no
+crop or truncation, 10 HU noise, fixed seed: `synthesis.render.synthesize`) and cropped along the
+body:
+- wholebody: all of it;
+- chest: from 40 mm below the lungs to 20 mm above them (lungs needed);
+- abdomen_pelvis: from 30 mm below the sacrum to 20 mm above the liver;
+- lower: from 30 mm below the sacrum to mid-kidney;
+- thorax_only: from 10 mm above the highest abdominal organ to 20 mm above the lungs (a negative:
+  nothing but vessels may be labelled; lungs needed).
+Each model segments each crop; Dice of the organs each crop holds (mean of those), and the ml of
+organs labelled that the crop does not hold. Models that share networks but differ in their
+atlases or settings show what the atlases do; leave the anatomy out of the atlases
+(`build_atlas_model.py --exclude s0004`) for a fair check.
+
+    python configs/fov_check.py --labels LABELMAP --models PKG [PKG ...] [--crops chest lower] [--json OUT]
+
+Writes only the optional --json file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "configs"))
+
+from compare_bundled import dice_per_organ  # noqa: E402 - same folder
+
+from CascadeSegLib.inference.cascade import Segmenter  # noqa: E402
+from CascadeSegLib.io import read_image  # noqa: E402
+from CascadeSegLib.packaging.model import ModelPackage, find_model  # noqa: E402
+from CascadeSegLib.synthesis.render import SynthSettings, synthesize, with_phase  # noqa: E402
+from CascadeSegLib.synthesis.tissues import IntensityTable, default_table_path, structure_names  # noqa: E402
+from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402
+
+CROPS = ("wholebody", "chest", "abdomen_pelvis", "lower", "thorax_only")
+LUNGS = (10, 11, 12, 13, 14)
+SACRUM = 25
+KIDNEYS = (2, 3)
+#: the solid organs (not vessels: the thoracic aorta is TotalSegmentator's "aorta" too)
+ORGANS = (1, 2, 3, 4, 5, 6, 7)
+
+
+def synthetic_ct(label_path: Path, seed: int) -> tuple[sitk.Image, sitk.Image]:
+    """One synthetic CT of the whole label map and its (deformed) labels, same grid."""
+    labels = read_image(label_path)
+    settings = with_phase(SynthSettings(), "portal")
+    settings = replace(settings, scan=replace(settings.scan, crop_prob=0.0, truncate_prob=0.0, noise_hu=(10.0, 10.0)))
+    result = synthesize(labels, structure_names(None), IntensityTable.load(default_table_path()), seed=seed,
+                        settings=settings)
+    return result.ct, result.labels
+
+
+def slices_of(arr: np.ndarray, ids: tuple[int, ...]) -> np.ndarray:
+    """The slices (third index axis) that hold any of `ids`."""
+    return np.nonzero(np.isin(arr, ids).any((1, 2)))[0]
+
+
+def crop_ranges(arr: np.ndarray, spacing_mm: float) -> dict[str, tuple[int, int]]:
+    """[first, last) slice of each crop the anatomy allows (slices along the third index axis,
+    assumed to run feet to head as TotalSegmentator's files do)."""
+    n = arr.shape[0]
+
+    def mm(x: float) -> int:
+        return int(round(x / spacing_mm))
+
+    out = {"wholebody": (0, n)}
+    lungs, sacrum, kidneys = slices_of(arr, LUNGS), slices_of(arr, SACRUM), slices_of(arr, KIDNEYS)
+    liver, organs = slices_of(arr, (5,)), slices_of(arr, ORGANS)
+    if lungs.size:
+        out["chest"] = (max(0, int(lungs.min()) - mm(40)), min(n, int(lungs.max()) + mm(20)))
+        if organs.size and int(lungs.max()) > int(organs.max()) + mm(60):
+            out["thorax_only"] = (int(organs.max()) + mm(10), min(n, int(lungs.max()) + mm(20)))
+    if sacrum.size and liver.size:
+        out["abdomen_pelvis"] = (max(0, int(sacrum.min()) - mm(30)), min(n, int(liver.max()) + mm(20)))
+    if sacrum.size and kidneys.size:
+        out["lower"] = (max(0, int(sacrum.min()) - mm(30)), int((kidneys.min() + kidneys.max()) // 2))
+    return out
+
+
+def in_model_values(ts: np.ndarray, values: dict[str, int]) -> np.ndarray:
+    lut = np.zeros(max(int(ts.max()), max(TOTALSEGMENTATOR_IDS)) + 1, dtype=np.uint8)
+    for ts_id, name in TOTALSEGMENTATOR_IDS.items():
+        if name in values:
+            lut[ts_id] = values[name]
+    return lut[ts]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", required=True, help="a label map in TotalSegmentator ids (a whole body is best)")
+    ap.add_argument("--models", nargs="+", required=True, help="model folders or installed names")
+    ap.add_argument("--crops", nargs="+", choices=CROPS, default=list(CROPS))
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args()
+    ct, labels = synthetic_ct(Path(args.labels), args.seed)
+    arr = sitk.GetArrayFromImage(labels).astype(np.int64)
+    ranges = {k: v for k, v in crop_ranges(arr, ct.GetSpacing()[2]).items() if k in args.crops}
+    results: dict[str, Any] = {"labels": args.labels, "seed": args.seed, "crops": {}}
+    for name, (a, b) in ranges.items():
+        image = ct[:, :, a:b]
+        results["crops"][name] = {"slices": [a, b], "mm": round((b - a) * ct.GetSpacing()[2]), "models": {}}
+        for model_arg in args.models:
+            model = ModelPackage.load(find_model(model_arg))
+            values = {o: model.labels.by_name(o).value for o in model.labels.names}
+            ref = sitk.GetImageFromArray(in_model_values(arr[a:b], values))
+            ref.CopyInformation(image)
+            pred = Segmenter(model, device="cpu").segment(image).labels
+            dice, absent = dice_per_organ(pred, ref, values)
+            got = sitk.GetArrayViewFromImage(pred)
+            ml = float(np.prod(image.GetSpacing())) / 1000.0
+            false_ml = {o: round(float(np.count_nonzero(got == values[o])) * ml, 1) for o in absent}
+            row = {"dice": dice, "absent_but_labelled_ml": false_ml}
+            results["crops"][name]["models"][f"{model.name} {model.version} ({model_arg})"] = row
+            present = " ".join(f"{o} {d:.2f}" for o, d in dice.items() if o != "mean" and d is not None)
+            print(f"{name} ({(b - a) * ct.GetSpacing()[2]:.0f} mm) {model_arg}: mean {dice['mean'] or 0:.3f} | "
+                  f"{present} | labelled but absent (ml) {false_ml}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
