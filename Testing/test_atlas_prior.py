@@ -880,7 +880,7 @@ def _upper_scan_and_lower_atlas(sample: tuple[sitk.Image, sitk.Image]
 def test_search_placement_keeps_the_centres_of_mass_where_scan_and_atlas_cover_the_same_part(
         sample: tuple[sitk.Image, sitk.Image]) -> None:
     """The whole sample CT moved by 12 mm as the atlas: the search lands within the tolerance of
-    the centres of mass, so the registration is exactly the one packages before 2.12.0 make."""
+    the centres of mass, so the registration is exactly the one of packages without the setting."""
     ct, _ = sample
     atlas = _moved(ct, (12.0, 12.0, 12.0))
     fixed, moving = ap.soft_tissue(ct, 8.0), ap.soft_tissue(atlas, 8.0)
@@ -970,7 +970,7 @@ def test_a_package_that_searches_keeps_the_organs_its_networks_find_in_a_scan_of
     assert liver["search"] > 0.85 and liver["search"] > liver["moments"] + 0.1, liver
 
 
-def test_packages_before_abdomen_ct_2_12_line_up_centres_of_mass() -> None:
+def test_packages_without_a_placement_line_up_centres_of_mass() -> None:
     old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
     legacy = ap.AtlasPriorSpec.from_json(old)
     assert legacy.placement == "moments" and "placement" not in legacy.to_json()

@@ -153,9 +153,10 @@ def main() -> int:
                          "the atlas check's consensus); 0: off (before 2.10.0)")
     ap.add_argument("--mixup-organs", nargs="+", default=["liver", "spleen", "kidney_right", "kidney_left", "stomach"],
                     help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
-    ap.add_argument("--placement", choices=PLACEMENTS, default="search",
-                    help="how each atlas is first placed on a whole scan (abdomen-ct 2.12.0: search, where it "
-                         "correlates best, also in part; moments: centres of mass, before 2.12.0)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="moments",
+                    help="how each atlas is first placed on a whole scan: moments (centres of mass; every "
+                         "package so far), or search (also where it correlates best, taken where that lies over "
+                         "60 mm away and agrees better with stage 1's organs: tried, not shipped)")
     ap.add_argument("--intensity-weight", type=float, default=0.5,
                     help="the prior times each class's HU likelihood in the patient to this power (abdomen-ct "
                          "2.11.0: 0.5, chosen on the atlases alone across the folds); 0: the atlases' vote alone")

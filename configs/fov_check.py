@@ -1,4 +1,4 @@
-"""Fields of view the folds never show, in one command: abdomen-ct 2.12.0's check.
+"""Fields of view the folds never show, in one command (the recipe's seventeenth round).
 
 The folds' CTs all cover the abdomen. A clinician's scan may be a chest CT that reaches the upper
 abdomen, a whole body, a pelvis, or a chest without abdominal organs. With no such real CT here,

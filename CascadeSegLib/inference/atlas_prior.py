@@ -17,9 +17,11 @@ among those near where the atlases put it (`GridPrior.plausible`).
 
 A scan may cover another part of the body than the atlases (a chest CT down to the upper
 abdomen, a whole body): centres of mass then line up chest with abdomen. With `placement`
-"search" (abdomen-ct 2.12.0 on) each atlas is also placed where it correlates best with the
-scan, sliding along the body so that the two may overlap only in part (`best_translation`), and
-that placement is taken where it lies far (`PLACEMENT_TOLERANCE_MM`) from the centres of mass'.
+"search" (off in every package: tried for abdomen-ct 2.12.0, not shipped; see the recipe's
+seventeenth round) each atlas is also placed where it correlates best with the scan, sliding
+along the body so that the two may overlap only in part (`best_translation`), and that placement
+is registered too where it lies far (`PLACEMENT_TOLERANCE_MM`) from the centres of mass', and
+kept where its organs agree clearly better with stage 1's (`PLACEMENT_MIN_AGREEMENT_GAIN`).
 
 A slab (a scan shorter than `min_extent_mm`, 100 mm) gives the moments initialiser too little
 anatomy: where the package allows it (`slabs`, abdomen-ct 2.2.0 on) each atlas is registered by
@@ -173,10 +175,10 @@ class AtlasPriorSpec:
     # highest prior). 0 (packages before abdomen-ct 2.11.0): the prior is the atlases' vote alone.
     intensity_weight: float = 0.0
     intensity_core_share: float = 0.7
-    # How each atlas is first placed on a whole scan: "moments" (packages before abdomen-ct 2.12.0)
-    # lines up centres of mass, right only where scan and atlas cover the same part of the body;
-    # "search" takes the translation at which they correlate best, also in part (`best_translation`),
-    # where it lies more than PLACEMENT_TOLERANCE_MM head to feet from the centres of mass'.
+    # How each atlas is first placed on a whole scan: "moments" (every package so far) lines up
+    # centres of mass, right only where scan and atlas cover the same part of the body; "search"
+    # (tried, not shipped) also tries the translation at which they correlate best, also in part
+    # (`best_translation`), where it lies more than PLACEMENT_TOLERANCE_MM head to feet away.
     placement: str = "moments"
 
     def to_json(self) -> dict[str, Any]:
