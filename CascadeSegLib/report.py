@@ -65,7 +65,8 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
         lines += ["Network work: " + ", ".join(tiles)]
     if "atlas_prior_used" in stats:     # a model with atlases: say whether they shaped this result
         where = ("this slab (placed by a translation search)" if stats.get("atlas_prior_slab") else
-                 "this scan (each first placed where it correlates best)" if stats.get("atlas_prior_search") else
+                 "this scan (a correlation search tried where centres of mass mislead)"
+                 if stats.get("atlas_prior_search") else
                  "this scan")
         votes = ", each voting by how well it matches the scan locally," if stats.get("atlas_prior_weighted") else ""
         own_hu = (" weighted by each organ's HU in this scan," if votes else ", weighted by each organ's HU in this "

@@ -736,8 +736,8 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
     assert "Atlas prior: 10 atlases registered onto this slab (placed by a translation search)" in on_slab
     assert "Atlas prior: skipped" in skipped and "Atlas prior" not in plain
     searched = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_search": 1.0}}, labels)
-    assert ("Atlas prior: 10 atlases registered onto this scan (each first placed where it correlates best) and "
-            "fused with stage 2") in searched
+    assert ("Atlas prior: 10 atlases registered onto this scan (a correlation search tried where centres of mass "
+            "mislead) and fused with stage 2") in searched
     weighted = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_weighted": 1.0}}, labels)
     assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
             "locally, and fused with stage 2") in weighted

@@ -275,9 +275,8 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
     only in part along the body) instead, where the two lie more than `PLACEMENT_TOLERANCE_MM`
     apart head to feet: then the scans cover different parts of the body. There, with `choose`,
     both starts are registered and `choose` picks between the two results (moments' first).
-    `fixed_soft` reuses the
-    fixed image's soft-tissue grid when several atlases are registered; `threads` > 0 caps
-    SimpleITK's threads (for registrations running side by side)."""
+    `fixed_soft` reuses the fixed image's soft-tissue grid when several atlases are registered;
+    `threads` > 0 caps SimpleITK's threads (for registrations running side by side)."""
     fixed = fixed_soft if fixed_soft is not None else soft_tissue(fixed_ct, spacing_mm, window_hu)
     moving = soft_tissue(moving_ct, spacing_mm, window_hu)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
