@@ -62,10 +62,11 @@ class RegisterOnce(Segmenter):
         super().__init__(model, device="cpu")
         self.priors: dict[tuple, atlas_prior.GridPrior | None] = {}
 
-    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float]) -> atlas_prior.GridPrior | None:
+    def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float],
+                     stage1: sitk.Image | None = None) -> atlas_prior.GridPrior | None:
         key = _geometry(image)
-        if key not in self.priors:
-            self.priors[key] = super()._atlas_prior(image, grid, t)
+        if key not in self.priors:     # stage 1 does not change with the weight: one prior per image
+            self.priors[key] = super()._atlas_prior(image, grid, t, stage1)
         cached = self.priors[key]
         if cached is None or self.model.atlas_prior is None:
             return None
