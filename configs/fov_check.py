@@ -44,7 +44,7 @@ from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage, find_model  # noqa: E402
 from CascadeSegLib.synthesis.render import SynthSettings, synthesize, with_phase  # noqa: E402
 from CascadeSegLib.synthesis.tissues import IntensityTable, default_table_path, structure_names  # noqa: E402
-from CascadeSegLib.train.dataset import TOTALSEGMENTATOR_IDS  # noqa: E402
+from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
 
 CROPS = ("wholebody", "chest", "abdomen_pelvis", "lower", "thorax_only")
 LUNGS = (10, 11, 12, 13, 14)
@@ -91,14 +91,6 @@ def crop_ranges(arr: np.ndarray, spacing_mm: float) -> dict[str, tuple[int, int]
     return out
 
 
-def in_model_values(ts: np.ndarray, values: dict[str, int]) -> np.ndarray:
-    lut = np.zeros(max(int(ts.max()), max(TOTALSEGMENTATOR_IDS)) + 1, dtype=np.uint8)
-    for ts_id, name in TOTALSEGMENTATOR_IDS.items():
-        if name in values:
-            lut[ts_id] = values[name]
-    return lut[ts]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--labels", required=True, help="a label map in TotalSegmentator ids (a whole body is best)")
@@ -111,15 +103,17 @@ def main() -> int:
     arr = sitk.GetArrayFromImage(labels).astype(np.int64)
     ranges = {k: v for k, v in crop_ranges(arr, ct.GetSpacing()[2]).items() if k in args.crops}
     results: dict[str, Any] = {"labels": args.labels, "seed": args.seed, "crops": {}}
+    models = [(arg, ModelPackage.load(find_model(arg))) for arg in args.models]
+    # per model: its segmenter, its label values, and the reference in them (all crops cut from it)
+    runs = [(arg, model, Segmenter(model, device="cpu"), {o: model.labels.by_name(o).value for o in model.labels.names},
+             label_lookup(model.labels, None, None, "totalsegmentator")[arr]) for arg, model in models]
     for name, (a, b) in ranges.items():
         image = ct[:, :, a:b]
         results["crops"][name] = {"slices": [a, b], "mm": round((b - a) * ct.GetSpacing()[2]), "models": {}}
-        for model_arg in args.models:
-            model = ModelPackage.load(find_model(model_arg))
-            values = {o: model.labels.by_name(o).value for o in model.labels.names}
-            ref = sitk.GetImageFromArray(in_model_values(arr[a:b], values))
+        for model_arg, model, segmenter, values, reference in runs:
+            ref = sitk.GetImageFromArray(reference[a:b])
             ref.CopyInformation(image)
-            pred = Segmenter(model, device="cpu").segment(image).labels
+            pred = segmenter.segment(image).labels
             dice, absent = dice_per_organ(pred, ref, values)
             got = sitk.GetArrayViewFromImage(pred)
             ml = float(np.prod(image.GetSpacing())) / 1000.0

@@ -281,6 +281,11 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
     moving = soft_tissue(moving_ct, spacing_mm, window_hu)
     init = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(3),
                                              sitk.CenteredTransformInitializerFilter.MOMENTS)
+
+    def from_start(start: sitk.Transform) -> sitk.Transform:
+        return _linear_then_demons(fixed, moving, start, [4, 2, 1], [2, 1, 0], demons_iterations, threads,
+                                   linear_iterations, demons_smoothing)
+
     if placement == "search":
         found = best_translation(fixed, moving, partial=True)
         if abs(found[2] - init.GetTranslation()[2]) > PLACEMENT_TOLERANCE_MM:     # head-feet (LPS z)
@@ -290,11 +295,9 @@ def register(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 3.
             if choose is None:
                 init = searched
             else:
-                both = [_linear_then_demons(fixed, moving, start, [4, 2, 1], [2, 1, 0], demons_iterations, threads,
-                                            linear_iterations, demons_smoothing) for start in (init, searched)]
+                both = [from_start(start) for start in (init, searched)]
                 return both[choose(both)]
-    return _linear_then_demons(fixed, moving, init, [4, 2, 1], [2, 1, 0], demons_iterations, threads,
-                               linear_iterations, demons_smoothing)
+    return from_start(init)
 
 
 def register_slab(fixed_ct: sitk.Image, moving_ct: sitk.Image, spacing_mm: float = 4.0,
@@ -409,6 +412,7 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image, partial: bool = Fals
         along = int(np.argmin(np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())))   # x, y, z
         pad[2 - along] = max(0, -(-(f.shape[2 - along] - m.shape[2 - along]) // 2))
     m = np.pad(m, [(p, p) for p in pad]).astype(np.float64)
+    f -= f.mean()
     # Correlations by FFT, each transform computed once (the box of ones serves two): valid
     # shifts only.
     shape = [fft.next_fast_len(int(a), real=True) for a in m.shape]
@@ -417,15 +421,12 @@ def best_translation(fixed: sitk.Image, moving: sitk.Image, partial: bool = Fals
     def correlate(spectrum: np.ndarray, mirrored_kernel_hat: np.ndarray) -> np.ndarray:
         return np.asarray(fft.irfftn(spectrum * mirrored_kernel_hat, shape)[valid])
 
-    def mirrored(kernel: np.ndarray) -> np.ndarray:
-        return np.asarray(fft.rfftn(kernel[::-1, ::-1, ::-1], shape))
-
     m_hat, m2_hat = fft.rfftn(m, shape), fft.rfftn(m * m, shape)
     ones_hat = fft.rfftn(np.ones_like(f), shape)          # a box of ones is its own mirror image
     local_sum = correlate(m_hat, ones_hat)
-    f -= f.mean()
     local_var = correlate(m2_hat, ones_hat) - local_sum ** 2 / f.size
-    ncc = correlate(m_hat, mirrored(f)) / np.sqrt(np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
+    ncc = correlate(m_hat, fft.rfftn(f[::-1, ::-1, ::-1], shape)) / np.sqrt(
+        np.maximum(local_var, 1e-6) * max(float((f * f).sum()), 1e-6))
     shift = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape)) - np.array(pad)   # z, y, x
     return tuple(float(v) for v in axes @ (lo + shift[::-1]))  # type: ignore[return-value]
 
@@ -471,14 +472,18 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         t0 = time.perf_counter()
         moving = _read(root / atlas.image, atlas.sha256.get(atlas.image, ""))
         labels = _read(root / atlas.labels, atlas.sha256.get(atlas.labels, ""))
-        def closer_to_the_network(transforms: list[sitk.Transform]) -> int:
-            """1 (the searched start) only where its organs agree clearly better with the network's."""
-            moments, searched = (organ_agreement(warp_onto_grid(tx, grid, labels, None, UNKNOWN_LABEL,
-                                                                spec.window_hu[0], device)[0], reference)
-                                 for tx in transforms)
-            return int(searched >= moments + PLACEMENT_MIN_AGREEMENT_GAIN)
+        chooser: dict[str, Callable[[list[sitk.Transform]], int]] = {}
+        if not slab and reference is not None:
+            network = reference
 
-        chooser = {} if slab or reference is None else {"choose": closer_to_the_network}
+            def closer_to_the_network(transforms: list[sitk.Transform]) -> int:
+                """1 (the searched start) only where its organs agree clearly better with the network's."""
+                moments, searched = (organ_agreement(warp_onto_grid(tx, grid, labels, None, UNKNOWN_LABEL,
+                                                                    spec.window_hu[0], device)[0], network)
+                                     for tx in transforms)
+                return int(searched >= moments + PLACEMENT_MIN_AGREEMENT_GAIN)
+
+            chooser["choose"] = closer_to_the_network
         transform = method(image, moving, spacing, spec.window_hu, spec.demons_iterations, fixed_soft,
                            linear_iterations=spec.linear_iterations, demons_smoothing=smoothing, **chooser)
         # UNKNOWN_LABEL (255) marks voxels the atlas does not reach: such an atlas neither votes for an organ nor
@@ -510,12 +515,10 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
     return prior, seconds
 
 
-def organ_agreement(warped: torch.Tensor, reference: torch.Tensor | None) -> float:
+def organ_agreement(warped: torch.Tensor, reference: torch.Tensor) -> float:
     """Dice of the organ voxels two label maps on one grid give the same organ (any organ, label by
     label: 2 |a = r > 0| / (|a > 0| + |r > 0|)), the atlas's voxels beyond its reach not counted:
     how well a warped atlas's anatomy agrees with the network's."""
-    if reference is None:
-        return 0.0
     mine = (warped > 0) & (warped != UNKNOWN_LABEL)
     theirs = reference > 0
     total = int(mine.sum()) + int(theirs.sum())
