@@ -155,16 +155,22 @@ def test_segment_vetoes_pieces_far_from_the_atlases(atlas_package: Path, sample:
     real = cascade.keep_largest_components
     seen: dict[str, Any] = {}
 
-    def with_far_spleen(labels: torch.Tensor, values: list[int], plausible: Any = None) -> torch.Tensor:
-        seen["plausible"] = plausible
+    def with_far_spleen(labels: torch.Tensor, values: list[int], plausible: Any = None,
+                        evidence: torch.Tensor | None = None) -> torch.Tensor:
+        seen["plausible"], seen["evidence"] = plausible, evidence
         planted = labels.clone()
         planted[:12, 40:80, 40:80] = 2      # a spleen 12 x 40 x 40 voxels in the pelvis (3 mm grid)
         seen["planted"] = int((planted == 2).sum() - (labels == 2).sum())
-        return real(planted, values, plausible)
+        return real(planted, values, plausible, evidence)
 
     monkeypatch.setattr(cascade, "keep_largest_components", with_far_spleen)
     got = sitk.GetArrayFromImage(Segmenter(ModelPackage.load(atlas_package)).segment(ct).labels)
     assert seen["plausible"] is not None and seen["planted"] > int((sitk.GetArrayFromImage(lab) == 2).sum())
+    # the evidence is stage 1's labels on stage 2's grid: the liver where the reference has it
+    truth_on_grid = resample(lab, grid_for_spacing(ct, ModelPackage.load(atlas_package).stages[1].spacing),
+                             "nearest", 0, sitk.sitkUInt8)
+    assert tuple(seen["evidence"].shape) == tuple(truth_on_grid.GetSize()[::-1])
+    assert _dice(seen["evidence"].numpy() == 1, sitk.GetArrayFromImage(truth_on_grid) == 1) > 0.8
     assert not (got[:12, 40:80, 40:80] == 2).any()
     assert _dice(got == 2, sitk.GetArrayFromImage(lab) == 2) > 0.8
 

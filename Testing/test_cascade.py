@@ -264,3 +264,32 @@ def test_largest_component_prefers_the_piece_where_the_atlases_allow_it():
     assert int((out == 2).sum()) == 125 and int(out[5, 5, 5]) == 0 and int(out[22, 22, 22]) == 2
     assert int((out == 3).sum()) == 20 and int(out[2, 20, 20]) == 0
     assert asked == [2, 3]
+
+
+def test_largest_component_prefers_the_allowed_piece_stage1_also_found():
+    """Misplaced atlases allow a liver in two places (one of them in the chest of a scan of the
+    upper abdomen): the piece stage 1 also calls liver wins over a bigger one it does not, only
+    plausible voxels count, and without any such voxel the plausible ones decide as before."""
+    from CascadeSegLib.inference.cascade import keep_largest_components
+
+    labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
+    labels[2:12, 2:12, 2:12] = 1          # 1000 voxels the atlases allow, stage 1 calls background
+    labels[20:25, 20:25, 20:25] = 1       # 125 voxels the atlases allow, stage 1 calls liver
+    stage1 = torch.zeros_like(labels)
+    stage1[21:24, 21:24, 21:24] = 1
+
+    def everywhere(value: int, index: np.ndarray) -> np.ndarray:
+        return np.ones(len(index), bool)
+
+    def upper_only(value: int, index: np.ndarray) -> np.ndarray:
+        return index[:, 0] < 15
+
+    kept = keep_largest_components(labels, [1], everywhere, stage1)
+    assert int((kept == 1).sum()) == 125 and int(kept[22, 22, 22]) == 1 and int(kept[5, 5, 5]) == 0
+    unsupported = keep_largest_components(labels, [1], everywhere, torch.zeros_like(labels))
+    assert int((unsupported == 1).sum()) == 1000
+    # stage 1's liver lies where the atlases allow none: its piece gets no credit for it
+    outside = keep_largest_components(labels, [1], upper_only, stage1)
+    assert int((outside == 1).sum()) == 1000 and int(outside[22, 22, 22]) == 0
+    # stage 1 calls the small piece spleen: not evidence for a liver
+    assert torch.equal(keep_largest_components(labels, [1], everywhere, stage1 * 2), unsupported)

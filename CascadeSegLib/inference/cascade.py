@@ -356,7 +356,8 @@ class Segmenter:
                                                  [model.labels.by_name(o).value for o in spec.mixup_organs])
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values,
-                                                atlas.plausible if atlas is not None else None)
+                                                atlas.plausible if atlas is not None else None,
+                                                self.to_tensor(fg1) if atlas is not None else None)
             if atlas is not None:
                 conflicts = atlas_conflicts(final, atlas, model.labels)
                 for conflict in conflicts:
@@ -392,18 +393,23 @@ class Segmenter:
 
 
 def keep_largest_components(labels: torch.Tensor, values: list[int],
-                            plausible: Callable[[int, np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
+                            plausible: Callable[[int, np.ndarray], np.ndarray] | None = None,
+                            evidence: torch.Tensor | None = None) -> torch.Tensor:
     """Keep only the largest 26-connected component of each label in `values` (rest: background).
 
     With `plausible(value, index)` (the atlas prior's veto, `GridPrior.plausible`), a component
     is measured by its voxels where the atlases allow the organ: a large piece far from every
-    atlas (a spleen in the pelvis) loses to the organ where the atlases put it. When no piece is
-    plausible at all, plain size decides, as without atlases.
+    atlas (a spleen in the pelvis) loses to the organ where the atlases put it. With `evidence`
+    too (stage 1's labels on the same grid), only those of them that stage 1 also gives the
+    organ count: where misplaced atlases put a second liver into the chest of a scan that shows
+    the upper abdomen, the piece the network found as well wins. Where no piece has such voxels,
+    the plausible ones decide, and where none is plausible at all, plain size, as without atlases.
     """
     from scipy import ndimage
 
     arr = labels.cpu().numpy()
     out = arr.copy()
+    evidence_arr = evidence.cpu().numpy() if evidence is not None else None
     structure = np.ones((3, 3, 3), bool)
     boxes = ndimage.find_objects(arr, max_label=max(values, default=0))  # one pass for every label
     for value in sorted(set(values)):
@@ -419,6 +425,10 @@ def keep_largest_components(labels: torch.Tensor, values: list[int],
                 where = np.argwhere(comp > 0)
                 allowed = plausible(value, where + np.array([s.start for s in box]))
                 scores = np.bincount(comp[tuple(where[allowed].T)], minlength=n + 1)
+                if evidence_arr is not None:
+                    found = allowed & (evidence_arr[box][comp > 0] == value)   # the order of `where`
+                    agreed = np.bincount(comp[tuple(where[found].T)], minlength=n + 1)
+                    scores = agreed if agreed.max() > 0 else scores
                 if scores.max() > 0:
                     sizes = scores
             out[box][(comp > 0) & (comp != int(sizes.argmax()))] = 0
