@@ -27,3 +27,19 @@ def test_bad_prior_settings_stop_the_build_before_any_work(tmp_path: Path, optio
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
     assert not out.exists() and not work.exists()
+
+
+def test_the_default_options_build_the_shipped_packages_atlas_settings() -> None:
+    """One command retrains the default model: build_atlas_model's defaults are its settings."""
+    sys.path.insert(0, str(REPO / "configs"))
+    try:
+        import build_atlas_model
+    finally:
+        sys.path.remove(str(REPO / "configs"))
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+    from CascadeSegLib.packaging.model import load_model
+
+    shipped = load_model("abdomen-ct").atlas_prior
+    assert shipped is not None
+    settings = build_atlas_model.prior_settings(build_atlas_model.parser().parse_args(["-o", "unused"]))
+    assert AtlasPriorSpec.from_json({**settings, "atlases": [a.to_json() for a in shipped.atlases]}) == shipped

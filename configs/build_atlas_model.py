@@ -108,7 +108,8 @@ def prior_settings(args: argparse.Namespace) -> dict:
     return settings
 
 
-def main() -> int:
+def parser() -> argparse.ArgumentParser:
+    """The options; their defaults build the shipped package's atlas settings."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-o", "--out", required=True, help="the package folder to write")
     ap.add_argument("--base", default=str(REPO / "Resources" / "Models" / "abdomen-ct-demo"),
@@ -153,17 +154,22 @@ def main() -> int:
                          "the atlas check's consensus); 0: off (before 2.10.0)")
     ap.add_argument("--mixup-organs", nargs="+", default=["liver", "spleen", "kidney_right", "kidney_left", "stomach"],
                     help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
-    ap.add_argument("--placement", choices=PLACEMENTS, default="moments",
-                    help="how each atlas is first placed on a whole scan: moments (centres of mass; every "
-                         "package so far), or search (also where it correlates best, taken where that lies over "
-                         "60 mm away and agrees better with stage 1's organs: tried, not shipped)")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="search",
+                    help="how each atlas is first placed on a whole scan: search (abdomen-ct 2.12.0: also where "
+                         "it correlates best, taken where that lies over 60 mm away and agrees better with stage "
+                         "1's organs: a scan of another part of the body), or moments (centres of mass only; "
+                         "packages before 2.12.0)")
     ap.add_argument("--intensity-weight", type=float, default=0.5,
                     help="the prior times each class's HU likelihood in the patient to this power (abdomen-ct "
                          "2.11.0: 0.5, chosen on the atlases alone across the folds); 0: the atlases' vote alone")
     ap.add_argument("--intensity-core-share", type=float, default=0.7,
                     help="a class's HU histogram comes from where its prior reaches this share (or 0.8 of its "
                          "own highest prior)")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> int:
+    args = parser().parse_args()
 
     raw = json.loads(MAIN.read_text(encoding="utf-8"))
     exclude = {e for e in args.exclude.split(",") if e}
