@@ -13,13 +13,14 @@ the label is argmax(w * p_network + (1 - w) * prior). With `candidates` (abdomen
 the prior's organs join C2 before its dilation, so stage 2 also looks where stage 1 missed an
 organ the atlases know, and outside C2 is background; without it, outside C2 (where the
 network never looked) the label is the prior's argmax. Each organ then keeps its largest piece
-among those near where the atlases put it (`GridPrior.plausible`).
+among those near where the atlases put it (`GridPrior.plausible`), counting only the voxels stage
+1 also gives that organ where any piece has some (`cascade.keep_largest_components`).
 
 A scan may cover another part of the body than the atlases (a chest CT down to the upper
 abdomen, a whole body): centres of mass then line up chest with abdomen. With `placement`
-"search" (off in every package: tried for abdomen-ct 2.12.0, not shipped; see the recipe's
-seventeenth round) each atlas is also placed where it correlates best with the scan, sliding
-along the body so that the two may overlap only in part (`best_translation`), and that placement
+"search" (abdomen-ct 2.12.0 on; the recipe's seventeenth and eighteenth rounds) each atlas is
+also placed where it correlates best with the scan, sliding along the body so that the two may
+overlap only in part (`best_translation`), and that placement
 is registered too where it lies far (`PLACEMENT_TOLERANCE_MM`) from the centres of mass', and
 kept where its organs agree clearly better with stage 1's (`PLACEMENT_MIN_AGREEMENT_GAIN`).
 
@@ -175,9 +176,9 @@ class AtlasPriorSpec:
     # highest prior). 0 (packages before abdomen-ct 2.11.0): the prior is the atlases' vote alone.
     intensity_weight: float = 0.0
     intensity_core_share: float = 0.7
-    # How each atlas is first placed on a whole scan: "moments" (every package so far) lines up
-    # centres of mass, right only where scan and atlas cover the same part of the body; "search"
-    # (tried, not shipped) also tries the translation at which they correlate best, also in part
+    # How each atlas is first placed on a whole scan: "moments" (packages before abdomen-ct 2.12.0)
+    # lines up centres of mass, right only where scan and atlas cover the same part of the body;
+    # "search" (2.12.0) also tries the translation at which they correlate best, also in part
     # (`best_translation`), where it lies more than PLACEMENT_TOLERANCE_MM head to feet away.
     placement: str = "moments"
 
