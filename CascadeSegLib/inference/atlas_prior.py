@@ -167,6 +167,8 @@ class AtlasPriorSpec:
     # > 0: organ identity from the atlases. A voxel the fused result gives to one of
     # `mixup_organs` where at least this share of the atlases' vote goes to another of them
     # takes the atlases' organ (a spleen labelled left kidney); borders stay the fused result's.
+    # A voxel stage 1 gives the same organ as the fused result keeps it (library, abdomen-ct 2.12.0
+    # on): the atlases overrule stage 2 where it strays from stage 1, not both networks.
     # 0 (every package so far): the result is kept, and only the atlas check reports such regions.
     mixup_share: float = 0.0
     mixup_organs: tuple[str, ...] = ()
@@ -698,10 +700,16 @@ class GridPrior:
         return (agreed[tuple(index.T)].astype(np.int64),
                 _lookup(labels.cpu().numpy(), self.target, self.source, index, fill=0).astype(np.int64))
 
-    def relabel_mixups(self, labels: torch.Tensor, min_share: float, organs: Sequence[int]) -> torch.Tensor:
+    def relabel_mixups(self, labels: torch.Tensor, min_share: float, organs: Sequence[int],
+                       stage1: torch.Tensor | None = None) -> torch.Tensor:
         """`labels` (uint8 on `target`) where each voxel of one of `organs` that at least `min_share`
         of the atlases' vote gives to another of `organs` (at the nearest prior voxel) takes that
-        organ: the atlases decide which organ, the labels where (AtlasPriorSpec.mixup_share)."""
+        organ: the atlases decide which organ, the labels where (AtlasPriorSpec.mixup_share).
+
+        With `stage1` (stage 1's labels on `target`), a voxel both stages give the same organ keeps
+        it: the atlases overrule stage 2 where it strays from stage 1 (a spleen stage 1 found and
+        stage 2 called left kidney), not both networks at once, which on scans the atlases fit
+        badly (a whole body, a chest CT) are the ones that are right."""
         arr = labels.cpu().numpy().copy()
         allowed = np.zeros(256, bool)
         allowed[list(organs)] = True
@@ -711,6 +719,8 @@ class GridPrior:
         agreed = _lookup(self._agreed(min_share), self.source, self.target, index, fill=0)
         own = arr[tuple(index.T)]
         switch = allowed[agreed] & (agreed != own)
+        if stage1 is not None:
+            switch &= stage1.cpu().numpy()[tuple(index.T)] != own
         arr[tuple(index[switch].T)] = agreed[switch]
         return torch.from_numpy(arr).to(labels.device)
 

@@ -315,7 +315,8 @@ class Segmenter:
             s2 = model.stages[1]
             ref2 = preprocess.grid_for_spacing(image, s2.spacing)
             fg1 = preprocess.resample(stage1_img, ref2, "nearest", 0, sitk.sitkUInt8)
-            c2 = preprocess.dilate(self.to_tensor(fg1) > 0, model.dilation_radius)
+            stage1_on_grid2 = self.to_tensor(fg1)       # stage 1's organs where stage 2 labels
+            c2 = preprocess.dilate(stage1_on_grid2 > 0, model.dilation_radius)
             stats["c2_fraction"] = float(c2.float().mean())
             hu2 = preprocess.GridWindows(image, ref2, self.device)   # resampled only where stage 2 looks
             t["c2"] = time.perf_counter() - t0
@@ -353,11 +354,12 @@ class Segmenter:
                 spec = model.atlas_prior
                 if spec is not None and spec.mixup_share > 0:
                     final = atlas.relabel_mixups(final, spec.mixup_share,
-                                                 [model.labels.by_name(o).value for o in spec.mixup_organs])
+                                                 [model.labels.by_name(o).value for o in spec.mixup_organs],
+                                                 stage1_on_grid2)
             if self.largest_component_values:
                 final = keep_largest_components(final, self.largest_component_values,
                                                 atlas.plausible if atlas is not None else None,
-                                                self.to_tensor(fg1) if atlas is not None else None)
+                                                stage1_on_grid2 if atlas is not None else None)
             if atlas is not None:
                 conflicts = atlas_conflicts(final, atlas, model.labels)
                 for conflict in conflicts:
