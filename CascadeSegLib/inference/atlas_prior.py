@@ -20,9 +20,9 @@ A scan may cover another part of the body than the atlases (a chest CT down to t
 abdomen, a whole body): centres of mass then line up chest with abdomen. With `placement`
 "search" (abdomen-ct 2.12.0 on; the recipe's seventeenth and eighteenth rounds) each atlas is
 also placed where it correlates best with the scan, sliding along the body so that the two may
-overlap only in part (`best_translation`), and that placement
-is registered too where it lies far (`PLACEMENT_TOLERANCE_MM`) from the centres of mass', and
-kept where its organs agree clearly better with stage 1's (`PLACEMENT_MIN_AGREEMENT_GAIN`).
+overlap only in part (`best_translation`), and that placement is registered too where it lies far
+(`PLACEMENT_TOLERANCE_MM`) from the centres of mass', and kept where its organs agree clearly
+better with stage 1's (`PLACEMENT_MIN_AGREEMENT_GAIN`).
 
 A slab (a scan shorter than `min_extent_mm`, 100 mm) gives the moments initialiser too little
 anatomy: where the package allows it (`slabs`, abdomen-ct 2.2.0 on) each atlas is registered by
@@ -169,7 +169,7 @@ class AtlasPriorSpec:
     # takes the atlases' organ (a spleen labelled left kidney); borders stay the fused result's.
     # A voxel stage 1 gives the same organ as the fused result keeps it (library, abdomen-ct 2.12.0
     # on): the atlases overrule stage 2 where it strays from stage 1, not both networks.
-    # 0 (every package so far): the result is kept, and only the atlas check reports such regions.
+    # 0 (packages before abdomen-ct 2.10.0): the result is kept; only the atlas check reports them.
     mixup_share: float = 0.0
     mixup_organs: tuple[str, ...] = ()
     # > 0: the prior is weighted by how each class's HU look in this patient (`intensity_refined`):
