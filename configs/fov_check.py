@@ -10,7 +10,9 @@ body:
 - abdomen_pelvis: from 30 mm below the sacrum to 20 mm above the liver;
 - lower: from 30 mm below the sacrum to mid-kidney;
 - thorax_only: from 10 mm above the highest abdominal organ to 20 mm above the lungs (a negative:
-  nothing but vessels may be labelled; lungs needed).
+  nothing but vessels may be labelled; lungs needed);
+- pelvis_only: from 30 mm below the sacrum to 10 mm below the lowest abdominal organ (a pelvic
+  CT: another negative, where it is at least 60 mm long).
 Each model segments each crop; Dice of the organs each crop holds (mean of those), and the ml of
 organs labelled that the crop does not hold. Models that share networks but differ in their
 atlases or settings show what the atlases do; leave the anatomy out of the atlases
@@ -46,7 +48,7 @@ from CascadeSegLib.synthesis.render import SynthSettings, synthesize, with_phase
 from CascadeSegLib.synthesis.tissues import IntensityTable, default_table_path, structure_names  # noqa: E402
 from CascadeSegLib.train.dataset import label_lookup  # noqa: E402
 
-CROPS = ("wholebody", "chest", "abdomen_pelvis", "lower", "thorax_only")
+CROPS = ("wholebody", "chest", "abdomen_pelvis", "lower", "thorax_only", "pelvis_only")
 LUNGS = (10, 11, 12, 13, 14)
 SACRUM = 25
 KIDNEYS = (2, 3)
@@ -88,6 +90,8 @@ def crop_ranges(arr: np.ndarray, spacing_mm: float) -> dict[str, tuple[int, int]
         out["abdomen_pelvis"] = (max(0, int(sacrum.min()) - mm(30)), min(n, int(liver.max()) + mm(20)))
     if sacrum.size and kidneys.size:
         out["lower"] = (max(0, int(sacrum.min()) - mm(30)), int((kidneys.min() + kidneys.max()) // 2))
+    if sacrum.size and organs.size and int(organs.min()) - mm(10) - max(0, int(sacrum.min()) - mm(30)) >= mm(60):
+        out["pelvis_only"] = (max(0, int(sacrum.min()) - mm(30)), int(organs.min()) - mm(10))
     return out
 
 
