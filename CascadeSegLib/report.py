@@ -72,7 +72,7 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
         own_hu = (" weighted by each organ's HU in this scan," if votes else ", weighted by each organ's HU in this "
                   "scan,") if stats.get("atlas_prior_intensity") else ""
         lines += [f"Atlas prior: {int(stats.get('atlas_prior_atlases', 0))} atlases registered onto {where}{votes}"
-                  f"{own_hu} and fused with stage 2" if stats["atlas_prior_used"] else
+                  f"{own_hu} and fused with stage 2{_agreement_text(stats)}" if stats["atlas_prior_used"] else
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
     refined = any(k.startswith("refine_iterations_") for k in stats)
@@ -97,7 +97,18 @@ def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = F
     return lines
 
 
+def _agreement_text(stats: dict[str, float]) -> str:
+    """How well the closest atlas's organs agree with stage 1's: the atlas check's measure of whether
+    the scan shows an abdomen at all (atlas_check.scan_conflict)."""
+    if "atlas_prior_agreement" not in stats:
+        return ""
+    return f" (the closest atlas's organs agree with stage 1's by Dice {stats['atlas_prior_agreement']:.2f})"
+
+
 def _conflict_text(c: dict[str, Any]) -> str:
+    if c.get("kind") == "scan":
+        return (f"no atlas's organs agree with the network's (best Dice {c['fraction']:.2f}): the scan may hold none "
+                f"of the abdomen's organs (a pelvic or chest CT), and all {c['ml']:.0f} ml of segments may be false")
     if c.get("kind") == "missed":
         return (f"{c['ml']:.0f} ml where most atlases put the {c['atlases_say']} is unlabelled "
                 f"({c['fraction']:.0%} of where they agree on it)")

@@ -3,7 +3,8 @@ listed and, when large, flagged (a warning line, the report) without changing a 
 
 On real data: the default model whose stage-2 network has the spleen's and the left kidney's
 outputs swapped (the mix-up the check exists for) is flagged on the sample CT, both ways; the
-default model as shipped flags nothing there. The thresholds are checked on a hand-made prior
+default model as shipped flags nothing there, and flags the sample CT's pelvis (none of the ten
+organs) as a scan no atlas agrees with. The thresholds are checked on a hand-made prior
 voxel for voxel."""
 
 from __future__ import annotations
@@ -70,6 +71,25 @@ def test_conflicts_are_measured_listed_and_flagged_by_the_thresholds() -> None:
     assert json.loads(json.dumps(out[1].to_json()))["flagged"] is True
     lab[:40, :5, :] = 2                    # all of it: nothing missed, nothing mixed up
     assert atlas_check.atlas_conflicts(lab, fused, labels) == []
+
+
+def test_a_scan_no_atlas_agrees_with_is_flagged_as_a_whole() -> None:
+    """Best agreement under `MIN_SCAN_AGREEMENT` with at least `LISTED_ML` labelled: one flagged
+    "scan" conflict carrying the best agreement and every labelled ml; otherwise none."""
+    lab = torch.zeros((10, 10, 10), dtype=torch.uint8)
+    lab[:4, :5, :] = 3                     # 200 voxels of 0.5 ml: 100 ml
+    lab[8, 0, 0] = 1                       # and 0.5 ml more
+    low = atlas_check.MIN_SCAN_AGREEMENT - 0.01
+    out = atlas_check.scan_conflict({"s0001": 0.002, "s0004": low}, lab, 0.5)
+    assert out == atlas_check.AtlasConflict("every organ", "", 100.5, round(low, 3), True, "scan")
+    assert out.message() == (f"atlas check: no atlas's organs agree with the network's (best Dice {low:.2f}, under "
+                             f"{atlas_check.MIN_SCAN_AGREEMENT:g}): the scan may hold none of the abdomen's organs "
+                             "(a pelvic or chest CT) and its 100 ml of segments may be false; review every segment")
+    assert atlas_check.scan_conflict({"s0001": 0.002, "s0004": atlas_check.MIN_SCAN_AGREEMENT}, lab, 0.5) is None
+    assert atlas_check.scan_conflict({}, lab, 0.5) is None               # not measured: a slab, no stage 1
+    lab[:] = 0
+    lab[0, 0, 0] = 1                       # 0.5 ml: under LISTED_ML, nothing to review
+    assert atlas_check.scan_conflict({"s0001": 0.0}, lab, 0.5) is None
 
 
 def _without_mixups(model: ModelPackage) -> ModelPackage:
@@ -173,6 +193,32 @@ def test_the_shipped_model_flags_nothing_on_the_sample_ct(sample_ct_path: Path) 
     result = Segmenter(load_model(), device="cpu", on_warning=warnings.append).segment(read_image(sample_ct_path))
     assert not [w for w in warnings if "atlas check" in w]
     assert not [c for c in result.atlas_conflicts if c.flagged]
+    assert result.stats["atlas_prior_agreement"] >= atlas_check.MIN_SCAN_AGREEMENT       # 0.80 measured
+
+
+def test_the_sample_cts_pelvis_is_flagged_as_a_scan_without_our_organs(sample_ct_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sample CT's lower half (sacrum, hips, bladder: none of the ten organs) with the shipped
+    model: the networks label some ml anyway, no atlas agrees with stage 1, and the scan is flagged
+    as a whole (warning, conflict) without a label changing."""
+    from CascadeSegLib.inference import cascade
+
+    pelvis = read_image(sample_ct_path)[:, :, :56]
+    warnings: list[str] = []
+    result = Segmenter(load_model(), device="cpu", on_warning=warnings.append).segment(pelvis)
+    labelled_ml = float(np.count_nonzero(sitk.GetArrayViewFromImage(result.labels))) * float(
+        np.prod(pelvis.GetSpacing())) / 1000.0
+    assert result.stats["atlas_prior_agreement"] < atlas_check.MIN_SCAN_AGREEMENT
+    scan = [c for c in result.atlas_conflicts if c.kind == "scan"]
+    assert len(scan) == 1 and scan[0].flagged and scan[0] is result.atlas_conflicts[0]
+    assert scan[0].fraction == round(result.stats["atlas_prior_agreement"], 3)
+    assert scan[0].ml == pytest.approx(labelled_ml, abs=0.05) and labelled_ml >= atlas_check.LISTED_ML
+    assert scan[0].message() in warnings
+    monkeypatch.setattr(cascade, "scan_conflict", lambda *args: None)
+    unchecked = Segmenter(load_model(), device="cpu").segment(pelvis)
+    assert not [c for c in unchecked.atlas_conflicts if c.kind == "scan"]
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(unchecked.labels),
+                                  sitk.GetArrayViewFromImage(result.labels))
 
 
 def test_a_model_without_atlases_reports_no_check(sample_ct_path: Path, tmp_path: Path) -> None:
@@ -199,6 +245,11 @@ def test_the_report_says_what_to_review_and_what_the_check_was_of() -> None:
     base = {"case": "c", "model": {"name": "m", "version": "1"}, "device": "cpu",
             "input": {"size": [1, 1, 1], "spacing": [1.0, 1.0, 1.0]}, "timings_s": {},
             "organs": {lab.name: {"ml": 0.0, "voxels": 0} for lab in labels}}
+    whole = atlas_check.AtlasConflict("every organ", "", 79.5, 0.003, True, "scan").to_json()
+    assert ("**Atlas check: review these regions.**\n- no atlas's organs agree with the network's (best Dice "
+            "0.00): the scan may hold none of the abdomen's organs (a pelvic or chest CT), and all 80 ml of "
+            "segments may be false") in report_markdown({**base, "atlas_check": [whole], "candidate_regions": {}},
+                                                         labels)
     text = report_markdown({**base, "atlas_check": conflicts, "candidate_regions": {}}, labels)
     assert ("**Atlas check: review these regions.**\n- 120 ml where most atlases put the spleen is unlabelled "
             "(60% of where they agree on it)\nSmall disagreements (borders): 15 ml of the liver (1% of it) lies "

@@ -752,6 +752,9 @@ def test_the_report_says_whether_the_atlases_were_used() -> None:
                                                            "atlas_prior_intensity": 1.0}}, labels)
     assert ("Atlas prior: 10 atlases registered onto this scan, each voting by how well it matches the scan "
             "locally, weighted by each organ's HU in this scan, and fused with stage 2") in own_hu
+    agreed = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_agreement": 0.8012}}, labels)
+    assert ("Atlas prior: 10 atlases registered onto this scan and fused with stage 2 (the closest atlas's organs "
+            "agree with stage 1's by Dice 0.80)") in agreed
     own_hu_only = report_markdown({**base, "candidate_regions": {**stats, "atlas_prior_intensity": 1.0}}, labels)
     assert ("Atlas prior: 10 atlases registered onto this scan, weighted by each organ's HU in this scan, and fused "
             "with stage 2") in own_hu_only

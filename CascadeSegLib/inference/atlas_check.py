@@ -12,6 +12,10 @@ where at least `MIN_SHARE` of the atlases' vote goes to one organ:
 Flagged conflicts become a warning line and the report's "review these regions"; smaller ones
 (borders where a registration is off by a few millimetres) are only listed in the report. The
 check changes no label. Its thresholds were set on 2026-12-01 before it was run on any scan.
+A whole scan is also checked as a whole (`scan_conflict`): where no registered atlas's organs agree
+with stage 1's (a pelvic or chest CT that holds none of the ten organs, where the networks invent
+some and the atlases, registered onto anatomy they do not hold, put theirs elsewhere), every
+segment is suspect, and one flagged "scan" conflict says so.
 A package with `mixup_share` (abdomen-ct 2.10.0) has already given the atlases' organ to mixed-up
 voxels of its `mixup_organs` (`GridPrior.relabel_mixups`): the check reports what is left.
 """
@@ -37,13 +41,21 @@ MIN_FRACTION = 0.2
 MIN_MISSED_FRACTION = 0.3
 #: smaller conflicts than this are not listed at all
 LISTED_ML = 1.0
+#: a whole scan where no atlas's organs agree with stage 1's by this Dice (`organ_agreement`) is
+#: flagged as a whole. Set on 2026-12-03 from fold packages (networks and atlases that never saw the
+#: patient): abdominal scans and their upper or lower halves 0.125 and more (0.125-0.13 only with the
+#: weakest networks, trained on one CT; 0.25-0.64 otherwise); pelvis-level scans and chests above the
+#: organs 0.070 and less (recipe, nineteenth round)
+MIN_SCAN_AGREEMENT = 0.1
 
 
 @dataclass(frozen=True)
 class AtlasConflict:
     """A mix-up: `ml` of `organ` (that `fraction` of its labelled volume) lies where the atlases
     put `atlases_say`. Missed (`organ` "no organ"): `ml` where the atlases agree on `atlases_say`
-    (that `fraction` of the region where they do) is unlabelled."""
+    (that `fraction` of the region where they do) is unlabelled.
+    Scan (`kind` "scan", `organ` "every organ"): no atlas's organs agree with stage 1's by
+    `MIN_SCAN_AGREEMENT`; `fraction` is the best atlas's agreement, `ml` all the result labels."""
     organ: str
     atlases_say: str
     ml: float
@@ -52,6 +64,10 @@ class AtlasConflict:
     kind: str = "mix-up"
 
     def message(self) -> str:
+        if self.kind == "scan":
+            return (f"atlas check: no atlas's organs agree with the network's (best Dice {self.fraction:.2f}, under "
+                    f"{MIN_SCAN_AGREEMENT:g}): the scan may hold none of the abdomen's organs (a pelvic or chest CT) "
+                    f"and its {self.ml:.0f} ml of segments may be false; review every segment")
         if self.kind == "missed":
             return (f"atlas check: most atlases put the {self.atlases_say} on {self.ml:.0f} ml that the result "
                     f"leaves unlabelled ({self.fraction:.0%} of where they agree on it); review that region")
@@ -67,6 +83,21 @@ def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) 
     largest first."""
     out = _mix_ups(labels, prior, labelset) + _missed(labels, prior, labelset)
     return sorted(out, key=lambda c: -c.ml)
+
+
+def scan_conflict(agreement: dict[str, float], labels: torch.Tensor | np.ndarray,
+                  voxel_ml: float) -> AtlasConflict | None:
+    """The scan as a whole: flagged where every atlas agrees with stage 1 by less than
+    `MIN_SCAN_AGREEMENT` (`agreement`: atlas name -> `organ_agreement`, from `atlas_prior`) and the
+    result `labels` (voxels of `voxel_ml`) hold at least `LISTED_ML` of organs; None otherwise, and
+    where nothing was measured (a slab, a package without atlases)."""
+    if not agreement:
+        return None
+    best = max(agreement.values())
+    ml = float((labels > 0).sum()) * voxel_ml
+    if best >= MIN_SCAN_AGREEMENT or ml < LISTED_ML:
+        return None
+    return AtlasConflict("every organ", "", round(ml, 1), round(best, 3), True, "scan")
 
 
 def _name(labelset: LabelSet, value: int) -> str:

@@ -445,14 +445,17 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
                 progress: Callable[[float, str], None] | None = None,
                 check_cancel: Callable[[], None] | None = None,
                 slab: bool = False,
-                network_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                network_labels: torch.Tensor | None = None,
+                agreement: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """The smoothed class prior (K, z, y, x) on `grid` from the package's atlases registered onto
     `image`, rows summing to 1 (uniform where no atlas reaches), and per-atlas seconds. `slab`:
     register with `register_slab` at `spec.slab_spacing_mm` (the caller decides what is a slab).
     `network_labels` (z, y, x on `grid`, stage 1's organs): where an atlas's searched placement
     differs from its centres of mass' (`placement` "search"), both are registered and the searched
     one is kept only where its organs agree with the network's by `PLACEMENT_MIN_AGREEMENT_GAIN`
-    more Dice (`organ_agreement`)."""
+    more Dice (`organ_agreement`). `agreement`, with `network_labels` on a whole scan: filled with
+    each atlas's `organ_agreement` with them as registered (atlas name -> Dice), for the atlas
+    check's look at the scan as a whole (atlas_check.scan_conflict)."""
     spacing = spec.slab_spacing_mm if slab else spec.spacing_mm
     smoothing = spec.slab_demons_smoothing if slab else spec.demons_smoothing
     method: Callable[..., sitk.Transform] = register_slab if slab else partial(register, placement=spec.placement)
@@ -494,6 +497,8 @@ def atlas_prior(image: sitk.Image, grid: sitk.Image, spec: AtlasPriorSpec, root:
         # through one mapping of the grid (what sitk.Resample gives, in a third less time).
         warped, moved = warp_onto_grid(transform, grid, labels, moving if weighted else None,
                                        UNKNOWN_LABEL, spec.window_hu[0], device)
+        if agreement is not None and reference is not None and not slab:
+            agreement[atlas.name] = organ_agreement(warped, reference)
         weights = None
         if weighted and target is not None and moved is not None:
             weights = local_weights(moved.clamp(*spec.window_hu), target, sigma_vox, spec.local_weight_power)
@@ -658,6 +663,8 @@ class GridPrior:
         self._support: dict[int, np.ndarray] = {}
         self._agreed_at: dict[float, np.ndarray] = {}
         self._labels: torch.Tensor | None = None
+        #: each atlas's organ agreement with stage 1 (`atlas_prior(agreement=...)`), where measured
+        self.agreement: dict[str, float] = {}
 
     def plausible(self, value: int, index: np.ndarray) -> np.ndarray:
         """bool (N,): whether target voxels `index` (N, 3: z, y, x) lie within

@@ -21,7 +21,7 @@ from ..io.images import axis_aligned_indices
 from ..network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
 from ..packaging.model import ModelPackage
 from . import atlas_prior, preprocess
-from .atlas_check import AtlasConflict, atlas_conflicts
+from .atlas_check import AtlasConflict, atlas_conflicts, scan_conflict
 from .memory import free_accelerator_memory, is_out_of_memory
 from .tiling import (
     BOX_HALO,
@@ -237,15 +237,21 @@ class Segmenter:
         coarse = min(grid.GetSpacing()) < atlas_prior.PRIOR_SPACING_MM
         prior_grid = preprocess.grid_for_spacing(image, [atlas_prior.PRIOR_SPACING_MM] * 3) if coarse else grid
         # Stage 1's organs on the prior's grid: where an atlas could start from two placements, the
-        # one that agrees better with them is kept (a scan of another part of the body).
+        # one that agrees better with them is kept (a scan of another part of the body), and how
+        # well each registered atlas agrees with them tells whether the scan shows an abdomen at
+        # all (atlas_check.scan_conflict). Placement "moments" never reads them to register.
         network = None
-        if stage1 is not None and spec.placement == "search" and not slab:
+        agreement: dict[str, float] = {}
+        if stage1 is not None and not slab:
             network = self.to_tensor(preprocess.resample(stage1, prior_grid, "nearest", 0, sitk.sitkUInt8))
         prior, seconds = atlas_prior.atlas_prior(
             image, prior_grid, spec, self.model.root, self.model.labels.num_classes, self.device,
             progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel, slab=slab,
-            network_labels=network)
+            network_labels=network, agreement=agreement)
         fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
+        fusion.agreement = agreement
+        if agreement:
+            self._stats["atlas_prior_agreement"] = max(agreement.values())
         t["atlas_prior"] = time.perf_counter() - t0
         self._stats["atlas_prior_used"] = 1.0
         self._stats["atlas_prior_slab"] = float(slab)
@@ -305,6 +311,7 @@ class Segmenter:
         stage1_img = _from_tensor(labels1, grid1)
 
         conflicts: list[AtlasConflict] = []
+        agreement: dict[str, float] = {}     # each atlas's agreement with stage 1, for the scan as a whole
         if self.stage1_only:
             final_grid, final = grid1, labels1
             probs = None
@@ -362,6 +369,7 @@ class Segmenter:
                                                 stage1_on_grid2 if atlas is not None else None)
             if atlas is not None:
                 conflicts = atlas_conflicts(final, atlas, model.labels)
+                agreement = atlas.agreement
                 for conflict in conflicts:
                     if conflict.flagged:
                         self._warn(conflict.message())
@@ -377,6 +385,12 @@ class Segmenter:
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
         c1_img = _from_tensor(c1.to(torch.uint8), grid1)
         labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
+        # The scan as a whole, in the ml the report's organ table gives (the input's voxels).
+        whole = scan_conflict(agreement, sitk.GetArrayViewFromImage(labels),
+                              float(np.prod(image.GetSpacing())) / 1000.0)
+        if whole is not None:
+            conflicts.insert(0, whole)
+            self._warn(whole.message())
         result = SegmentationResult(labels=labels, timings=t, stats=stats, atlas_conflicts=conflicts)
         if self.keep_stage1 or self.stage1_only:
             result.stage1_labels = labels if self.stage1_only else resample_labels_to(stage1_img, image, edge=1)
