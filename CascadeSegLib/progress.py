@@ -6,6 +6,10 @@ import json
 import sys
 from typing import Any, TextIO
 
+#: how the warning that puts every segment of a result in doubt begins (the atlas check of a scan
+#: no atlas agrees with, atlas_check.scan_conflict): Slicer also shows it in a message box
+WHOLE_SCAN_WARNING = "atlas check: no atlas's organs agree with the network's"
+
 
 class JsonProgress:
     """Writes `{"event": ...}` lines to stdout; the Slicer module reads them from a pipe."""

@@ -236,6 +236,7 @@ class FakeTimer:
 class FakeGui:
     def __init__(self, confirm=True):
         self.errors, self.shown, self.confirms, self.answer = [], [], [], confirm
+        self.warned = []
 
     def ensure_dependencies(self):
         return True
@@ -249,6 +250,9 @@ class FakeGui:
 
     def show_result(self, seg, volume):
         self.shown.append(seg)
+
+    def warn(self, message):
+        self.warned.append(message)
 
 
 def ui_widget_names() -> set[str]:
@@ -331,6 +335,27 @@ def test_widget_shows_the_run_s_warnings_with_its_result(app, sample, fake_logic
     assert not gui.errors and gui.shown == [ui.outputSegmentationSelector.currentNode()]
     first, second = ui.statusLabel.text.split("\n")
     assert first.startswith("Done in 0.4 s") and second == "Warning: " + message
+    assert gui.warned == []                        # one region to review: the status line says it
+
+
+def test_widget_shows_a_warning_on_the_whole_scan_in_a_message_box(app, sample, fake_logic, monkeypatch):
+    """The atlas check's flag on a scan no atlas agrees with puts every segment in doubt: besides
+    the status line, a message box says it, after the (still made) segmentation is shown."""
+    from CascadeSegLib.inference.atlas_check import AtlasConflict
+
+    volume, labels_path, _ = sample
+    monkeypatch.setenv("FAKE_MODE", "ok")
+    monkeypatch.setenv("FAKE_LABELS", str(labels_path))
+    message = AtlasConflict("every organ", "", 19.8, 0.006, True, "scan").message()
+    monkeypatch.setenv("FAKE_WARNING", message)
+    gui = FakeGui()
+    ui, ctl = make_controller(fake_logic, gui)
+    ui.inputVolumeSelector.setCurrentNode(volume)
+    ctl.update_buttons()
+    ui.segmentButton.clicked.emit()
+    drive(ctl)
+    assert not gui.errors and gui.shown == [ui.outputSegmentationSelector.currentNode()]
+    assert gui.warned == [message] and ui.statusLabel.text.split("\n")[1] == "Warning: " + message
 
 
 def test_widget_cancel_and_failure(app, sample, fake_logic, monkeypatch):

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from CascadeSegLib.progress import WHOLE_SCAN_WARNING
 from CascadeSegLib.resources import DEFAULT_MODEL
 
 from .background import RunPoller
@@ -293,6 +294,9 @@ class CascadeSegController:
             for warning in run.warnings:
                 log.warning("%s", warning)
             self.gui.show_result(node, self.ui.inputVolumeSelector.currentNode())
+            whole = [w for w in run.warnings if w.startswith(WHOLE_SCAN_WARNING)]
+            if whole:                          # every segment in doubt: not only a status line
+                self.gui.warn(whole[0])
         finally:
             self.update_buttons()
 
@@ -390,6 +394,11 @@ class SlicerGui:
         import slicer
 
         slicer.util.errorDisplay(message, windowTitle="CascadeSeg", detailedText=details or None)
+
+    def warn(self, message: str) -> None:
+        import slicer
+
+        slicer.util.warningDisplay(message, windowTitle="CascadeSeg")
 
     def show_report(self, message: str, markdown: str) -> None:
         import slicer

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..labels import LabelSet
+from ..progress import WHOLE_SCAN_WARNING
 from .atlas_prior import GridPrior
 
 #: the share of the atlases' (smoothed, weighted) vote one other organ needs for "the atlases say"
@@ -65,7 +66,7 @@ class AtlasConflict:
 
     def message(self) -> str:
         if self.kind == "scan":
-            return (f"atlas check: no atlas's organs agree with the network's (best Dice {self.fraction:.2f}, under "
+            return (f"{WHOLE_SCAN_WARNING} (best Dice {self.fraction:.2f}, under "
                     f"{MIN_SCAN_AGREEMENT:g}): the scan may hold none of the abdomen's organs (a pelvic or chest CT) "
                     f"and its {self.ml:.0f} ml of segments may be false; review every segment")
         if self.kind == "missed":
