@@ -318,13 +318,11 @@ def test_widget_segment_then_rerun_replaces_after_confirmation(app, sample, fake
     assert ui.outputSegmentationSelector.currentNode() is seg and app.scene.GetNumberOfNodes() == n
 
 
-def test_widget_shows_the_run_s_warnings_with_its_result(app, sample, fake_logic, monkeypatch):
-    """A warning the CLI emits (the atlas check's, here) reaches the panel with the result, not
-    only the log: the segmentation is still made and shown."""
+def _segment_with_warning(sample, fake_logic, monkeypatch, message):
+    """Segment with a fake CLI that emits `message` as a warning: the panel, its controller, the gui."""
     volume, labels_path, _ = sample
     monkeypatch.setenv("FAKE_MODE", "ok")
     monkeypatch.setenv("FAKE_LABELS", str(labels_path))
-    message = "atlas check: 71 ml of the left kidney (100% of it) lies where most atlases put the spleen; review"
     monkeypatch.setenv("FAKE_WARNING", message)
     gui = FakeGui()
     ui, ctl = make_controller(fake_logic, gui)
@@ -333,6 +331,14 @@ def test_widget_shows_the_run_s_warnings_with_its_result(app, sample, fake_logic
     ui.segmentButton.clicked.emit()
     drive(ctl)
     assert not gui.errors and gui.shown == [ui.outputSegmentationSelector.currentNode()]
+    return ui, gui
+
+
+def test_widget_shows_the_run_s_warnings_with_its_result(app, sample, fake_logic, monkeypatch):
+    """A warning the CLI emits (the atlas check's, here) reaches the panel with the result, not
+    only the log: the segmentation is still made and shown."""
+    message = "atlas check: 71 ml of the left kidney (100% of it) lies where most atlases put the spleen; review"
+    ui, gui = _segment_with_warning(sample, fake_logic, monkeypatch, message)
     first, second = ui.statusLabel.text.split("\n")
     assert first.startswith("Done in 0.4 s") and second == "Warning: " + message
     assert gui.warned == []                        # one region to review: the status line says it
@@ -343,18 +349,8 @@ def test_widget_shows_a_warning_on_the_whole_scan_in_a_message_box(app, sample, 
     the status line, a message box says it, after the (still made) segmentation is shown."""
     from CascadeSegLib.inference.atlas_check import AtlasConflict
 
-    volume, labels_path, _ = sample
-    monkeypatch.setenv("FAKE_MODE", "ok")
-    monkeypatch.setenv("FAKE_LABELS", str(labels_path))
     message = AtlasConflict("every organ", "", 19.8, 0.006, True, "scan").message()
-    monkeypatch.setenv("FAKE_WARNING", message)
-    gui = FakeGui()
-    ui, ctl = make_controller(fake_logic, gui)
-    ui.inputVolumeSelector.setCurrentNode(volume)
-    ctl.update_buttons()
-    ui.segmentButton.clicked.emit()
-    drive(ctl)
-    assert not gui.errors and gui.shown == [ui.outputSegmentationSelector.currentNode()]
+    ui, gui = _segment_with_warning(sample, fake_logic, monkeypatch, message)
     assert gui.warned == [message] and ui.statusLabel.text.split("\n")[1] == "Warning: " + message
 
 
