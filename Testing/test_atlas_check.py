@@ -80,16 +80,16 @@ def test_a_scan_no_atlas_agrees_with_is_flagged_as_a_whole() -> None:
     lab[:4, :5, :] = 3                     # 200 voxels of 0.5 ml: 100 ml
     lab[8, 0, 0] = 1                       # and 0.5 ml more
     low = atlas_check.MIN_SCAN_AGREEMENT - 0.01
-    out = atlas_check.scan_conflict({"s0001": 0.002, "s0004": low}, lab, 0.5)
+    out = atlas_check.scan_conflict(low, lab, 0.5)
     assert out == atlas_check.AtlasConflict("every organ", "", 100.5, round(low, 3), True, "scan")
     assert out.message() == (f"atlas check: no atlas's organs agree with the network's (best Dice {low:.2f}, under "
                              f"{atlas_check.MIN_SCAN_AGREEMENT:g}): the scan may hold none of the abdomen's organs "
                              "(a pelvic or chest CT) and its 100 ml of segments may be false; review every segment")
-    assert atlas_check.scan_conflict({"s0001": 0.002, "s0004": atlas_check.MIN_SCAN_AGREEMENT}, lab, 0.5) is None
-    assert atlas_check.scan_conflict({}, lab, 0.5) is None               # not measured: a slab, no stage 1
+    assert atlas_check.scan_conflict(atlas_check.MIN_SCAN_AGREEMENT, lab, 0.5) is None
+    assert atlas_check.scan_conflict(None, lab, 0.5) is None             # not measured: a slab, no stage 1
     lab[:] = 0
     lab[0, 0, 0] = 1                       # 0.5 ml: under LISTED_ML, nothing to review
-    assert atlas_check.scan_conflict({"s0001": 0.0}, lab, 0.5) is None
+    assert atlas_check.scan_conflict(0.0, lab, 0.5) is None
 
 
 def _without_mixups(model: ModelPackage) -> ModelPackage:

@@ -86,15 +86,14 @@ def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) 
     return sorted(out, key=lambda c: -c.ml)
 
 
-def scan_conflict(agreement: dict[str, float], labels: torch.Tensor | np.ndarray,
-                  voxel_ml: float) -> AtlasConflict | None:
-    """The scan as a whole: flagged where every atlas agrees with stage 1 by less than
-    `MIN_SCAN_AGREEMENT` (`agreement`: atlas name -> `organ_agreement`, from `atlas_prior`) and the
-    result `labels` (voxels of `voxel_ml`) hold at least `LISTED_ML` of organs; None otherwise, and
-    where nothing was measured (a slab, a package without atlases)."""
-    if not agreement:
+def scan_conflict(best: float | None, labels: torch.Tensor | np.ndarray, voxel_ml: float) -> AtlasConflict | None:
+    """The scan as a whole: flagged where the best atlas agrees with stage 1 by less than
+    `MIN_SCAN_AGREEMENT` (`best`: the highest `organ_agreement` of the registered atlases, from
+    `atlas_prior`) and the result `labels` (voxels of `voxel_ml`) hold at least `LISTED_ML` of
+    organs; None otherwise, and where nothing was measured (`best` None: a slab, a package without
+    atlases)."""
+    if best is None:
         return None
-    best = max(agreement.values())
     ml = float((labels > 0).sum()) * voxel_ml
     if best >= MIN_SCAN_AGREEMENT or ml < LISTED_ML:
         return None

@@ -663,8 +663,6 @@ class GridPrior:
         self._support: dict[int, np.ndarray] = {}
         self._agreed_at: dict[float, np.ndarray] = {}
         self._labels: torch.Tensor | None = None
-        #: each atlas's organ agreement with stage 1 (`atlas_prior(agreement=...)`), where measured
-        self.agreement: dict[str, float] = {}
 
     def plausible(self, value: int, index: np.ndarray) -> np.ndarray:
         """bool (N,): whether target voxels `index` (N, 3: z, y, x) lie within

@@ -249,7 +249,6 @@ class Segmenter:
             progress=lambda f, msg: self._report("atlases", f, msg), check_cancel=self.check_cancel, slab=slab,
             network_labels=network, agreement=agreement)
         fusion = atlas_prior.GridPrior(prior, prior_grid, grid, spec.network_weight)
-        fusion.agreement = agreement
         if agreement:
             self._stats["atlas_prior_agreement"] = max(agreement.values())
         t["atlas_prior"] = time.perf_counter() - t0
@@ -311,7 +310,6 @@ class Segmenter:
         stage1_img = _from_tensor(labels1, grid1)
 
         conflicts: list[AtlasConflict] = []
-        agreement: dict[str, float] = {}     # each atlas's agreement with stage 1, for the scan as a whole
         if self.stage1_only:
             final_grid, final = grid1, labels1
             probs = None
@@ -369,7 +367,6 @@ class Segmenter:
                                                 stage1_on_grid2 if atlas is not None else None)
             if atlas is not None:
                 conflicts = atlas_conflicts(final, atlas, model.labels)
-                agreement = atlas.agreement
                 for conflict in conflicts:
                     if conflict.flagged:
                         self._warn(conflict.message())
@@ -386,7 +383,7 @@ class Segmenter:
         c1_img = _from_tensor(c1.to(torch.uint8), grid1)
         labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
         # The scan as a whole, in the ml the report's organ table gives (the input's voxels).
-        whole = scan_conflict(agreement, sitk.GetArrayViewFromImage(labels),
+        whole = scan_conflict(stats.get("atlas_prior_agreement"), sitk.GetArrayViewFromImage(labels),
                               float(np.prod(image.GetSpacing())) / 1000.0)
         if whole is not None:
             conflicts.insert(0, whole)
