@@ -111,7 +111,7 @@ class ReportGui(FakeGui):
         self.name, self.reports = name, []
 
     def ask_text(self, title, label, default=""):
-        self.asked = default
+        self.asked, self.label = default, label
         return self.name
 
     def show_report(self, message, markdown):
@@ -159,3 +159,14 @@ def test_improve_from_the_panel_shows_progress_cancels_and_selects_the_new_model
     assert ui.trainingStatusLabel.text.endswith("63.3% -> 91.0%")
     assert gui.reports and "91.0" in gui.reports[0][1]
     assert ui.improveButton.text == "Improve model…" and not ui.trainingProgressBar.visible
+    assert "--atlases" not in args
+    # "Also keep the cases as atlases": the same run with --atlases, and the question says so
+    ui.improveAtlasesCheckBox.checked = True
+    gui.name = "demo-atlases"
+    ui.improveButton.clicked.emit()
+    assert not ui.improveAtlasesCheckBox.enabled          # not changed while a run is going
+    drive(panel, timeout=30)
+    args = json.loads((tmp_path / "improve_args.json").read_text(encoding="utf-8"))
+    assert args[:4] == ["improve", "demo-improved", "-o", "demo-atlases"] and "--atlases" in args
+    assert "keep them as atlases" in gui.label and not gui.errors, gui.errors
+    assert ctl.current_model().name == "demo-atlases" and ui.improveAtlasesCheckBox.enabled

@@ -66,11 +66,14 @@ class TrainingLogic:
                                     SegmentParameters(model=model))
 
     def start_improve(self, model: str, new_name: str, device: str = "auto", iterations: int | None = None,
-                      overwrite: bool = False) -> SegmentRun:
-        """Start `cascadeseg improve MODEL -o NEW_NAME --progress-json` (returns at once)."""
+                      overwrite: bool = False, atlases: bool = False) -> SegmentRun:
+        """Start `cascadeseg improve MODEL -o NEW_NAME --progress-json` (returns at once);
+        `atlases`: the cases also join the model's registered atlases (`--atlases`)."""
         args = ["improve", model, "-o", new_name, "--device", device, "--progress-json"]
-        if iterations:
+        if iterations is not None:
             args += ["--iterations", str(int(iterations))]
+        if atlases:
+            args.append("--atlases")
         if overwrite:
             args.append("--overwrite")
         return self.logic.start_cli(args, "improve", Path(tempfile.mkdtemp(prefix="CascadeSeg-improve-")),

@@ -46,6 +46,7 @@ class TrainingPanel:
         ui.improveButton.enabled = usable and (not busy or self.kind == "improve")
         ui.improveButton.text = _("Cancel improving") if busy and self.kind == "improve" else _("Improve model…")
         ui.reviewedLineEdit.enabled = not busy
+        ui.improveAtlasesCheckBox.enabled = not busy
         ui.trainingProgressBar.visible = busy and self.kind == "improve"
 
     # ------------------------------------------------------------------ buttons
@@ -75,14 +76,16 @@ class TrainingPanel:
         model = self.ctl.current_model()
         if model is None:
             return
-        name = self.ctl.gui.ask_text(_("Improve model"), _("Fine-tune {model} on its training cases.\n"
-                                                           "Name of the improved model:").format(model=model.name),
-                                     f"{model.name}-improved")
+        atlases = bool(self.ui.improveAtlasesCheckBox.checked)
+        what = _("Fine-tune {model} on its training cases and keep them as atlases.") if atlases \
+            else _("Fine-tune {model} on its training cases.")
+        name = self.ctl.gui.ask_text(_("Improve model"), (what + "\n" + _("Name of the improved model:")).format(
+            model=model.name), f"{model.name}-improved")
         if not name:
             return
         device = self.ui.deviceComboBox.currentData or "auto"
         try:
-            self._begin("improve", self.logic.start_improve(model.name, name.strip(), device))
+            self._begin("improve", self.logic.start_improve(model.name, name.strip(), device, atlases=atlases))
         except RunError as exc:
             self.ctl.gui.error(exc.message, exc.details)
             return

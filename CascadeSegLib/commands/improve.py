@@ -5,6 +5,11 @@ file, provenance naming the parent and the corrections) with IMPROVE_REPORT.md: 
 reviewed organs before and after on each correction case, and, with two or more cases, on a
 case a check model did not see. NAME stays unchanged. To keep what it knew, training also
 replays NAME's own predictions on the bundled sample CT (or on --replay CTs).
+
+With --atlases every correction also joins NAME's registered atlases (reviewed organs and the
+background near them vote; the rest does not): later scans of the same site, scanner or
+patient are registered onto it. `--iterations 0 --atlases` only adds the atlases (seconds).
+The new package then holds the corrected CTs at 3 mm: share it only where they may go.
 """
 
 from __future__ import annotations
@@ -30,6 +35,9 @@ def register(subparsers) -> None:
     p.add_argument("--left-out", type=int, default=1, metavar="K",
                    help="with >= 2 cases, hold out the K newest once to measure Dice on unseen cases (0: skip)")
     p.add_argument("--stage", action="append", dest="stages", metavar="NAME", help="train only this stage")
+    p.add_argument("--atlases", action="store_true",
+                   help="also keep each correction as a registered atlas (needs a model with atlases; the new "
+                        "package then holds the corrected CTs at 3 mm). With --iterations 0: atlases only, seconds")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--overwrite", action="store_true", help="replace an installed NEW_NAME")
@@ -43,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train.improve_report import summary_line
 
     opts = ImproveOptions(iterations=args.iterations, lr=args.lr, left_out=args.left_out, stages=args.stages,
-                          device=args.device, threads=args.threads,
+                          device=args.device, threads=args.threads, atlases=args.atlases,
                           replay=[] if args.no_replay else args.replay)
     progress = JsonProgress() if args.progress_json else BarProgress(sys.stderr.isatty())
     try:

@@ -26,14 +26,14 @@ import torch
 from ..errors import Cancelled, UserError
 from ..inference import preprocess
 from ..labels import LabelSet
+from .correction_atlases import TRUSTED_BAND_MM, atlas_name, check_new_names, vouched, write_correction_atlas
 
 if TYPE_CHECKING:
+    from ..inference.atlas_prior import AtlasSpec
     from ..network import UNet3D
 
 Progress = Callable[[str, float, str], None]
 DEFAULT_ITERATIONS = 300          # per stage: about 6 minutes on one CPU core (measured in README)
-UNREVIEWED_MARGIN = 2             # voxels (stage grid) around unreviewed organs left out of the loss
-TRUSTED_BAND_MM = 15.0            # background trusted this close to a reviewed organ (or where the model put it)
 
 
 @dataclass
@@ -50,6 +50,9 @@ class ImproveOptions:
     seed: int = 0
     threads: int = 0
     patch: Sequence[int] | None = None          # training sub-volume (x, y, z); default: the parent's
+    # Also keep every correction as one more registered atlas (correction_atlases.py); needs a
+    # parent with atlases. With iterations 0 the networks stay the parent's: seconds, not minutes.
+    atlases: bool = False
 
 
 @dataclass
@@ -144,7 +147,7 @@ def improve_config(pkg, name: str, opts: ImproveOptions):
     for spec in pkg.stages:
         patch = list(opts.patch) if opts.patch else list(training.get(spec.name, {}).get("patch") or spec.tile)
         stages.append({"name": spec.name, "patch": patch})
-    iters = int(opts.iterations)
+    iters = max(1, int(opts.iterations))       # 0 (atlases only) trains nothing; the config still needs a run
     data = {"name": name, "labels": list(pkg.labels.names), "data": {}, "stages": stages,
             "train": {"iterations": iters, "batch_size": opts.batch_size, "optimizer": "adamw", "lr": opts.lr,
                       "weight_decay": 1e-4, "schedule": "poly", "warmup": min(10, iters // 10),
@@ -187,6 +190,9 @@ def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: Impr
     for index, stage in enumerate(cfg.stages):
         init = transfer_state(pkg.load_network(index).state_dict(), pkg.labels, stage.network, labels,
                               stage.train.seed)
+        if opts.iterations == 0:                # the corrections only join the atlases
+            states.append(init)
+            continue
         cached = [build_cached_case(c, folder / "cache", stage.spacing, cfg.window, cfg.normalization,
                                     cfg.body_threshold_hu, table) for c in cases]
         masks = []
@@ -220,12 +226,8 @@ def train_cascade(pkg, cfg, items: Sequence[TrainItem], folder: Path, opts: Impr
 
 
 def _known(item: TrainItem, case, labels: LabelSet, table: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Voxels whose label a partly reviewed correction vouches for (weight 1 in the loss).
-
-    The reviewed organs, and the background within TRUSTED_BAND_MM of them or of where the
-    parent put them (the user fixed those boundaries), except near an unreviewed organ. The
-    rest says nothing: a spleen nobody labelled must not be learned as background.
-    """
+    """Voxels whose label a partly reviewed correction vouches for (weight 1 in the loss): see
+    `correction_atlases.vouched`, on the stage's grid."""
     lab = np.asarray(case.label)
     unreviewed = [l.value for l in labels if l.name not in item.reviewed]
     if item.parent is None or not unreviewed:
@@ -233,14 +235,8 @@ def _known(item: TrainItem, case, labels: LabelSet, table: np.ndarray, spacing: 
     from ..io import read_image
 
     par = preprocess.resample(read_image(item.parent), case.reference(), "nearest", 0, sitk.sitkUInt8)
-    par_arr = table[sitk.GetArrayFromImage(par)]
-    reviewed = [labels.by_name(n).value for n in item.reviewed]
-    is_r = np.isin(lab, reviewed)
-    band = max(1, round(TRUSTED_BAND_MM / min(spacing)))
-    near_r = preprocess.dilate(torch.from_numpy(is_r | np.isin(par_arr, reviewed)), band).numpy()
-    near_u = preprocess.dilate(torch.from_numpy(np.isin(lab, unreviewed) | np.isin(par_arr, unreviewed)),
-                               UNREVIEWED_MARGIN).numpy()
-    return is_r | (near_r & ~near_u)
+    return vouched(lab, table[sitk.GetArrayFromImage(par)], [labels.by_name(n).value for n in item.reviewed],
+                   unreviewed, spacing)
 
 
 # --------------------------------------------------------------------------- predictions
@@ -266,19 +262,28 @@ def reviewed_dice(pred: sitk.Image, pred_labels: LabelSet, truth: sitk.Image, tr
 # --------------------------------------------------------------------------- the command
 
 
-def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder: Path):
-    """Save the improved package (the parent's settings, labels by name) and check it loads."""
+def new_package(pkg, cfg, name: str, states, provenance: dict[str, Any], folder: Path,
+                atlases: Sequence[AtlasSpec] = ()):
+    """Save the improved package (the parent's settings, labels by name, the parent's atlases and
+    `atlases`, already written into `folder`) and check it loads."""
     from ..packaging.model import ModelPackage, StageSpec
 
     ours = cfg.label_set()
     labels = LabelSet(tuple(dataclasses.replace(pkg.labels.by_name(l.name), value=l.value) for l in ours))
     stages = [StageSpec(s.name, s.spacing, s.tile, c.network, s.weights) for s, c in zip(pkg.stages, cfg.stages)]
+    prior = copy.deepcopy(pkg.atlas_prior)      # the parent's atlases come along unchanged
+    if atlases:
+        if prior is None:
+            raise UserError(f"model {pkg.name} has no atlases for the corrections to join")
+        prior.atlases += [copy.deepcopy(a) for a in atlases]
+    trained = "fine-tuned" if provenance["training"]["iterations"] else "atlases from"
     new = ModelPackage(name=name, version=pkg.version, labels=labels, stages=stages, window=pkg.window,
                        normalization=pkg.normalization, body_threshold_hu=pkg.body_threshold_hu,
                        dilation_radius=pkg.dilation_radius,
-                       description=f"{pkg.name} improved on {len(provenance['corrections'])} correction(s)",
+                       description=f"{pkg.name} improved ({trained} {len(provenance['corrections'])} correction(s))"
+                       if atlases else f"{pkg.name} improved on {len(provenance['corrections'])} correction(s)",
                        license=pkg.license, provenance=provenance, largest_component=list(pkg.largest_component),
-                       atlas_prior=copy.deepcopy(pkg.atlas_prior))     # the atlases come along unchanged
+                       atlas_prior=prior)
     new.save(folder, states, files_from=pkg.root)
     loaded = ModelPackage.load(folder)
     loaded.verify()
@@ -292,8 +297,12 @@ def _check_request(pkg, name: str, opts: ImproveOptions, target: Path, overwrite
         raise UserError(f"model {pkg.name} is a {pkg.architecture} model; improve fine-tunes 3D cascades only")
     if not SAFE_NAME.match(name) or name == pkg.name:
         raise UserError(f"-o {name!r} must be a new model name (letters, digits, '.', '_', '-'), not the parent's")
-    if opts.iterations < 1:
-        raise UserError(f"--iterations must be at least 1, got {opts.iterations}")
+    if opts.iterations < 0 or (opts.iterations == 0 and not opts.atlases):
+        raise UserError(f"--iterations must be at least 1 (0 only with --atlases: the corrections join the atlases, "
+                        f"the networks stay as they are), got {opts.iterations}")
+    if opts.atlases and pkg.atlas_prior is None:
+        raise UserError(f"model {pkg.name} has no registered atlases for the corrections to join; "
+                        "improve a model with atlases (such as abdomen-ct), or leave out --atlases")
     unknown = set(opts.stages or ()) - {s.name for s in pkg.stages}
     if unknown:
         raise UserError(f"model {pkg.name} has no stage(s) {sorted(unknown)}; it has "
@@ -357,7 +366,9 @@ def _provenance(pkg, name: str, cases, replay: Sequence[Path], opts: ImproveOpti
             "corrections": [{"id": c.id, "reviewed": list(c.reviewed), "created": c.created,
                              "sha256": sha256_file(c.labels)} for c in cases],
             "replay": [str(p) for p in replay],
-            "command": f"cascadeseg improve {pkg.name} -o {name} --iterations {opts.iterations}",
+            "command": f"cascadeseg improve {pkg.name} -o {name} --iterations {opts.iterations}"
+                       + (" --atlases" if opts.atlases else ""),
+            "atlases_from_corrections": [atlas_name(c.id) for c in cases] if opts.atlases else [],
             "training": {"iterations": opts.iterations, "lr": opts.lr, "stages": list(opts.stages or []),
                          "unreviewed_organs": f"weight 0; background trusted within {TRUSTED_BAND_MM} mm "
                                               "of reviewed organs"},
@@ -372,6 +383,7 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
     import tempfile
 
     from ..corrections import list_corrections, replace_folder
+    from ..io import read_image
     from ..packaging.model import load_model
     from ..resources import models_dir, sample_ct
     from .improve_report import write_report
@@ -387,7 +399,11 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
     if not cases:
         raise UserError(f"model {pkg.name} has no stored corrections; add some with "
                         f"`cascadeseg corrections add CT SEGMENTATION --model {pkg.name}`")
+    if opts.atlases and pkg.atlas_prior is not None:
+        check_new_names(pkg.atlas_prior, [c.id for c in cases], pkg.name)
     replay = [Path(p) for p in opts.replay] if opts.replay is not None else [p for p in [sample_ct()] if p.exists()]
+    if opts.iterations == 0:
+        replay = []                             # nothing is trained, so nothing needs keeping
     say = progress or (lambda *a: None)
     work = Path(tempfile.mkdtemp(prefix=f".improve-{name}-", dir=base))
     try:
@@ -400,7 +416,21 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
                        "training")
         states = train_cascade(pkg, cfg, seen.items + seen.replays, work / "run", opts, steps)
         prov = _provenance(pkg, name, cases, replay, opts)
-        new = new_package(pkg, cfg, name, states, prov, work / "model")
+
+        def atlases_of(some: Sequence[Any], folder: Path) -> list[AtlasSpec]:
+            if not opts.atlases:
+                return []
+            say("atlases", 0.0, f"storing {len(some)} correction(s) as atlases")
+            parents = {it.name: it.parent for it in seen.items}
+            specs = []
+            for c in some:
+                parent = parents[c.id]
+                specs.append(write_correction_atlas(c.id, read_image(c.ct), seen.truths[c.id],
+                                                    read_image(parent) if parent is not None else None,
+                                                    c.reviewed, pkg.labels, cfg.label_set(), folder))
+            return specs
+
+        new = new_package(pkg, cfg, name, states, prov, work / "model", atlases_of(cases, work / "model"))
 
         def dice_of(model, case) -> dict[str, float | None]:
             say("checking", 0.5, f"segmenting {case.id} with {model.name}")
@@ -409,13 +439,16 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
 
         report: dict[str, Any] = {
             "model": name, "parent": pkg.name, "iterations": opts.iterations, "replay": [str(p) for p in replay],
+            "atlases": prov["atlases_from_corrections"],
             "cases": {c.id: {"reviewed": list(c.reviewed), "before": seen.before[c.id], "after": dice_of(new, c)}
                       for c in cases},
             "left_out": {}}
         for k, hid in enumerate(held):
             rest = [it for it in seen.items if it.name != hid]
             st = train_cascade(pkg, cfg, rest + seen.replays, work / f"run-without-{hid}", opts, steps)
-            check = new_package(pkg, cfg, f"{name}-check", st, prov, work / f"check-{k}")
+            others = [c for c in cases if c.id != hid]
+            check = new_package(pkg, cfg, f"{name}-check", st, prov, work / f"check-{k}",
+                                atlases_of(others, work / f"check-{k}"))
             case = next(c for c in cases if c.id == hid)
             report["left_out"][hid] = {"before": seen.before[hid], "after": dice_of(check, case)}
         report["seconds"] = round(time.perf_counter() - t0, 1)

@@ -26,9 +26,15 @@ def _rows(title: str, cases: dict[str, Any]) -> list[str]:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    trained = (f"{report['iterations']} iterations per stage" if report["iterations"]
+               else "No fine-tuning (the networks are the parent's)")
     lines = [f"# {report['model']}: improved from {report['parent']}", "",
-             f"{report['iterations']} iterations per stage, {report['seconds']:.0f} s. Dice of the reviewed "
-             "organs against the stored corrections; unreviewed organs were left out of the loss.", ""]
+             f"{trained}, {report['seconds']:.0f} s. Dice of the reviewed organs against the stored corrections; "
+             "unreviewed organs were left out of the loss and of the atlases' vote.", ""]
+    if report.get("atlases"):
+        lines += [f"{len(report['atlases'])} correction(s) joined the registered atlases: "
+                  + ", ".join(report["atlases"]) + ". **This package holds their CTs** (3 mm, HU): it carries "
+                  "patient images, so share it only where those images may go.", ""]
     lines += _rows("Correction cases (trained on)", report["cases"])
     if report.get("left_out"):
         lines += _rows("Left-out cases (a check model trained without them)", report["left_out"])
