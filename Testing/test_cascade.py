@@ -269,12 +269,14 @@ def test_largest_component_prefers_the_piece_where_the_atlases_allow_it():
 def test_largest_component_prefers_the_allowed_piece_stage1_also_found():
     """Misplaced atlases allow a liver in two places (one of them in the chest of a scan of the
     upper abdomen): the piece stage 1 also calls liver wins over a bigger one it does not, only
-    plausible voxels count, and without any such voxel the plausible ones decide as before."""
-    from CascadeSegLib.inference.cascade import keep_largest_components
+    plausible voxels count, and without any such voxel the plausible ones decide as before. A
+    speck stage 1 found (under half the largest piece) does not beat the body it missed."""
+    from CascadeSegLib.inference.cascade import COMPARABLE_PIECE_SHARE, keep_largest_components
 
     labels = torch.zeros(30, 30, 30, dtype=torch.uint8)
     labels[2:12, 2:12, 2:12] = 1          # 1000 voxels the atlases allow, stage 1 calls background
-    labels[20:25, 20:25, 20:25] = 1       # 125 voxels the atlases allow, stage 1 calls liver
+    labels[18:27, 18:27, 18:27] = 1       # 729 voxels the atlases allow, stage 1 calls liver
+    assert 729 >= COMPARABLE_PIECE_SHARE * 1000
     stage1 = torch.zeros_like(labels)
     stage1[21:24, 21:24, 21:24] = 1
 
@@ -285,11 +287,17 @@ def test_largest_component_prefers_the_allowed_piece_stage1_also_found():
         return index[:, 0] < 15
 
     kept = keep_largest_components(labels, [1], everywhere, stage1)
-    assert int((kept == 1).sum()) == 125 and int(kept[22, 22, 22]) == 1 and int(kept[5, 5, 5]) == 0
+    assert int((kept == 1).sum()) == 729 and int(kept[22, 22, 22]) == 1 and int(kept[5, 5, 5]) == 0
     unsupported = keep_largest_components(labels, [1], everywhere, torch.zeros_like(labels))
     assert int((unsupported == 1).sum()) == 1000
     # stage 1's liver lies where the atlases allow none: its piece gets no credit for it
     outside = keep_largest_components(labels, [1], upper_only, stage1)
     assert int((outside == 1).sum()) == 1000 and int(outside[22, 22, 22]) == 0
-    # stage 1 calls the small piece spleen: not evidence for a liver
+    # a speck stage 1 found (125 voxels, under half of 1000) does not beat the organ it missed
+    speck = torch.zeros_like(labels)
+    speck[2:12, 2:12, 2:12] = 1
+    speck[20:25, 20:25, 20:25] = 1
+    assert 125 < COMPARABLE_PIECE_SHARE * 1000
+    body = keep_largest_components(speck, [1], everywhere, stage1)
+    assert int((body == 1).sum()) == 1000 and int(body[22, 22, 22]) == 0
     assert torch.equal(keep_largest_components(labels, [1], everywhere, stage1 * 2), unsupported)
