@@ -12,6 +12,7 @@ as they were.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -85,11 +86,13 @@ def _snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_corrections_join_the_atlases(site, sample_ct_path):
+def test_corrections_join_the_atlases(site, sample_ct_path, capsys):
     src, pkg, root, truth = site
     parent, store = _snapshot(pkg.root), _snapshot(root / ".corrections")
-    result = improve_model("parent", "site", ImproveOptions(**{**ATLASES_ONLY, "left_out": 1}), root=root)
-    report = result.report
+    assert main(["improve", "parent", "-o", "site", "--iterations", "0", "--atlases", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "note: site holds the 2 corrected CT(s) as atlases" in out, out
+    report = json.loads((root / "site" / "improve_report.json").read_text(encoding="utf-8"))
     held = report["left_out"]["slab"]      # the newest case, checked with the other one's atlas only
     assert held["before"].keys() == held["after"].keys() == {"liver"} and 0.0 < held["after"]["liver"] <= 1.0
     assert report["iterations"] == 0 and report["atlases"] == ["correction-sample", "correction-slab"]
@@ -108,7 +111,8 @@ def test_corrections_join_the_atlases(site, sample_ct_path):
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert new.provenance["atlases_from_corrections"] == ["correction-sample", "correction-slab"]
     assert "--iterations 0 --atlases" in new.provenance["command"]
-    assert "holds their CTs" in (new.root / "IMPROVE_REPORT.md").read_text()
+    markdown = (new.root / "IMPROVE_REPORT.md").read_text()
+    assert "holds their CTs" in markdown and "## Correction cases (kept as atlases)" in markdown
 
     # the atlas files: the CT on the exact 3 mm grid, labels on the same grid in the model's values;
     # only the reviewed organs (and background near them) vote

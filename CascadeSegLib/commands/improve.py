@@ -65,4 +65,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary_line(result.report))
         print(f"installed {result.report['model']} in {result.path}; report: {result.files[-1]}")
+        kept = result.report.get("atlases") or []
+        if kept:
+            print(f"note: {result.report['model']} holds the {len(kept)} corrected CT(s) as atlases (3 mm); "
+                  "share it only where those images may go")
     return 0

@@ -35,9 +35,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines += [f"{len(report['atlases'])} correction(s) joined the registered atlases: "
                   + ", ".join(report["atlases"]) + ". **This package holds their CTs** (3 mm, HU): it carries "
                   "patient images, so share it only where those images may go.", ""]
-    lines += _rows("Correction cases (trained on)", report["cases"])
+    kept = "trained on" if report["iterations"] else "kept as atlases"
+    lines += _rows(f"Correction cases ({kept})", report["cases"])
     if report.get("left_out"):
-        lines += _rows("Left-out cases (a check model trained without them)", report["left_out"])
+        lines += _rows("Left-out cases (a check model made without them)", report["left_out"])
     if report.get("replay"):
         lines += ["Replayed the parent's predictions on: " + ", ".join(Path(p).name for p in report["replay"]), ""]
     return "\n".join(lines)
