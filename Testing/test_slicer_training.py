@@ -170,3 +170,12 @@ def test_improve_from_the_panel_shows_progress_cancels_and_selects_the_new_model
     assert args[:4] == ["improve", "demo-improved", "-o", "demo-atlases"] and "--atlases" in args
     assert "keep them as atlases" in gui.label and not gui.errors, gui.errors
     assert ctl.current_model().name == "demo-atlases" and ui.improveAtlasesCheckBox.enabled
+    assert "--iterations" not in args                      # fine-tuned as well
+    # "Atlases only": no fine-tuning, --iterations 0 --atlases
+    ui.improveAtlasesCheckBox.checked, ui.improveAtlasesOnlyCheckBox.checked = False, True
+    gui.name = "demo-atlases-only"
+    ui.improveButton.clicked.emit()
+    drive(panel, timeout=30)
+    args = json.loads((tmp_path / "improve_args.json").read_text(encoding="utf-8"))
+    assert args[args.index("--iterations") + 1] == "0" and "--atlases" in args, args
+    assert "no fine-tuning" in gui.label and not gui.errors, gui.errors

@@ -47,6 +47,7 @@ class TrainingPanel:
         ui.improveButton.text = _("Cancel improving") if busy and self.kind == "improve" else _("Improve model…")
         ui.reviewedLineEdit.enabled = not busy
         ui.improveAtlasesCheckBox.enabled = not busy
+        ui.improveAtlasesOnlyCheckBox.enabled = not busy
         ui.trainingProgressBar.visible = busy and self.kind == "improve"
 
     # ------------------------------------------------------------------ buttons
@@ -76,8 +77,10 @@ class TrainingPanel:
         model = self.ctl.current_model()
         if model is None:
             return
-        atlases = bool(self.ui.improveAtlasesCheckBox.checked)
-        what = _("Fine-tune {model} on its training cases and keep them as atlases.") if atlases \
+        only = bool(self.ui.improveAtlasesOnlyCheckBox.checked)
+        atlases = only or bool(self.ui.improveAtlasesCheckBox.checked)
+        what = _("Add the training cases of {model} to its atlases (no fine-tuning).") if only else \
+            _("Fine-tune {model} on its training cases and keep them as atlases.") if atlases \
             else _("Fine-tune {model} on its training cases.")
         name = self.ctl.gui.ask_text(_("Improve model"), (what + "\n" + _("Name of the improved model:")).format(
             model=model.name), f"{model.name}-improved")
@@ -85,7 +88,8 @@ class TrainingPanel:
             return
         device = self.ui.deviceComboBox.currentData or "auto"
         try:
-            self._begin("improve", self.logic.start_improve(model.name, name.strip(), device, atlases=atlases))
+            self._begin("improve", self.logic.start_improve(model.name, name.strip(), device, atlases=atlases,
+                                                            iterations=0 if only else None))
         except RunError as exc:
             self.ctl.gui.error(exc.message, exc.details)
             return
