@@ -58,16 +58,12 @@ def check_new_names(prior: AtlasPriorSpec, case_ids: Sequence[str], model: str) 
 
 
 def write_correction_atlas(case_id: str, ct: sitk.Image, labels: sitk.Image, parent: sitk.Image | None,
-                           reviewed: Sequence[str], parent_labels: LabelSet, ours: LabelSet,
-                           folder: Path) -> AtlasSpec:
-    """One correction (`labels` on `ct`'s grid, in `parent_labels`' values; `parent`: the parent
-    model's labels on the same grid) written into package `folder` as an atlas in `ours`' values.
-    Its sha256s are filled in when the package is saved."""
+                           reviewed: Sequence[str], ours: LabelSet, table: np.ndarray, folder: Path) -> AtlasSpec:
+    """One correction (`labels` on `ct`'s grid, in the parent model's values; `parent`: the parent
+    model's labels on the same grid) written into package `folder` as an atlas in `ours`' values
+    (`table`: parent value -> ours). Its sha256s are filled in when the package is saved."""
     grid = preprocess.grid_for_spacing(ct, [ATLAS_SPACING_MM] * 3)
     ct3 = preprocess.resample(ct, grid, "linear", -1024.0, sitk.sitkInt16)
-    table = np.zeros(256, dtype=np.uint8)
-    for lab in parent_labels:
-        table[lab.value] = ours.by_name(lab.name).value
 
     def on_grid(image: sitk.Image) -> np.ndarray:
         return table[sitk.GetArrayFromImage(preprocess.resample(image, grid, "nearest", 0, sitk.sitkUInt8))]

@@ -314,17 +314,22 @@ def _check_request(pkg, name: str, opts: ImproveOptions, target: Path, overwrite
         raise UserError(f"model {name} is already installed in {target}; choose another -o name, or --overwrite")
 
 
-def _snapshot(case, folder: Path):
-    """The case's files linked (or copied) into `folder`: a concurrent `remove` cannot pull them away."""
+def _link_or_copy(source: Path, target: Path) -> None:
     import os
     import shutil
 
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _snapshot(case, folder: Path):
+    """The case's files linked (or copied) into `folder`: a concurrent `remove` cannot pull them away."""
     folder.mkdir(parents=True)
     for f in (case.ct, case.labels):
-        try:
-            os.link(f, folder / f.name)
-        except OSError:
-            shutil.copy2(f, folder / f.name)
+        _link_or_copy(f, folder / f.name)
     return dataclasses.replace(case, folder=folder)
 
 
@@ -417,17 +422,23 @@ def improve_model(parent: str, name: str, opts: ImproveOptions | None = None, pr
         states = train_cascade(pkg, cfg, seen.items + seen.replays, work / "run", opts, steps)
         prov = _provenance(pkg, name, cases, replay, opts)
 
+        # Each correction's atlas is made once (staged) and linked into every package that keeps it.
+        staged: dict[str, AtlasSpec] = {}
+        if opts.atlases:
+            say("atlases", 0.0, f"storing {len(cases)} correction(s) as atlases")
+            ours, predicted = cfg.label_set(), {it.name: it.parent for it in seen.items}
+            table = _value_table(pkg.labels, ours)
+            for c in cases:
+                by_parent = predicted[c.id]
+                staged[c.id] = write_correction_atlas(c.id, read_image(c.ct), seen.truths[c.id],
+                                                      read_image(by_parent) if by_parent is not None else None,
+                                                      c.reviewed, ours, table, work / "staged")
+
         def atlases_of(some: Sequence[Any], folder: Path) -> list[AtlasSpec]:
-            if not opts.atlases:
-                return []
-            say("atlases", 0.0, f"storing {len(some)} correction(s) as atlases")
-            parents = {it.name: it.parent for it in seen.items}
-            specs = []
-            for c in some:
-                parent = parents[c.id]
-                specs.append(write_correction_atlas(c.id, read_image(c.ct), seen.truths[c.id],
-                                                    read_image(parent) if parent is not None else None,
-                                                    c.reviewed, pkg.labels, cfg.label_set(), folder))
+            specs = [staged[c.id] for c in some if c.id in staged]
+            for spec in specs:
+                for f in (spec.image, spec.labels):
+                    _link_or_copy(work / "staged" / f, folder / f)
             return specs
 
         new = new_package(pkg, cfg, name, states, prov, work / "model", atlases_of(cases, work / "model"))
