@@ -133,7 +133,15 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     srows = list(csv.DictReader((out / "summary.csv").open()))
     liver_dice = [r for r in srows if r["organ"] == "liver" and r["metric"] == "dice"][0]
     assert float(liver_dice["mean"]) == pytest.approx(summary["liver"]["dice"]["mean"])
-    for f in ("boxplot_dice.png", "boxplot_hd95.png", "boxplot_assd.png", "volumes.png"):
+    # where the voxels go: case1's shifted liver lies partly outside the reference liver, and
+    # confusion.csv holds the same ml as metrics.json
+    assert "### Where the voxels go [ml]" in md
+    conf = cases["case1"]["confusion_ml"]
+    assert conf["liver"]["liver"] == pytest.approx((p & r).sum() * 27.0 / 1000)
+    crow = [r for r in csv.DictReader((out / "confusion.csv").open())
+            if r["case"] == "case1" and r["predicted"] == "liver" and r["reference"] == "liver"]
+    assert float(crow[0]["ml"]) == pytest.approx(conf["liver"]["liver"])
+    for f in ("boxplot_dice.png", "boxplot_hd95.png", "boxplot_assd.png", "volumes.png", "confusion.csv"):
         assert f in doc["files"]
     px = _png_ok(out / "boxplot_dice.png")
     # single method: the boxes take the organ colours (alpha 0.85 over white)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from evaluate_samples import STD, image, shifted
+from evaluate_samples import SAMPLE_SEG, STD, TS_IDS, image, shifted
 
 # the fixture sample_ref, imported so that pytest finds it here
 from evaluate_samples import sample_ref_fixture as sample_ref_fixture
@@ -126,6 +126,43 @@ def test_empty_and_absent_organs_are_reported(sample_ref: sitk.Image) -> None:
     assert s["pancreas"]["dice"]["mean"] == pytest.approx(0.5)
     assert s["pancreas"]["hd95_mm"]["n"] == 1
     assert s["pancreas"]["status"] == {"missing_in_prediction": 1, "ok": 1}
+
+
+def test_confusion_says_where_the_voxels_go(sample_ref: sitk.Image) -> None:
+    """The aorta called liver and the left kidney shifted by one voxel: the liver's extra ml lie in
+    the aorta, the aorta's ml are labelled liver, rows and columns add up to the organs' volumes;
+    against the TotalSegmentator ids, structures we do not name count as `other`."""
+    arr = sitk.GetArrayFromImage(sample_ref)
+    v = {lab.name: lab.value for lab in STD}
+    pred = arr.copy()
+    pred[arr == v["aorta"]] = v["liver"]
+    kidney = arr == v["kidney_left"]
+    pred[kidney] = 0
+    pred[shifted(kidney, 2, 1)] = v["kidney_left"]
+    res = ev.evaluate_images(image(pred, sample_ref), sample_ref, STD, distances=False)
+    conf, ml = res["confusion_ml"], 27.0 / 1000
+    assert conf["liver"]["aorta"] == pytest.approx(np.count_nonzero(arr == v["aorta"]) * ml)
+    assert conf["liver"]["liver"] == pytest.approx(np.count_nonzero(arr == v["liver"]) * ml)
+    assert "aorta" not in conf                      # nothing is predicted aorta any more
+    moved = shifted(kidney, 2, 1)
+    for ref_name in {STD.by_value(int(x)).name if x else ev.OTHER for x in np.unique(arr[moved & ~kidney])}:
+        ref_value = v.get(ref_name, 0)
+        want = np.count_nonzero(moved & ~kidney & (arr == ref_value)) * ml
+        assert conf["kidney_left"][ref_name] == pytest.approx(want)
+    for name, m in res["organs"].items():
+        assert sum(conf.get(name, {}).values()) == pytest.approx(m["pred_ml"])
+        assert sum(r.get(name, 0.0) for r in conf.values()) == pytest.approx(m["ref_ml"])
+    assert sum(sum(r.values()) for r in conf.values()) == pytest.approx(arr.size * ml)
+    # TotalSegmentator reference: its duodenum, bones and so on are `other`, not a lost organ.
+    ts = sitk.ReadImage(str(SAMPLE_SEG))
+    ts_labels = LabelSet.from_json([{"value": TS_IDS[n], "name": n} for n in DEFAULT_ORGANS])
+    res_ts = ev.evaluate_images(sample_ref, ts, STD, ts_labels, distances=False)
+    diag = {n: r.get(n, 0.0) for n, r in res_ts["confusion_ml"].items() if n != ev.OTHER}
+    assert diag == pytest.approx({n: m["ref_ml"] for n, m in res_ts["organs"].items()})
+    assert all(set(r) <= {n, ev.OTHER} for n, r in res_ts["confusion_ml"].items() if n != ev.OTHER)
+    ts_arr = sitk.GetArrayViewFromImage(ts)
+    named = np.isin(ts_arr, list(TS_IDS.values()))
+    assert res_ts["confusion_ml"][ev.OTHER][ev.OTHER] == pytest.approx(np.count_nonzero(~named) * ml)
 
 
 def test_prediction_on_another_grid_is_resampled_nearest(sample_ref: sitk.Image) -> None:

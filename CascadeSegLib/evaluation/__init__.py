@@ -1,7 +1,8 @@
 """Evaluation as in Roth et al. 2018 (docs/method.md section 7): the numbers behind the paper's tables.
 
 Per case and organ: Dice, 95th-percentile Hausdorff distance (HD95), average symmetric
-surface distance (ASSD) in mm, and reference/predicted volumes in ml. Over cases: mean, std,
+surface distance (ASSD) in mm, and reference/predicted volumes in ml; per case, where the
+voxels go (`confusion_ml`: each predicted class's ml in each reference class). Over cases: mean, std,
 median, min, max per organ and method (Tables 1-2), paired differences (Table 3), the Wilcoxon
 signed-rank test between two methods (Table 4), and the recall/false-positive rate of the
 stage-2 candidate region C2 as a function of the dilation radius (Fig. 6).
@@ -24,7 +25,7 @@ Definitions (also written into every metrics.json so a report explains itself):
 
 Modules: `images` (label sets, reading, grids), `metrics` (Dice, distances, one organ and one
 case), `cases` (matching files to cases), `statistics`, `candidates` (C2 curves), `reports`
-(Markdown, CSV, metrics.json) and `experiments` (stage 1 vs 2, overlap).
+(Markdown, CSV, metrics.json, where the voxels go) and `experiments` (stage 1 vs 2, overlap).
 """
 
 from ..atomic import atomic_write
@@ -36,7 +37,9 @@ from .metrics import (
     DEFINITIONS,
     METRIC_TITLES,
     METRICS,
+    OTHER,
     TABLE_METRICS,
+    confusion_ml,
     count,
     dice,
     dice_from_counts,
@@ -53,12 +56,15 @@ from .reports import (
     candidates_markdown,
     compare_csv,
     compare_markdown,
+    confusion_csv,
+    confusion_markdown,
     difference_csv,
     difference_markdown,
     load_method,
     markdown_table,
     organ_colors,
     per_case_csv,
+    pooled_confusion,
     rows_csv,
     stats_markdown,
     summary_csv,
@@ -92,6 +98,8 @@ __all__ = [
     "TABLE_METRICS",
     "METRIC_TITLES",
     "DEFINITIONS",
+    "OTHER",
+    "confusion_ml",
     "label_boxes",
     "union_box",
     "surface_distances",
@@ -129,6 +137,9 @@ __all__ = [
     "difference_csv",
     "compare_csv",
     "candidates_csv",
+    "pooled_confusion",
+    "confusion_markdown",
+    "confusion_csv",
     "write_json",
     "organ_colors",
     "write_evaluation_report",

@@ -17,7 +17,7 @@ import numpy as np
 from ..atomic import atomic_write
 from ..errors import UserError
 from ..labels import LabelSet
-from .metrics import DEFINITIONS, METRIC_TITLES, METRICS, TABLE_METRICS
+from .metrics import DEFINITIONS, METRIC_TITLES, METRICS, OTHER, TABLE_METRICS
 from .statistics import compare_methods, describe, difference_table, organ_names, summarize, values
 
 FORMAT_VERSION = 1
@@ -137,6 +137,59 @@ def summary_csv(summaries: Mapping[str, Mapping[str, Any]],
     return buf.getvalue()
 
 
+def pooled_confusion(cases: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """The cases' `confusion_ml` summed: {predicted: {reference: ml}} (cases without one skipped)."""
+    total: dict[str, dict[str, float]] = {}
+    for c in cases.values():
+        for pred, row in (c.get("confusion_ml") or {}).items():
+            for ref, ml in row.items():
+                total.setdefault(pred, {})
+                total[pred][ref] = total[pred].get(ref, 0.0) + float(ml)
+    return total
+
+
+def _largest(parts: Mapping[str, float], top: int = 3) -> str:
+    """'aorta 11.2, inferior_vena_cava 11.1, ...' for the largest entries; '-' for none."""
+    big = sorted(((ml, n) for n, ml in parts.items() if ml >= 0.05), reverse=True)
+    text = ", ".join(f"{n} {ml:.1f}" for ml, n in big[:top])
+    return (text + (", ..." if len(big) > top else "")) if text else "-"
+
+
+def confusion_markdown(methods: Mapping[str, Mapping[str, Any]], organs: Sequence[str]) -> str:
+    """Per method and organ, pooled over its cases: the overlap, the predicted ml outside the
+    reference organ and where they lie, the missed ml and what they were labelled."""
+    parts = []
+    for name, cases in methods.items():
+        conf = pooled_confusion(cases)
+        if not conf:
+            continue
+        rows = []
+        for organ in organs:
+            row = conf.get(organ, {})
+            column = {p: r[organ] for p, r in conf.items() if organ in r}
+            overlap = row.get(organ, 0.0)
+            extra = {k: v for k, v in row.items() if k != organ}
+            missed = {k: v for k, v in column.items() if k != organ}
+            if not (overlap or extra or missed):
+                continue
+            rows.append([organ, f"{overlap:.1f}", f"{sum(extra.values()):.1f}", _largest(extra),
+                         f"{sum(missed.values()):.1f}", _largest(missed)])
+        title = f" ({name})" if len(methods) > 1 else ""
+        parts.append(f"### Where the voxels go [ml]{title}\n\nSummed over the cases; `{OTHER}` is background "
+                     "or a structure the label set does not name. Every entry: confusion.csv.\n\n"
+                     + markdown_table(["Organ", "Overlap", "Predicted outside it", "lying in",
+                                       "Missed", "labelled as"], rows))
+    return "\n".join(parts)
+
+
+def confusion_csv(methods: Mapping[str, Mapping[str, Any]]) -> str:
+    """Long CSV: method, case, predicted, reference, ml (non-zero entries)."""
+    return rows_csv(["method", "case", "predicted", "reference", "ml"],
+                    ([m, case, pred, ref, repr(float(ml))] for m, cases in methods.items()
+                     for case, c in cases.items() for pred, row in (c.get("confusion_ml") or {}).items()
+                     for ref, ml in row.items()))
+
+
 def rows_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     buf = _io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -254,11 +307,18 @@ def write_evaluation_report(report_dir: str | os.PathLike, methods: Mapping[str,
     if resampled:
         md.append("Resampled onto the reference grid (nearest neighbour): "
                   + ", ".join(sorted(set(resampled))) + "\n")
+    organs = [lab.name for lab in labels]
+    where = confusion_markdown(methods, organs)
+    if where:
+        md.append(where)
     if extra_markdown:
         md.append(extra_markdown)
     files = ["metrics.json", "summary.md", "summary.csv", "per_case.csv"]
     atomic_write(report_dir / "summary.csv", summary_csv(summaries))
     atomic_write(report_dir / "per_case.csv", per_case_csv(methods))
+    if where:
+        atomic_write(report_dir / "confusion.csv", confusion_csv(methods))
+        files.append("confusion.csv")
     colors = organ_colors(labels)
 
     def make(rp: Any) -> list[str]:
