@@ -229,6 +229,39 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr
 
 
+def test_a_finished_run_trains_further_in_a_later_sitting(packed, tmp_path):
+    """--iterations above a finished run's counts: each stage goes on from its checkpoint (the
+    first iterations' log is kept, not retrained), the re-exported networks differ, and the fused
+    package built on the old ones is recognised as stale; fewer iterations are refused."""
+    _, out, _ = packed
+    run = tmp_path / "run"
+    first = _train(out, run, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(run), "-o", str(tmp_path / "short")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    log3 = (run / "stage1" / "log.csv").read_text().splitlines()
+    same = _train(out, run, "--iterations", 3, 3, cwd=tmp_path)       # as many: nothing to do
+    assert same.returncode == 0 and "extending" not in same.stdout
+    more = _train(out, run, "--iterations", 5, 4, cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "stage1: extending from 3 to 5 iterations" in more.stdout
+    for stage, n in (("stage1", 5), ("stage2", 4)):
+        assert json.loads((run / stage / "done.json").read_text())["iterations"] == n
+        assert json.loads((run / stage / "done-3.json").read_text())["iterations"] == 3
+        rows = (run / stage / "log.csv").read_text().splitlines()
+        assert [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, n + 1)]
+    assert (run / "stage1" / "log.csv").read_text().splitlines()[:4] == log3[:4]   # resumed, not restarted
+    assert json.loads((run / "fitted.json").read_text()) == {"stage1": 5, "stage2": 4}
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(run), "-o", str(tmp_path / "long")],
+                   check=True, capture_output=True, cwd=tmp_path)
+    tp = _module()
+    assert tp._same_networks(tmp_path / "long", tmp_path / "long")
+    assert not tp._same_networks(tmp_path / "short", tmp_path / "long")
+    fewer = _train(out, run, "--iterations", 4, 4, cwd=tmp_path)
+    assert fewer.returncode == 2 and "stage1 has trained 5 iterations" in fewer.stderr
+    assert len(fewer.stderr.strip().splitlines()) == 1
+
+
 def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_first():
     """The two configs that retrain the default model: every file they name is in the repo, the
     DICOM slab is never among them, the fine-tune's pack adds label maps to the first one's and

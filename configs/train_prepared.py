@@ -33,6 +33,12 @@ export (RUN/networks/model), then add the atlases with configs/build_atlas_model
 Run it again after a stop and it goes on where it stopped: a finished pack (its pack.json) and
 finished atlases (RUN/model/model.json) are kept, training resumes from its checkpoints. On a CPU
 leave out --minutes (a stage whose wall time runs out counts as finished) and stop with Ctrl-C.
+
+A finished run trains further in a later sitting: give `--iterations N N` (without --minutes)
+above the counts it finished with, and each such stage goes on from its last checkpoint (the poly schedule runs over
+the new total, so the learning rate rises again where the stage stopped; the shorter run's
+done.json is kept as done-<count>.json). `all` then re-exports and, because the networks changed,
+rebuilds RUN/model (the old one is kept as RUN/model.stale until the new one is complete).
 """
 
 from __future__ import annotations
@@ -242,6 +248,8 @@ def train(args: argparse.Namespace) -> int:
             fitted[name] = _iterations_for(probe, minutes[index], cfg0.stages[index].train.iterations)
             del probe, data
             fitted_path.write_text(json.dumps(fitted, indent=1))
+        if done and args.iterations and not minutes:        # with --minutes the speed fit chose the count
+            done = _extend(folder, name, int(args.iterations[index]), fitted, fitted_path)
         for s in raw["stages"]:
             if s["name"] in fitted:
                 s.setdefault("train", {})["iterations"] = fitted[s["name"]]
@@ -268,6 +276,25 @@ def train(args: argparse.Namespace) -> int:
             (folder / "done.json").write_text(json.dumps(result, indent=2))
         print(f"{stage.name}: {result.get('iterations')} iterations in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def _extend(folder: Path, name: str, wanted: int, fitted: dict, fitted_path: Path) -> bool:
+    """A finished stage asked for more iterations goes on from its last checkpoint (returns False:
+    not done); the poly schedule then runs over the new total, so the learning rate rises again
+    where the stage stopped. Asked for as many, it stays done (True); for fewer, an error."""
+    trained = int(json.loads((folder / "done.json").read_text(encoding="utf-8"))["iterations"])
+    if wanted < trained:
+        raise UserError(f"{name} has trained {trained} iterations; --iterations {wanted} cannot undo them "
+                        "(give at least as many, or a new --run-dir)")
+    if wanted == trained:
+        return True
+    if not any((folder / "checkpoints").glob("ckpt_*.pt")):
+        raise UserError(f"{name} has no checkpoint in {folder / 'checkpoints'} to go on from; use a new --run-dir")
+    print(f"{name}: extending from {trained} to {wanted} iterations", flush=True)
+    (folder / "done.json").replace(folder / f"done-{trained}.json")      # kept: what the shorter run was
+    fitted[name] = wanted
+    fitted_path.write_text(json.dumps(fitted, indent=1))
+    return False
 
 
 def _override_counts(raw: dict, iterations: list[int] | None, warmup: int | None) -> None:
@@ -390,15 +417,39 @@ def all_steps(args: argparse.Namespace) -> int:
     if args.no_atlases:
         return 0
     if (run / "model" / "model.json").is_file():
-        print(f"atlases: {run / 'model'} is complete, kept (delete it to rebuild)", flush=True)
-        return 0
+        if _same_networks(run / "model", networks / "model"):
+            print(f"atlases: {run / 'model'} is complete, kept (delete it to rebuild)", flush=True)
+            return 0
+        stale = run / "model.stale"
+        if stale.exists():
+            raise UserError(f"{stale} is in the way of rebuilding {run / 'model'}; move or delete it")
+        print(f"atlases: the networks changed since {run / 'model'} was built; rebuilding it (the old one "
+              f"stays in {stale} until the new one is complete)", flush=True)
+        (run / "model").replace(stale)
     raw = json.loads((pack_dir / "pack.json").read_text(encoding="utf-8"))["config"]
     cmd = [sys.executable, str(REPO / "configs" / "build_atlas_model.py"), "-o", str(run / "model"),
            "--base", str(networks / "model"), "--name", str(args.name or raw.get("name", "abdomen-ct")),
            "--version", str(raw.get("version", "1.0.0"))]
     if args.exclude:
         cmd += ["--exclude", args.exclude]
-    return subprocess.call(cmd)
+    if (run / "model").exists() and not (run / "model" / "model.json").is_file():
+        import shutil
+
+        shutil.rmtree(run / "model")      # a build that stopped half way
+    rc = subprocess.call(cmd)
+    if rc == 0 and (run / "model.stale").exists():
+        import shutil
+
+        shutil.rmtree(run / "model.stale")
+    return rc
+
+
+def _same_networks(fused: Path, networks: Path) -> bool:
+    """Whether the fused package carries the networks package's weights (their sha256)."""
+    from CascadeSegLib.packaging.model import ModelPackage
+
+    a, b = ModelPackage.load(fused), ModelPackage.load(networks)
+    return [(s.name, s.sha256) for s in a.stages] == [(s.name, s.sha256) for s in b.stages]
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
