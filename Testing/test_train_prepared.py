@@ -254,8 +254,10 @@ def test_a_finished_run_trains_further_in_a_later_sitting(packed, tmp_path):
     assert json.loads((run / "fitted.json").read_text()) == {"stage1": 5, "stage2": 4}
     subprocess.run([sys.executable, str(SCRIPT), "export", str(run), "-o", str(tmp_path / "long")],
                    check=True, capture_output=True, cwd=tmp_path)
+    subprocess.run([sys.executable, str(SCRIPT), "export", str(run), "-o", str(tmp_path / "again")],
+                   check=True, capture_output=True, cwd=tmp_path)
     tp = _module()
-    assert tp._same_networks(tmp_path / "long", tmp_path / "long")
+    assert tp._same_networks(tmp_path / "again", tmp_path / "long")    # exported twice: the same weights
     assert not tp._same_networks(tmp_path / "short", tmp_path / "long")
     fewer = _train(out, run, "--iterations", 4, 4, cwd=tmp_path)
     assert fewer.returncode == 2 and "stage1 has trained 5 iterations" in fewer.stderr

@@ -445,11 +445,21 @@ def all_steps(args: argparse.Namespace) -> int:
 
 
 def _same_networks(fused: Path, networks: Path) -> bool:
-    """Whether the fused package carries the networks package's weights (their sha256)."""
+    """Whether the fused package carries the networks package's weights. Tensors are compared,
+    not files: exporting the same run twice writes different bytes (torch.save is not
+    byte-stable), and re-running `all` must not rebuild the atlases for that."""
+    import torch
+
     from CascadeSegLib.packaging.model import ModelPackage
 
     a, b = ModelPackage.load(fused), ModelPackage.load(networks)
-    return [(s.name, s.sha256) for s in a.stages] == [(s.name, s.sha256) for s in b.stages]
+    if [s.name for s in a.stages] != [s.name for s in b.stages]:
+        return False
+    for i in range(len(a.stages)):
+        sa, sb = a.load_network(i).state_dict(), b.load_network(i).state_dict()
+        if sa.keys() != sb.keys() or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
 
 
 def _finetune_options(p: argparse.ArgumentParser) -> None:
