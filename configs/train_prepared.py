@@ -47,6 +47,7 @@ import argparse
 import io
 import json
 import lzma
+import shutil
 import sys
 import time
 import types
@@ -288,8 +289,11 @@ def _extend(folder: Path, name: str, wanted: int, fitted: dict, fitted_path: Pat
                         "(give at least as many, or a new --run-dir)")
     if wanted == trained:
         return True
-    if not any((folder / "checkpoints").glob("ckpt_*.pt")):
-        raise UserError(f"{name} has no checkpoint in {folder / 'checkpoints'} to go on from; use a new --run-dir")
+    from CascadeSegLib.train.checkpoint import latest_valid
+
+    if latest_valid(folder / "checkpoints") is None:      # what the trainer would resume from
+        raise UserError(f"{name} has no valid checkpoint in {folder / 'checkpoints'} to go on from; "
+                        "use a new --run-dir")
     print(f"{name}: extending from {trained} to {wanted} iterations", flush=True)
     (folder / "done.json").replace(folder / f"done-{trained}.json")      # kept: what the shorter run was
     fitted[name] = wanted
@@ -382,8 +386,6 @@ def _init_stage_names(init: str, names: list[str]) -> None:
 def keep_init_stages(model_dir: Path, init: str, names: list[str]) -> None:
     """Put the starting package's weight files of the named stages into the exported package.
     Both have the same stages in the same order (`_init_states` refused any other start)."""
-    import shutil
-
     from CascadeSegLib.packaging.model import ModelPackage, find_model
 
     pkg, start = ModelPackage.load(model_dir), ModelPackage.load(find_model(init))
@@ -433,13 +435,9 @@ def all_steps(args: argparse.Namespace) -> int:
     if args.exclude:
         cmd += ["--exclude", args.exclude]
     if (run / "model").exists() and not (run / "model" / "model.json").is_file():
-        import shutil
-
         shutil.rmtree(run / "model")      # a build that stopped half way
     rc = subprocess.call(cmd)
     if rc == 0 and (run / "model.stale").exists():
-        import shutil
-
         shutil.rmtree(run / "model.stale")
     return rc
 

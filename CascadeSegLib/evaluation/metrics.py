@@ -217,16 +217,12 @@ def evaluate_images(pred: sitk.Image, ref: sitk.Image, labels: LabelSet,
     # (grown by one voxel, so surfaces and distances are those of the whole image).
     p_boxes, r_boxes = label_boxes(p_arr), label_boxes(r_arr)
     ref_values: dict[str, int] = {}
-    for lab in labels:
-        try:
-            ref_values[lab.name] = ref_labels.by_name(lab.name).value
-        except KeyError:
-            continue
     organs: dict[str, Any] = {}
     for lab in labels:
-        if lab.name not in ref_values:
+        try:
+            rv = ref_values[lab.name] = ref_labels.by_name(lab.name).value
+        except KeyError:
             continue
-        rv = ref_values[lab.name]
         box = union_box([p_boxes.get(lab.value), r_boxes.get(rv)], p_arr.shape, pad=1)
         if box is None:
             box = (slice(0, 0),) * 3

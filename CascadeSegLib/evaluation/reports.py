@@ -142,9 +142,9 @@ def pooled_confusion(cases: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     total: dict[str, dict[str, float]] = {}
     for c in cases.values():
         for pred, row in (c.get("confusion_ml") or {}).items():
+            into = total.setdefault(pred, {})
             for ref, ml in row.items():
-                total.setdefault(pred, {})
-                total[pred][ref] = total[pred].get(ref, 0.0) + float(ml)
+                into[ref] = into.get(ref, 0.0) + float(ml)
     return total
 
 
