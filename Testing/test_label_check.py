@@ -111,3 +111,48 @@ def test_presets_follow_the_published_label_lists():
         labels = preset_labels(name)
         assert [lab.value for lab in labels] == sorted(PRESETS[name])
     assert preset_labels("btcv").by_name("liver").type_code == STD.by_name("liver").type_code
+
+
+def test_one_missed_organ_is_scored_with_a_warning_two_are_refused(prediction, tmp_path):
+    """A weak model's real miss (one organ almost absent) is scored; a second such organ is a mix-up."""
+    ts = sitk.ReadImage(str(SAMPLE_TS))
+    ts_value = {name: value for value, name in PRESETS["totalsegmentator"].items()}
+    pred_img = sitk.ReadImage(str(prediction))
+    pred = sitk.GetArrayFromImage(pred_img)
+    ref = sitk.GetArrayFromImage(ts)
+
+    def keep_a_corner(arr: np.ndarray, value: int) -> None:
+        """Leave a 2x2x2 block of `value`: a volume far below a tenth of the organ."""
+        idx = np.argwhere(arr == value)
+        z, y, x = idx[0]
+        block = arr[z:z + 2, y:y + 2, x:x + 2] == value
+        arr[arr == value] = 0
+        arr[z:z + 2, y:y + 2, x:x + 2][block] = value
+
+    spleen = STD.by_name("spleen").value
+    assert (ref == ts_value["spleen"]).sum() > 100 * 8 and (pred == spleen).sum() > 100 * 8
+    missed = pred.copy()
+    keep_a_corner(missed, spleen)
+    one = sitk.GetImageFromArray(missed)
+    one.CopyInformation(pred_img)
+    sitk.WriteImage(one, str(tmp_path / "one.nii.gz"))
+    res = cascadeseg("evaluate", tmp_path / "one.nii.gz", SAMPLE_TS, "-o", tmp_path / "rep1", "--ref-labels",
+                     "totalsegmentator", "--quiet", "--no-plots", "--no-distances")
+    assert res.returncode == 0, res.stderr
+    (line,) = error_lines(res.stderr)
+    assert line.startswith("cascadeseg: warning: spleen ") and "other organs agree" in line
+    doc = json.loads((tmp_path / "rep1" / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["label_check_warnings"] == [line.removeprefix("cascadeseg: warning: ")]
+    organs = _metrics(tmp_path / "rep1")
+    assert organs["spleen"]["dice"] == pytest.approx(_dice(missed == spleen, ref == ts_value["spleen"]))
+    assert organs["spleen"]["dice"] < 0.05
+
+    keep_a_corner(missed, STD.by_name("liver").value)
+    two = sitk.GetImageFromArray(missed)
+    two.CopyInformation(pred_img)
+    sitk.WriteImage(two, str(tmp_path / "two.nii.gz"))
+    res = cascadeseg("evaluate", tmp_path / "two.nii.gz", SAMPLE_TS, "-o", tmp_path / "rep2", "--ref-labels",
+                     "totalsegmentator", "--quiet", "--no-plots", "--no-distances")
+    assert res.returncode == 2 and not (tmp_path / "rep2").exists()
+    (line,) = error_lines(res.stderr)
+    assert "organ volumes differ by more than 10x" in line and "liver" in line and "spleen" in line

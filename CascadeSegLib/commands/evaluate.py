@@ -171,19 +171,20 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> None:  # noqa: ANN001
-    """Stop before scoring when the label values cannot mean what the label specs say."""
+def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> list[str]:  # noqa: ANN001
+    """Stop before scoring when the label values cannot mean what the label specs say; the warnings."""
     from ..label_presets import NAMES
     from ..labelcheck import check_pairs
 
     if args.no_label_check:
-        return
+        return []
     problems = check_pairs(pairs, labels, ref_labels)
     if problems:
         labels_hint = f"--labels {_short(args.labels)}" if args.labels else "--labels (default: the standard 10 organs)"
         ref_hint = (f"--ref-labels {_short(args.ref_labels)}" if args.ref_labels
                     else "--ref-labels (not given: the same values as the prediction)")
         raise UserError(problems.message(labels_hint, ref_hint, NAMES))
+    return problems.warnings()
 
 
 def _report_line(path: Path, doc: dict[str, Any]) -> None:
@@ -201,7 +202,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if names:
             print(f"cascadeseg: warning: {len(names)} {kind}: {', '.join(names[:5])}"
                   + (" ..." if len(names) > 5 else ""), file=sys.stderr)
-    _check_labels(args, pairs, labels, ref_labels)
+    label_warnings = _check_labels(args, pairs, labels, ref_labels)
+    for w in label_warnings:
+        print(f"cascadeseg: warning: {w}", file=sys.stderr)
     cases = ev.evaluate_pairs(pairs, labels, ref_labels, distances=not args.no_distances,
                               progress=not args.quiet)
     # The method's column in the report, not a case name: the prediction's name up to its first dot.
@@ -210,7 +213,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     doc = ev.write_evaluation_report(
         out, {name: cases}, labels, plots=not args.no_plots,
         extra={"prediction": str(args.prediction), "reference": str(args.reference),
-               "unmatched_predictions": extra_pred, "unmatched_references": extra_ref})
+               "unmatched_predictions": extra_pred, "unmatched_references": extra_ref,
+               "label_check_warnings": label_warnings})
     summary = doc["methods"][name]["summary"]
     for organ, s in summary.items():
         d = s["dice"]
