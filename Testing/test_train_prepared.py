@@ -288,3 +288,41 @@ def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_fi
     assert "abdomen-ct-networks-finetune.json" in shipped.provenance["network"]["command"]
     assert [(s.name, tuple(s.spacing), s.network.to_json()) for s in shipped.stages] == \
         [(s.name, tuple(s.spacing), s.network.to_json()) for s in tune.stages]
+
+
+def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed, tmp_path):
+    """A run started in a script's background ignores SIGINT; `kill` (SIGTERM) must still save the
+    iteration it reached, not lose everything since the last periodic checkpoint."""
+    import signal
+    import time
+
+    from CascadeSegLib.train.checkpoint import latest_valid
+
+    _, out, _ = packed
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(SCRIPT), "train", str(out), "--run-dir", str(run), "--device", "cpu",
+           "--threads", "1", "--iterations", "100000", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = run / "stage1" / "log.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and len(log.read_text().splitlines()) > 11:        # flushed every 10 iterations
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stderr.read()[-2000:] if proc.stderr else ""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == ("interrupted: the stage saved a checkpoint; run the same command "
+                                           "again to go on")
+    saved = latest_valid(run / "stage1" / "checkpoints")
+    assert saved is not None
+    reached = int(saved[1]["iteration"])
+    assert reached >= 10 and reached % 250 != 0 and not (run / "stage1" / "done.json").exists()
+    again = _train(out, run, "--iterations", reached + 2, 3, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = (run / "stage1" / "log.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, reached + 3))     # went on, not restarted
+    assert json.loads((run / "stage1" / "done.json").read_text())["iterations"] == reached + 2

@@ -32,7 +32,9 @@ stage 1's candidates): abdomen-ct 2.6.1's networks.
 export (RUN/networks/model), then add the atlases with configs/build_atlas_model.py (RUN/model).
 Run it again after a stop and it goes on where it stopped: a finished pack (its pack.json) and
 finished atlases (RUN/model/model.json) are kept, training resumes from its checkpoints. On a CPU
-leave out --minutes (a stage whose wall time runs out counts as finished) and stop with Ctrl-C.
+leave out --minutes (a stage whose wall time runs out counts as finished) and stop with Ctrl-C or
+`kill PID` (SIGTERM; a job started in the background of a script ignores Ctrl-C): the stage saves a
+checkpoint at the iteration it reached, and the exit status is 130.
 
 A finished run trains further in a later sitting: give `--iterations N N` (without --minutes)
 above the counts it finished with, and each such stage goes on from its last checkpoint (the poly schedule runs over
@@ -48,6 +50,7 @@ import io
 import json
 import lzma
 import shutil
+import signal
 import sys
 import time
 import types
@@ -467,7 +470,14 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warm-up iterations (replace the config's)")
 
 
+def _stop(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+    """`kill` (SIGTERM) stops a run like Ctrl-C: the stage saves a checkpoint first. A job started in
+    the background of a script ignores SIGINT, so SIGTERM is how such a run is stopped."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack")
@@ -511,6 +521,9 @@ def main() -> int:
     except UserError as exc:        # what the user can mend: one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the stage saved a checkpoint; run the same command again to go on", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
