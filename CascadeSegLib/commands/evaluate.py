@@ -214,7 +214,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out, {name: cases}, labels, plots=not args.no_plots,
         extra={"prediction": str(args.prediction), "reference": str(args.reference),
                "unmatched_predictions": extra_pred, "unmatched_references": extra_ref,
-               "label_check_warnings": label_warnings})
+               "label_check_warnings": label_warnings},
+        extra_markdown="".join(["### Label check\n\n", *(f"- {w}\n" for w in label_warnings)]) if label_warnings
+        else "")
     summary = doc["methods"][name]["summary"]
     for organ, s in summary.items():
         d = s["dice"]
