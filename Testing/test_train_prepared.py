@@ -315,8 +315,8 @@ def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == ("interrupted: the stage saved a checkpoint; run the same command "
-                                           "again to go on")
+    assert err.strip().splitlines()[-1] == ("interrupted; run the same command again to go on (a stage in "
+                                           "training saved a checkpoint first)")
     saved = latest_valid(run / "stage1" / "checkpoints")
     assert saved is not None
     reached = int(saved[1]["iteration"])

@@ -522,7 +522,8 @@ def main() -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the stage saved a checkpoint; run the same command again to go on", file=sys.stderr)
+        print("interrupted; run the same command again to go on (a stage in training saved a "
+              "checkpoint first)", file=sys.stderr)
         return 130
 
 
