@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sigterm_to_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
+def sigterm_to_interrupt(signum, frame):  # noqa: ANN001 - signal handler signature
+    """`kill` (SIGTERM) stops a run like Ctrl-C, so the same cleanup and checkpointing run: a job
+    started in a script's background ignores SIGINT, and SIGTERM is how it is stopped."""
     raise KeyboardInterrupt
 
 
@@ -70,7 +72,7 @@ def _missing_package(exc: BaseException) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+        signal.signal(signal.SIGTERM, sigterm_to_interrupt)
     except ValueError:
         pass  # not in the main thread (e.g. called from tests in a worker thread)
     try:

@@ -61,6 +61,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from CascadeSegLib.cli import sigterm_to_interrupt  # noqa: E402  (stdlib only: no torch to load)
 from CascadeSegLib.errors import UserError  # noqa: E402  (the library needs no SimpleITK for this)
 
 
@@ -470,14 +471,8 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warm-up iterations (replace the config's)")
 
 
-def _stop(signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-    """`kill` (SIGTERM) stops a run like Ctrl-C: the stage saves a checkpoint first. A job started in
-    the background of a script ignores SIGINT, so SIGTERM is how such a run is stopped."""
-    raise KeyboardInterrupt
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGTERM, sigterm_to_interrupt)  # `kill`: the stage saves a checkpoint first
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("pack")
