@@ -151,6 +151,28 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     assert "liver" in capsys.readouterr().out
 
 
+def test_a_plot_warning_is_added_to_the_callers_warnings(tmp_path: Path, sample_ref: sitk.Image,
+                                                       monkeypatch) -> None:
+    """Without matplotlib the report says so beside the warnings the caller brought (label check),
+    instead of replacing them."""
+    from CascadeSegLib import report_plots
+
+    def no_matplotlib() -> None:
+        raise ImportError("matplotlib")
+
+    monkeypatch.setattr(report_plots, "require_matplotlib", no_matplotlib)
+    sitk.WriteImage(sample_ref, str(tmp_path / "case1.nii.gz"))
+    cases = ev.evaluate_pairs([("case1", tmp_path / "case1.nii.gz", tmp_path / "case1.nii.gz")], STD,
+                              distances=False, progress=False)
+    doc = ev.write_evaluation_report(tmp_path / "rep", {"pred": cases}, STD,
+                                     extra={"warnings": ["spleen: 1 ml predicted vs 200 ml"]})
+    assert doc["warnings"] == ["spleen: 1 ml predicted vs 200 ml",
+                               "matplotlib is not installed: no plots (pip install cascadeseg[eval])"]
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text(encoding="utf-8"))
+    assert saved["warnings"] == doc["warnings"] and not any(f.endswith(".png") for f in saved["files"])
+    assert saved["methods"]["pred"]["cases"]["case1"]["organs"]["liver"]["dice"] == 1.0
+
+
 def test_compare_command_equals_scipy(tmp_path: Path, sample_ref: sitk.Image) -> None:
     """Two methods on six cases: better (1-voxel shift) vs worse (2-voxel shift)."""
     arr = sitk.GetArrayFromImage(sample_ref)

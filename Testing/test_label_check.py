@@ -143,6 +143,7 @@ def test_one_missed_organ_is_scored_with_a_warning_two_are_refused(prediction, t
     assert line.startswith("cascadeseg: warning: spleen ") and "other organs agree" in line
     doc = json.loads((tmp_path / "rep1" / "metrics.json").read_text(encoding="utf-8"))
     assert doc["label_check_warnings"] == [line.removeprefix("cascadeseg: warning: ")]
+    assert doc["warnings"] == doc["label_check_warnings"]  # printed once, with the report line
     summary = (tmp_path / "rep1" / "summary.md").read_text(encoding="utf-8")
     assert f"### Label check\n\n- {doc['label_check_warnings'][0]}\n" in summary
     organs = _metrics(tmp_path / "rep1")

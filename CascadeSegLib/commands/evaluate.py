@@ -203,8 +203,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
             print(f"cascadeseg: warning: {len(names)} {kind}: {', '.join(names[:5])}"
                   + (" ..." if len(names) > 5 else ""), file=sys.stderr)
     label_warnings = _check_labels(args, pairs, labels, ref_labels)
-    for w in label_warnings:
-        print(f"cascadeseg: warning: {w}", file=sys.stderr)
     cases = ev.evaluate_pairs(pairs, labels, ref_labels, distances=not args.no_distances,
                               progress=not args.quiet)
     # The method's column in the report, not a case name: the prediction's name up to its first dot.
@@ -214,7 +212,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         out, {name: cases}, labels, plots=not args.no_plots,
         extra={"prediction": str(args.prediction), "reference": str(args.reference),
                "unmatched_predictions": extra_pred, "unmatched_references": extra_ref,
-               "label_check_warnings": label_warnings},
+               "label_check_warnings": label_warnings, "warnings": list(label_warnings)},
         extra_markdown="".join(["### Label check\n\n", *(f"- {w}\n" for w in label_warnings)]) if label_warnings
         else "")
     summary = doc["methods"][name]["summary"]

@@ -254,7 +254,7 @@ def _finish_report(report_dir: Path, markdown_name: str, doc: dict[str, Any], md
         written, warn = _plots(report_dir, make)
         files += written
         if warn:
-            doc["warnings"] = [warn]
+            doc.setdefault("warnings", []).append(warn)  # beside the caller's own warnings
         md += [f"![{f}]({f})\n" for f in written]
     doc["files"] = files
     atomic_write(report_dir / markdown_name, "\n".join(md))
