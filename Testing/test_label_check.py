@@ -34,6 +34,15 @@ def _metrics(folder: Path) -> dict:
     return next(iter(next(iter(doc["methods"].values()))["cases"].values()))["organs"]
 
 
+def keep_a_corner(arr: np.ndarray, value: int) -> None:
+    """Leave a 2x2x2 block of `value`: a volume far below a tenth of the organ."""
+    idx = np.argwhere(arr == value)
+    z, y, x = idx[0]
+    block = arr[z:z + 2, y:y + 2, x:x + 2] == value
+    arr[arr == value] = 0
+    arr[z:z + 2, y:y + 2, x:x + 2][block] = value
+
+
 def test_totalsegmentator_reference_is_refused_without_preset_and_scored_with_it(prediction, tmp_path):
     res = cascadeseg("evaluate", prediction, SAMPLE_TS, "-o", tmp_path / "bad", "--quiet", "--no-plots")
     assert res.returncode == 2 and not (tmp_path / "bad").exists()
@@ -74,6 +83,39 @@ def test_swapped_organ_values_are_caught_by_their_volumes(prediction, tmp_path):
     res = cascadeseg("evaluate", prediction, ref, "-o", tmp_path / "rep", "--quiet", "--no-plots", "--no-distances",
                      "--no-label-check")
     assert res.returncode == 0 and _metrics(tmp_path / "rep")["liver"]["dice"] < 0.01  # scored as asked
+
+
+def test_compare_checks_prediction_folders_as_evaluate_does(prediction, tmp_path):
+    """`compare A B --ref REF` scores prediction folders itself, so the same label check runs first:
+    an unnamed reference scheme is refused, a lone missed organ is scored with a warning."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "a" / prediction.name).write_bytes(prediction.read_bytes())
+    (tmp_path / "ref" / "abdomen_ct_3mm.nii.gz").write_bytes(SAMPLE_TS.read_bytes())
+    pred_img = sitk.ReadImage(str(prediction))
+    missed = sitk.GetArrayFromImage(pred_img)
+    keep_a_corner(missed, STD.by_name("spleen").value)
+    one = sitk.GetImageFromArray(missed)
+    one.CopyInformation(pred_img)
+    sitk.WriteImage(one, str(tmp_path / "b" / prediction.name))
+
+    res = cascadeseg("compare", tmp_path / "a", tmp_path / "b", "--ref", tmp_path / "ref", "-o", tmp_path / "bad",
+                     "--quiet", "--no-plots")
+    assert res.returncode == 2 and not (tmp_path / "bad").exists()
+    (line,) = error_lines(res.stderr)
+    assert line.startswith("cascadeseg: error: the reference holds label values that --ref-labels (not given")
+
+    res = cascadeseg("compare", tmp_path / "a", tmp_path / "b", "--ref", tmp_path / "ref", "-o", tmp_path / "rep",
+                     "--ref-labels", "totalsegmentator", "--quiet", "--no-plots")
+    assert res.returncode == 0, res.stderr
+    (line,) = error_lines(res.stderr)
+    assert line.startswith(f"cascadeseg: warning: {tmp_path / 'b'}: spleen ") and "other organs agree" in line
+    doc = json.loads((tmp_path / "rep" / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["warnings"] == doc["label_check_warnings"] == [line.removeprefix("cascadeseg: warning: ")]
+    assert f"### Label check\n\n- {doc['warnings'][0]}\n" in (tmp_path / "rep" / "compare.md").read_text("utf-8")
+    spleen = doc["methods"]["b"]["cases"]["abdomen_ct_3mm"]["organs"]["spleen"]["dice"]
+    assert spleen < 0.05 and doc["methods"]["a"]["cases"]["abdomen_ct_3mm"]["organs"]["spleen"]["dice"] > 0.8
 
 
 def test_ircadb_mask_named_after_its_organ(prediction, tmp_path):
@@ -120,14 +162,6 @@ def test_one_missed_organ_is_scored_with_a_warning_two_are_refused(prediction, t
     pred_img = sitk.ReadImage(str(prediction))
     pred = sitk.GetArrayFromImage(pred_img)
     ref = sitk.GetArrayFromImage(ts)
-
-    def keep_a_corner(arr: np.ndarray, value: int) -> None:
-        """Leave a 2x2x2 block of `value`: a volume far below a tenth of the organ."""
-        idx = np.argwhere(arr == value)
-        z, y, x = idx[0]
-        block = arr[z:z + 2, y:y + 2, x:x + 2] == value
-        arr[arr == value] = 0
-        arr[z:z + 2, y:y + 2, x:x + 2][block] = value
 
     spleen = STD.by_name("spleen").value
     assert (ref == ts_value["spleen"]).sum() > 100 * 8 and (pred == spleen).sum() > 100 * 8

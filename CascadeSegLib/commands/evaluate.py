@@ -64,6 +64,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _label_check_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-label-check", action="store_true",
+                   help="score even when a map holds values its label spec does not name, or an organ's "
+                   "volumes differ 10x between prediction and reference (checked by default)")
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "evaluate", help="Dice, HD95, ASSD and volumes of predictions vs references",
@@ -77,9 +83,7 @@ def register(subparsers: Any) -> None:
                    "prediction's folder/file name)")
     p.add_argument("--no-distances", action="store_true",
                    help="Dice and volumes only (skip HD95/ASSD, faster)")
-    p.add_argument("--no-label-check", action="store_true",
-                   help="score even when a map holds values its label spec does not name, or an organ's "
-                   "volumes differ 10x between prediction and reference (checked by default)")
+    _label_check_option(p)
     _common(p)
     p.set_defaults(func=run_evaluate)
 
@@ -96,6 +100,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--names", nargs=2, default=None, metavar=("NAME_A", "NAME_B"))
     p.add_argument("--metric", default="dice", choices=["dice", "hd95_mm", "assd_mm", "hd_mm"])
     p.add_argument("--alpha", type=float, default=0.05, help="significance level (0.05)")
+    _label_check_option(p)
     _common(p)
     p.set_defaults(func=run_compare)
 
@@ -147,6 +152,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("-o", "--output", required=True, metavar="REPORT_DIR")
     e.add_argument("--ref", default=None, help="reference folder, to evaluate prediction folders")
     e.add_argument("--alpha", type=float, default=0.05)
+    _label_check_option(e)
     _common(e)
     e.set_defaults(func=run_experiment_finetune)
 
@@ -176,7 +182,7 @@ def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> list[s
     from ..label_presets import NAMES
     from ..labelcheck import check_pairs
 
-    if args.no_label_check:
+    if getattr(args, "no_label_check", False):
         return []
     problems = check_pairs(pairs, labels, ref_labels)
     if problems:
@@ -185,6 +191,10 @@ def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> list[s
                     else "--ref-labels (not given: the same values as the prediction)")
         raise UserError(problems.message(labels_hint, ref_hint, NAMES))
     return problems.warnings()
+
+
+def _label_check_markdown(warnings: list[str]) -> str:
+    return "".join(["### Label check\n\n", *(f"- {w}\n" for w in warnings)]) if warnings else ""
 
 
 def _report_line(path: Path, doc: dict[str, Any]) -> None:
@@ -213,8 +223,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         extra={"prediction": str(args.prediction), "reference": str(args.reference),
                "unmatched_predictions": extra_pred, "unmatched_references": extra_ref,
                "label_check_warnings": label_warnings, "warnings": list(label_warnings)},
-        extra_markdown="".join(["### Label check\n\n", *(f"- {w}\n" for w in label_warnings)]) if label_warnings
-        else "")
+        extra_markdown=_label_check_markdown(label_warnings))
     summary = doc["methods"][name]["summary"]
     for organ, s in summary.items():
         d = s["dice"]
@@ -225,23 +234,26 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _method(spec: str, ref: str | None, labels, ref_labels, quiet: bool):
-    """(name, cases) from a metrics.json/report, or by evaluating a prediction folder."""
+def _method(args: argparse.Namespace, spec: str, labels, ref_labels) -> tuple[tuple[str, Any], list[str]]:  # noqa: ANN001
+    """((name, cases), label-check warnings) from a metrics.json/report, or by evaluating a prediction
+    folder against --ref: label-checked first, as `evaluate` does."""
     from .. import evaluate as ev
     path = Path(spec)
     is_report = (path.is_file() and path.suffix == ".json") or (path / "metrics.json").is_file() \
         or ("#" in spec and not path.exists())
-    if is_report or ref is None:
-        return ev.load_method(spec)
-    pairs, _, _ = ev.match_cases(spec, ref)
-    return path.name, ev.evaluate_pairs(pairs, labels, ref_labels, progress=not quiet)
+    if is_report or args.ref is None:
+        return ev.load_method(spec), []
+    pairs, _, _ = ev.match_cases(spec, args.ref)
+    warnings = _check_labels(args, pairs, labels, ref_labels)
+    return (path.name, ev.evaluate_pairs(pairs, labels, ref_labels, progress=not args.quiet)), warnings
 
 
 def _compare(args: argparse.Namespace, a_spec: str, b_spec: str, names, kind: str) -> int:
     from .. import evaluate as ev
     labels, ref_labels = _labels(args)
-    a = _method(a_spec, args.ref, labels, ref_labels, args.quiet)
-    b = _method(b_spec, args.ref, labels, ref_labels, args.quiet)
+    a, warn_a = _method(args, a_spec, labels, ref_labels)
+    b, warn_b = _method(args, b_spec, labels, ref_labels)
+    warnings = [f"{spec}: {w}" for spec, ws in ((a_spec, warn_a), (b_spec, warn_b)) for w in ws]
     if names:
         a, b = (names[0], a[1]), (names[1], b[1])
     if a[0] == b[0]:
@@ -254,7 +266,9 @@ def _compare(args: argparse.Namespace, a_spec: str, b_spec: str, names, kind: st
     if args.output:
         out = Path(args.output)
         doc = ev.write_comparison_report(out, a, b, label_arg, metric, args.alpha, kind=kind,
-                                         plots=not args.no_plots)
+                                         plots=not args.no_plots,
+                                         extra={"label_check_warnings": warnings, "warnings": list(warnings)},
+                                         extra_markdown=_label_check_markdown(warnings))
         result = doc["wilcoxon"]
     else:
         result = ev.compare_methods(a[1], b[1], metric, args.alpha)
@@ -262,6 +276,9 @@ def _compare(args: argparse.Namespace, a_spec: str, b_spec: str, names, kind: st
     print(ev.compare_markdown(result, metric, a[0], b[0], args.alpha))
     if doc is not None:
         _report_line(out / "compare.md", doc)
+    else:
+        for w in warnings:
+            print(f"cascadeseg: warning: {w}", file=sys.stderr)
     return 0
 
 
