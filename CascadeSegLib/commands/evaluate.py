@@ -197,9 +197,13 @@ def _label_check_markdown(warnings: list[str]) -> str:
     return "".join(["### Label check\n\n", *(f"- {w}\n" for w in warnings)]) if warnings else ""
 
 
+def _warn(text: str) -> None:
+    print(f"cascadeseg: warning: {text}", file=sys.stderr)
+
+
 def _report_line(path: Path, doc: dict[str, Any]) -> None:
     for w in doc.get("warnings", []):
-        print(f"cascadeseg: warning: {w}", file=sys.stderr)
+        _warn(w)
     print(f"report: {path}")
 
 
@@ -210,8 +214,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     for kind, names in (("predictions without reference", extra_pred),
                         ("references without prediction", extra_ref)):
         if names:
-            print(f"cascadeseg: warning: {len(names)} {kind}: {', '.join(names[:5])}"
-                  + (" ..." if len(names) > 5 else ""), file=sys.stderr)
+            _warn(f"{len(names)} {kind}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
     label_warnings = _check_labels(args, pairs, labels, ref_labels)
     cases = ev.evaluate_pairs(pairs, labels, ref_labels, distances=not args.no_distances,
                               progress=not args.quiet)
@@ -278,7 +281,7 @@ def _compare(args: argparse.Namespace, a_spec: str, b_spec: str, names, kind: st
         _report_line(out / "compare.md", doc)
     else:
         for w in warnings:
-            print(f"cascadeseg: warning: {w}", file=sys.stderr)
+            _warn(w)
     return 0
 
 
