@@ -102,11 +102,15 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     p2img = sitk.Resample(image(p2, sample_ref), ev.spacing_grid(sample_ref, (1.5, 1.5, 1.5)),
                           sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     sitk.WriteImage(p2img, str(pred_dir / "case2.nrrd"))
+    sitk.WriteImage(p2img, str(pred_dir / "case3.nrrd"))     # no reference: reported, not scored
     out = tmp_path / "report"
     rc = run_cli(["evaluate", str(pred_dir), str(ref_dir), "-o", str(out),
                   "--ref-labels", "totalsegmentator", "--quiet"])
     assert rc == 0
+    printed = capsys.readouterr()
+    assert "cascadeseg: warning: 1 predictions without reference: case3\n" in printed.err
     doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["unmatched_predictions"] == ["case3"] and doc["unmatched_references"] == []
     assert doc["kind"] == "evaluation" and list(doc["methods"]) == ["pred"]
     cases = doc["methods"]["pred"]["cases"]
     assert sorted(cases) == ["case1", "case2"]
@@ -148,7 +152,7 @@ def test_evaluate_command_on_sample_labels(tmp_path: Path, sample_ref: sitk.Imag
     liver_rgb = np.array(STD.by_name("liver").color_float)
     assert _has_color(px, 0.85 * liver_rgb + 0.15)
     _png_ok(out / "volumes.png")
-    assert "liver" in capsys.readouterr().out
+    assert "liver" in printed.out
 
 
 def test_a_plot_warning_is_added_to_the_callers_warnings(tmp_path: Path, sample_ref: sitk.Image,
