@@ -229,15 +229,21 @@ def test_compare_command_equals_scipy(tmp_path: Path, sample_ref: sitk.Image) ->
     assert fdoc["wilcoxon"]["liver"]["p_value"] == pytest.approx(0.03125)
 
 
-def test_candidates_command_report(tmp_path: Path, sample_ref: sitk.Image) -> None:
+def test_candidates_command_report(tmp_path: Path, sample_ref: sitk.Image, capsys) -> None:
     arr = sitk.GetArrayFromImage(sample_ref)
     s1 = np.where(ndimage.grey_erosion(arr, size=(3, 3, 3)) == arr, arr, 0)
     (tmp_path / "s1").mkdir()
     sitk.WriteImage(image(s1, sample_ref), str(tmp_path / "s1" / "case.nii.gz"))
     out = tmp_path / "cand"
+    # The reference's other TotalSegmentator structures are values this list does not name: refused,
+    # as `evaluate` refuses them, before anything is written.
     assert run_cli(["candidates", str(tmp_path / "s1" / "case.nii.gz"), str(SAMPLE_SEG),
-                    "-o", str(out), "--radii", "0..10", "--quiet", "--ref-labels",
-                    json.dumps([{"value": v, "name": n} for n, v in TS_IDS.items()])]) == 0
+                    "-o", str(out), "--quiet", "--ref-labels",
+                    json.dumps([{"value": v, "name": n} for n, v in TS_IDS.items()])]) == 2
+    assert "the reference holds label values that --ref-labels" in capsys.readouterr().err
+    assert not out.exists()
+    assert run_cli(["candidates", str(tmp_path / "s1" / "case.nii.gz"), str(SAMPLE_SEG),
+                    "-o", str(out), "--radii", "0..10", "--quiet", "--ref-labels", "totalsegmentator"]) == 0
     doc = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     mean = doc["mean"]
     assert set(mean) == set(DEFAULT_ORGANS) | {"all"}

@@ -64,10 +64,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _label_check_option(p: argparse.ArgumentParser) -> None:
+def _label_check_option(p: argparse.ArgumentParser, volumes: bool = True) -> None:
     p.add_argument("--no-label-check", action="store_true",
-                   help="score even when a map holds values its label spec does not name, or an organ's "
-                   "volumes differ 10x between prediction and reference (checked by default)")
+                   help="score even when a map holds values its label spec does not name"
+                   + (", or an organ's volumes differ 10x between prediction and reference" if volumes else "")
+                   + " (checked by default)")
 
 
 def register(subparsers: Any) -> None:
@@ -116,6 +117,7 @@ def register(subparsers: Any) -> None:
                    help="resample onto this spacing first (the model's stage-2 spacing, where "
                         "the engine dilates); default: the reference grid")
     p.add_argument("--mark-radius", type=int, default=3, help="radius marked in the plot (3)")
+    _label_check_option(p, volumes=False)
     _common(p)
     p.set_defaults(func=run_candidates)
 
@@ -177,14 +179,19 @@ def _short(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels) -> list[str]:  # noqa: ANN001
-    """Stop before scoring when the label values cannot mean what the label specs say; the warnings."""
+def _check_labels(args: argparse.Namespace, pairs, labels, ref_labels,  # noqa: ANN001
+                  volumes: bool = True) -> list[str]:
+    """Stop before scoring when the label values cannot mean what the label specs say; the warnings.
+    `volumes=False` checks the values only: a stage-1 map may miss most of a thin organ for real."""
     from ..label_presets import NAMES
     from ..labelcheck import check_pairs
 
     if getattr(args, "no_label_check", False):
         return []
     problems = check_pairs(pairs, labels, ref_labels)
+    if not volumes:
+        problems.volumes.clear()
+        problems.lone_volumes.clear()
     if problems:
         labels_hint = f"--labels {_short(args.labels)}" if args.labels else "--labels (default: the standard 10 organs)"
         ref_hint = (f"--ref-labels {_short(args.ref_labels)}" if args.ref_labels
@@ -300,13 +307,13 @@ def run_candidates(args: argparse.Namespace) -> int:
     labels, ref_labels = _labels(args)
     radii = parse_radii(args.radii)
     pairs, _, _ = ev.match_cases(args.stage1, args.reference)
+    _check_labels(args, pairs, labels, ref_labels, volumes=False)
     result = ev.candidate_pairs(pairs, labels, ref_labels, radii, _spacing(args.grid_spacing),
                                 progress=not args.quiet)
     out = Path(args.output)
     doc = ev.write_candidates_report(out, result, labels, mark_radius=args.mark_radius,
                                      plots=not args.no_plots,
-                                     extra={"stage1": str(args.stage1),
-                                            "reference": str(args.reference)})
+                                     extra={"stage1": str(args.stage1), "reference": str(args.reference)})
     print(ev.candidates_markdown({k: v for k, v in result["mean"].items() if k == "all"}))
     _report_line(out / "candidates.md", doc)
     return 0
