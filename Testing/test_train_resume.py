@@ -26,7 +26,8 @@ def _config(cases, tmp_path):
     return parse_config(data, tmp_path)
 
 
-def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatch):
+@pytest.mark.parametrize("after_step", [False, True], ids=["during-a-step", "after-a-step-before-its-log-row"])
+def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatch, after_step):
     from CascadeSegLib.train import checkpoint as ckpt
     from CascadeSegLib.train.trainer import StageTrainer, train_run
 
@@ -37,6 +38,8 @@ def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatc
 
     def interrupted_step(self):
         if self.iteration == 3:
+            if after_step:        # Ctrl-C or `kill` lands after the step, before the loop logs it
+                original_step(self)
             raise KeyboardInterrupt
         return original_step(self)
 
@@ -44,10 +47,13 @@ def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         train_run(cfg, tmp_path / "b", progress=False, export=False)
     monkeypatch.undo()
+    reached = 4 if after_step else 3
     folder = tmp_path / "b" / "stage1" / "checkpoints"
-    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["ckpt_0000003.pt", "ckpt_0000002.pt"]
-    saved = ckpt.load_checkpoint(folder / "ckpt_0000003.pt")
-    assert saved["iteration"] == 3
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == [f"ckpt_000000{reached}.pt", "ckpt_0000002.pt"]
+    saved = ckpt.load_checkpoint(folder / f"ckpt_000000{reached}.pt")
+    assert saved["iteration"] == reached
+    with open(tmp_path / "b" / "stage1" / "log.csv") as f:      # the log reaches the checkpoint
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == list(range(1, reached + 1))
 
     seen = {}
     original_load = StageTrainer.load_state
@@ -59,7 +65,7 @@ def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatc
 
     monkeypatch.setattr(StageTrainer, "load_state", spy_load)
     resumed = train_run(cfg, tmp_path / "b", progress=False, export=False)
-    assert seen["iteration"] == 3
+    assert seen["iteration"] == reached
     for key, state in saved["optimizer"]["state"].items():
         assert torch.equal(seen["optimizer"]["state"][key]["momentum_buffer"], state["momentum_buffer"])
 

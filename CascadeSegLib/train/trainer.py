@@ -145,6 +145,7 @@ class StageTrainer:
         self.rng = np.random.default_rng([s.seed, ctx.rank])
         self.gen = torch.Generator().manual_seed(s.seed * 1000 + ctx.rank)
         self.iteration = 0
+        self.last_loss = float("nan")           # the latest step's loss (its log row may still be unwritten)
         self.best_metric = -1.0
         self.best_iteration = -1
         self.pad_value = pad_value_for(cfg)
@@ -229,8 +230,9 @@ class StageTrainer:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), s.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
+        self.last_loss = float(loss.detach())
         self.iteration += 1
-        return float(loss.detach())
+        return self.last_loss
 
     # --- validation --------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -286,6 +288,7 @@ class StageTrainer:
         start = time.perf_counter()
         elapsed0 = 0.0
         last_val: dict[str, float] = {}
+        logged = self.iteration
         try:
             while self.iteration < s.iterations:
                 loss = self.ctx.mean(self.step())
@@ -304,6 +307,7 @@ class StageTrainer:
                         self._save_best(last_val)
                 if writer is not None:
                     writer.writerow(row)
+                    logged = it
                     if it % 10 == 0 or it == s.iterations:
                         f_log.flush()  # type: ignore[union-attr]
                 if tb is not None:
@@ -322,6 +326,10 @@ class StageTrainer:
                         os.fsync(f_log.fileno())
                     self.save()
         except KeyboardInterrupt:
+            if writer is not None and self.iteration > logged:   # its step was done, its row not yet written
+                writer.writerow({"iteration": self.iteration, "loss": f"{self.last_loss:.5f}",
+                                 "lr": f"{self.opt.param_groups[0]['lr']:.3g}",
+                                 "seconds": f"{elapsed0 + time.perf_counter() - start:.1f}"})
             if not self.ctx.active and self.iteration > 0:
                 self.save()
                 log.warning("interrupted: checkpoint saved at iteration %d; run the command again to resume",
