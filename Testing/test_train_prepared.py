@@ -321,8 +321,31 @@ def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed
     assert saved is not None
     reached = int(saved[1]["iteration"])
     assert reached >= 10 and reached % 250 != 0 and not (run / "stage1" / "done.json").exists()
+    # `cascadeseg train-status` reads where the stopped run stands from its folder alone.
+    stopped = _status(run)
+    assert [s["name"] for s in stopped] == ["stage1", "stage2"]
+    one, two = stopped
+    assert (one["planned"], one["logged"], one["checkpoint"], one["finished"]) == (100000, reached, reached, False)
+    assert one["seconds_per_iteration"] > 0 and one["remaining_seconds"] == pytest.approx(
+        (100000 - reached) * one["seconds_per_iteration"], rel=1e-3)
+    assert (two["planned"], two["logged"], two["checkpoint"], two["finished"]) == (3, 0, None, False)
     again = _train(out, run, "--iterations", reached + 2, 3, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     rows = (run / "stage1" / "log.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, reached + 3))     # went on, not restarted
     assert json.loads((run / "stage1" / "done.json").read_text())["iterations"] == reached + 2
+    assert [(s["planned"], s["finished"], s["remaining_seconds"]) for s in _status(run)] == [
+        (reached + 2, True, 0.0), (3, True, 0.0)]
+    text = subprocess.run([sys.executable, "-m", "CascadeSegLib", "train-status", str(run)], capture_output=True,
+                          text=True)
+    assert text.returncode == 0 and text.stdout.splitlines()[1:] == [f"stage1: done, {reached + 2} iterations",
+                                                                     "stage2: done, 3 iterations"]
+
+
+def _status(run: Path) -> list[dict]:
+    res = subprocess.run([sys.executable, "-m", "CascadeSegLib", "train-status", str(run), "--json"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert doc["run_dir"] == str(run)
+    return doc["stages"]

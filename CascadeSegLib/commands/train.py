@@ -1,4 +1,5 @@
-"""`cascadeseg train CONFIG`, `cascadeseg finetune MODEL CONFIG`, `cascadeseg export RUN_DIR -o OUT`.
+"""`cascadeseg train CONFIG`, `cascadeseg finetune MODEL CONFIG`, `cascadeseg export RUN_DIR -o OUT`,
+`cascadeseg train-status RUN_DIR`.
 
 Training runs both stages of the config in a run folder and exports the model package to
 `RUN_DIR/model`; running the same command again resumes after a crash or Ctrl-C. For several
@@ -46,6 +47,15 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="model folder, or a .zip file")
     p.set_defaults(func=run_export)
 
+    p = subparsers.add_parser("train-status",
+                              help="how far each stage of a training run got, and how long the rest takes",
+                              description="Read a run folder (also while it trains, or between sittings): per "
+                                          "stage the iterations saved of those planned, the recent loss and "
+                                          "speed, and the time left at that speed.")
+    p.add_argument("run_dir", help="training run folder (or a configs/train_prepared.py run folder)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of one line per stage")
+    p.set_defaults(func=run_status)
+
 
 def _run_dir(args, cfg) -> Path:
     if args.run_dir:
@@ -89,6 +99,22 @@ def run_export(args) -> int:
     return 0
 
 
+def run_status(args) -> int:
+    import json
+
+    from ..train.status import run_status as read_status
+    from ..train.status import status_line
+
+    run_dir, stages = read_status(args.run_dir)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), "stages": [s.to_json() for s in stages]}, indent=1))
+    else:
+        print(f"run folder: {run_dir}")
+        for s in stages:
+            print(status_line(s))
+    return 0
+
+
 def _report(run_dir: Path, exported: bool) -> None:
     import os
 
@@ -111,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("train", "finetune", "export"):
+    if argv and argv[0] not in ("train", "finetune", "export", "train-status"):
         argv = ["train"] + argv
     args = parser.parse_args(argv)
     try:
