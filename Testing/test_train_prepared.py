@@ -340,6 +340,11 @@ def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed
                           text=True)
     assert text.returncode == 0 and text.stdout.splitlines()[1:] == [f"stage1: done, {reached + 2} iterations",
                                                                      "stage2: done, 3 iterations"]
+    wrong = subprocess.run([sys.executable, "-m", "CascadeSegLib", "train-status", str(tmp_path)], capture_output=True,
+                           text=True)
+    assert wrong.returncode == 2 and wrong.stderr.strip() == (
+        f"cascadeseg: error: {tmp_path} is not a training run folder (no config.json in it or in "
+        f"{tmp_path / 'networks'}); pass the --run-dir the run was started with")
 
 
 def _status(run: Path) -> list[dict]:
