@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -329,6 +330,10 @@ def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed
     assert one["seconds_per_iteration"] > 0 and one["remaining_seconds"] == pytest.approx(
         (100000 - reached) * one["seconds_per_iteration"], rel=1e-3)
     assert (two["planned"], two["logged"], two["checkpoint"], two["finished"]) == (3, 0, None, False)
+    cut = Path(shutil.copytree(run, tmp_path / "cut"))
+    with open(cut / "stage1" / "log.csv", "a") as f:          # a power cut left half a row
+        f.write(f"{reached + 1}0,0.9")
+    assert _status(cut)[0] == one
     again = _train(out, run, "--iterations", reached + 2, 3, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     rows = (run / "stage1" / "log.csv").read_text().splitlines()[1:]

@@ -56,7 +56,8 @@ def _log_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return [r for r in csv.DictReader(f) if r.get("iteration")]
+        # a row cut short by a kill mid-write has no usable iteration: skipped
+        return [r for r in csv.DictReader(f) if (r.get("iteration") or "").isdigit() and r.get("seconds")]
 
 
 def _rate(rows: list[dict[str, str]]) -> float | None:
@@ -67,11 +68,18 @@ def _rate(rows: list[dict[str, str]]) -> float | None:
     for a, b in zip(tail, tail[1:]):
         try:
             di, ds = int(b["iteration"]) - int(a["iteration"]), float(b["seconds"]) - float(a["seconds"])
-        except (KeyError, ValueError):
+        except (KeyError, TypeError, ValueError):    # a field missing from a row cut short
             continue
         if di > 0 and ds > 0:
             steps.append(ds / di)
     return statistics.median(steps) if steps else None
+
+
+def _number(text: str | None) -> bool:
+    try:
+        return text is not None and float(text) == float(text)       # not empty, not NaN
+    except ValueError:
+        return False
 
 
 def stage_status(run_dir: Path, name: str, configured: int, fitted: dict[str, Any]) -> StageStatus:
@@ -81,7 +89,7 @@ def stage_status(run_dir: Path, name: str, configured: int, fitted: dict[str, An
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else None
     planned = int(done["iterations"]) if done else int(fitted.get(name, configured))
     saved = ckpt.list_checkpoints(folder / "checkpoints")
-    losses = [float(r["loss"]) for r in rows[-10:] if r.get("loss")]
+    losses = [float(r["loss"]) for r in rows[-10:] if _number(r.get("loss"))]
     return StageStatus(name=name, planned=planned, logged=int(rows[-1]["iteration"]) if rows else 0,
                        checkpoint=int(saved[0].stem.split("_")[1]) if saved else None, finished=done is not None,
                        loss=statistics.fmean(losses) if losses else None, seconds_per_iteration=_rate(rows))
