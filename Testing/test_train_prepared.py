@@ -334,6 +334,8 @@ def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed
     with open(cut / "stage1" / "log.csv", "a") as f:          # a power cut left half a row
         f.write(f"{reached + 1}0,0.9")
     assert _status(cut)[0] == one
+    with open(run / "stage1" / "log.csv", "a") as f:          # the same on the run a resume reads
+        f.write("1")
     again = _train(out, run, "--iterations", reached + 2, 3, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     rows = (run / "stage1" / "log.csv").read_text().splitlines()[1:]

@@ -52,11 +52,12 @@ def resolve_run_dir(path: str | Path) -> Path:
                     "pass the --run-dir the run was started with")
 
 
-def _log_rows(path: Path) -> list[dict[str, str]]:
+def read_log_rows(path: Path) -> list[dict[str, str]]:
+    """A stage's log.csv rows; a row cut short by a power cut mid-write (no seconds field) is left out,
+    so neither this report nor a resume reads a wrong iteration from it."""
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        # a row cut short by a kill mid-write has no usable iteration: skipped
         return [r for r in csv.DictReader(f) if (r.get("iteration") or "").isdigit() and r.get("seconds")]
 
 
@@ -84,7 +85,7 @@ def _number(text: str | None) -> bool:
 
 def stage_status(run_dir: Path, name: str, configured: int, fitted: dict[str, Any]) -> StageStatus:
     folder = run_dir / name
-    rows = _log_rows(folder / "log.csv")
+    rows = read_log_rows(folder / "log.csv")
     done_path = folder / "done.json"
     done = json.loads(done_path.read_text(encoding="utf-8")) if done_path.is_file() else None
     planned = int(done["iterations"]) if done else int(fitted.get(name, configured))

@@ -37,6 +37,7 @@ from .ddp import DistContext, broadcast_buffers, init_distributed
 from .losses import image_class_weights, make_loss
 from .run_folder import export_run, prepare_run_dir
 from .sampling import CandidateSampler
+from .status import read_log_rows
 
 log = logging.getLogger(__name__)
 
@@ -264,9 +265,8 @@ class StageTrainer:
         f_log = None
         if self.ctx.is_main:
             rows = []
-            if resumed and log_path.is_file():
-                with open(log_path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= self.iteration]
+            if resumed:
+                rows = [r for r in read_log_rows(log_path) if int(r["iteration"]) <= self.iteration]
             f_log = open(log_path, "w", newline="")
             writer = csv.DictWriter(f_log, fieldnames=columns)
             writer.writeheader()
