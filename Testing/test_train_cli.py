@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 
 from train_helpers import small_config, write_phantom_cases
@@ -40,6 +41,19 @@ def test_train_export_finetune_commands(tmp_path, capsys):
         assert sorted(zf.namelist()) == ["model.json", "stage1.pt"]
     assert ModelPackage.load(out).verify().keys() == {"stage1.pt"}
 
+    # A damaged config.json (a full disk, an edit) is one line on resume, export and train-status.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "config.json").write_text((run / "config.json").read_text()[:40])
+    capsys.readouterr()
+    for argv in (["train", str(cfg), "--run-dir", str(damaged), "--no-progress"],
+                 ["export", str(damaged), "-o", str(tmp_path / "m2")], ["train-status", str(damaged)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"cascadeseg: error: {damaged / 'config.json'} is damaged (") and "\n" not in err
+        assert err.endswith("restore it from a copy, or start the run again in a new --run-dir")
+    assert not (tmp_path / "m2").exists()
+
     ft = {k: v for k, v in data.items() if k not in ("stages", "intensity")}
     ft["labels"] = ["liver", "spleen"]
     ft["train"] = {**data["train"], "iterations": 1}
@@ -62,3 +76,17 @@ def test_bad_config_is_one_line_user_error(tmp_path, capsys):
     assert "not valid JSON" in err and "\n" not in err
     assert main(["export", str(tmp_path), "-o", str(tmp_path / "m")]) == 2
     assert "not a training run folder" in capsys.readouterr().err
+
+
+def test_train_status_names_a_2d_baseline_run(tmp_path, capsys):
+    """A three-view baseline's run folder holds a config.json too, in the form its trainer writes."""
+    from pathlib import Path
+
+    from CascadeSegLib.cli import main
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    raw = json.loads((configs / "baseline2d-phantom.json").read_text(encoding="utf-8"))
+    (tmp_path / "config.json").write_text(json.dumps({"config": raw, "base_dir": str(configs)}))
+    assert main(["train-status", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"cascadeseg: error: {tmp_path} is a 2D three-view baseline run "
+                                               "(cascadeseg baseline2d), not a cascade run")

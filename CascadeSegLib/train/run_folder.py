@@ -19,6 +19,18 @@ def _dump_config(cfg: RunConfig, extra: dict[str, Any] | None = None) -> dict[st
     return {"config": cfg.raw, "base_dir": str(cfg.base_dir.resolve()), **(extra or {})}
 
 
+def _read_run_json(path: Path) -> dict[str, Any]:
+    """A run folder's config.json, or one line saying it is damaged (a disk that filled up, an edit)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict) or "config" not in data:
+            raise ValueError("no 'config' entry")
+        return data
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); restore it from a copy, or start the run again in a new "
+                        "--run-dir") from None
+
+
 def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None = None,
                     overwrite: bool = False) -> None:
     """Create the run folder, or check that an existing one belongs to the same config."""
@@ -26,7 +38,7 @@ def prepare_run_dir(cfg: RunConfig, run_dir: Path, extra: dict[str, Any] | None 
     path = run_dir / "config.json"
     new = _dump_config(cfg, extra)
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = _read_run_json(path)
         if old.get("config") != new["config"]:
             raise UserError(f"{run_dir} holds a run of a different config; pass another --run-dir, or "
                             "--overwrite to start over there")
@@ -45,8 +57,11 @@ def load_run_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a training run folder (no config.json)")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return parse_config(data["config"], data.get("base_dir", ".")), data
+    data = _read_run_json(path)
+    raw = data["config"]
+    if isinstance(raw, dict) and "three_view" in raw:
+        raise UserError(f"{run_dir} is a 2D three-view baseline run (cascadeseg baseline2d), not a cascade run")
+    return parse_config(raw, data.get("base_dir", ".")), data
 
 
 def export_run(run_dir: str | Path, out: str | Path, provenance: dict[str, Any] | None = None) -> Path:
