@@ -61,6 +61,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from CascadeSegLib.atomic import atomic_write  # noqa: E402  (stdlib only)
 from CascadeSegLib.cli import sigterm_to_interrupt  # noqa: E402  (stdlib only: no torch to load)
 from CascadeSegLib.errors import UserError  # noqa: E402  (the library needs no SimpleITK for this)
 
@@ -132,7 +133,7 @@ def pack(args: argparse.Namespace) -> int:
     if cfg.normalization != "window01":
         raise SystemExit("pack stores window01 images only")
     meta = {"config": cfg.raw, "cases": entries, "weights": weights}
-    (out / "pack.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    atomic_write(out / "pack.json", json.dumps(meta, indent=1))
     size = sum(p.stat().st_size for p in out.iterdir()) / 1e6
     print(f"{out}: {len(entries)} cases, {size:.1f} MB")
     return 0
@@ -252,7 +253,7 @@ def train(args: argparse.Namespace) -> int:
                                                    None, 1.0, False, meta["weights"])
             fitted[name] = _iterations_for(probe, minutes[index], cfg0.stages[index].train.iterations)
             del probe, data
-            fitted_path.write_text(json.dumps(fitted, indent=1))
+            atomic_write(fitted_path, json.dumps(fitted, indent=1))
         if done and args.iterations and not minutes:        # with --minutes the speed fit chose the count
             done = _extend(folder, name, int(args.iterations[index]), fitted, fitted_path)
         for s in raw["stages"]:
@@ -263,7 +264,7 @@ def train(args: argparse.Namespace) -> int:
         dump = {"config": raw, "base_dir": str(REPO / "configs")}
         if origin:
             dump["finetuned_from"] = {**origin, "lr_factor": lr_scale}
-        (run_dir / "config.json").write_text(json.dumps(dump, indent=2))
+        atomic_write(run_dir / "config.json", json.dumps(dump, indent=2))
         if done:
             continue
         stage = cfg.stages[index]
@@ -278,7 +279,7 @@ def train(args: argparse.Namespace) -> int:
         except _Deadline:
             trainer._save_best({})
             result = {"iterations": trainer.iteration, "stopped": "wall time"}
-            (folder / "done.json").write_text(json.dumps(result, indent=2))
+            atomic_write(folder / "done.json", json.dumps(result, indent=2))
         print(f"{stage.name}: {result.get('iterations')} iterations in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 
@@ -301,7 +302,7 @@ def _extend(folder: Path, name: str, wanted: int, fitted: dict, fitted_path: Pat
     print(f"{name}: extending from {trained} to {wanted} iterations", flush=True)
     (folder / "done.json").replace(folder / f"done-{trained}.json")      # kept: what the shorter run was
     fitted[name] = wanted
-    fitted_path.write_text(json.dumps(fitted, indent=1))
+    atomic_write(fitted_path, json.dumps(fitted, indent=1))
     return False
 
 
@@ -339,7 +340,7 @@ def _init_states(model: str, raw: dict, pack_dir: Path, run_dir: Path) -> tuple[
     record = run_dir / "init.json"
     if record.is_file() and json.loads(record.read_text(encoding="utf-8")) != origin:
         raise UserError(f"{run_dir} was started from another model ({record}); use a new --run-dir")
-    record.write_text(json.dumps(origin, indent=1), encoding="utf-8")
+    atomic_write(record, json.dumps(origin, indent=1))
     states = [transfer_state(pkg.load_network(i).state_dict(), pkg.labels, stage.network, cfg.label_set(),
                              stage.train.seed) for i, stage in enumerate(cfg.stages)]
     return states, origin

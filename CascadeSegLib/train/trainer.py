@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from ..evaluation.metrics import dice
 from ..inference import preprocess
@@ -353,7 +354,7 @@ class StageTrainer:
                     "seconds_this_session": round(time.perf_counter() - start, 1)}
             best = ckpt.load_checkpoint(folder / "best.pt")
             done["best_val_dice"] = best.get("val_dice", {})
-            (folder / "done.json").write_text(json.dumps(done, indent=2))
+            atomic_write(folder / "done.json", json.dumps(done, indent=2))   # a kill never leaves half of it
         self.ctx.barrier()
         return json.loads((folder / "done.json").read_text(encoding="utf-8"))
 
@@ -441,7 +442,7 @@ def train_run(cfg: RunConfig, run_dir: Path, init_states: Sequence[dict[str, tor
             if index == 0:
                 stage1_net = None
         if ctx.is_main:
-            (run_dir / "metrics.json").write_text(json.dumps(results, indent=2))
+            atomic_write(run_dir / "metrics.json", json.dumps(results, indent=2))
             if export and all((run_dir / s.name / "done.json").is_file() for s in cfg.stages):
                 export_run(run_dir, run_dir / "model")
         ctx.barrier()
