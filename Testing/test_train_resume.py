@@ -96,3 +96,37 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
     assert path.name == "ckpt_0000002.pt" and state["iteration"] == 2
     (tmp_path / "ckpt_0000002.pt.sha256").unlink()                   # no sidecar: not trusted either
     assert ckpt.latest_valid(tmp_path) is None
+
+
+def test_a_kill_at_the_resume_leaves_the_log_whole(phantom_cases, tmp_path, monkeypatch):
+    """The resume rewrites log.csv up to its checkpoint; interrupted while doing so, the log keeps
+    every row it had (it was truncated first, before)."""
+    from CascadeSegLib.train.trainer import StageTrainer, train_run
+
+    cfg = _config(phantom_cases, tmp_path)
+    original_step = StageTrainer.step
+
+    def interrupted_step(self):
+        if self.iteration == 4:
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(StageTrainer, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "run", progress=False, export=False)
+    monkeypatch.undo()
+    log = tmp_path / "run" / "stage1" / "log.csv"
+    before = log.read_bytes()
+    assert [int(r["iteration"]) for r in csv.DictReader(before.decode().splitlines())] == [1, 2, 3, 4]
+
+    def killed_rows(self, rows):
+        raise KeyboardInterrupt               # Ctrl-C while the kept rows are being written
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed_rows)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, tmp_path / "run", progress=False, export=False)
+    monkeypatch.undo()
+    assert log.read_bytes() == before
+    train_run(cfg, tmp_path / "run", progress=False, export=False)
+    with open(log) as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]

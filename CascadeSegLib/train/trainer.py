@@ -10,6 +10,7 @@ resumes where it stopped (after a crash or Ctrl-C) with the same optimizer and R
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -268,11 +269,15 @@ class StageTrainer:
             rows = []
             if resumed:
                 rows = [r for r in read_log_rows(log_path) if int(r["iteration"]) <= self.iteration]
-            f_log = open(log_path, "w", newline="")
+            # The kept rows replace the log in one rename, then new rows are appended: a kill at the
+            # resume never leaves the log truncated (it holds the run's whole history).
+            kept = io.StringIO(newline="")
+            head = csv.DictWriter(kept, fieldnames=columns, extrasaction="ignore")
+            head.writeheader()
+            head.writerows(rows)
+            atomic_write(log_path, kept.getvalue())
+            f_log = open(log_path, "a", newline="", encoding="utf-8")
             writer = csv.DictWriter(f_log, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-            f_log.flush()
             if s.tensorboard:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
