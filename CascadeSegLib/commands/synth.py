@@ -17,6 +17,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..atomic import atomic_write
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("synth", help="make synthetic CTs (HU) from label maps, for training",
@@ -96,8 +98,7 @@ def run(args) -> int:
         result = synthesize(labels, names, table, seed=seed, settings=settings)
         write_image(result.ct, Path(str(stem) + ".nii.gz"), overwrite=True)
         write_image(result.labels, Path(str(stem) + "_label.nii.gz"), overwrite=True)
-        Path(str(stem) + ".json").write_text(json.dumps({"label_map": str(path), **result.info}, indent=1) + "\n",
-                                             encoding="utf-8")
+        atomic_write(Path(str(stem) + ".json"), json.dumps({"label_map": str(path), **result.info}, indent=1) + "\n")
         print(f"{stem}.nii.gz: {result.info['phase']} phase, size {'x'.join(map(str, result.ct.GetSize()))}")
     return 0
 
@@ -128,8 +129,8 @@ def _transfer(args, jobs, names, table, out: Path) -> int:
         result = transfer(atlas_ct, atlas_lab, labels, names, table, settings)
         write_image(result.ct, Path(str(stem) + ".nii.gz"), overwrite=True)
         write_image(result.labels, Path(str(stem) + "_label.nii.gz"), overwrite=True)
-        Path(str(stem) + ".json").write_text(json.dumps({"label_map": str(path), "atlas": str(ct_path),
-                                                         **result.info}, indent=1) + "\n", encoding="utf-8")
+        atomic_write(Path(str(stem) + ".json"), json.dumps({"label_map": str(path), "atlas": str(ct_path),
+                                                           **result.info}, indent=1) + "\n")
         dice = result.info["dice_to_target"]
         shown = ", ".join(f"{k} {dice[k]:.2f}" for k in ("liver", "spleen", "kidney_right", "kidney_left") if k in dice)
         print(f"{stem}.nii.gz: size {'x'.join(map(str, result.ct.GetSize()))}; Dice to the label map: {shown}")

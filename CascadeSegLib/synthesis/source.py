@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+from ..atomic import atomic_write
 from ..errors import UserError
 from ..io import case_name
 from ..labels import UNKNOWN_LABEL
@@ -87,7 +88,7 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
     blob = json.dumps([table.to_json(), spacing, seed, sorted(names.items()), repr(settings)], sort_keys=True)
     key = hashlib.sha1(blob.encode()).hexdigest()[:10]
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"table-{key}.json").write_text(json.dumps(table.to_json(), indent=1), encoding="utf-8")
+    atomic_write(out_dir / f"table-{key}.json", json.dumps(table.to_json(), indent=1))
     cases = []
     pairs = [(atlas, path) for atlas in _atlases(spec, real_cases) for path in maps
              if path.resolve() != Path(atlas.label).resolve()]        # an atlas's own anatomy is nothing new

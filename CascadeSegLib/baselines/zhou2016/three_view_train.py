@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...atomic import atomic_write
 from ...errors import ModelError, UserError
 from ...network import NetConfig
 from ...packaging.model import ModelPackage, StageSpec
@@ -205,7 +206,7 @@ def _train_baseline(cfg: Baseline2DConfig, run_dir: Path, out: str | Path | None
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps({"config": cfg.raw, "base_dir": str(cfg.base_dir)}, indent=2))
+    atomic_write(run_dir / "config.json", json.dumps({"config": cfg.raw, "base_dir": str(cfg.base_dir)}, indent=2))
     dev = resolve_train_device(device or cfg.stages[0].train.device)
     labels = cfg.label_set()
     cases, source_names = discover_cases(cfg.data, cfg.resolve)
@@ -287,7 +288,7 @@ def _train_baseline(cfg: Baseline2DConfig, run_dir: Path, out: str | Path | None
         seconds = time.perf_counter() - t0
         folder = run_dir / stage.name
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "log.json").write_text(json.dumps(log_rows))
+        atomic_write(folder / "log.json", json.dumps(log_rows))
         metrics[stage.name] = {"iterations_per_view": s.iterations, "seconds": round(seconds, 1),
                                "final_loss": {r["view"]: r["loss"] for r in log_rows}}
         if log is not None:
