@@ -26,6 +26,25 @@ def _config(cases, tmp_path):
     return parse_config(data, tmp_path)
 
 
+def _interrupted_run(cfg, run, monkeypatch, at: int, after_step: bool = False) -> None:
+    """Train `cfg` in `run` until a KeyboardInterrupt at iteration `at` (after that step with `after_step`)."""
+    from CascadeSegLib.train.trainer import StageTrainer, train_run
+
+    original_step = StageTrainer.step
+
+    def interrupted_step(self):
+        if self.iteration == at:
+            if after_step:
+                original_step(self)
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(StageTrainer, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, run, progress=False, export=False)
+    monkeypatch.undo()
+
+
 @pytest.mark.parametrize("after_step", [False, True], ids=["during-a-step", "after-a-step-before-its-log-row"])
 def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatch, after_step):
     from CascadeSegLib.train import checkpoint as ckpt
@@ -34,19 +53,8 @@ def test_resume_continues_from_the_same_step(phantom_cases, tmp_path, monkeypatc
     cfg = _config(phantom_cases, tmp_path)
     straight = train_run(cfg, tmp_path / "a", progress=False, export=False)
 
-    original_step = StageTrainer.step
-
-    def interrupted_step(self):
-        if self.iteration == 3:
-            if after_step:        # Ctrl-C or `kill` lands after the step, before the loop logs it
-                original_step(self)
-            raise KeyboardInterrupt
-        return original_step(self)
-
-    monkeypatch.setattr(StageTrainer, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "b", progress=False, export=False)
-    monkeypatch.undo()
+    # Ctrl-C or `kill` lands during the fourth step, or after it but before the loop logs it.
+    _interrupted_run(cfg, tmp_path / "b", monkeypatch, at=3, after_step=after_step)
     reached = 4 if after_step else 3
     folder = tmp_path / "b" / "stage1" / "checkpoints"
     assert [p.name for p in ckpt.list_checkpoints(folder)] == [f"ckpt_000000{reached}.pt", "ckpt_0000002.pt"]
@@ -101,20 +109,10 @@ def test_damaged_checkpoint_is_detected_and_the_previous_one_used(tmp_path):
 def test_a_kill_at_the_resume_leaves_the_log_whole(phantom_cases, tmp_path, monkeypatch):
     """The resume rewrites log.csv up to its checkpoint; interrupted while doing so, the log keeps
     every row it had (it was truncated first, before)."""
-    from CascadeSegLib.train.trainer import StageTrainer, train_run
+    from CascadeSegLib.train.trainer import train_run
 
     cfg = _config(phantom_cases, tmp_path)
-    original_step = StageTrainer.step
-
-    def interrupted_step(self):
-        if self.iteration == 4:
-            raise KeyboardInterrupt
-        return original_step(self)
-
-    monkeypatch.setattr(StageTrainer, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_run(cfg, tmp_path / "run", progress=False, export=False)
-    monkeypatch.undo()
+    _interrupted_run(cfg, tmp_path / "run", monkeypatch, at=4)
     log = tmp_path / "run" / "stage1" / "log.csv"
     before = log.read_bytes()
     assert [int(r["iteration"]) for r in csv.DictReader(before.decode().splitlines())] == [1, 2, 3, 4]
