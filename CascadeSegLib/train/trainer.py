@@ -275,7 +275,7 @@ class StageTrainer:
             head = csv.DictWriter(kept, fieldnames=columns, extrasaction="ignore")
             head.writeheader()
             head.writerows(rows)
-            atomic_write(log_path, kept.getvalue())
+            atomic_write(log_path, kept.getvalue().encode("utf-8"))   # bytes: csv's \r\n kept as is on Windows
             f_log = open(log_path, "a", newline="", encoding="utf-8")
             writer = csv.DictWriter(f_log, fieldnames=columns)
             if s.tensorboard:
