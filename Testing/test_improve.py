@@ -45,28 +45,40 @@ def in_model_values(ts_path: Path, labels: LabelSet, organs: tuple[str, ...], ou
     return out
 
 
+@pytest.fixture(scope="module")
+def damaged_models(tmp_path_factory, sample_ct_path, dicom_slab_dir, dicom_slab_seg_path) -> Path:
+    """A models folder holding a damaged copy of the bundled model and its 2 corrections. Built once
+    per module (finding the damage costs several segmentations); each test works on its own copy."""
+    base = tmp_path_factory.mktemp("improve")
+    root = base / "models"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CASCADESEG_MODELS", str(root))
+        try:
+            src = load_model()                # the default model, whichever it is
+        except UserError:
+            pytest.skip("no bundled model")
+        ts = sample_ct_path.parent / "abdomen_ct_3mm_totalseg.nii.gz"
+        truth = in_model_values(ts, src.labels, ("liver", "spleen"), base / "sample.nii.gz")
+        for damage in DAMAGES:        # how far to push depends on the bundled weights: measure it
+            pkg = _damaged_copy(src, damage, root / "damaged")
+            dice = reviewed_dice(predict(pkg, sample_ct_path, "cpu", None), pkg.labels, read_image(truth),
+                                 pkg.labels, ["liver"])["liver"]
+            if dice < 0.6:
+                break
+        add_correction("damaged", pkg.labels, sample_ct_path, truth, case_id="sample")
+        add_correction("damaged", pkg.labels, dicom_slab_dir,
+                       in_model_values(dicom_slab_seg_path, pkg.labels, ("liver",), base / "slab.nii.gz"),
+                       case_id="slab", reviewed=["liver"])
+    return root
+
+
 @pytest.fixture()
-def damaged(tmp_path, monkeypatch, sample_ct_path, dicom_slab_dir, dicom_slab_seg_path):
-    """A damaged copy of the bundled model installed in a fresh models folder, with 2 corrections."""
+def damaged(damaged_models, tmp_path, monkeypatch):
+    """This test's own copy of the damaged models folder: what one test trains or deletes, the next never sees."""
     root = tmp_path / "models"
+    shutil.copytree(damaged_models, root)
     monkeypatch.setenv("CASCADESEG_MODELS", str(root))
-    try:
-        src = load_model()                # the default model, whichever it is
-    except UserError:
-        pytest.skip("no bundled model")
-    ts = sample_ct_path.parent / "abdomen_ct_3mm_totalseg.nii.gz"
-    truth = in_model_values(ts, src.labels, ("liver", "spleen"), tmp_path / "sample.nii.gz")
-    for damage in DAMAGES:        # how far to push depends on the bundled weights: measure it
-        pkg = _damaged_copy(src, damage, root / "damaged")
-        dice = reviewed_dice(predict(pkg, sample_ct_path, "cpu", None), pkg.labels, read_image(truth), pkg.labels,
-                             ["liver"])["liver"]
-        if dice < 0.6:
-            break
-    add_correction("damaged", pkg.labels, sample_ct_path, truth, case_id="sample")
-    add_correction("damaged", pkg.labels, dicom_slab_dir,
-                   in_model_values(dicom_slab_seg_path, pkg.labels, ("liver",), tmp_path / "slab.nii.gz"),
-                   case_id="slab", reviewed=["liver"])
-    return pkg, root
+    return load_model("damaged"), root
 
 
 def _damaged_copy(src: ModelPackage, damage: float, folder: Path) -> ModelPackage:
