@@ -128,3 +128,59 @@ def test_a_kill_at_the_resume_leaves_the_log_whole(phantom_cases, tmp_path, monk
     train_run(cfg, tmp_path / "run", progress=False, export=False)
     with open(log) as f:
         assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+class _PowerCut(Exception):
+    """The machine goes away mid-step: nothing catches it, so no checkpoint is saved on the way out."""
+
+
+@pytest.mark.parametrize("minutes", [1e-9, 0.0], ids=["timed-checkpoints", "off"])
+def test_timed_checkpoints_bound_what_an_unannounced_stop_loses(phantom_cases, tmp_path, monkeypatch, minutes):
+    """`checkpoint_minutes` saves between the `checkpoint_every` ones (a CPU stage-2 step is ~18 s, so 250
+    iterations are 75 min): a sitting that ends without warning resumes from the last timed save and
+    still ends with the uninterrupted run's weights. 1e-9 minutes: every step is past due."""
+    from CascadeSegLib.train import checkpoint as ckpt
+    from CascadeSegLib.train.config import parse_config
+    from CascadeSegLib.train.trainer import StageTrainer, train_run
+
+    data = small_config(phantom_cases, train=["ph1"], val=[], iterations=6, patch=(16, 16, 16), checkpoint_every=100,
+                        checkpoint_minutes=minutes, keep_checkpoints=10, optimizer="sgd", lr=0.01, momentum=0.9)
+    cfg = parse_config(data, tmp_path)
+    straight = train_run(cfg, tmp_path / "a", progress=False, export=False)
+    original_step = StageTrainer.step
+
+    def cut_step(self):
+        if self.iteration == 4:
+            raise _PowerCut
+        return original_step(self)
+
+    monkeypatch.setattr(StageTrainer, "step", cut_step)
+    with pytest.raises(_PowerCut):
+        train_run(cfg, tmp_path / "b", progress=False, export=False)
+    monkeypatch.undo()
+    folder = tmp_path / "b" / "stage1" / "checkpoints"
+    kept = sorted(ckpt.load_checkpoint(p)["iteration"] for p in ckpt.list_checkpoints(folder))
+    assert kept == ([1, 2, 3, 4] if minutes else [])
+    starts = []
+    original_load = StageTrainer.load_state
+
+    def spy_load(self, state):
+        original_load(self, state)
+        starts.append(self.iteration)
+
+    monkeypatch.setattr(StageTrainer, "load_state", spy_load)
+    resumed = train_run(cfg, tmp_path / "b", progress=False, export=False)
+    assert starts == ([4] if minutes else [])
+    a = ckpt.load_checkpoint(straight / "stage1" / "best.pt")["model"]
+    b = ckpt.load_checkpoint(resumed / "stage1" / "best.pt")["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_checkpoint_minutes_below_zero_is_refused(phantom_cases, tmp_path):
+    from CascadeSegLib.errors import UserError
+    from CascadeSegLib.train.config import parse_config
+
+    data = small_config(phantom_cases, train=["ph1"], val=[], checkpoint_minutes=-1)
+    with pytest.raises(UserError, match=r"train.checkpoint_minutes must be >= 0 \(0 = off\), got -1"):
+        parse_config(data, tmp_path)

@@ -37,6 +37,8 @@ class TrainSettings:
     amp: bool = True                  # mixed precision (CUDA only)
     foreground_fraction: float = 0.33 # share of sub-volumes centred on a labelled voxel of C
     checkpoint_every: int = 100
+    checkpoint_minutes: float = 15.0  # also save once this long has passed since the last save (0 = off):
+                                      # a CPU sitting that ends without warning loses at most this much
     keep_checkpoints: int = 3
     val_every: int = 100
     seed: int = 0
@@ -55,6 +57,8 @@ class TrainSettings:
             raise UserError(f"train.loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.class_balance not in ("patch", "image"):
             raise UserError(f"train.class_balance must be 'patch' or 'image', got {self.class_balance!r}")
+        if not self.checkpoint_minutes >= 0:
+            raise UserError(f"train.checkpoint_minutes must be >= 0 (0 = off), got {self.checkpoint_minutes!r}")
         if self.iterations < 0 or self.batch_size < 1:
             raise UserError("train.iterations must be >= 0 and train.batch_size >= 1")
 

@@ -185,6 +185,15 @@ class StageTrainer:
             ckpt.save_checkpoint(state, self.ckpt_dir / f"ckpt_{self.iteration:07d}.pt")
             ckpt.prune(self.ckpt_dir, self.settings.keep_checkpoints)
 
+    def _save_overdue(self, saved_at: float) -> bool:
+        """`checkpoint_minutes` have passed since the last save. Rank 0's clock decides for all:
+        saving is collective, and ranks whose clocks disagreed would wait for each other forever."""
+        minutes = self.settings.checkpoint_minutes
+        if minutes <= 0:
+            return False
+        overdue = time.perf_counter() - saved_at >= minutes * 60
+        return bool(self.ctx.broadcast_object(overdue)) if self.ctx.active else overdue
+
     def try_resume(self) -> bool:
         latest = ckpt.latest_valid(self.ckpt_dir) if self.ctx.is_main else None
         state = latest[1] if latest else None
@@ -295,6 +304,7 @@ class StageTrainer:
         elapsed0 = 0.0
         last_val: dict[str, float] = {}
         logged = self.iteration
+        saved_at = time.perf_counter()
         try:
             while self.iteration < s.iterations:
                 loss = self.ctx.mean(self.step())
@@ -326,11 +336,12 @@ class StageTrainer:
                         post["dice"] = f"{last_val['mean']:.3f}"
                     bar.set_postfix(post, refresh=False)
                     bar.update(1)
-                if it % max(1, s.checkpoint_every) == 0 or it == s.iterations:
+                if it % max(1, s.checkpoint_every) == 0 or it == s.iterations or self._save_overdue(saved_at):
                     if f_log is not None:  # the log must reach the checkpoint even if we are killed next
                         f_log.flush()
                         os.fsync(f_log.fileno())
                     self.save()
+                    saved_at = time.perf_counter()
         except KeyboardInterrupt:
             if writer is not None and self.iteration > logged:   # its step was done, its row not yet written
                 writer.writerow({"iteration": self.iteration, "loss": f"{self.last_loss:.5f}",
