@@ -139,3 +139,12 @@ def test_folder_pairs_and_config_errors(tmp_path):
     bad["train"] = {"loss": "focal"}
     with pytest.raises(UserError, match="train.loss"):
         parse_config(bad, tmp_path)
+    # a value of the wrong JSON kind is named with the key, before any training starts
+    for setting, value, kind in (("lr", "0.01", "a number"), ("iterations", 2.5, "a whole number"),
+                                 ("amp", 1, "true or false"), ("checkpoint_minutes", None, "a number"),
+                                 ("batch_size", True, "a whole number"), ("optimizer", 3, "a string")):
+        bad["train"] = {setting: value}
+        with pytest.raises(UserError, match=f"^train.{setting} must be {kind}, got {json.dumps(value)}; fix it"):
+            parse_config(bad, tmp_path)
+    bad["train"] = {"lr": 1, "weight_decay": 0, "amp": False}       # a whole number is a number
+    assert parse_config(bad, tmp_path).stages[0].train.lr == 1

@@ -162,11 +162,26 @@ def _triple(value: Any, what: str, kind: type) -> tuple:
     return out
 
 
+_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _kind_ok(value: Any, kind: type) -> bool:
+    if kind is bool or isinstance(value, bool):       # JSON true is not 1, nor 1 true
+        return isinstance(value, bool) and kind is bool
+    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
+
+
 def _dataclass_from(cls: type, d: dict[str, Any], what: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
+    """`cls(**d)`, each value of the JSON kind its field's default has: a quoted number or a null would
+    otherwise surface later as a traceback, or train silently with a string for a learning rate."""
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(d) - set(known)
     if unknown:
         raise UserError(f"unknown {what} setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
+    for name, value in d.items():
+        kind = type(known[name].default)
+        if kind in _KINDS and not _kind_ok(value, kind):
+            raise UserError(f"{what}.{name} must be {_KINDS[kind]}, got {json.dumps(value)}; fix it in the config")
     return cls(**d)
 
 
