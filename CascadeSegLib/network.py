@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .jsonkinds import wrong_kind
+
 
 @dataclass
 class NetConfig:
@@ -47,6 +49,9 @@ class NetConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown network settings {sorted(unknown)}")
+        problem = wrong_kind(NetConfig, d, "network")
+        if problem:
+            raise ValueError(problem)
         return NetConfig(**d)
 
     @staticmethod

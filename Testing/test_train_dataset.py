@@ -148,3 +148,10 @@ def test_folder_pairs_and_config_errors(tmp_path):
             parse_config(bad, tmp_path)
     bad["train"] = {"lr": 1, "weight_decay": 0, "amp": False}       # a whole number is a number
     assert parse_config(bad, tmp_path).stages[0].train.lr == 1
+    bad["augment"] = {"enabled": True, "noise_std": "0.1"}
+    with pytest.raises(UserError, match='^stage stage1: augment.noise_std must be a number, got "0.1"$'):
+        parse_config(bad, tmp_path)
+    bad["augment"] = {}
+    bad["stages"][0]["network"]["base_channels"] = "4"
+    with pytest.raises(UserError, match=r'network.base_channels must be a whole number, got "4"\)$'):
+        parse_config(bad, tmp_path)

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..jsonkinds import wrong_kind
+
 
 @dataclass
 class AugmentConfig:
@@ -53,6 +55,9 @@ class AugmentConfig:
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown augmentation settings {sorted(unknown)} (known: {sorted(known)})")
+        problem = wrong_kind(AugmentConfig, d, "augment")
+        if problem:
+            raise ValueError(problem)
         return AugmentConfig(**d)
 
     @staticmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ..errors import UserError
+from ..jsonkinds import wrong_kind
 from ..network import NetConfig, output_shape
 from .augment import AugmentConfig
 from .losses import LOSSES
@@ -162,26 +163,14 @@ def _triple(value: Any, what: str, kind: type) -> tuple:
     return out
 
 
-_KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-
-
-def _kind_ok(value: Any, kind: type) -> bool:
-    if kind is bool or isinstance(value, bool):       # JSON true is not 1, nor 1 true
-        return isinstance(value, bool) and kind is bool
-    return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-
-
 def _dataclass_from(cls: type, d: dict[str, Any], what: str):
-    """`cls(**d)`, each value of the JSON kind its field's default has: a quoted number or a null would
-    otherwise surface later as a traceback, or train silently with a string for a learning rate."""
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(d) - set(known)
+    known = {f.name for f in fields(cls)}
+    unknown = set(d) - known
     if unknown:
         raise UserError(f"unknown {what} setting(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
-    for name, value in d.items():
-        kind = type(known[name].default)
-        if kind in _KINDS and not _kind_ok(value, kind):
-            raise UserError(f"{what}.{name} must be {_KINDS[kind]}, got {json.dumps(value)}; fix it in the config")
+    problem = wrong_kind(cls, d, what)
+    if problem:
+        raise UserError(f"{problem}; fix it in the config")
     return cls(**d)
 
 
