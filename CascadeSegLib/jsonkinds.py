@@ -17,14 +17,21 @@ def _kind_ok(value: Any, kind: type) -> bool:
     return isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
 
 
+def kind_problem(value: Any, kind: type, what: str) -> str | None:
+    """'WHAT must be KIND, got VALUE' when `value` is not of `kind` (bool, int, float or str), else
+    None: for settings that are not dataclass fields."""
+    import json
+
+    return None if _kind_ok(value, kind) else f"{what} must be {_KINDS[kind]}, got {json.dumps(value)}"
+
+
 def wrong_kind(cls: type, d: dict[str, Any], what: str) -> str | None:
     """'WHAT.KEY must be KIND, got VALUE' for the first value of `d` whose kind is not its field's
     default's (fields whose default is None, a tuple or a list are not checked), else None."""
-    import json
-
     defaults = {f.name: f.default for f in fields(cls)}
     for name, value in d.items():
         kind = type(defaults.get(name))
-        if kind in _KINDS and not _kind_ok(value, kind):
-            return f"{what}.{name} must be {_KINDS[kind]}, got {json.dumps(value)}"
+        problem = kind_problem(value, kind, f"{what}.{name}") if kind in _KINDS else None
+        if problem:
+            return problem
     return None

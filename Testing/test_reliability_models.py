@@ -139,7 +139,7 @@ def test_label_set_not_matching_the_networks(model_dir, ct_path, tmp_path, capsy
     assert "size mismatch for head" in line and "re-export the model" in line
 
 
-def test_invalid_model_json(model_dir, ct_path, tmp_path, capsys):
+def test_invalid_model_json(model_dir, pristine_model, ct_path, tmp_path, capsys):
     (model_dir / "model.json").write_text('{"format_version": 1, "name": "x"')
     assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
     assert "cannot read" in one_error(capsys)
@@ -147,6 +147,15 @@ def test_invalid_model_json(model_dir, ct_path, tmp_path, capsys):
     (model_dir / "model.json").write_text(json.dumps(edit_json_text))
     assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
     assert "is invalid (KeyError" in one_error(capsys)
+    # a window or normalisation that cannot scale HU is refused when the package loads, not mid-run
+    for intensity, message in (({"window": [300, -200]}, "low then high"),
+                               ({"window": [-200, 300], "normalization": "zscore"}, "unknown intensity normalization")):
+        meta = json.loads((pristine_model / "model.json").read_text())
+        meta["intensity"] = intensity
+        (model_dir / "model.json").write_text(json.dumps(meta))
+        assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
+        error = one_error(capsys)
+        assert message in error and "fix model.json" in error
 
 
 # ----------------------------------------------------------------------------- weights never run code

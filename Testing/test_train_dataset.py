@@ -155,3 +155,18 @@ def test_folder_pairs_and_config_errors(tmp_path):
     bad["stages"][0]["network"]["base_channels"] = "4"
     with pytest.raises(UserError, match=r'network.base_channels must be a whole number, got "4"\)$'):
         parse_config(bad, tmp_path)
+    # the package settings every model carries: refused at reading, not when the first case is cached
+    bad["stages"][0]["network"]["base_channels"] = 4
+    for top, message in (({"intensity": {"window": [300, -200]}}, "the intensity window must be two finite HU values"),
+                         ({"intensity": {"window": ["-200", 300]}}, 'intensity.window must be a number, got "-200"'),
+                         ({"intensity": {"window": "-200,300"}}, "intensity.window must be two HU values"),
+                         ({"intensity": {"normalization": "zscore"}}, "unknown intensity normalization 'zscore'"),
+                         ({"intensity": 5}, '"intensity" must be an object'),
+                         ({"body_threshold_hu": "-500"}, 'body_threshold_hu must be a number, got "-500"'),
+                         ({"dilation_radius": 2.5}, "dilation_radius must be a whole number, got 2.5"),
+                         ({"dilation_radius": -1}, "dilation_radius must be 0 or more voxels")):
+        with pytest.raises(UserError, match=f"^{message}.*; fix it in the config$"):
+            parse_config({**bad, **top}, tmp_path)
+    good = parse_config({**bad, "intensity": {"window": [-100, 200.5], "normalization": "window11"},
+                         "dilation_radius": 0}, tmp_path)
+    assert (good.window, good.normalization, good.dilation_radius) == ((-100.0, 200.5), "window11", 0)

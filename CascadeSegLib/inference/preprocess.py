@@ -135,6 +135,19 @@ class GridWindows:
         return self.window((0, 0, 0), self.shape)
 
 
+NORMALIZATIONS = ("window01", "window11")
+
+
+def intensity_problem(window: Sequence[float], normalization: str) -> str | None:
+    """Why this window and normalisation cannot scale HU (None when they can). Checked when a
+    config is read and when a package loads, not when the first case is cached hours later."""
+    if len(window) != 2 or not all(math.isfinite(w) for w in window) or not window[0] < window[1]:
+        return f"the intensity window must be two finite HU values, low then high, got {list(window)}"
+    if normalization not in NORMALIZATIONS:
+        return f"unknown intensity normalization {normalization!r} (expected {' or '.join(map(repr, NORMALIZATIONS))})"
+    return None
+
+
 def normalize(hu: torch.Tensor, window: Sequence[float], mode: str = "window01") -> torch.Tensor:
     """Clip HU to the model's window and scale: 'window01' -> [0, 1], 'window11' -> [-1, 1]."""
     lo, hi = float(window[0]), float(window[1])

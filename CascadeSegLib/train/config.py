@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ..errors import UserError
-from ..jsonkinds import wrong_kind
+from ..inference.preprocess import intensity_problem
+from ..jsonkinds import kind_problem, wrong_kind
 from ..network import NetConfig, output_shape
 from .augment import AugmentConfig
 from .losses import LOSSES
@@ -226,12 +227,29 @@ def parse_config(data: dict[str, Any], base_dir: str | Path = ".") -> RunConfig:
 def package_settings(data: dict[str, Any]) -> dict[str, Any]:
     """What every model package carries besides its stages, with the defaults: the intensity window
     and normalisation, the body-mask threshold (C1), the C2 dilation, version, description, licence.
-    One place for the cascade's and the 2D baseline's configs."""
+    One place for the cascade's and the 2D baseline's configs; a value that could not make a
+    working package is refused here, before any training."""
     intensity = data.get("intensity", {}) or {}
-    window = tuple(float(w) for w in intensity.get("window", (-200.0, 300.0)))
-    return {"window": window, "normalization": str(intensity.get("normalization", "window01")),
+    if not isinstance(intensity, dict):
+        raise UserError(f'"intensity" must be an object such as {{"window": [-200, 300]}}, got '
+                        f"{json.dumps(intensity)}; fix it in the config")
+    raw_window = intensity.get("window", [-200.0, 300.0])
+    problems = [kind_problem(w, float, "intensity.window") for w in raw_window] \
+        if isinstance(raw_window, (list, tuple)) else \
+        [f"intensity.window must be two HU values such as [-200, 300], got {json.dumps(raw_window)}"]
+    problems += [kind_problem(intensity.get("normalization", "window01"), str, "intensity.normalization"),
+                 kind_problem(data.get("body_threshold_hu", -500.0), float, "body_threshold_hu"),
+                 kind_problem(data.get("dilation_radius", 3), int, "dilation_radius")]
+    problem = next((p for p in problems if p), None)
+    window = tuple(float(w) for w in raw_window) if problem is None else ()
+    problem = problem or intensity_problem(window, intensity.get("normalization", "window01"))
+    if problem is None and data.get("dilation_radius", 3) < 0:
+        problem = f"dilation_radius must be 0 or more voxels, got {data['dilation_radius']}"
+    if problem:
+        raise UserError(f"{problem}; fix it in the config")
+    return {"window": window, "normalization": intensity.get("normalization", "window01"),
             "body_threshold_hu": float(data.get("body_threshold_hu", -500.0)),
-            "dilation_radius": int(data.get("dilation_radius", 3)), "version": str(data.get("version", "1.0.0")),
+            "dilation_radius": data.get("dilation_radius", 3), "version": str(data.get("version", "1.0.0")),
             "description": str(data.get("description", "")), "license": str(data.get("license", ""))}
 
 
