@@ -7,6 +7,7 @@ outside C2, except that the 3 mm grid's edge voxels reach the fine grid's last s
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -978,3 +979,15 @@ def test_packages_without_a_placement_line_up_centres_of_mass() -> None:
     assert again.placement == "search" and ap.AtlasPriorSpec.from_json(again.to_json()) == again
     with pytest.raises(ValueError, match="placement 'centre' is not one of moments, search"):
         ap.AtlasPriorSpec.from_json({**old, "placement": "centre"})
+
+
+@pytest.mark.parametrize("key, value, kind", [("candidates", "false", "true or false"), ("slabs", 1, "true or false"),
+                                              ("network_weight", "0.5", "a number"),
+                                              ("demons_iterations", 30.5, "a whole number")])
+def test_settings_of_the_wrong_json_kind_are_refused(key: str, value: object, kind: str) -> None:
+    """A hand-edited model.json: "false" would read as True (bool of a non-empty string) and 30.5
+    iterations as 30, both silently."""
+    old = {"atlases": [{"name": "a", "image": "a.nii.gz", "labels": "b.nii.gz"}]}
+    with pytest.raises(ValueError, match=f"^atlas_prior.{key} must be {kind}, got {json.dumps(value)}$"):
+        ap.AtlasPriorSpec.from_json({**old, key: value})
+    assert ap.AtlasPriorSpec.from_json({**old, "candidates": False, "network_weight": 1}).network_weight == 1.0

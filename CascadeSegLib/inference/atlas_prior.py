@@ -59,6 +59,7 @@ import torch
 from ..checksum import sha256_file
 from ..errors import ModelError
 from ..io.images import axis_aligned_indices, index_to_physical, same_geometry
+from ..jsonkinds import wrong_kind
 from ..labels import UNKNOWN_LABEL
 from . import preprocess
 from .warping import warp_onto_grid
@@ -200,6 +201,9 @@ class AtlasPriorSpec:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> AtlasPriorSpec:
+        problem = wrong_kind(AtlasPriorSpec, d, "atlas_prior")   # "false" would read as True
+        if problem:
+            raise ValueError(problem)
         lo, hi = (float(v) for v in d.get("window_hu", (-200.0, 300.0)))
         spec = AtlasPriorSpec(atlases=[AtlasSpec.from_json(a) for a in d["atlases"]],
                               spacing_mm=float(d.get("spacing_mm", 8.0)), window_hu=(lo, hi),
