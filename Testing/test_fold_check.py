@@ -20,6 +20,7 @@ from CascadeSegLib.packaging.model import load_model
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
+NEGATIVE_CT = REPO / "Resources" / "TrainingData" / "totalsegmentator" / "s0003_ct.nii.gz"   # none of the organs
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +126,7 @@ def test_the_whole_check_on_the_sample_ct(mod, sample_ct_path, tmp_path, capsys)
             "--labels", str(SAMPLE_LABELS)]
     assert mod.main(args + ["--weights", "1.5"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
-    assert mod.main(args + ["--json", str(out)]) == 0
+    assert mod.main(args + ["--negative", str(NEGATIVE_CT), "--json", str(out)]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert list(result["fused"]) == ["1"] and "atlases_alone" not in result
@@ -133,6 +134,13 @@ def test_the_whole_check_on_the_sample_ct(mod, sample_ct_path, tmp_path, capsys)
     assert row["whole"] > 0.5 and row["organs"]["liver"]["whole"] > 0.9
     assert len(result["cut_slabs"]) == 5 and len(row["false_ml"]) == 5
     assert f"| fused, w 1 | {row['whole']:.4f} | {row['slabs']:.4f} |" in table
+    # the organ-free CT: every organ voxel a plain Segmenter labels there, in ml
+    negative = read_image(NEGATIVE_CT)
+    labels = sitk.GetArrayFromImage(Segmenter(load_model("abdomen-ct-demo"), device="cpu").segment(negative).labels)
+    expected = round(float((labels > 0).sum()) * float(np.prod(negative.GetSpacing())) / 1000.0, 1)
+    assert row["negative_ml"] == [expected]
+    assert table.splitlines()[2].endswith("| organs on organ-free CTs (ml) |")
+    assert table.splitlines()[4].endswith(f"| {expected:g} |")
 
 
 def test_settings_are_changed_as_model_json_would_be_read(mod):
