@@ -156,6 +156,18 @@ def test_invalid_model_json(model_dir, pristine_model, ct_path, tmp_path, capsys
         assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
         error = one_error(capsys)
         assert message in error and "fix model.json" in error
+    # stage grids and the C2 dilation: a zero spacing was an internal error (exit 1), a 64.5 tile and
+    # a 2.5-voxel dilation were cut to whole numbers without a word
+    for edit, message in ((lambda m: m["stages"][0].update(spacing=[0, 6, 6]), "stage1: spacing must be three"),
+                          (lambda m: m["stages"][1].update(spacing=[3, 3]), "stage2: spacing must be three"),
+                          (lambda m: m["stages"][0].update(tile=[32.5, 32, 32]), "tile must be three positive whole"),
+                          (lambda m: m.update(dilation_radius=2.5), "dilation_radius must be a whole number")):
+        meta = json.loads((pristine_model / "model.json").read_text())
+        edit(meta)
+        (model_dir / "model.json").write_text(json.dumps(meta))
+        assert segment(ct_path, model_dir, tmp_path / "o.nii.gz") == 2
+        error = one_error(capsys)
+        assert message in error and "re-export or re-install" in error, error
 
 
 # ----------------------------------------------------------------------------- weights never run code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from ..checksum import sha256_file
 from ..errors import ModelError
 from ..inference.atlas_prior import AtlasPriorSpec
 from ..inference.preprocess import intensity_problem
+from ..jsonkinds import kind_problem
 from ..labels import LabelSet
 from ..network import NetConfig, UNet3D, build_network
 from ..resources import DEFAULT_MODEL, bundled_models_dir, models_dir
@@ -50,10 +52,27 @@ class StageSpec:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> StageSpec:
-        return StageSpec(name=str(d["name"]), spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
-                         tile=tuple(int(t) for t in d["tile"]),  # type: ignore[arg-type]
+        name = str(d["name"])
+        for key, kind, unit in (("spacing", float, "mm"), ("tile", int, "voxels")):
+            values = d[key]
+            # a zero, negative or two-value spacing failed deep inside resampling; a 64.5 tile was cut to 64
+            if not isinstance(values, list) or len(values) != 3 \
+                    or any(kind_problem(v, kind, key) or not 0 < v < math.inf for v in values):
+                what = "numbers" if kind is float else "whole numbers"
+                raise ValueError(f"stage {name}: {key} must be three positive {what} (x, y, z) in {unit}, "
+                                 f"got {json.dumps(values)}")
+        return StageSpec(name=name, spacing=tuple(float(s) for s in d["spacing"]),  # type: ignore[arg-type]
+                         tile=tuple(d["tile"]),
                          network=NetConfig.from_json(d["network"]), weights=str(d["weights"]),
                          sha256=str(d.get("sha256", "")))
+
+
+def _whole(value: Any, what: str) -> int:
+    """`value` if it is a JSON whole number; int() would cut 2.5 to 2 without a word."""
+    problem = kind_problem(value, int, what)
+    if problem:
+        raise ValueError(problem)
+    return int(value)
 
 
 @dataclass
@@ -110,7 +129,7 @@ class ModelPackage:
                 window=tuple(float(w) for w in d["intensity"]["window"]),  # type: ignore[arg-type]
                 normalization=str(d["intensity"].get("normalization", "window01")),
                 body_threshold_hu=float(d.get("body_mask", {}).get("threshold_hu", -500.0)),
-                dilation_radius=int(d.get("dilation_radius", 3)),
+                dilation_radius=_whole(d.get("dilation_radius", 3), "dilation_radius"),
                 largest_component=[str(n) for n in d.get("postprocess", {}).get("largest_component", [])],
                 description=str(d.get("description", "")), license=str(d.get("license", "")),
                 provenance=dict(d.get("provenance", {})), format_version=int(version), root=root,
