@@ -110,11 +110,14 @@ def span_starts(depth: int, slices: int) -> list[int]:
     return [int(f * (depth - slices)) for f in FRACTIONS]
 
 
-def false_organ_ml(pred: sitk.Image, ref: sitk.Image, values: dict[str, int]) -> float:
-    """ml of `pred` labelled as organs that `ref` does not hold at all."""
-    p, r = sitk.GetArrayViewFromImage(pred), sitk.GetArrayViewFromImage(ref)
+def false_organ_ml(pred: sitk.Image, ref: sitk.Image | None, values: dict[str, int]) -> float:
+    """ml of `pred` labelled as organs that `ref` does not hold at all (`ref` None: a CT that holds
+    none of them, where every organ voxel is false)."""
+    p = sitk.GetArrayViewFromImage(pred)
+    r = sitk.GetArrayViewFromImage(ref) if ref is not None else None
     voxel_ml = float(np.prod(pred.GetSpacing())) / 1000.0
-    return sum(float(np.count_nonzero(p == v)) * voxel_ml for v in values.values() if not (r == v).any())
+    return sum(float(np.count_nonzero(p == v)) * voxel_ml for v in values.values()
+               if r is None or not (r == v).any())
 
 
 def _summary(whole: dict[str, float | None], slabs: list[dict[str, float | None]], organs: list[str]) -> dict[str, Any]:
@@ -125,12 +128,6 @@ def _summary(whole: dict[str, float | None], slabs: list[dict[str, float | None]
 
     per_organ = {o: {"whole": whole.get(o), "slabs": mean_over_slabs(o)} for o in organs}
     return {"whole": whole["mean"], "slabs": mean_over_slabs("mean"), "organs": per_organ}
-
-
-def organ_ml(labels: sitk.Image, values: dict[str, int]) -> float:
-    """ml labelled as any of the organs: on an organ-free CT, every one of them is false."""
-    voxels = np.isin(sitk.GetArrayViewFromImage(labels), list(values.values())).sum()
-    return float(voxels) * float(np.prod(labels.GetSpacing())) / 1000.0
 
 
 def check(model: ModelPackage, ct: sitk.Image, ref: sitk.Image, weights: list[float],
@@ -161,7 +158,7 @@ def check(model: ModelPackage, ct: sitk.Image, ref: sitk.Image, weights: list[fl
         row["false_ml"] = [round(false_organ_ml(seg.segment(i).labels, r, values), 1)
                            for i, r in zip(span_imgs, span_refs)]
         if negatives:
-            row["negative_ml"] = [round(organ_ml(seg.segment(i).labels, values), 1) for i in negatives]
+            row["negative_ml"] = [round(false_organ_ml(seg.segment(i).labels, None, values), 1) for i in negatives]
         out["fused"][f"{w:g}"] = row
     if spec is not None:
         alone = []

@@ -138,13 +138,16 @@ class GridWindows:
 NORMALIZATIONS = ("window01", "window11")
 
 
-def intensity_problem(window: Sequence[float], normalization: str) -> str | None:
-    """Why this window and normalisation cannot scale HU (None when they can). Checked when a
-    config is read and when a package loads, not when the first case is cached hours later."""
+def package_problem(window: Sequence[float], normalization: str, dilation_radius: int) -> str | None:
+    """Why a package with this window, normalisation and C2 dilation could not run (None when it
+    can). One check for a training config when it is read and a model.json when it loads, not
+    when the first case is cached hours later."""
     if len(window) != 2 or not all(math.isfinite(w) for w in window) or not window[0] < window[1]:
         return f"the intensity window must be two finite HU values, low then high, got {list(window)}"
     if normalization not in NORMALIZATIONS:
         return f"unknown intensity normalization {normalization!r} (expected {' or '.join(map(repr, NORMALIZATIONS))})"
+    if dilation_radius < 0:
+        return f"dilation_radius must be 0 or more voxels, got {dilation_radius}"
     return None
 
 

@@ -22,7 +22,7 @@ from ..atomic import atomic_path, atomic_write
 from ..checksum import sha256_file
 from ..errors import ModelError
 from ..inference.atlas_prior import AtlasPriorSpec
-from ..inference.preprocess import intensity_problem
+from ..inference.preprocess import package_problem
 from ..jsonkinds import kind_problem
 from ..labels import LabelSet
 from ..network import NetConfig, UNet3D, build_network
@@ -140,9 +140,7 @@ class ModelPackage:
             where = f" in {root / 'model.json'}" if root else ""
             raise ModelError(f"model.json{where} is invalid ({type(exc).__name__}: {exc}); "
                              "re-export or re-install the model") from None
-        problem = intensity_problem(pkg.window, pkg.normalization)
-        if problem is None and pkg.dilation_radius < 0:
-            problem = f"dilation_radius must be 0 or more voxels, got {pkg.dilation_radius}"
+        problem = package_problem(pkg.window, pkg.normalization, pkg.dilation_radius)
         if problem:
             raise ModelError(f"model {pkg.name}: {problem}; fix model.json")
         unknown = set(pkg.largest_component) - set(pkg.labels.names)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from ..errors import UserError
-from ..inference.preprocess import intensity_problem
+from ..inference.preprocess import package_problem
 from ..jsonkinds import kind_problem, wrong_kind
 from ..network import NetConfig, output_shape
 from .augment import AugmentConfig
@@ -233,23 +233,23 @@ def package_settings(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(intensity, dict):
         raise UserError(f'"intensity" must be an object such as {{"window": [-200, 300]}}, got '
                         f"{json.dumps(intensity)}; fix it in the config")
-    raw_window = intensity.get("window", [-200.0, 300.0])
-    problems = [kind_problem(w, float, "intensity.window") for w in raw_window] \
-        if isinstance(raw_window, (list, tuple)) else \
-        [f"intensity.window must be two HU values such as [-200, 300], got {json.dumps(raw_window)}"]
-    problems += [kind_problem(intensity.get("normalization", "window01"), str, "intensity.normalization"),
+    window = intensity.get("window", [-200.0, 300.0])
+    normalization = intensity.get("normalization", "window01")
+    dilation_radius = data.get("dilation_radius", 3)
+    problems = [kind_problem(w, float, "intensity.window") for w in window] \
+        if isinstance(window, (list, tuple)) else \
+        [f"intensity.window must be two HU values such as [-200, 300], got {json.dumps(window)}"]
+    problems += [kind_problem(normalization, str, "intensity.normalization"),
                  kind_problem(data.get("body_threshold_hu", -500.0), float, "body_threshold_hu"),
-                 kind_problem(data.get("dilation_radius", 3), int, "dilation_radius")]
-    problem = next((p for p in problems if p), None)
-    window = tuple(float(w) for w in raw_window) if problem is None else ()
-    problem = problem or intensity_problem(window, intensity.get("normalization", "window01"))
-    if problem is None and data.get("dilation_radius", 3) < 0:
-        problem = f"dilation_radius must be 0 or more voxels, got {data['dilation_radius']}"
+                 kind_problem(dilation_radius, int, "dilation_radius")]
+    # the kinds first: the package check compares and converts what they let through
+    problem = next((p for p in problems if p), None) \
+        or package_problem([float(w) for w in window], normalization, dilation_radius)
     if problem:
         raise UserError(f"{problem}; fix it in the config")
-    return {"window": window, "normalization": intensity.get("normalization", "window01"),
+    return {"window": tuple(float(w) for w in window), "normalization": normalization,
             "body_threshold_hu": float(data.get("body_threshold_hu", -500.0)),
-            "dilation_radius": data.get("dilation_radius", 3), "version": str(data.get("version", "1.0.0")),
+            "dilation_radius": dilation_radius, "version": str(data.get("version", "1.0.0")),
             "description": str(data.get("description", "")), "license": str(data.get("license", ""))}
 
 
