@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from .jsonkinds import kind_problem
 from .resources import resources_dir
 
 Code = tuple[str, str, str]  # (coding scheme, code value, meaning)
@@ -61,14 +62,33 @@ class Label:
 
     @staticmethod
     def from_json(d: dict[str, Any]) -> Label:
-        """Build a label; missing display/colour/codes are filled from the standard table."""
-        std = standard_labels().get(d["name"], {})
+        """Build a label; missing display/colour/codes are filled from the standard table.
+
+        The value must be a whole number in 1..255 (label maps are uint8; 3D-IRCADb masks are 255)
+        and a colour three whole numbers in 0..255: int() cut a 2.5 to 2 and a value of 300 wrapped
+        round in the uint8 label map, silently."""
+        if not isinstance(d, dict):
+            raise ValueError(f'a label must be {{"value": .., "name": ..}}, got {json.dumps(d)}')
+        name, value = d.get("name"), d.get("value")
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a label name must be a non-empty string, got {json.dumps(name)}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 255:
+            raise ValueError(f"label {name}: value must be a whole number from 1 to 255, "
+                             f"got {json.dumps(value)}")
+        std = standard_labels().get(name, {})
         snomed = d.get("snomed") or std.get("snomed") or {}
-        color = d.get("color") or std.get("color") or _fallback_color(int(d["value"]))
+        color = d.get("color") or std.get("color") or _fallback_color(value)
+        if not isinstance(color, (list, tuple)) or len(color) != 3 \
+                or any(kind_problem(c, int, "color") or not 0 <= c <= 255 for c in color):
+            raise ValueError(f"label {name}: color must be three whole numbers from 0 to 255 (red, green, "
+                             f"blue), got {json.dumps(color)}")
+        display = d.get("display") or std.get("display") or name.replace("_", " ").capitalize()
+        if not isinstance(display, str):
+            raise ValueError(f"label {name}: display must be a string, got {json.dumps(display)}")
         return Label(
-            value=int(d["value"]),
-            name=str(d["name"]),
-            display=str(d.get("display") or std.get("display") or d["name"].replace("_", " ").capitalize()),
+            value=int(value),
+            name=name,
+            display=display,
             color=tuple(int(c) for c in color),  # type: ignore[arg-type]
             type_code=_code(snomed.get("type")),
             modifier_code=_code(snomed.get("modifier")),

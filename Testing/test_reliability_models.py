@@ -161,7 +161,14 @@ def test_invalid_model_json(model_dir, pristine_model, ct_path, tmp_path, capsys
     for edit, message in ((lambda m: m["stages"][0].update(spacing=[0, 6, 6]), "stage1: spacing must be three"),
                           (lambda m: m["stages"][1].update(spacing=[3, 3]), "stage2: spacing must be three"),
                           (lambda m: m["stages"][0].update(tile=[32.5, 32, 32]), "tile must be three positive whole"),
-                          (lambda m: m.update(dilation_radius=2.5), "dilation_radius must be a whole number")):
+                          (lambda m: m.update(dilation_radius=2.5), "dilation_radius must be a whole number"),
+                          # label entries: a 3.7 was cut to 3, a 300-255-0 colour reached Slicer, a provenance
+                          # string was "dictionary update sequence element #0 has length 1"
+                          (lambda m: m["labels"][2].update(value=3.7), "value must be a whole number from 1 to 255"),
+                          (lambda m: m["labels"][0].update(color=[300, 255, 0]), "color must be three whole numbers"),
+                          (lambda m: m["labels"][0].update(color=[255, 0]), "color must be three whole numbers"),
+                          (lambda m: m["labels"][1].update(name=""), "label name must be a non-empty string"),
+                          (lambda m: m.update(provenance="trained by us"), "provenance must be a JSON object")):
         meta = json.loads((pristine_model / "model.json").read_text())
         edit(meta)
         (model_dir / "model.json").write_text(json.dumps(meta))

@@ -75,6 +75,14 @@ def _whole(value: Any, what: str) -> int:
     return int(value)
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """`value` if it is a JSON object: dict() took a list of pairs and failed on a string with
+    'dictionary update sequence element #0 has length 1'."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON object ({{...}}), got {json.dumps(value)[:60]}")
+    return dict(value)
+
+
 @dataclass
 class ModelPackage:
     name: str
@@ -132,9 +140,9 @@ class ModelPackage:
                 dilation_radius=_whole(d.get("dilation_radius", 3), "dilation_radius"),
                 largest_component=[str(n) for n in d.get("postprocess", {}).get("largest_component", [])],
                 description=str(d.get("description", "")), license=str(d.get("license", "")),
-                provenance=dict(d.get("provenance", {})), format_version=int(version), root=root,
-                architecture=str(d.get("architecture", "3d-cascade")),
-                architecture_options=dict(d.get("three_view", {})),
+                provenance=_object(d.get("provenance", {}), "provenance"), format_version=int(version),
+                root=root, architecture=str(d.get("architecture", "3d-cascade")),
+                architecture_options=_object(d.get("three_view", {}), "three_view"),
                 atlas_prior=AtlasPriorSpec.from_json(d["atlas_prior"]) if "atlas_prior" in d else None)
         except (KeyError, TypeError, ValueError) as exc:
             where = f" in {root / 'model.json'}" if root else ""
