@@ -15,22 +15,41 @@ import json
 import time
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
+import torch
 from train_helpers import small_config, write_phantom_cases
 
+from CascadeSegLib.train import trainer as trainer_module
 
-def test_small_network_learns_phantom_organs(tmp_path):
+
+@pytest.mark.parametrize("cpu_bf16", [False, True], ids=["float32", "cpu-bfloat16"])
+def test_small_network_learns_phantom_organs(tmp_path, monkeypatch, cpu_bf16):
     from CascadeSegLib.inference.cascade import Segmenter
     from CascadeSegLib.packaging.model import ModelPackage
     from CascadeSegLib.train.config import parse_config
     from CascadeSegLib.train.trainer import train_run
+
+    if cpu_bf16 and not trainer_module.cpu_computes_bf16():
+        pytest.skip("this CPU has no bfloat16 arithmetic (AMX or AVX512-BF16): train.cpu_bf16 is ignored here")
+    # what the network computes in while it trains (a forward hook on every network the trainer builds)
+    dtypes: set[torch.dtype] = set()
+    real_build = trainer_module.build_network
+
+    def build_and_watch(*args, **kwargs):
+        net = real_build(*args, **kwargs)
+        net.register_forward_hook(lambda module, inputs, out: dtypes.add(out.dtype) if module.training else None)
+        return net
+
+    monkeypatch.setattr(trainer_module, "build_network", build_and_watch)
 
     organs = ("liver", "spleen", "stomach")
     cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2, 7], size=(45, 32, 24), spacing=(8.0, 8.0, 8.0),
                                 organs=organs)
     data = small_config(cases, train=["ph1", "ph2"], val=["ph7"], iterations=400, patch=(24, 24, 24), base=8,
                         organs=organs, spacing=(8.0, 8.0, 8.0), norm="instance", lr=1e-2, schedule="poly",
-                        loss="wce+dice", val_every=100, checkpoint_every=100, foreground_fraction=0.5)
+                        loss="wce+dice", val_every=100, checkpoint_every=100, foreground_fraction=0.5,
+                        cpu_bf16=cpu_bf16)
     data["stages"][0]["tile"] = [48, 32, 24]
     data["augment"] = {"enabled": False}      # augmentation has its own tests; here it would only slow learning
     cfg = parse_config(data, tmp_path)
@@ -42,6 +61,7 @@ def test_small_network_learns_phantom_organs(tmp_path):
     val = done["best_val_dice"]
     assert val["mean"] > 0.85 and min(val[o] for o in organs) > 0.8, f"validation Dice after {seconds:.0f}s: {val}"
     print(f"trained in {seconds:.0f}s, validation Dice {val}")
+    assert dtypes == ({torch.bfloat16} if cpu_bf16 else {torch.float32}), dtypes
 
     # The exported package segments the held-out phantom on its own grid with the same quality.
     pkg = ModelPackage.load(run / "model")

@@ -37,6 +37,8 @@ class TrainSettings:
     loss: str = "wce+dice"
     class_balance: str = "patch"      # lambda_k of the weighted CE from the "image" (paper) or the sub-volume
     amp: bool = True                  # mixed precision (CUDA only)
+    cpu_bf16: bool = False            # bfloat16 autocast when training on a CPU that computes it natively
+                                      # (AMX or AVX512-BF16; elsewhere ignored): README, Training
     foreground_fraction: float = 0.33 # share of sub-volumes centred on a labelled voxel of C
     checkpoint_every: int = 100
     checkpoint_minutes: float = 15.0  # also save once this long has passed since the last save (0 = off):
