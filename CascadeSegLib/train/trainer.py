@@ -9,6 +9,7 @@ resumes where it stopped (after a crash or Ctrl-C) with the same optimizer and R
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -61,7 +62,8 @@ def resolve_train_device(name: str) -> torch.device:
 
 def cpu_computes_bf16() -> bool:
     """Whether this CPU has bfloat16 arithmetic (AMX tiles or AVX512-BF16), where oneDNN runs a
-    training step 1.7-2.3x faster than float32 (README, Training)."""
+    training step 1.7x (stage 2) to 2.0x (stage 1) faster than float32 on the 2-core AMX machine
+    (docs/abdomen-ct-recipe.md, twenty-seventh round)."""
     cpu = getattr(torch, "cpu", None)
     checks = [getattr(cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     try:
@@ -138,11 +140,14 @@ class StageTrainer:
         else:
             self.opt = torch.optim.AdamW(params, lr=base_lr, weight_decay=s.weight_decay)
         self.base_lr = base_lr
-        self.use_amp = bool(s.amp and device.type == "cuda")
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        # bfloat16 keeps float32's range: no loss scaling; emulated on CPUs without it, so slower there
-        self.use_bf16 = bool(s.cpu_bf16 and device.type == "cpu" and cpu_computes_bf16())
-        self.autocast_dtype = torch.bfloat16 if self.use_bf16 else torch.float16
+        # None: float32 throughout. float16 on CUDA needs loss scaling; bfloat16 keeps float32's range
+        # and is only used on a CPU that computes it natively (emulated elsewhere, so slower there)
+        self.autocast_dtype: torch.dtype | None = None
+        if s.amp and device.type == "cuda":
+            self.autocast_dtype = torch.float16
+        elif s.cpu_bf16 and device.type == "cpu" and cpu_computes_bf16():
+            self.autocast_dtype = torch.bfloat16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.autocast_dtype == torch.float16)
         self.model: nn.Module = self.net
         if ctx.active:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -245,7 +250,9 @@ class StageTrainer:
         self.model.train()
         if s.freeze_encoder:
             self.net.encoders.eval()          # frozen BatchNorm statistics stay frozen too
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.use_amp or self.use_bf16):
+        autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
+                    else contextlib.nullcontext())
+        with autocast:
             logits = self.model(x)
         lam = self.case_lam[self.last_cases] if self.case_lam is not None else None
         loss = self.loss_fn(logits.float(), y, w, lam)
