@@ -157,3 +157,12 @@ def test_settings_are_changed_as_model_json_would_be_read(mod):
             mod.with_settings(load_model("abdomen-ct"), bad)
     with pytest.raises(ValueError, match="no atlas_prior"):
         mod.with_settings(load_model("abdomen-ct-demo"), ["network_weight=0.5"])
+
+
+def test_organ_cells_are_rounded(mod):
+    """Per-organ Dice in the table is rounded to two places (0.8783 is 0.88; it was once cut to 0.87),
+    a missing organ is '-', and the means keep four places."""
+    organs = {"liver": {"whole": 0.8783, "slabs": 0.8749}, "spleen": {"whole": 1.0, "slabs": None}}
+    row = {"whole": 0.72211, "slabs": 0.66251, "organs": organs, "false_ml": [0.0, 96.8]}
+    table = mod.markdown({"model": "m 1", "cut_slabs": [0], "fused": {"0.5": row}}, ["liver", "spleen"])
+    assert "| fused, w 0.5 | 0.7221 | 0.6625 | 0.88 / 0.87 | 1.00 / - | 0 / 96.8 |" in table.splitlines()

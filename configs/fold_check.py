@@ -179,8 +179,11 @@ def markdown(result: dict[str, Any], organs: list[str]) -> str:
     def cell(v: float | None) -> str:
         return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
+    def short(v: float | None) -> str:        # two places, rounded (0.878 is 0.88, not 0.87)
+        return "-" if v is None else f"{v:.2f}"
+
     def organ_cells(row: dict[str, Any]) -> list[str]:
-        return [f"{cell(row['organs'][o]['whole'])[:4]} / {cell(row['organs'][o]['slabs'])[:4]}" for o in organs]
+        return [f"{short(row['organs'][o]['whole'])} / {short(row['organs'][o]['slabs'])}" for o in organs]
 
     lines = [f"{result['model']}: whole held-out scan / {len(result['cut_slabs'])} cut {SLAB_MM:g} mm slab(s) "
              "(mean Dice of the organs each reference holds)", "",
