@@ -39,6 +39,8 @@ class TrainSettings:
     amp: bool = True                  # mixed precision (CUDA only)
     cpu_bf16: bool = False            # bfloat16 autocast when training on a CPU that computes it natively
                                       # (AMX or AVX512-BF16; elsewhere ignored): README, Training
+    compile_network: bool = False     # torch.compile the training forward (fixed sub-volume shape); falls
+                                      # back to eager if compiling fails (e.g. no C++ compiler): README, Training
     foreground_fraction: float = 0.33 # share of sub-volumes centred on a labelled voxel of C
     checkpoint_every: int = 100
     checkpoint_minutes: float = 15.0  # also save once this long has passed since the last save (0 = off):

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -153,6 +153,9 @@ class StageTrainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.model = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
+        self.eager_model, self.compiled_ok = self.model, False
+        if s.compile_network:       # checkpoints keep self.net's plain state dict either way
+            self.model = cast(nn.Module, torch.compile(self.model))     # an OptimizedModule
         self.loss_fn = make_loss(s.loss)
         # The paper's lambda_k come from each training image's class counts inside its C.
         self.case_lam: torch.Tensor | None = None
@@ -241,6 +244,21 @@ class StageTrainer:
             ws.append(w)
         return torch.stack(xs), torch.stack(ys), torch.stack(ws)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The training forward pass; a compiled network that fails on its first call (no C++
+        compiler, an unsupported operator) is dropped for the eager one with a warning."""
+        if self.model is self.eager_model or self.compiled_ok:
+            return self.model(x)
+        try:
+            out = self.model(x)
+        except Exception as exc:        # torch.compile raises many kinds, all lazily at the first call
+            log.warning("%s: torch.compile failed (%s); training goes on without it",
+                        self.stage.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self.model = self.eager_model
+            return self.model(x)
+        self.compiled_ok = True
+        return out
+
     def step(self) -> float:
         s = self.settings
         f = lr_factor(self.iteration, s.iterations, s.schedule, s.warmup)
@@ -253,7 +271,7 @@ class StageTrainer:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype is not None
                     else contextlib.nullcontext())
         with autocast:
-            logits = self.model(x)
+            logits = self.forward(x)
         lam = self.case_lam[self.last_cases] if self.case_lam is not None else None
         loss = self.loss_fn(logits.float(), y, w, lam)
         self.opt.zero_grad(set_to_none=True)

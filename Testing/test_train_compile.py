@@ -1,0 +1,89 @@
+"""`train.compile_network`: the compiled training step computes what the eager one does, and a
+compile that fails (no C++ compiler, an operator inductor cannot lower) falls back to eager.
+
+Same phantom, seed and batch: the first iteration's loss (same weights, same sub-volumes) agrees
+to float rounding, the next ones stay close, the checkpoint and the exported package hold the
+plain network's weights (no `_orig_mod.` prefix), and a failing compile only costs a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from train_helpers import small_config, write_phantom_cases
+
+ORGANS = ("liver", "spleen")
+
+
+def _train(tmp_path: Path, name: str, compile_network: bool) -> tuple[Path, list[float]]:
+    from CascadeSegLib.train.config import parse_config
+    from CascadeSegLib.train.trainer import train_run
+
+    cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2], size=(40, 32, 24), spacing=(8.0, 8.0, 8.0),
+                                organs=ORGANS)
+    data = small_config(cases, train=["ph1"], val=["ph2"], iterations=6, patch=(24, 24, 16), base=4,
+                        organs=ORGANS, spacing=(8.0, 8.0, 8.0), norm="instance", lr=1e-2, val_every=6,
+                        checkpoint_every=6, compile_network=compile_network)
+    data["augment"] = {"enabled": False}
+    run = train_run(parse_config(data, tmp_path), tmp_path / name, progress=False)
+    with open(run / "stage1" / "log.csv", newline="") as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f) if row["loss"]]
+    return run, losses
+
+
+def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch):
+    from CascadeSegLib.packaging.model import ModelPackage
+
+    _, eager = _train(tmp_path, "eager", compile_network=False)
+    compiled_calls: list[torch.Tensor] = []
+    real_compile = torch.compile
+
+    def counting_compile(model, *args, **kwargs):
+        optimized = real_compile(model, *args, **kwargs)
+        real_forward = optimized.forward
+
+        def forward(*a, **k):
+            compiled_calls.append(a[0])
+            return real_forward(*a, **k)
+
+        optimized.forward = forward
+        return optimized
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    with caplog.at_level(logging.WARNING):
+        run, compiled = _train(tmp_path, "compiled", compile_network=True)
+    if "torch.compile failed" in caplog.text:
+        assert shutil.which("g++") is None and shutil.which("c++") is None, caplog.text
+        pytest.skip("no C++ compiler: torch.compile fell back to eager (the fallback has its own test)")
+    assert len(compiled_calls) == 6          # every training step went through the compiled module
+    assert len(compiled) == len(eager) == 6
+    assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
+    assert compiled == pytest.approx(eager, rel=2e-2)
+    checkpoints = sorted((run / "stage1" / "checkpoints").glob("*.pt"))
+    assert checkpoints
+    weights = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["model"]
+    assert weights and not any(k.startswith("_orig_mod.") for k in weights), list(weights)[:3]
+    pkg = ModelPackage.load(run / "model")
+    pkg.verify()
+    pkg.load_network(0)          # a plain network's state dict: loads without the compiled wrapper's prefix
+
+
+def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    class Broken(nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("inductor: no working C++ compiler found\nsecond line")
+
+    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: Broken())
+    _, eager = _train(tmp_path, "eager", compile_network=False)
+    with caplog.at_level(logging.WARNING):
+        _, fallback = _train(tmp_path, "fallback", compile_network=True)
+    assert "stage1: torch.compile failed (inductor: no working C++ compiler found); training goes on without it" \
+        in caplog.text
+    assert caplog.text.count("torch.compile failed") == 1      # dropped once, not retried each step
+    assert fallback == eager       # the same eager steps from the same seed
