@@ -74,12 +74,20 @@ def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch):
     pkg.load_network(0)          # a plain network's state dict: loads without the compiled wrapper's prefix
 
 
-def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("when", ["first call", "compile call"])
+def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog, when):
+    """torch.compile fails lazily (no C++ compiler: at the first forward) or at once (inductor's
+    import failing, as it did in CI's C locale reading a template with a non-ASCII byte)."""
     class Broken(nn.Module):
         def forward(self, *args, **kwargs):
             raise RuntimeError("inductor: no working C++ compiler found\nsecond line")
 
-    monkeypatch.setattr(torch, "compile", lambda model, *a, **k: Broken())
+    def broken_compile(model, *args, **kwargs):
+        if when == "compile call":
+            raise RuntimeError("inductor: no working C++ compiler found\nsecond line")
+        return Broken()
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
     _, eager = _train(tmp_path, "eager", compile_network=False)
     with caplog.at_level(logging.WARNING):
         _, fallback = _train(tmp_path, "fallback", compile_network=True)

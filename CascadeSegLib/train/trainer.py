@@ -155,7 +155,10 @@ class StageTrainer:
             self.model = DDP(self.net, device_ids=[device.index] if device.type == "cuda" else None)
         self.eager_model, self.compiled_ok = self.model, False
         if s.compile_network:       # checkpoints keep self.net's plain state dict either way
-            self.model = cast(nn.Module, torch.compile(self.model))     # an OptimizedModule
+            try:
+                self.model = cast(nn.Module, torch.compile(self.model))     # an OptimizedModule
+            except Exception as exc:    # e.g. inductor failing to import its templates in a C locale
+                self._drop_compiled(exc)
         self.loss_fn = make_loss(s.loss)
         # The paper's lambda_k come from each training image's class counts inside its C.
         self.case_lam: torch.Tensor | None = None
@@ -251,13 +254,16 @@ class StageTrainer:
             return self.model(x)
         try:
             out = self.model(x)
-        except Exception as exc:        # torch.compile raises many kinds, all lazily at the first call
-            log.warning("%s: torch.compile failed (%s); training goes on without it",
-                        self.stage.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self.model = self.eager_model
+        except Exception as exc:        # torch.compile raises many kinds, most lazily at the first call
+            self._drop_compiled(exc)
             return self.model(x)
         self.compiled_ok = True
         return out
+
+    def _drop_compiled(self, exc: Exception) -> None:
+        log.warning("%s: torch.compile failed (%s); training goes on without it",
+                    self.stage.name, str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        self.model = self.eager_model
 
     def step(self) -> float:
         s = self.settings
