@@ -9,6 +9,7 @@ plain network's weights (no `_orig_mod.` prefix), and a failing compile only cos
 from __future__ import annotations
 
 import csv
+import locale
 import logging
 import shutil
 from pathlib import Path
@@ -37,7 +38,18 @@ def _train(tmp_path: Path, name: str, compile_network: bool) -> tuple[Path, list
     return run, losses
 
 
-def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch):
+@pytest.fixture()
+def environment_locale():
+    """The process's LC_CTYPE from the environment for the test's length. In the full suite a
+    library that earlier tests in the same worker loaded leaves it at "C", and inductor, which reads
+    its kernel templates in the locale's encoding, then fails on a non-ASCII byte (seen in CI)."""
+    saved = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "")
+    yield saved
+    locale.setlocale(locale.LC_CTYPE, saved)
+
+
+def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environment_locale):
     from CascadeSegLib.packaging.model import ModelPackage
 
     _, eager = _train(tmp_path, "eager", compile_network=False)
@@ -60,7 +72,8 @@ def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch):
         run, compiled = _train(tmp_path, "compiled", compile_network=True)
     failed = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     if failed:      # inductor needs a C++ compiler and Python's headers; the fallback has its own test
-        pytest.skip(f"torch.compile cannot build here ({failed[0]}; C++ compiler: {shutil.which('c++')})")
+        pytest.skip(f"torch.compile cannot build here ({failed[0]}; C++ compiler: {shutil.which('c++')}; "
+                    f"LC_CTYPE {locale.setlocale(locale.LC_CTYPE)!r}, was {environment_locale!r})")
     assert len(compiled_calls) == 6          # every training step went through the compiled module
     assert len(compiled) == len(eager) == 6
     assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
