@@ -51,6 +51,7 @@ def environment_locale():
 
 def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environment_locale):
     from CascadeSegLib.packaging.model import ModelPackage
+    from CascadeSegLib.train.checkpoint import latest_valid
 
     _, eager = _train(tmp_path, "eager", compile_network=False)
     compiled_calls: list[torch.Tensor] = []
@@ -78,9 +79,9 @@ def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environm
     assert len(compiled) == len(eager) == 6
     assert compiled[0] == pytest.approx(eager[0], rel=1e-4)
     assert compiled == pytest.approx(eager, rel=2e-2)
-    checkpoints = sorted((run / "stage1" / "checkpoints").glob("*.pt"))
-    assert checkpoints
-    weights = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["model"]
+    latest = latest_valid(run / "stage1" / "checkpoints")      # the newest, sha256-checked
+    assert latest is not None
+    weights = latest[1]["model"]
     assert weights and not any(k.startswith("_orig_mod.") for k in weights), list(weights)[:3]
     pkg = ModelPackage.load(run / "model")
     pkg.verify()
