@@ -265,16 +265,17 @@ def test_a_finished_run_trains_further_in_a_later_sitting(packed, tmp_path):
     assert len(fewer.stderr.strip().splitlines()) == 1
 
 
-def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_first():
-    """The two configs that retrain the default model: every file they name is in the repo, the
+def test_default_model_recipes_hold_the_slab_out_and_the_shipped_networks_name_theirs():
+    """The configs that retrained the default model: every file they name is in the repo, the
     DICOM slab is never among them, the fine-tune's pack adds label maps to the first one's and
-    keeps its stages, and the shipped package says it came from the fine-tune."""
+    keeps its stages, the 7-map recipe (2.13.0) trains the fine-tune's data from scratch at the
+    first one's counts, and the shipped package says it came from that recipe, with those counts."""
     from CascadeSegLib.packaging.model import load_model
     from CascadeSegLib.train.config import parse_config, read_config_file
 
-    paths = [REPO / "configs" / "abdomen-ct-networks.json", REPO / "configs" / "abdomen-ct-networks-finetune.json"]
-    first, tune = (parse_config(read_config_file(p), p.parent) for p in paths)
-    for cfg in (first, tune):
+    paths = [REPO / "configs" / f"abdomen-ct-networks{s}.json" for s in ("", "-finetune", "-7maps")]
+    first, tune, seven = (parse_config(read_config_file(p), p.parent) for p in paths)
+    for cfg in (first, tune, seven):
         data = cfg.raw["data"]
         named = [c[k] for c in data["cases"] for k in ("image", "label")] + data["synthetic"]["label_maps"]
         assert all(cfg.resolve(n).is_file() for n in named)
@@ -282,13 +283,20 @@ def test_default_model_recipes_hold_the_slab_out_and_the_finetune_extends_the_fi
     old, new = (c.raw["data"]["synthetic"]["label_maps"] for c in (first, tune))
     assert new[:len(old)] == old and {Path(n).name for n in new[len(old):]} == {"s0327_label.nii.gz",
                                                                                   "s0328_label.nii.gz"}
+    assert seven.raw["data"] == tune.raw["data"]
+    assert [(s.name, s.spacing, s.tile, s.network, s.train.iterations) for s in first.stages] == \
+        [(s.name, s.spacing, s.tile, s.network, s.train.iterations) for s in seven.stages]
     assert [(s.name, s.spacing, s.tile, s.network) for s in first.stages] == \
         [(s.name, s.spacing, s.tile, s.network) for s in tune.stages]
     shipped = load_model(str(REPO / "Resources" / "Models" / "abdomen-ct"))
-    assert shipped.provenance["network"]["model"] == f"{shipped.name} {tune.version}"   # the networks' version
-    assert "abdomen-ct-networks-finetune.json" in shipped.provenance["network"]["command"]
+    network = shipped.provenance["network"]
+    assert network["model"] == f"{shipped.name} {seven.version}"   # the networks' version
+    assert "abdomen-ct-networks-7maps.json" in network["command"] and "--init" not in network["command"]
+    assert "finetuned_from" not in network
+    assert [network["training"][s.name]["iterations"] for s in seven.stages] == \
+        [s.train.iterations for s in seven.stages]
     assert [(s.name, tuple(s.spacing), s.network.to_json()) for s in shipped.stages] == \
-        [(s.name, tuple(s.spacing), s.network.to_json()) for s in tune.stages]
+        [(s.name, tuple(s.spacing), s.network.to_json()) for s in seven.stages]
 
 
 def test_sigterm_stops_a_background_run_with_a_checkpoint_it_resumes_from(packed, tmp_path):
