@@ -121,6 +121,7 @@ def test_damaged_model_learns_its_corrections_back(damaged):
     assert new.root == (root / "repaired").resolve() and new.verify()
     assert new.provenance["improved_from"]["name"] == "damaged"
     assert [c["id"] for c in new.provenance["corrections"]] == ["sample", "slab"]
+    assert new.provenance["training"]["cpu_bf16"] is True and "--float32" not in new.provenance["command"]
     assert new.labels.names == pkg.labels.names
     assert json.loads((new.root / "improve_report.json").read_text())["cases"]["slab"]["after"]["liver"] > 0
     assert "| slab | liver |" in (new.root / "IMPROVE_REPORT.md").read_text()
@@ -151,3 +152,25 @@ def test_cancel_and_errors_leave_everything_as_it_was(damaged, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("cascadeseg: error: model damaged has no stored corrections") and "\n" not in err
     assert list_corrections("damaged") == []
+
+
+def test_improve_trains_in_bfloat16_like_the_recipes_unless_asked_for_float32(damaged, monkeypatch):
+    """`improve` sets train.cpu_bf16 (bfloat16 autocast only where the CPU computes it natively);
+    `--float32` turns it off, and the options reach the training config of every stage."""
+    import CascadeSegLib.train.improve as improve_module
+    from CascadeSegLib.train.improve import improve_config
+
+    pkg, _ = damaged
+    for opts, expected in ((ImproveOptions(**FAST), True), (ImproveOptions(**FAST, cpu_bf16=False), False)):
+        cfg = improve_config(pkg, "x", opts)
+        assert [s.train.cpu_bf16 for s in cfg.stages] == [expected] * len(pkg.stages)
+    seen: list[ImproveOptions] = []
+
+    def capture(parent, name, opts, **kwargs):
+        seen.append(opts)
+        raise UserError("stop here")
+
+    monkeypatch.setattr(improve_module, "improve_model", capture)
+    assert main(["improve", "damaged", "-o", "x", "--float32"]) == 2
+    assert main(["improve", "damaged", "-o", "x"]) == 2
+    assert [o.cpu_bf16 for o in seen] == [False, True]

@@ -39,6 +39,9 @@ def register(subparsers) -> None:
                    help="also keep each correction as a registered atlas (needs a model with atlases; the new "
                         "package then holds the corrected CTs at 3 mm). With --iterations 0: atlases only, seconds")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, mps")
+    p.add_argument("--float32", action="store_true",
+                   help="train in float32 also where the CPU computes bfloat16 natively (default: bfloat16 "
+                        "autocast there, as the recipes train; weights stay float32 either way)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
     p.add_argument("--overwrite", action="store_true", help="replace an installed NEW_NAME")
     p.add_argument("--progress-json", action="store_true", help="one JSON event per line on stdout (Slicer)")
@@ -52,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     opts = ImproveOptions(iterations=args.iterations, lr=args.lr, left_out=args.left_out, stages=args.stages,
                           device=args.device, threads=args.threads, atlases=args.atlases,
+                          cpu_bf16=not args.float32,
                           replay=[] if args.no_replay else args.replay)
     progress = JsonProgress() if args.progress_json else BarProgress(sys.stderr.isatty())
     try:
