@@ -176,6 +176,38 @@ def test_segment_vetoes_pieces_far_from_the_atlases(atlas_package: Path, sample:
     assert _dice(got == 2, sitk.GetArrayFromImage(lab) == 2) > 0.8
 
 
+def test_organs_in_the_air_around_the_body_never_reach_the_largest_piece_step(
+        atlas_package: Path, sample: tuple[sitk.Image, sitk.Image], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The atlases' organs, dilated into C2, reach past the skin, and stage 2 can label air there.
+    The output drops everything outside the body mask C1, so such a piece must be dropped before
+    the largest-piece step too: there it could win as an organ's largest piece and the real organ
+    be lost with it (s0011's aorta, the recipe's twenty-ninth round)."""
+    ct, lab = sample
+    pkg = ModelPackage.load(atlas_package)
+    c1 = Segmenter(pkg, keep_candidates=True).segment(ct).c1        # the body mask, on the CT's grid
+    assert c1 is not None and c1.GetSize() == grid_for_spacing(ct, pkg.stages[1].spacing).GetSize()  # 3 mm: one grid
+    outside = torch.from_numpy(sitk.GetArrayFromImage(c1) == 0)
+    real_over, real_keep = cascade.labels_over, cascade.keep_largest_components
+    seen: dict[str, Any] = {}
+
+    def liver_in_the_air(probs: torch.Tensor, mask: torch.Tensor, *args: Any) -> torch.Tensor:
+        out = real_over(probs, mask, *args).clone()
+        seen["planted"] = mask & outside
+        out[seen["planted"]] = 1                   # a liver piece in C2's air, larger than the liver
+        return out
+
+    def record(labels: torch.Tensor, values: list[int], *args: Any) -> torch.Tensor:
+        seen["labels"] = labels.clone()
+        return real_keep(labels, values, *args)
+
+    monkeypatch.setattr(cascade, "labels_over", liver_in_the_air)
+    monkeypatch.setattr(cascade, "keep_largest_components", record)
+    got = sitk.GetArrayFromImage(Segmenter(pkg, keep_probabilities=True).segment(ct).labels)
+    assert int(seen["planted"].sum()) > 100
+    assert not bool((seen["labels"][seen["planted"]] > 0).any())
+    assert _dice(got == 1, sitk.GetArrayFromImage(lab) == 1) > 0.85
+
+
 def _blind_stage1(monkeypatch: pytest.MonkeyPatch, one_side_only: bool = False) -> None:
     """Stage 1 finds nothing (or nothing in the half of the columns with the higher indices, one
     side of the patient): whatever stage 2 segments there, it found in the atlases' candidates."""

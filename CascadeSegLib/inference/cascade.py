@@ -356,6 +356,14 @@ class Segmenter:
                 final = torch.where(c2, final, atlas.labels())
                 if probs is not None:                        # saved scores = what the labels came from
                     probs = atlas.fuse_into(probs, c2)
+            # No organ lies outside the body mask C1, and the output drops anything there; drop it
+            # before the steps that choose by counting voxels, or a piece in the air around the body
+            # (the atlases' organs dilated past the skin into C2) can win as an organ's largest
+            # piece and the real organ be lost with it (recipe, twenty-ninth round: s0011's aorta).
+            # (C1 reaches stage 2's grid as it reaches the output: nearest, edge voxels extended)
+            final = final * self.to_tensor(resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), ref2,
+                                                              edge=1)).bool()
+            if atlas is not None:
                 spec = model.atlas_prior
                 if spec is not None and spec.mixup_share > 0:
                     final = atlas.relabel_mixups(final, spec.mixup_share,
