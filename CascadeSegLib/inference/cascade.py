@@ -308,6 +308,7 @@ class Segmenter:
         labels1 = self.predict_stage(0, hu1, c1, 0.0, "stage1", labels_only=True) * c1
         t["stage1"] = time.perf_counter() - t0
         stage1_img = _from_tensor(labels1, grid1)
+        c1_img = _from_tensor(c1.to(torch.uint8), grid1)     # the body: no organ lies outside it
 
         conflicts: list[AtlasConflict] = []
         if self.stage1_only:
@@ -361,8 +362,7 @@ class Segmenter:
             # (the atlases' organs dilated past the skin into C2) can win as an organ's largest
             # piece and the real organ be lost with it (recipe, twenty-ninth round: s0011's aorta).
             # (C1 reaches stage 2's grid as it reaches the output: nearest, edge voxels extended)
-            final = final * self.to_tensor(resample_labels_to(_from_tensor(c1.to(torch.uint8), grid1), ref2,
-                                                              edge=1)).bool()
+            final = final * self.to_tensor(resample_labels_to(c1_img, ref2, edge=1)).bool()
             if atlas is not None:
                 spec = model.atlas_prior
                 if spec is not None and spec.mixup_share > 0:
@@ -388,7 +388,6 @@ class Segmenter:
         t0 = time.perf_counter()
         self._report("postprocess", 0.0, "resampling labels to the input grid")
         # C2's dilation reaches past the skin; no organ lies outside the body mask C1.
-        c1_img = _from_tensor(c1.to(torch.uint8), grid1)
         labels = resample_labels_to(_from_tensor(final, final_grid), image, mask=c1_img, edge=1)
         # The scan as a whole, in the ml the report's organ table gives (the input's voxels).
         whole = scan_conflict(stats.get("atlas_prior_agreement"), sitk.GetArrayViewFromImage(labels),
