@@ -22,12 +22,18 @@ from train_helpers import small_config, write_phantom_cases
 ORGANS = ("liver", "spleen")
 
 
-def _train(tmp_path: Path, name: str, compile_network: bool) -> tuple[Path, list[float]]:
+@pytest.fixture()
+def cases(tmp_path: Path) -> list[dict[str, str]]:
+    """Two phantom cases, written once: the runs a test compares read the same files."""
+    return write_phantom_cases(tmp_path / "data", seeds=[1, 2], size=(40, 32, 24), spacing=(8.0, 8.0, 8.0),
+                               organs=ORGANS)
+
+
+def _train(tmp_path: Path, cases: list[dict[str, str]], name: str, compile_network: bool
+           ) -> tuple[Path, list[float]]:
     from CascadeSegLib.train.config import parse_config
     from CascadeSegLib.train.trainer import train_run
 
-    cases = write_phantom_cases(tmp_path / "data", seeds=[1, 2], size=(40, 32, 24), spacing=(8.0, 8.0, 8.0),
-                                organs=ORGANS)
     data = small_config(cases, train=["ph1"], val=["ph2"], iterations=6, patch=(24, 24, 16), base=4,
                         organs=ORGANS, spacing=(8.0, 8.0, 8.0), norm="instance", lr=1e-2, val_every=6,
                         checkpoint_every=6, compile_network=compile_network)
@@ -49,11 +55,11 @@ def environment_locale():
     locale.setlocale(locale.LC_CTYPE, saved)
 
 
-def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environment_locale):
+def test_compiled_training_matches_eager(tmp_path, cases, caplog, monkeypatch, environment_locale):
     from CascadeSegLib.packaging.model import ModelPackage
     from CascadeSegLib.train.checkpoint import latest_valid
 
-    _, eager = _train(tmp_path, "eager", compile_network=False)
+    _, eager = _train(tmp_path, cases, "eager", compile_network=False)
     compiled_calls: list[torch.Tensor] = []
     real_compile = torch.compile
 
@@ -70,7 +76,7 @@ def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environm
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     with caplog.at_level(logging.WARNING):
-        run, compiled = _train(tmp_path, "compiled", compile_network=True)
+        run, compiled = _train(tmp_path, cases, "compiled", compile_network=True)
     failed = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
     if failed:      # inductor needs a C++ compiler and Python's headers; the fallback has its own test
         pytest.skip(f"torch.compile cannot build here ({failed[0]}; C++ compiler: {shutil.which('c++')}; "
@@ -89,7 +95,7 @@ def test_compiled_training_matches_eager(tmp_path, caplog, monkeypatch, environm
 
 
 @pytest.mark.parametrize("when", ["first call", "compile call"])
-def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog, when):
+def test_a_failing_compile_falls_back_to_eager(tmp_path, cases, monkeypatch, caplog, when):
     """torch.compile fails lazily (no C++ compiler: at the first forward) or at once (inductor's
     import failing, as it did in CI's C locale reading a template with a non-ASCII byte)."""
     class Broken(nn.Module):
@@ -102,9 +108,9 @@ def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog, wh
         return Broken()
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    _, eager = _train(tmp_path, "eager", compile_network=False)
+    _, eager = _train(tmp_path, cases, "eager", compile_network=False)
     with caplog.at_level(logging.WARNING):
-        _, fallback = _train(tmp_path, "fallback", compile_network=True)
+        _, fallback = _train(tmp_path, cases, "fallback", compile_network=True)
     assert "stage1: torch.compile failed (inductor: no working C++ compiler found); training goes on without it" \
         in caplog.text
     assert caplog.text.count("torch.compile failed") == 1      # dropped once, not retried each step
