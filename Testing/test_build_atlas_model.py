@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
     (["--intensity-weight", "9"], "intensity_weight in [0, 4]"),
     (["--intensity-core-share", "0.5"], "intensity_core_share in (0.5, 1]"),
     (["--mixup-share", "0.4"], "mixup_share must lie in (0.5, 1]"),
-    (["--mixup-organs", "liver", "lung"], "mixup_organs names unknown organs ['lung']"),
+    (["--mixup-share", "0.7", "--mixup-organs", "liver", "lung"], "mixup_organs names unknown organs ['lung']"),
+    (["--mixup-organs", "liver", "spleen"], "--mixup-organs needs --mixup-share"),
     (["--network-weight", "1.5"], "network_weight 1.5 is outside [0, 1]"),
 ])
 def test_bad_prior_settings_stop_the_build_before_any_work(tmp_path: Path, options: list[str], message: str) -> None:

@@ -38,6 +38,8 @@ from CascadeSegLib.train.dataset import Case, label_lookup  # noqa: E402
 
 MAIN = REPO / "configs" / "abdomen-ct.json"
 ATLAS_SPACING = (3.0, 3.0, 3.0)
+#: the organs whose identity the atlases may decide when --mixup-share is given (abdomen-ct 2.10.0-2.13.0)
+MIXUP_ORGANS = ["liver", "spleen", "kidney_right", "kidney_left", "stomach"]
 
 
 def _resolve(path: str) -> Path:
@@ -105,6 +107,8 @@ def prior_settings(args: argparse.Namespace) -> dict:
                 "intensity_core_share": args.intensity_core_share, "placement": args.placement}
     if args.mixup_share:
         settings |= {"mixup_share": args.mixup_share, "mixup_organs": list(args.mixup_organs)}
+    elif args.mixup_organs != MIXUP_ORGANS:
+        raise ValueError("--mixup-organs needs --mixup-share (the step is off without it)")
     return settings
 
 
@@ -148,11 +152,12 @@ def parser() -> argparse.ArgumentParser:
                          "255, no vote, or keep them (before 2.7.0)")
     ap.add_argument("--misregistered-margin-mm", type=float, default=6.0,
                     help="disagreement within this distance is a boundary, kept")
-    ap.add_argument("--mixup-share", type=float, default=0.7,
+    ap.add_argument("--mixup-share", type=float, default=0.0,
                     help="where at least this share of the atlases' vote goes to one of --mixup-organs, a voxel "
-                         "the result gives to another of them takes the atlases' organ (abdomen-ct 2.10.0: 0.7, "
-                         "the atlas check's consensus); 0: off (before 2.10.0)")
-    ap.add_argument("--mixup-organs", nargs="+", default=["liver", "spleen", "kidney_right", "kidney_left", "stomach"],
+                         "the result gives to another of them takes the atlases' organ (abdomen-ct 2.10.0-2.13.0: "
+                         "0.7, the atlas check's consensus, for networks that mixed up neighbouring organs); 0: off "
+                         "(before 2.10.0 and since 2.13.1, whose GPU-trained networks it cost organs)")
+    ap.add_argument("--mixup-organs", nargs="+", default=MIXUP_ORGANS,
                     help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
     ap.add_argument("--placement", choices=PLACEMENTS, default="search",
                     help="how each atlas is first placed on a whole scan: search (abdomen-ct 2.12.0: also where "
@@ -175,8 +180,8 @@ def main() -> int:
     exclude = {e for e in args.exclude.split(",") if e}
     base = ModelPackage.load(args.base)
     base.verify()
-    settings = prior_settings(args)
     try:       # checked as model.json is read, before minutes of registrations
+        settings = prior_settings(args)
         AtlasPriorSpec.from_json({**settings, "atlases": [{"name": "-", "image": "-", "labels": "-"}]}
                                  ).check_organs(base.labels.names)
     except ValueError as exc:
