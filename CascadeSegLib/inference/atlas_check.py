@@ -16,7 +16,7 @@ A whole scan is also checked as a whole (`scan_conflict`): where no registered a
 with stage 1's (a pelvic or chest CT that holds none of the ten organs, where the networks invent
 some and the atlases, registered onto anatomy they do not hold, put theirs elsewhere), every
 segment is suspect, and one flagged "scan" conflict says so.
-A package with `mixup_share` (abdomen-ct 2.10.0) has already given the atlases' organ to mixed-up
+A package with `mixup_share` (abdomen-ct 2.10.0-2.13.0) has already given the atlases' organ to mixed-up
 voxels of its `mixup_organs` (`GridPrior.relabel_mixups`): the check reports what is left.
 """
 

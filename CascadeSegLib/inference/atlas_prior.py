@@ -170,7 +170,8 @@ class AtlasPriorSpec:
     # takes the atlases' organ (a spleen labelled left kidney); borders stay the fused result's.
     # A voxel stage 1 gives the same organ as the fused result keeps it (library, abdomen-ct 2.12.0
     # on): the atlases overrule stage 2 where it strays from stage 1, not both networks.
-    # 0 (packages before abdomen-ct 2.10.0): the result is kept; only the atlas check reports them.
+    # 0 (packages before abdomen-ct 2.10.0, and since 2.13.1, whose GPU-trained networks the step
+    # cost organs on every scan measured): the result is kept; only the atlas check reports them.
     mixup_share: float = 0.0
     mixup_organs: tuple[str, ...] = ()
     # > 0: the prior is weighted by how each class's HU look in this patient (`intensity_refined`):
