@@ -18,7 +18,12 @@ organs labelled that the crop does not hold. Models that share networks but diff
 atlases or settings show what the atlases do; leave the anatomy out of the atlases
 (`build_atlas_model.py --exclude s0004`) for a fair check.
 
-    python configs/fov_check.py --labels LABELMAP --models PKG [PKG ...] [--crops chest lower] [--json OUT]
+    python configs/fov_check.py --labels LABELMAP --models PKG [PKG ...] [--crops chest lower]
+        [--seeds 7 8 ...] [--phase portal|random] [--json OUT]
+
+With several seeds (and `--phase random`: contrast phase, noise and resolution drawn per seed), it
+also prints each model's mean over crops and seeds: the thirtieth round's check of the held-out
+patients' anatomies is `--labels THEIR_LABELS --crops wholebody --seeds 11 12 13 --phase random`.
 
 Writes only the optional --json file.
 """
@@ -56,11 +61,19 @@ KIDNEYS = (2, 3)
 ORGANS = (1, 2, 3, 4, 5, 6, 7)
 
 
-def synthetic_ct(label_path: Path, seed: int) -> tuple[sitk.Image, sitk.Image]:
-    """One synthetic CT of the whole label map and its (deformed) labels, same grid."""
+def synthetic_ct(label_path: Path, seed: int, phase: str = "portal") -> tuple[sitk.Image, sitk.Image]:
+    """One synthetic CT of the whole label map and its (deformed) labels, same grid. "portal": the
+    portal phase at 10 HU noise (the fields-of-view check); "random": the synthesis defaults
+    (contrast phase, noise, resolution drawn per seed), never cropped or truncated (the thirtieth
+    round's check on the held-out patients' anatomies)."""
     labels = read_image(label_path)
-    settings = with_phase(SynthSettings(), "portal")
-    settings = replace(settings, scan=replace(settings.scan, crop_prob=0.0, truncate_prob=0.0, noise_hu=(10.0, 10.0)))
+    settings = SynthSettings()
+    if phase == "portal":
+        settings = with_phase(settings, "portal")
+        settings = replace(settings, scan=replace(settings.scan, noise_hu=(10.0, 10.0)))
+    elif phase != "random":
+        raise ValueError(f"phase {phase!r} is not portal or random")
+    settings = replace(settings, scan=replace(settings.scan, crop_prob=0.0, truncate_prob=0.0))
     result = synthesize(labels, structure_names(None), IntensityTable.load(default_table_path()), seed=seed,
                         settings=settings)
     return result.ct, result.labels
@@ -95,25 +108,19 @@ def crop_ranges(arr: np.ndarray, spacing_mm: float) -> dict[str, tuple[int, int]
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--labels", required=True, help="a label map in TotalSegmentator ids (a whole body is best)")
-    ap.add_argument("--models", nargs="+", required=True, help="model folders or installed names")
-    ap.add_argument("--crops", nargs="+", choices=CROPS, default=list(CROPS))
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--json", default=None, help="also write the numbers to this file")
-    args = ap.parse_args()
-    ct, labels = synthetic_ct(Path(args.labels), args.seed)
+def check_crops(ct: sitk.Image, labels: sitk.Image, models: list[tuple[str, ModelPackage]], crops: list[str],
+                means: dict[str, list[float]]) -> dict[str, Any]:
+    """Each model on each crop of one synthetic CT (printed as it goes); each crop's mean Dice is
+    added to `means[model argument]` where the crop holds organs."""
     arr = sitk.GetArrayFromImage(labels).astype(np.int64)
-    ranges = {k: v for k, v in crop_ranges(arr, ct.GetSpacing()[2]).items() if k in args.crops}
-    results: dict[str, Any] = {"labels": args.labels, "seed": args.seed, "crops": {}}
-    models = [(arg, ModelPackage.load(find_model(arg))) for arg in args.models]
+    ranges = {k: v for k, v in crop_ranges(arr, ct.GetSpacing()[2]).items() if k in crops}
+    out: dict[str, Any] = {}
     # per model: its segmenter, its label values, and the reference in them (all crops cut from it)
     runs = [(arg, model, Segmenter(model, device="cpu"), {o: model.labels.by_name(o).value for o in model.labels.names},
              label_lookup(model.labels, None, None, "totalsegmentator")[arr]) for arg, model in models]
     for name, (a, b) in ranges.items():
         image = ct[:, :, a:b]
-        results["crops"][name] = {"slices": [a, b], "mm": round((b - a) * ct.GetSpacing()[2]), "models": {}}
+        out[name] = {"slices": [a, b], "mm": round((b - a) * ct.GetSpacing()[2]), "models": {}}
         for model_arg, model, segmenter, values, reference in runs:
             ref = sitk.GetImageFromArray(reference[a:b])
             ref.CopyInformation(image)
@@ -122,11 +129,36 @@ def main() -> int:
             got = sitk.GetArrayViewFromImage(pred)
             ml = float(np.prod(image.GetSpacing())) / 1000.0
             false_ml = {o: round(float(np.count_nonzero(got == values[o])) * ml, 1) for o in absent}
-            row = {"dice": dice, "absent_but_labelled_ml": false_ml}
-            results["crops"][name]["models"][f"{model.name} {model.version} ({model_arg})"] = row
+            out[name]["models"][f"{model.name} {model.version} ({model_arg})"] = {"dice": dice,
+                                                                               "absent_but_labelled_ml": false_ml}
+            if dice["mean"] is not None:
+                means[model_arg].append(float(dice["mean"]))
             present = " ".join(f"{o} {d:.2f}" for o, d in dice.items() if o != "mean" and d is not None)
             print(f"{name} ({(b - a) * ct.GetSpacing()[2]:.0f} mm) {model_arg}: mean {dice['mean'] or 0:.3f} | "
                   f"{present} | labelled but absent (ml) {false_ml}", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--labels", required=True, help="a label map in TotalSegmentator ids (a whole body is best)")
+    ap.add_argument("--models", nargs="+", required=True, help="model folders or installed names")
+    ap.add_argument("--crops", nargs="+", choices=CROPS, default=list(CROPS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[7], help="one synthetic CT per seed")
+    ap.add_argument("--phase", choices=("portal", "random"), default="portal",
+                    help="portal: one phase at 10 HU noise (as before); random: phase, noise and resolution "
+                         "drawn per seed")
+    ap.add_argument("--json", default=None, help="also write the numbers to this file")
+    args = ap.parse_args()
+    results: dict[str, Any] = {"labels": args.labels, "phase": args.phase, "seeds": {}}
+    models = [(arg, ModelPackage.load(find_model(arg))) for arg in args.models]
+    means: dict[str, list[float]] = {arg: [] for arg, _ in models}
+    for seed in args.seeds:
+        ct, labels = synthetic_ct(Path(args.labels), seed, args.phase)
+        results["seeds"][seed] = check_crops(ct, labels, models, args.crops, means)
+    if len(args.seeds) > 1:
+        for arg, values in means.items():
+            print(f"{arg}: mean over {len(values)} crop(s) and seeds {float(np.mean(values)):.4f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     return 0
