@@ -230,6 +230,30 @@ def test_train_from_a_model_starts_from_its_weights(packed, tmp_path):
     assert bad.returncode == 2 and "one count >= 1 per stage" in bad.stderr
 
 
+def test_a_second_run_with_another_seed_differs_and_keeps_its_seed(packed, tmp_path):
+    """--seed: another seed trains other weights from the same pack, the run records its seed and
+    keeps it when resumed without --seed, and another seed on the same run is refused."""
+    _, out, _ = packed
+    runs = {}
+    for name, extra in (("default", ()), ("seed0", ("--seed", 0)), ("seed5", ("--seed", 5))):
+        proc = _train(out, tmp_path / name, "--iterations", 2, 2, *extra, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[name] = torch.load(sorted((tmp_path / name / "stage1" / "checkpoints").glob("*.pt"))[-1],
+                                map_location="cpu", weights_only=True)["model"]
+    config = json.loads((tmp_path / "seed5" / "config.json").read_text())["config"]   # the effective config
+    assert config["train"]["seed"] == 5 and json.loads((tmp_path / "seed5" / "seed.json").read_text()) == {"seed": 5}
+    assert not (tmp_path / "default" / "seed.json").exists()
+    same, other = runs["default"], runs["seed5"]
+    assert all(torch.equal(same[k], runs["seed0"][k]) for k in same)      # the config's seed is 0
+    assert not all(torch.allclose(same[k], other[k], atol=1e-4) for k in same)
+    again = _train(out, tmp_path / "seed5", "--iterations", 3, 2, cwd=tmp_path)    # resumed: seed 5 kept
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "seed5" / "config.json").read_text())["config"]["train"]["seed"] == 5
+    refused = _train(out, tmp_path / "seed5", "--seed", 6, cwd=tmp_path)
+    assert refused.returncode == 2 and "was started with --seed 5" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
 def test_a_finished_run_trains_further_in_a_later_sitting(packed, tmp_path):
     """--iterations above a finished run's counts: each stage goes on from its checkpoint (the
     first iterations' log is kept, not retrained), the re-exported networks differ, and the fused

@@ -26,6 +26,10 @@ package is never resumed from another. `all --keep-init-stage stage1` exports th
 package's stage-1 weights in place of the fine-tuned ones (stage 2 still trained on the fine-tuned
 stage 1's candidates): abdomen-ct 2.6.1's networks.
 
+`--seed N` replaces the pack config's training seed (network initialisation, sub-volume sampling,
+augmentation): a second run of the same recipe, to see how far two runs differ. A run keeps the
+seed it started with (RUN/seed.json).
+
 `export` writes the model package (here, with SimpleITK) from the run folder.
 
 `all` is the one command that retrains a default model: pack (RUN/pack), train (RUN/networks),
@@ -228,6 +232,7 @@ def train(args: argparse.Namespace) -> int:
     ctx = DistContext()
     minutes = list(args.minutes or [])
     _override_counts(raw, args.iterations, args.warmup)
+    _override_seed(raw, getattr(args, "seed", None), run_dir)
     inits: list = [None] * len(raw["stages"])
     origin, lr_scale = None, 1.0
     if args.init:
@@ -304,6 +309,28 @@ def _extend(folder: Path, name: str, wanted: int, fitted: dict, fitted_path: Pat
     fitted[name] = wanted
     atomic_write(fitted_path, json.dumps(fitted, indent=1))
     return False
+
+
+def _override_seed(raw: dict, seed: int | None, run_dir: Path) -> None:
+    """`--seed`: the training seed (network initialisation, sub-volume sampling, augmentation) in
+    place of the pack config's, for a second run of the same recipe. A run keeps the seed it
+    started with (`seed.json`): resumed without `--seed` it takes it from there, with another one
+    it is refused."""
+    record = run_dir / "seed.json"
+    started = json.loads(record.read_text(encoding="utf-8"))["seed"] if record.is_file() else None
+    if seed is not None and started is not None and seed != started:
+        raise UserError(f"{run_dir} was started with --seed {started}; give the same seed to resume it, "
+                        "or a new --run-dir")
+    if seed is None:
+        seed = started
+    if seed is None:
+        return
+    raw.setdefault("train", {})["seed"] = int(seed)
+    for stage in raw["stages"]:
+        if "seed" in stage.get("train", {}):
+            stage["train"]["seed"] = int(seed)
+    if started is None:
+        atomic_write(record, json.dumps({"seed": int(seed)}))
 
 
 def _override_counts(raw: dict, iterations: list[int] | None, warmup: int | None) -> None:
@@ -417,7 +444,8 @@ def all_steps(args: argparse.Namespace) -> int:
         pack(argparse.Namespace(config=args.config, output=str(pack_dir), exclude=args.exclude, work=args.work))
     train(argparse.Namespace(pack=str(pack_dir), run_dir=str(networks), device=args.device, minutes=args.minutes,
                              threads=args.threads, progress=args.progress, only=None, init=args.init,
-                             lr_factor=args.lr_factor, iterations=args.iterations, warmup=args.warmup))
+                             lr_factor=args.lr_factor, iterations=args.iterations, warmup=args.warmup,
+                             seed=args.seed))
     export(argparse.Namespace(run_dir=str(networks), output=str(networks / "model")))
     if args.keep_init_stage:
         keep_init_stages(networks / "model", args.init, args.keep_init_stage)
@@ -470,6 +498,8 @@ def _finetune_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-factor", type=float, help="learning rate x this with --init (default 0.1)")
     p.add_argument("--iterations", type=int, nargs="+", metavar="N", help="iterations per stage (replace the config's)")
     p.add_argument("--warmup", type=int, help="warm-up iterations (replace the config's)")
+    p.add_argument("--seed", type=int, help="training seed (replaces the config's: a second run of the same "
+                                            "recipe); a run keeps the seed it started with")
 
 
 def main() -> int:
