@@ -225,6 +225,52 @@ def test_the_sample_cts_pelvis_is_flagged_as_a_scan_without_our_organs(sample_ct
                                   sitk.GetArrayViewFromImage(result.labels))
 
 
+def _with_min_agreement(share: float) -> ModelPackage:
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+
+    model = load_model()
+    assert model.atlas_prior is not None
+    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "min_scan_agreement": share})
+    return model
+
+
+def test_where_no_atlas_agrees_their_organs_are_not_candidates(sample_ct_path: Path) -> None:
+    """`min_scan_agreement` (abdomen-ct 2.13.2): on the sample CT's pelvis, where no atlas agrees
+    with stage 1, the atlases' organs neither join C2 nor label anything outside it (fewer false
+    organs; said in a warning; the scan still flagged); the whole sample CT, where they agree, is
+    segmented exactly as without the setting."""
+    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
+
+    ct = read_image(sample_ct_path)
+    pelvis = ct[:, :, :56]
+    warnings: list[str] = []
+    kept = Segmenter(_with_min_agreement(0.1), device="cpu", on_warning=warnings.append).segment(pelvis)
+    used = Segmenter(_with_min_agreement(0.0), device="cpu").segment(pelvis)
+    assert kept.stats["atlas_prior_candidates"] == 0.0 and kept.stats["atlas_prior_agreement"] < 0.1
+    assert "atlas_prior_candidates" not in used.stats
+    assert any(w.startswith("atlas prior: no atlas's organs agree with the networks'") for w in warnings)
+    assert [c.kind for c in kept.atlas_conflicts][:1] == ["scan"]      # flagged, as with the candidates
+    assert np.count_nonzero(sitk.GetArrayViewFromImage(kept.labels)) < np.count_nonzero(
+        sitk.GetArrayViewFromImage(used.labels))
+    # the path that keeps the scores gives the same labels, and its scores' argmax is them
+    scored = Segmenter(_with_min_agreement(0.1), device="cpu", keep_probabilities=True).segment(pelvis)
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(scored.labels), sitk.GetArrayViewFromImage(kept.labels))
+    probs = scored.probabilities
+    assert probs is not None
+    start = pelvis.TransformPhysicalPointToIndex(probs.GetOrigin())
+    box = tuple(slice(a, a + n) for a, n in zip(start[::-1], probs.GetSize()[::-1]))
+    in_box = sitk.GetArrayFromImage(kept.labels)[box]
+    assert (sitk.GetArrayFromImage(probs).argmax(-1) == in_box).mean() > 0.98
+    whole = [sitk.GetArrayFromImage(Segmenter(_with_min_agreement(v), device="cpu").segment(ct).labels)
+             for v in (0.0, 0.1)]
+    np.testing.assert_array_equal(whole[0], whole[1])
+    spec = _with_min_agreement(0.1).atlas_prior
+    assert spec is not None and AtlasPriorSpec.from_json(spec.to_json()) == spec     # written and read back
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_scan_agreement"):
+            AtlasPriorSpec.from_json({**spec.to_json(), "min_scan_agreement": bad})
+
+
 def test_a_model_without_atlases_reports_no_check(sample_ct_path: Path, tmp_path: Path) -> None:
     model = ModelPackage.load(load_model().root)
     folder = tmp_path / "no-atlases"

@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parent.parent
     (["--mixup-share", "0.7", "--mixup-organs", "liver", "lung"], "mixup_organs names unknown organs ['lung']"),
     (["--mixup-organs", "liver", "spleen"], "--mixup-organs needs --mixup-share"),
     (["--network-weight", "1.5"], "network_weight 1.5 is outside [0, 1]"),
+    (["--min-scan-agreement", "1"], "min_scan_agreement 1.0 is outside [0, 1)"),
 ])
 def test_bad_prior_settings_stop_the_build_before_any_work(tmp_path: Path, options: list[str], message: str) -> None:
     out, work = tmp_path / "pkg", tmp_path / "work"

@@ -104,7 +104,8 @@ def prior_settings(args: argparse.Namespace) -> dict:
                 "local_weight_power": args.local_weight_power, "local_weight_sigma_mm": args.local_weight_sigma_mm,
                 "linear_iterations": args.linear_iterations, "demons_smoothing": args.demons_smoothing,
                 "slab_demons_smoothing": args.slab_demons_smoothing, "intensity_weight": args.intensity_weight,
-                "intensity_core_share": args.intensity_core_share, "placement": args.placement}
+                "intensity_core_share": args.intensity_core_share, "placement": args.placement,
+                "min_scan_agreement": args.min_scan_agreement}
     if args.mixup_share:
         settings |= {"mixup_share": args.mixup_share, "mixup_organs": list(args.mixup_organs)}
     elif args.mixup_organs != MIXUP_ORGANS:
@@ -159,6 +160,10 @@ def parser() -> argparse.ArgumentParser:
                          "(before 2.10.0 and since 2.13.1, whose GPU-trained networks it cost organs)")
     ap.add_argument("--mixup-organs", nargs="+", default=MIXUP_ORGANS,
                     help="the organs whose identity the atlases may decide (not vessels, gallbladder or pancreas)")
+    ap.add_argument("--min-scan-agreement", type=float, default=0.1,
+                    help="on a whole scan where no atlas's organs agree with stage 1's by this Dice, the atlases' "
+                         "organs are not stage-2 candidates and label nothing outside them (abdomen-ct 2.13.2: 0.1, "
+                         "the atlas check's threshold); 0: off (before 2.13.2)")
     ap.add_argument("--placement", choices=PLACEMENTS, default="search",
                     help="how each atlas is first placed on a whole scan: search (abdomen-ct 2.12.0: also where "
                          "it correlates best, taken where that lies over 60 mm away and agrees better with stage "

@@ -64,12 +64,17 @@ class RegisterOnce(Segmenter):
     def __init__(self, model: ModelPackage) -> None:
         super().__init__(model, device="cpu")
         self.priors: dict[tuple, atlas_prior.GridPrior | None] = {}
+        self.agreements: dict[tuple, float] = {}
 
     def _atlas_prior(self, image: sitk.Image, grid: sitk.Image, t: dict[str, float],
                      stage1: sitk.Image | None = None) -> atlas_prior.GridPrior | None:
         key = _geometry(image)
         if key not in self.priors:     # stage 1 does not change with the weight: one prior per image
             self.priors[key] = super()._atlas_prior(image, grid, t, stage1)
+            if "atlas_prior_agreement" in self._stats:
+                self.agreements[key] = self._stats["atlas_prior_agreement"]
+        elif key in self.agreements:   # what the scan check and min_scan_agreement read, as registered
+            self._stats["atlas_prior_agreement"] = self.agreements[key]
         cached = self.priors[key]
         if cached is None or self.model.atlas_prior is None:
             return None

@@ -185,12 +185,20 @@ class AtlasPriorSpec:
     # "search" (2.12.0) also tries the translation at which they correlate best, also in part
     # (`best_translation`), where it lies more than PLACEMENT_TOLERANCE_MM head to feet away.
     placement: str = "moments"
+    # > 0: on a whole scan where no registered atlas's organs agree with stage 1's by this Dice
+    # (`organ_agreement`; the atlas check flags the same scans at MIN_SCAN_AGREEMENT), the atlases
+    # found no abdomen (a pelvic or chest CT): their organs do not join C2 and do not label
+    # anything outside it, while inside C2 the prior is still fused, its background vote holding
+    # down the networks' false organs. 0 (packages before abdomen-ct 2.13.2): used as anywhere.
+    min_scan_agreement: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         mixups = {"mixup_share": self.mixup_share, "mixup_organs": list(self.mixup_organs)} if self.mixup_share else {}
         intensity = {"intensity_weight": self.intensity_weight,
                      "intensity_core_share": self.intensity_core_share} if self.intensity_weight else {}
         placement = {"placement": self.placement} if self.placement != "moments" else {}
+        if self.min_scan_agreement:
+            placement["min_scan_agreement"] = self.min_scan_agreement
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,
                 "window_hu": list(self.window_hu), "network_weight": self.network_weight,
                 "smoothing_mm": self.smoothing_mm, "min_extent_mm": self.min_extent_mm,
@@ -224,7 +232,8 @@ class AtlasPriorSpec:
                               mixup_organs=tuple(str(o) for o in d.get("mixup_organs", ())),
                               intensity_weight=float(d.get("intensity_weight", 0.0)),
                               intensity_core_share=float(d.get("intensity_core_share", 0.7)),
-                              placement=str(d.get("placement", "moments")))
+                              placement=str(d.get("placement", "moments")),
+                              min_scan_agreement=float(d.get("min_scan_agreement", 0.0)))
         if not spec.atlases:
             raise ValueError("atlas_prior lists no atlases")
         if not 0.0 <= spec.network_weight <= 1.0:
@@ -244,6 +253,8 @@ class AtlasPriorSpec:
         if not 0.0 <= spec.intensity_weight <= MAX_INTENSITY_WEIGHT or not 0.5 < spec.intensity_core_share <= 1.0:
             raise ValueError(f"atlas_prior needs intensity_weight in [0, {MAX_INTENSITY_WEIGHT:g}] and "
                              "intensity_core_share in (0.5, 1]")
+        if not 0.0 <= spec.min_scan_agreement < 1.0:
+            raise ValueError(f"atlas_prior min_scan_agreement {spec.min_scan_agreement} is outside [0, 1)")
         if spec.placement not in PLACEMENTS:
             raise ValueError(f"atlas_prior placement {spec.placement!r} is not one of {', '.join(PLACEMENTS)}")
         return spec
@@ -827,16 +838,20 @@ class GridPrior:
         `network` the stage-2 probabilities (K, z, y, x) of that region. The label inside C2."""
         return fused_scores(network, self.region(lo, hi), self.network_weight).argmax(0).to(torch.uint8)
 
-    def fuse_into(self, probs: torch.Tensor, inside: torch.Tensor, slab: int = 16) -> torch.Tensor:
+    def fuse_into(self, probs: torch.Tensor, inside: torch.Tensor, slab: int = 16,
+                  prior_outside: bool = True) -> torch.Tensor:
         """Stage 2's whole-grid probabilities (K, z, y, x on `target`) turned, in place and slab by
         slab, into the scores the labels are the argmax of: fused inside C2 (`inside`), the
-        interpolated prior outside it. What `--save-probabilities` writes for an atlas model."""
+        interpolated prior outside it (stage 2's own there without `prior_outside`: a scan the
+        atlases found no abdomen in, `AtlasPriorSpec.min_scan_agreement`). What
+        `--save-probabilities` writes for an atlas model."""
         z_n, y_n, x_n = self.shape
         for z0 in range(0, z_n, slab):
             z1 = min(z0 + slab, z_n)
             prior = self.region((z0, 0, 0), (z1, y_n, x_n)).to(probs.dtype)
+            outside = prior if prior_outside else probs[:, z0:z1]
             probs[:, z0:z1] = torch.where(inside[z0:z1], fused_scores(probs[:, z0:z1], prior, self.network_weight),
-                                          prior)
+                                          outside)
         return probs
 
     def _resampled(self, lo: list[int], hi: list[int]) -> torch.Tensor:

@@ -328,7 +328,15 @@ class Segmenter:
             t["c2"] = time.perf_counter() - t0
             self.check_cancel()
             atlas = self._atlas_prior(image, ref2, t, stage1_img)        # GridPrior or None
-            if atlas is not None and model.atlas_prior is not None and model.atlas_prior.candidates:
+            agreement = stats.get("atlas_prior_agreement")
+            unanchored = (atlas is not None and model.atlas_prior is not None and agreement is not None
+                          and agreement < model.atlas_prior.min_scan_agreement)
+            if unanchored:
+                stats["atlas_prior_candidates"] = 0.0
+                self._warn(f"atlas prior: no atlas's organs agree with the networks' (best Dice {agreement:.2f}, "
+                           f"under {model.atlas_prior.min_scan_agreement:g}); their organs are not candidates, "
+                           "only their vote inside the networks' candidates counts")
+            elif atlas is not None and model.atlas_prior is not None and model.atlas_prior.candidates:
                 # The atlases' organs are candidates too, dilated like stage 1's: stage 2 looks
                 # wherever either puts an organ (an organ stage 1 missed is segmented by the
                 # network, not copied from the atlases), and outside C2 the prior says background.
@@ -353,10 +361,11 @@ class Segmenter:
             else:
                 final = torch.zeros(c2.shape, dtype=torch.uint8, device=self.device)
             if atlas is not None:
-                # Inside C2 the fused label, outside it (where the network never looked) the prior's.
-                final = torch.where(c2, final, atlas.labels())
+                # Inside C2 the fused label, outside it (where the network never looked) the prior's,
+                # unless the atlases found no abdomen: background there.
+                final = final * c2 if unanchored else torch.where(c2, final, atlas.labels())
                 if probs is not None:                        # saved scores = what the labels came from
-                    probs = atlas.fuse_into(probs, c2)
+                    probs = atlas.fuse_into(probs, c2, prior_outside=not unanchored)
             # No organ lies outside the body mask C1, and the output drops anything there; drop it
             # before the steps that choose by counting voxels, or a piece in the air around the body
             # (the atlases' organs dilated past the skin into C2) can win as an organ's largest
