@@ -196,7 +196,7 @@ class AtlasPriorSpec:
         mixups = {"mixup_share": self.mixup_share, "mixup_organs": list(self.mixup_organs)} if self.mixup_share else {}
         intensity = {"intensity_weight": self.intensity_weight,
                      "intensity_core_share": self.intensity_core_share} if self.intensity_weight else {}
-        placement = {"placement": self.placement} if self.placement != "moments" else {}
+        placement: dict[str, Any] = {"placement": self.placement} if self.placement != "moments" else {}
         if self.min_scan_agreement:
             placement["min_scan_agreement"] = self.min_scan_agreement
         return {"atlases": [a.to_json() for a in self.atlases], "spacing_mm": self.spacing_mm,

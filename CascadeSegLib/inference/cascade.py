@@ -329,13 +329,13 @@ class Segmenter:
             self.check_cancel()
             atlas = self._atlas_prior(image, ref2, t, stage1_img)        # GridPrior or None
             agreement = stats.get("atlas_prior_agreement")
-            unanchored = (atlas is not None and model.atlas_prior is not None and agreement is not None
-                          and agreement < model.atlas_prior.min_scan_agreement)
+            least = model.atlas_prior.min_scan_agreement if model.atlas_prior is not None else 0.0
+            unanchored = atlas is not None and agreement is not None and agreement < least
             if unanchored:
                 stats["atlas_prior_candidates"] = 0.0
                 self._warn(f"atlas prior: no atlas's organs agree with the networks' (best Dice {agreement:.2f}, "
-                           f"under {model.atlas_prior.min_scan_agreement:g}); their organs are not candidates, "
-                           "only their vote inside the networks' candidates counts")
+                           f"under {least:g}); their organs are not candidates, only their vote inside the "
+                           "networks' candidates counts")
             elif atlas is not None and model.atlas_prior is not None and model.atlas_prior.candidates:
                 # The atlases' organs are candidates too, dilated like stage 1's: stage 2 looks
                 # wherever either puts an organ (an organ stage 1 missed is segmented by the
