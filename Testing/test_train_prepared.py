@@ -252,6 +252,8 @@ def test_a_second_run_with_another_seed_differs_and_keeps_its_seed(packed, tmp_p
     refused = _train(out, tmp_path / "seed5", "--seed", 6, cwd=tmp_path)
     assert refused.returncode == 2 and "was started with --seed 5" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+    begun = _train(out, tmp_path / "default", "--seed", 5, cwd=tmp_path)      # begun with the config's seed
+    assert begun.returncode == 2 and "was started with --seed 0" in begun.stderr
 
 
 def test_a_finished_run_trains_further_in_a_later_sitting(packed, tmp_path):

@@ -318,6 +318,8 @@ def _override_seed(raw: dict, seed: int | None, run_dir: Path) -> None:
     it is refused."""
     record = run_dir / "seed.json"
     started = json.loads(record.read_text(encoding="utf-8"))["seed"] if record.is_file() else None
+    if started is None and any((run_dir / s["name"]).is_dir() for s in raw["stages"]):
+        started = int(raw.get("train", {}).get("seed", 0))       # begun before with the config's seed
     if seed is not None and started is not None and seed != started:
         raise UserError(f"{run_dir} was started with --seed {started}; give the same seed to resume it, "
                         "or a new --run-dir")
