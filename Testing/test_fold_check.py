@@ -4,14 +4,13 @@ the sample CT."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from config_scripts import load_config_script
 
 from CascadeSegLib.inference import atlas_prior
 from CascadeSegLib.inference.cascade import Segmenter
@@ -25,11 +24,7 @@ NEGATIVE_CT = REPO / "Resources" / "TrainingData" / "totalsegmentator" / "s0003_
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("fold_check", REPO / "configs" / "fold_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_config_script("fold_check")
 
 
 def _reference(mod, ct: sitk.Image, model) -> tuple[sitk.Image, dict[str, int]]:

@@ -3,13 +3,12 @@ phase setting, and "random" draws what "portal" fixes; crops fall where the anat
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from config_scripts import load_config_script
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
@@ -17,11 +16,7 @@ SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("fov_check", REPO / "configs" / "fov_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_config_script("fov_check")
 
 
 def test_synthetic_ct_is_reproducible_on_the_label_maps_grid_and_random_draws_more(mod):

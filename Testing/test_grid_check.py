@@ -4,14 +4,13 @@ native grid exactly as a plain segmentation is scored."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from config_scripts import load_config_script
 
 from CascadeSegLib.inference.cascade import Segmenter
 from CascadeSegLib.io import read_image
@@ -23,11 +22,7 @@ SAMPLE_LABELS = REPO / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii
 
 @pytest.fixture(scope="module")
 def mod():
-    spec = importlib.util.spec_from_file_location("grid_check", REPO / "configs" / "grid_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_config_script("grid_check")
 
 
 def test_grids_are_parsed_with_native_axes_and_bad_ones_refused(mod):
