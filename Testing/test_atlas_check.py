@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -95,11 +96,12 @@ def test_a_scan_no_atlas_agrees_with_is_flagged_as_a_whole() -> None:
     assert atlas_check.scan_conflict(0.0, lab, 0.5) is None
 
 
-def _without_mixups(model: ModelPackage) -> ModelPackage:
+def _with_prior(model: ModelPackage, **changes: Any) -> ModelPackage:
+    """`model` with these atlas_prior settings changed, checked as model.json is."""
     from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
 
     assert model.atlas_prior is not None
-    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "mixup_share": 0.0})
+    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), **changes})
     return model
 
 
@@ -107,7 +109,7 @@ def _without_mixups(model: ModelPackage) -> ModelPackage:
 def swapped_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model with stage 2's spleen and left-kidney outputs swapped, the atlases'
     organ-identity step off (what the check is for is seeing such a mix-up)."""
-    model = _without_mixups(load_model())
+    model = _with_prior(load_model(), mixup_share=0.0)
     folder = tmp_path_factory.mktemp("swapped")
     spleen, kidney = model.labels.by_name("spleen").value, model.labels.by_name("kidney_left").value
     states = [model.load_weights(i) for i in range(len(model.stages))]
@@ -168,7 +170,7 @@ def test_a_network_that_never_finds_the_spleen_is_flagged(sample_ct_path: Path,
     """Stage 2 with the spleen's output pushed to -1000. With the network weighted 0.9 (2.1.0-2.7.0)
     the fused labels lose the spleen, and the region the atlases agree is spleen is reported
     missed (the liver, found, is not); at the shipped equal weight the atlases give part of it back."""
-    model = _without_mixups(load_model())
+    model = _with_prior(load_model(), mixup_share=0.0)
     states = [model.load_weights(i) for i in range(len(model.stages))]
     states[1]["head.bias"] = states[1]["head.bias"].clone()
     states[1]["head.bias"][model.labels.by_name("spleen").value] = -1000.0
@@ -226,12 +228,7 @@ def test_the_sample_cts_pelvis_is_flagged_as_a_scan_without_our_organs(sample_ct
 
 
 def _with_min_agreement(share: float) -> ModelPackage:
-    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
-
-    model = load_model()
-    assert model.atlas_prior is not None
-    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "min_scan_agreement": share})
-    return model
+    return _with_prior(load_model(), min_scan_agreement=share)
 
 
 def test_where_no_atlas_agrees_their_organs_are_not_candidates(sample_ct_path: Path) -> None:
@@ -353,12 +350,8 @@ def test_the_atlases_fix_a_mixup_of_stage_2_but_not_of_both_stages(sample_ct_pat
     finds the spleen, stage 2 calls it left kidney, and the atlases (which agree on the spleen)
     give it back. Swapped in both stages, the networks agree with each other against the atlases
     and keep their labels (on scans the atlases fit badly, the networks are the ones that are right)."""
-    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
-
-    model = load_model()          # the step is off in the shipped package since 2.13.1: turned on here
-    assert model.atlas_prior is not None
-    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "mixup_share": 0.7,
-                                                  "mixup_organs": list(MIXUP_ORGANS)})
+    # the step is off in the shipped package since 2.13.1: turned on here
+    model = _with_prior(load_model(), mixup_share=0.7, mixup_organs=list(MIXUP_ORGANS))
     spleen, kidney = model.labels.by_name("spleen").value, model.labels.by_name("kidney_left").value
     ct, reference = read_image(sample_ct_path), shipped_labels
     states = [model.load_weights(i) for i in range(len(model.stages))]
@@ -402,7 +395,6 @@ def test_mixup_settings_default_off_round_trip_and_are_checked() -> None:
 def test_mixup_relabel_gives_a_swapped_network_its_organs_back(swapped_model: Path, sample_ct_path: Path) -> None:
     """The network that calls the spleen left kidney and back: with the atlases deciding which
     organ among liver, spleen, kidneys and stomach, both organs come back on the sample CT."""
-    from CascadeSegLib.inference.atlas_prior import AtlasPriorSpec
 
     reference = Path(__file__).resolve().parent.parent / "Resources" / "SampleData" / "abdomen_ct_3mm_totalseg.nii.gz"
     model = ModelPackage.load(swapped_model)
@@ -417,9 +409,7 @@ def test_mixup_relabel_gives_a_swapped_network_its_organs_back(swapped_model: Pa
         return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
     before = Segmenter(model, device="cpu").segment(ct)
-    assert model.atlas_prior is not None
-    model.atlas_prior = AtlasPriorSpec.from_json({**model.atlas_prior.to_json(), "mixup_share": 0.7,
-                                                  "mixup_organs": names})
+    model = _with_prior(model, mixup_share=0.7, mixup_organs=names)
     after = Segmenter(model, device="cpu").segment(ct)
     for organ in ("spleen", "kidney_left"):
         assert dice(before.labels, organ) < 0.3 < 0.7 < dice(after.labels, organ)

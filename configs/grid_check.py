@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO / "configs"))
 from compare_bundled import dice_per_organ, reference_on_grid  # noqa: E402 - same folder
 
 from CascadeSegLib.inference.cascade import Segmenter  # noqa: E402
+from CascadeSegLib.inference.preprocess import resample  # noqa: E402
 from CascadeSegLib.io import read_image  # noqa: E402
 from CascadeSegLib.packaging.model import ModelPackage, find_model  # noqa: E402
 
@@ -96,7 +97,7 @@ def check(model: ModelPackage, ct: sitk.Image, reference: sitk.Image, grids: lis
 
 def to_native(labels: sitk.Image, grid: sitk.Image) -> sitk.Image:
     """`labels` on `grid` (nearest: a label is never blended)."""
-    return sitk.Resample(labels, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+    return resample(labels, grid, "nearest")
 
 
 def markdown(result: dict[str, Any]) -> str:
