@@ -76,12 +76,14 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
     refined = any(k.startswith("refine_iterations_") for k in stats)
-    lines += _atlas_check_lines(report.get("atlas_check"), refined)
+    lines += _atlas_check_lines(report.get("atlas_check"), refined, stats.get("atlas_check_per_organ") == 0.0)
     return "\n".join(lines) + "\n"
 
 
-def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = False) -> list[str]:
-    """The atlas check in words: what to review first, then the small border conflicts."""
+def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = False,
+                       no_abdomen: bool = False) -> list[str]:
+    """The atlas check in words: what to review first, then the small border conflicts.
+    `no_abdomen`: no atlas agreed with stage 1, so no organ was checked against the atlases."""
     if conflicts is None:
         return []
     flagged = [c for c in conflicts if c["flagged"]]
@@ -90,6 +92,10 @@ def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = F
     if flagged:
         lines.append("**Atlas check: review these regions.**")
         lines += ["- " + _conflict_text(c) for c in flagged]
+    elif no_abdomen:
+        lines.append("Atlas check: no atlas's organs agree with the network's, so the scan seems to hold none of "
+                     "the abdomen's organs; the result labels next to nothing, and no organ is checked against "
+                     "the atlases.")
     else:
         lines.append("Atlas check: no organ lies, in a large part, where most atlases put another organ or none.")
     if minor:

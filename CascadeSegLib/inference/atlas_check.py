@@ -15,7 +15,7 @@ check changes no label. Its thresholds were set on 2026-12-01 before it was run 
 A whole scan is also checked as a whole (`scan_conflict`): where no registered atlas's organs agree
 with stage 1's (a pelvic or chest CT that holds none of the ten organs, where the networks invent
 some and the atlases, registered onto anatomy they do not hold, put theirs elsewhere), every
-segment is suspect, and one flagged "scan" conflict says so.
+segment is suspect, and one flagged "scan" conflict says so; the per-organ checks are not made there.
 A package with `mixup_share` (abdomen-ct 2.10.0-2.13.0) has already given the atlases' organ to mixed-up
 voxels of its `mixup_organs` (`GridPrior.relabel_mixups`): the check reports what is left.
 """
@@ -79,9 +79,15 @@ class AtlasConflict:
         return asdict(self)
 
 
-def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet) -> list[AtlasConflict]:
+def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet,
+                    agreement: float | None = None) -> list[AtlasConflict]:
     """The conflicts of `labels` (uint8 on the prior's target grid, stage 2's) with the atlases,
-    largest first."""
+    largest first. None where no atlas agrees with stage 1 (`agreement`, the best atlas's
+    `organ_agreement`, under `MIN_SCAN_AGREEMENT`): atlases registered onto a head or a chest put
+    their organs somewhere, and "the result leaves the right kidney unlabelled" there is false;
+    `scan_conflict` speaks for such a scan."""
+    if agreement is not None and agreement < MIN_SCAN_AGREEMENT:
+        return []
     out = _mix_ups(labels, prior, labelset) + _missed(labels, prior, labelset)
     return sorted(out, key=lambda c: -c.ml)
 
