@@ -76,19 +76,28 @@ def report_markdown(report: dict[str, Any], labelset: LabelSet) -> str:
                   "Atlas prior: skipped (the scan is too short to register atlases onto); the networks alone "
                   "segmented it"]
     refined = any(k.startswith("refine_iterations_") for k in stats)
-    lines += _atlas_check_lines(report.get("atlas_check"), refined, stats.get("atlas_check_per_organ") == 0.0)
+    lines += _atlas_check_lines(report.get("atlas_check"), refined, stats.get("atlas_check_per_organ") == 0.0,
+                                bool(stats.get("atlas_prior_slab")))
     return "\n".join(lines) + "\n"
 
 
 def _atlas_check_lines(conflicts: list[dict[str, Any]] | None, refined: bool = False,
-                       no_abdomen: bool = False) -> list[str]:
+                       no_abdomen: bool = False, slab: bool = False) -> list[str]:
     """The atlas check in words: what to review first, then the small border conflicts.
-    `no_abdomen`: no atlas agreed with stage 1, so no organ was checked against the atlases."""
+    `no_abdomen`: no atlas agreed with stage 1, so no organ was checked against the atlases;
+    `slab`: the atlases were placed on a slab, so the conflicts are listed and none is flagged."""
     if conflicts is None:
         return []
     flagged = [c for c in conflicts if c["flagged"]]
     minor = [c for c in conflicts if not c["flagged"]]
     lines = ["", "(The atlas check below is of the cascade's labels, before --refine.)"] if refined else [""]
+    if slab and not flagged:
+        if minor:
+            lines.append("Atlas check on a slab, listed but not flagged (atlases registered onto a slab are often "
+                         "centimetres off): " + "; ".join(_conflict_text(c) for c in minor))
+        else:
+            lines.append("Atlas check on a slab: no organ lies where most atlases put another organ or none.")
+        return lines
     if flagged:
         lines.append("**Atlas check: review these regions.**")
         lines += ["- " + _conflict_text(c) for c in flagged]

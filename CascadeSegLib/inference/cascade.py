@@ -383,7 +383,8 @@ class Segmenter:
                                                 atlas.plausible if atlas is not None else None,
                                                 stage1_on_grid2 if atlas is not None else None)
             if atlas is not None:
-                conflicts = atlas_conflicts(final, atlas, model.labels, agreement)
+                conflicts = atlas_conflicts(final, atlas, model.labels, agreement,
+                                            slab=bool(stats.get("atlas_prior_slab")))
                 if agreement is not None and agreement < MIN_SCAN_AGREEMENT:
                     stats["atlas_check_per_organ"] = 0.0     # the report says why nothing is listed
                 for conflict in conflicts:
