@@ -133,6 +133,23 @@ def test_mr_like_image_warns_and_runs_only_when_asked(tmp_path, model_dir, phant
     assert cio.same_geometry(sitk.ReadImage(str(out)), ct)
 
 
+def test_ct_saved_without_its_rescale_intercept_is_refused_with_the_fix(tmp_path, model_dir, phantom, capsys):
+    """Unsigned CT with air at 0 (a DICOM series exported without its rescale intercept of -1024):
+    refused with what to do; the same CT in HU is segmented, and MR-like data gets no such hint."""
+    ct, _ = phantom
+    shifted = sitk.Cast(sitk.Clamp(ct, lowerBound=-1024) + 1024, sitk.sitkUInt16)
+    hi = np.percentile(sitk.GetArrayViewFromImage(shifted), 99)
+    segment_refused(write(shifted, tmp_path / "plus1024.nrrd"), tmp_path / "out", model_dir, capsys,
+                    "no air", f"saved without its rescale intercept (air at 0, 99th percentile {hi:.0f}), "
+                    "subtract 1024 from it or export it again in HU", "--allow-non-ct")
+    code, err, _ = run_cli(["segment", str(write(ct, tmp_path / "hu.nrrd")), "-o", str(tmp_path / "hu-out.nrrd"),
+                            "--model", str(model_dir), "--quiet"], capsys)
+    assert code == 0, err
+    code, err, _ = run_cli(["segment", str(write(_mr_like(ct), tmp_path / "mr.nrrd")), "-o",
+                            str(tmp_path / "mr-out.nrrd"), "--model", str(model_dir), "--quiet"], capsys)
+    assert code == 2 and not any("rescale intercept" in ln for ln in err), err
+
+
 def test_8bit_image_needs_allow_non_ct(tmp_path, model_dir, phantom, capsys):
     ct, _ = phantom
     arr = np.clip((sitk.GetArrayFromImage(ct) + 1000) // 8, 0, 255).astype(np.uint8)

@@ -78,6 +78,10 @@ def _check_intensities(image: sitk.Image, allow: bool) -> str | None:
         reason = "it is 8-bit data"
     elif lo > -300:
         reason = f"it has no air (1st percentile {lo:.0f}, CT air is about -1000 HU)"
+        if abs(lo) < 100 and hi > 1000:
+            # air at 0 and tissue above 1000: a CT saved without the series' rescale intercept
+            reason += (f"; if it is CT saved without its rescale intercept (air at 0, 99th percentile {hi:.0f}), "
+                       "subtract 1024 from it or export it again in HU")
     elif hi < 0:
         reason = f"it has no soft tissue (99th percentile {hi:.0f} HU)"
     if reason is None:
