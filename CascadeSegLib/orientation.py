@@ -40,6 +40,12 @@ def nearest_orthonormal(direction: npt.ArrayLike, dim: int = 3) -> tuple[float, 
     return tuple(float(v) for v in (u @ vt).ravel())
 
 
+def sform_direction(sform: np.ndarray) -> tuple[float, ...]:
+    """ITK's (LPS) direction of a NIfTI sform's 3x3 part (RAS, unit columns): its nearest
+    orthonormal matrix with x and y negated."""
+    return nearest_orthonormal(np.diag([-1.0, -1.0, 1.0]) @ np.asarray(sform, dtype=float).reshape(3, 3))
+
+
 def nifti_sform(path: Path) -> tuple[int, int, np.ndarray] | None:
     """(qform_code, sform_code, 3x3 sform with unit columns) from a NIfTI-1/2 header, or None."""
     opener = gzip.open if path.name.lower().endswith(".gz") else open

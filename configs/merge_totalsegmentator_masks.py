@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from CascadeSegLib.errors import UserError  # noqa: E402
-from CascadeSegLib.io import write_image  # noqa: E402
+from CascadeSegLib.io import read_image, write_image  # noqa: E402
 from CascadeSegLib.io.images import WRITE_SUFFIXES, prepare_output  # noqa: E402
 
 CLASSES = REPO / "Resources" / "TrainingData" / "totalsegmentator" / "classes.json"
@@ -45,11 +45,14 @@ def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
         raise UserError(f"{folder} holds no TotalSegmentator masks, or masks of unknown structures "
                         f"{unknown[:5]}; give a case's segmentations folder (<structure>.nii.gz files)")
     ordered = sorted(files, key=lambda p: ids[p.name[:-7]])     # higher ids written last
-    first = sitk.ReadImage(str(ordered[0]))
+    # read_image: the dataset's headers are orthonormal only to ~1e-4 in some cases (s0000, s0002),
+    # which a plain ITK read refuses; one warning for the case, not one per mask
+    warned: list[str] = []
+    first = read_image(ordered[0], on_warning=warned.append)
     out = np.zeros(sitk.GetArrayViewFromImage(first).shape, np.uint8)
     twice = 0
     for f in ordered:
-        mask = first if f == ordered[0] else sitk.ReadImage(str(f))
+        mask = first if f == ordered[0] else read_image(f, on_warning=lambda _: None)
         # One grid up to header noise: the dataset's masks differ by 3e-5 in direction cosines
         # (float32 headers), past evaluation.images.same_grid's 1e-5, so a looser check here only.
         if mask.GetSize() != first.GetSize() or not all(
@@ -62,6 +65,8 @@ def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
         out[m] = ids[f.name[:-7]]
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(first)
+    for line in warned:
+        print(f"warning: {line}", file=sys.stderr)
     return img, twice
 
 

@@ -28,10 +28,10 @@ from ..orientation import (
     MAX_DEVIATION,
     WARN_DEVIATION,
     deviation,
-    nearest_orthonormal,
     nifti_sform,
     orthonormalize,
     permissive_nifti,
+    sform_direction,
 )
 from .common import READ_SUFFIXES, WRITE_SUFFIXES, Warn, file_suffix, itk_messages, itk_reason, print_warning
 from .dicom import dicom_slice_step, pick_series, read_dicom
@@ -128,9 +128,15 @@ def _itk_read(path: Path, call: Callable[[], Any]) -> Any:
         raise _sheared(path, dev, "a NIfTI sform whose axes")
     with permissive_nifti():
         try:
-            return call()
+            result = call()
         except RuntimeError as e:
             raise _cannot_read(path, e) from None
+    if isinstance(result, sitk.Image) and result.GetDimension() == 3:
+        # ITK's permissive mode gives the sform's rotation transposed, i.e. turned the other way
+        # (SimpleITK 2.5; TotalSegmentator s0000's masks, rotated 18 degrees, came out 37 degrees
+        # off): the sform itself is the direction
+        result.SetDirection(sform_direction(header[2]))
+    return result
 
 
 def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> None:
@@ -146,7 +152,7 @@ def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> 
     how = "the nearest orthonormal direction"
     if header is not None and sform_dev > WARN_DEVIATION and header[0] > 0 and image.GetDimension() == 3:
         # ITK falls back to the qform when it has one; say which direction was used.
-        nearest = np.asarray(nearest_orthonormal(header[2].ravel())).reshape(3, 3)
+        nearest = np.asarray(sform_direction(header[2])).reshape(3, 3)
         if not np.allclose(np.asarray(image.GetDirection()).reshape(3, 3), nearest, atol=1e-5):
             how = "the qform's direction"
     what = "NIfTI sform" if sform_dev > WARN_DEVIATION else "direction"
