@@ -52,7 +52,7 @@ def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
     out = np.zeros(sitk.GetArrayViewFromImage(first).shape, np.uint8)
     twice = 0
     for f in ordered:
-        mask = first if f == ordered[0] else read_image(f, on_warning=lambda _: None)
+        mask = first if f == ordered[0] else read_image(f, on_warning=warned.append)
         # One grid up to header noise: the dataset's masks differ by 3e-5 in direction cosines
         # (float32 headers), past evaluation.images.same_grid's 1e-5, so a looser check here only.
         if mask.GetSize() != first.GetSize() or not all(
@@ -65,8 +65,9 @@ def merge_totalsegmentator(folder: Path) -> tuple[sitk.Image, int]:
         out[m] = ids[f.name[:-7]]
     img = sitk.GetImageFromArray(out)
     img.CopyInformation(first)
-    for line in warned:
-        print(f"warning: {line}", file=sys.stderr)
+    if warned:
+        more = f" (and {len(warned) - 1} more masks alike)" if len(warned) > 1 else ""
+        print(f"warning: {warned[0]}{more}", file=sys.stderr)
     return img, twice
 
 
