@@ -146,10 +146,11 @@ def test_folders_without_ct_give_one_line_and_no_itk_blocks(tmp_path, dicom_slab
         lines = error_lines(res.stderr)
         assert len(lines) == 1 and lines[0].startswith("cascadeseg: error: "), res.stderr
         assert "WARNING" not in res.stderr and ".cxx" not in res.stderr
-    # A DICOM series with one slice missing: GDCM's complaint, if any, is a warning line.
+    # A DICOM series with one slice missing: refused in one line (ITK would stack the rest evenly).
     slab = tmp_path / "slab"
     shutil.copytree(dicom_slab_dir, slab)
     sorted(slab.iterdir())[10].unlink()
     res = cascadeseg("segment", slab, "-o", tmp_path / "slab_out", "--stage1-only", "--quiet")
     assert ".cxx" not in res.stderr and "WARNING: In" not in res.stderr
-    assert all(ln.startswith(("cascadeseg: warning: ", "cascadeseg: error: ")) for ln in error_lines(res.stderr))
+    assert res.returncode == 2 and len(error_lines(res.stderr)) == 1, res.stderr
+    assert error_lines(res.stderr)[0].startswith("cascadeseg: error: ") and "not evenly spaced" in res.stderr

@@ -88,15 +88,118 @@ def pick_series(folder: Path, series_uid: str | None, on_warning: Warn | None = 
     return picked
 
 
+#: a step between two slices that differs from the series' median step by more than this share
+#: is a gap (missing files) or a mixed series: ITK would stack the slices evenly, misplacing them
+MAX_STEP_DEVIATION = 0.1
+#: in-plane drift (mm) of the last slice against the first below which the slices are square to
+#: their normal; above it the series has a gantry tilt, which ITK ignores
+TILT_TOLERANCE_MM = 0.05
+
+
+@dataclass(frozen=True)
+class SliceGeometry:
+    """Where a series' slices really lie: `step` (mm) between slices along their normal and the
+    in-plane `drift` (LPS mm per mm along the normal; zero unless the gantry was tilted)."""
+
+    step: float
+    drift: tuple[float, float, float]
+
+    @property
+    def tilt_degrees(self) -> float:
+        return float(np.degrees(np.arctan(np.linalg.norm(self.drift))))
+
+
+def _series_name(folder: Path, uid: str) -> str:
+    return f"DICOM series {uid} in {folder}" if uid else f"the DICOM series in {folder}"
+
+
+def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometry | None:
+    """The slices' positions from their headers (ImagePositionPatient, ImageOrientationPatient),
+    before any pixel is read. UserError where the steps are uneven (a missing file: ITK only
+    warns and stacks the rest evenly) or slices share a position; None for fewer than two files."""
+    if len(files) < 2:
+        return None
+    origins: list[tuple[float, ...]] = []
+    normal = np.zeros(3)
+    for f in files:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(f)
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise UserError(f"cannot read DICOM file {f}: {itk_reason(e)}; check that the files are complete") from None
+        origins.append(reader.GetOrigin()[:3])
+        if len(origins) == 1:                           # the slices' normal, from the first file
+            normal = np.reshape(reader.GetDirection(), (3, 3))[:, 2]
+    rel = np.asarray(origins, dtype=float) - origins[0]
+    along = rel @ normal
+    steps = np.diff(along)
+    med = float(np.median(steps))
+    if abs(med) < 1e-6 or np.any(steps * np.sign(med) < 1e-6):
+        raise UserError(f"{_series_name(folder, uid)}: two or more files lie at one slice position; "
+                        "the folder mixes series or copies of a file: export the series again into an empty folder")
+    worst = int(np.argmax(np.abs(steps - med)))
+    if abs(steps[worst] - med) > MAX_STEP_DEVIATION * abs(med):
+        raise UserError(f"{_series_name(folder, uid)}: its slices are not evenly spaced ({abs(steps[worst]):.2f} mm "
+                        f"between slices {worst + 1} and {worst + 2}, {abs(med):.2f} mm elsewhere): files are missing "
+                        "or reconstructions are mixed; export the complete series again")
+    drift = rel - along[:, None] * normal[None, :]
+    if float(np.linalg.norm(drift[-1])) <= TILT_TOLERANCE_MM:
+        return SliceGeometry(abs(med), (0.0, 0.0, 0.0))
+    per_mm = np.linalg.lstsq(along[:, None], drift, rcond=None)[0][0]
+    uneven = float(np.abs(drift - along[:, None] * per_mm[None, :]).max())
+    if med < 0 or uneven > TILT_TOLERANCE_MM:
+        raise UserError(f"{_series_name(folder, uid)}: its slices are shifted sideways unevenly or stacked "
+                        f"downwards ({uneven:.2f} mm off a straight tilt); resample it first (Slicer's DICOM "
+                        "module regularizes such series, dcm2niix corrects gantry tilt)")
+    return SliceGeometry(abs(med), (float(per_mm[0]), float(per_mm[1]), float(per_mm[2])))
+
+
+def untilt(image: sitk.Image, geometry: SliceGeometry) -> sitk.Image:
+    """A tilted series (as ITK stacks it: each slice square above the first) resampled onto a grid
+    square to the slices, each slice where its header puts it; the in-plane grid grows to hold the
+    drift, filled with the image's minimum (air outside the field of view). `image`'s spacing is
+    set to the true step on the way."""
+    direction = np.reshape(image.GetDirection(), (3, 3))
+    origin = np.asarray(image.GetOrigin())
+    spacing = np.array([*image.GetSpacing()[:2], geometry.step])
+    size = np.array(image.GetSize())
+    drift = np.asarray(geometry.drift)
+    image.SetSpacing(spacing.tolist())                   # ITK's step was the tilted distance
+    # A point q of the true grid shows what the stacked image has at q - ((q - o).n) drift.
+    matrix = np.eye(3) - np.outer(drift, direction[:, 2])
+    back = sitk.AffineTransform(3)
+    back.SetMatrix(matrix.ravel().tolist())
+    back.SetCenter(origin.tolist())
+    # Grow the in-plane grid to where the last slice drifted (in row and column voxels).
+    shift = (drift * (size[2] - 1) * geometry.step) @ direction[:, :2] / spacing[:2]
+    low = np.minimum(shift, 0.0)
+    grown = size.copy()
+    grown[:2] = size[:2] + np.ceil(np.abs(shift) - 1e-6).astype(int)
+    out_origin = origin + direction[:, :2] @ (low * spacing[:2])
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(image)
+    return sitk.Resample(image, [int(v) for v in grown], back, sitk.sitkLinear, out_origin.tolist(),
+                         spacing.tolist(), direction.ravel().tolist(), stats.GetMinimum(), image.GetPixelID())
+
+
 def read_dicom(folder: Path, series_uid: str | None, on_warning: Warn | None) -> sitk.Image:
     picked = pick_series(folder, series_uid, on_warning)
+    geometry = slice_geometry(picked.files, folder, picked.uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(picked.files))
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as e:
         raise UserError(f"cannot read DICOM series {picked.uid} in {folder}: "
                         f"{itk_reason(e)}; check that the files are complete") from None
+    if geometry is None or not any(geometry.drift) or image.GetDimension() != 3:
+        return image
+    if on_warning is not None:
+        on_warning(f"{folder}: DICOM series with a gantry tilt of {geometry.tilt_degrees:.1f} degrees: resampled "
+                   "onto a grid square to its slices, each slice where its header puts it (the outputs are on "
+                   "that grid)")
+    return untilt(image, geometry)
 
 
 def dicom_slice_step(files: Sequence[str], first_origin: Sequence[float]) -> float | None:
