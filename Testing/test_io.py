@@ -224,10 +224,11 @@ def test_dicom_folder_with_two_series(dicom_slab_dir, tmp_path):
 
 
 def _rewrite_slab(src: Path, dst: Path, y_shift_per_mm: float = 0.0, drop: int | None = None,
-                  copy_of: tuple[int, int] | None = None) -> None:
+                  copy_of: tuple[int, int] | None = None, gantry_degrees: float = 0.0) -> None:
     """The real DICOM slab rewritten (HU as int16) with each slice's ImagePositionPatient moved
-    by `y_shift_per_mm` x its height above the first (a gantry tilt), slice `drop` left out, or
-    slice copy_of[0]'s position given to slice copy_of[1] too."""
+    by `y_shift_per_mm` x its height above the first (a tilt), slice `drop` left out, slice
+    copy_of[0]'s position given to slice copy_of[1] too, or its image planes turned by
+    `gantry_degrees` about x while the table still moves along z (a scanner's gantry tilt)."""
     dst.mkdir(parents=True)
     readers = []
     for f in sorted(src.iterdir()):
@@ -251,6 +252,9 @@ def _rewrite_slab(src: Path, dst: Path, y_shift_per_mm: float = 0.0, drop: int |
         if copy_of is not None and k == copy_of[1]:
             zz = readers[copy_of[0]][0]
         sl.SetMetaData("0020|0032", f"{x}\\{y + (zz - z0) * y_shift_per_mm}\\{zz}")
+        if gantry_degrees:
+            c, s = math.cos(math.radians(gantry_degrees)), math.sin(math.radians(gantry_degrees))
+            sl.SetMetaData("0020|0037", f"1\\0\\0\\0\\{c}\\{s}")
         sl.SetMetaData("0028|1052", "0")
         sl.SetMetaData("0028|1053", "1")
         sl.SetMetaData("0008|0018", f"{uid}.{k + 1}")
@@ -283,6 +287,31 @@ def test_dicom_gantry_tilt_is_resampled_square_to_the_slices(dicom_slab_dir, tmp
     _rewrite_slab(dicom_slab_dir, untilted)
     plain: list[str] = []
     assert sitk.GetArrayFromImage(io.read_image(untilted, on_warning=plain.append)).shape == a.shape and not plain
+
+
+def test_dicom_gantry_tilt_of_a_scanner_puts_every_pixel_where_its_header_says(dicom_slab_dir, tmp_path):
+    """A scanner's tilt: image planes turned 15 degrees about x, the table moving along z. The
+    resampled grid is square to the planes (step 2 mm x cos 15), each file is one of its slices, and
+    each grid voxel holds what its file has at that point (linear between rows, within 1 HU)."""
+    tilted = tmp_path / "gantry"
+    _rewrite_slab(dicom_slab_dir, tilted, gantry_degrees=15.0)
+    warnings: list[str] = []
+    read = io.read_image(tilted, on_warning=warnings.append)
+    assert len(warnings) == 1 and "gantry tilt of 15.0 degrees" in warnings[0]
+    assert read.GetSpacing()[2] == pytest.approx(2.0 * math.cos(math.radians(15.0)), abs=1e-9)
+    np.testing.assert_allclose(np.reshape(read.GetDirection(), (3, 3))[:, 2],
+                               (0.0, -math.sin(math.radians(15.0)), math.cos(math.radians(15.0))), atol=1e-9)
+    arr = sitk.GetArrayFromImage(read).astype(float)
+    files = sorted(tilted.iterdir())
+    for k in (3, 9, 15):
+        sl = sitk.ReadImage(str(files[k]))
+        a = sitk.GetArrayFromImage(sl)[0].astype(float)
+        for j in range(100, 400, 37):
+            for i in range(100, 400, 41):
+                x, y, z = sl.TransformPhysicalPointToContinuousIndex(read.TransformIndexToPhysicalPoint((i, j, k)))
+                assert abs(z) < 1e-6 and abs(x - round(x)) < 1e-6      # on the file's plane and columns
+                y0, f = int(math.floor(y)), y - math.floor(y)
+                assert abs(arr[k, j, i] - ((1 - f) * a[y0, round(x)] + f * a[y0 + 1, round(x)])) <= 1.0
 
 
 def test_dicom_series_with_a_missing_or_doubled_slice_is_refused(dicom_slab_dir, tmp_path):
