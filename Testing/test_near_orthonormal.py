@@ -101,6 +101,25 @@ def test_an_oblique_near_orthonormal_nifti_keeps_its_sforms_rotation(tmp_path):
         np.testing.assert_allclose(read.TransformIndexToPhysicalPoint(corner), expected, atol=0.02)
 
 
+def test_nifti_without_orientation_is_refused_in_one_line(tmp_path):
+    """qform_code and sform_code both 0: ITK would read the sample CT LPS-aligned, its patient
+    mirrored (the default model then calls 680 ml of it spleen and finds 254 ml of liver); refused
+    before any voxel is read, nothing written. With its sform code back it reads as the original."""
+    ct = _sample_nii(tmp_path / "no_orientation.nii")
+    _patch(ct, 252, struct.pack("<hh", 0, 0))
+    out = tmp_path / "out"
+    res = cascadeseg("segment", ct, "-o", out, "--quiet")
+    assert res.returncode == 2 and not out.exists()
+    lines = error_lines(res.stderr)
+    assert len(lines) == 1 and lines[0] == (
+        f"cascadeseg: error: {ct} has no orientation in its NIfTI header (qform_code and sform_code are both 0), so "
+        "the patient's left and right are unknown and organs could be swapped; write the orientation into the file "
+        "(convert the DICOM series again, e.g. with dcm2niix, or check it in Slicer and save it), then use that file")
+    _patch(ct, 252, struct.pack("<hh", 0, 2))
+    read, original = io.read_image(ct), io.read_image(SAMPLE_CT)
+    assert (read.GetOrigin(), read.GetDirection()) == (original.GetOrigin(), original.GetDirection())
+
+
 def test_sheared_nifti_is_refused_in_one_line(tmp_path):
     ct = _sample_nii(tmp_path / "sheared.nii")
     _shear_sform(ct, 0.2)

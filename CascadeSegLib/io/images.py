@@ -139,6 +139,20 @@ def _itk_read(path: Path, call: Callable[[], Any]) -> Any:
     return result
 
 
+def _check_orientation_known(path: Path) -> None:
+    """A NIfTI whose qform and sform codes are both 0 says nothing of where the patient's left is
+    (ITK reads it LPS-aligned, nibabel RAS-aligned): refused, since a left-right swap of a CT turns
+    its liver into "spleen" (the sample CT so saved: liver 254 ml, spleen 680 ml, no error)."""
+    if not (path.is_file() and _is_nifti(path)):
+        return
+    header = nifti_sform(path)
+    if header is not None and header[0] <= 0 and header[1] <= 0:
+        raise UserError(f"{path} has no orientation in its NIfTI header (qform_code and sform_code are both 0), so "
+                        "the patient's left and right are unknown and organs could be swapped; write the orientation "
+                        "into the file (convert the DICOM series again, e.g. with dcm2niix, or check it in Slicer "
+                        "and save it), then use that file")
+
+
 def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> None:
     """Near-orthonormal directions -> the nearest orthonormal one and a warning; shears -> error."""
     dev = orthonormalize(image)
@@ -181,6 +195,7 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None,
             suffix = file_suffix(path, READ_SUFFIXES)
             if suffix in (".nii", ".nii.gz"):
                 _check_nifti_complete(path, gz=suffix == ".nii.gz")
+                _check_orientation_known(path)
             image = _itk_read(path, lambda: sitk.ReadImage(str(path)))
     _check_direction(image, path, on_warning)
     return image
