@@ -103,8 +103,8 @@ def test_an_oblique_near_orthonormal_nifti_keeps_its_sforms_rotation(tmp_path):
 
 def test_nifti_without_orientation_is_refused_in_one_line(tmp_path):
     """qform_code and sform_code both 0: ITK would read the sample CT LPS-aligned, its patient
-    mirrored (the default model then calls 680 ml of it spleen and finds 254 ml of liver); refused
-    before any voxel is read, nothing written. With its sform code back it reads as the original."""
+    mirrored (the default model then calls 680 ml of it spleen and finds 254 ml of liver): refused
+    in one line, nothing written. With its sform code back it reads as the original."""
     ct = _sample_nii(tmp_path / "no_orientation.nii")
     _patch(ct, 252, struct.pack("<hh", 0, 0))
     out = tmp_path / "out"
@@ -118,6 +118,17 @@ def test_nifti_without_orientation_is_refused_in_one_line(tmp_path):
     _patch(ct, 252, struct.pack("<hh", 0, 2))
     read, original = io.read_image(ct), io.read_image(SAMPLE_CT)
     assert (read.GetOrigin(), read.GetDirection()) == (original.GetOrigin(), original.GetDirection())
+    # a NRRD with spacings but no "space directions" is refused the same way
+    voxels = sitk.GetArrayFromImage(original).astype("<i2")
+    nrrd = tmp_path / "no_space.nrrd"
+    nrrd.write_bytes(("NRRD0004\ntype: short\ndimension: 3\nsizes: " + " ".join(map(str, original.GetSize()))
+                      + "\nspacings: 3 3 3\nendian: little\nencoding: raw\n\n").encode() + voxels.tobytes())
+    res = cascadeseg("segment", nrrd, "-o", out, "--quiet")
+    assert res.returncode == 2 and not out.exists()
+    assert error_lines(res.stderr) == [
+        f"cascadeseg: error: {nrrd} has no orientation in its NRRD header (no \"space directions\" field), so the "
+        "patient's left and right are unknown and organs could be swapped; write the orientation into the file "
+        "(convert the DICOM series again, e.g. with dcm2niix, or check it in Slicer and save it), then use that file"]
 
 
 def test_sheared_nifti_is_refused_in_one_line(tmp_path):

@@ -139,18 +139,41 @@ def _itk_read(path: Path, call: Callable[[], Any]) -> Any:
     return result
 
 
+_NO_ORIENTATION = ("so the patient's left and right are unknown and organs could be swapped; write the orientation "
+                   "into the file (convert the DICOM series again, e.g. with dcm2niix, or check it in Slicer and "
+                   "save it), then use that file")
+
+
+def _nrrd_fields(path: Path) -> set[str] | None:
+    """The field names of a NRRD header (before its first blank line), or None if unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(65536)
+    except OSError:
+        return None
+    if not head.startswith(b"NRRD"):
+        return None
+    text = head.split(b"\n\n", 1)[0].decode("latin-1")
+    return {line.split(":", 1)[0].strip().lower() for line in text.splitlines()[1:] if ":" in line}
+
+
 def _check_orientation_known(path: Path) -> None:
-    """A NIfTI whose qform and sform codes are both 0 says nothing of where the patient's left is
-    (ITK reads it LPS-aligned, nibabel RAS-aligned): refused, since a left-right swap of a CT turns
-    its liver into "spleen" (the sample CT so saved: liver 254 ml, spleen 680 ml, no error)."""
-    if not (path.is_file() and _is_nifti(path)):
+    """A NIfTI whose qform and sform codes are both 0, or a NRRD without "space directions", says
+    nothing of where the patient's left is (ITK reads it LPS-aligned, nibabel a NIfTI RAS-aligned):
+    refused, since a left-right swap of a CT turns its liver into "spleen" (the sample CT so saved:
+    liver 254 ml, spleen 680 ml, no error)."""
+    if not path.is_file():
         return
-    header = nifti_sform(path)
-    if header is not None and header[0] <= 0 and header[1] <= 0:
-        raise UserError(f"{path} has no orientation in its NIfTI header (qform_code and sform_code are both 0), so "
-                        "the patient's left and right are unknown and organs could be swapped; write the orientation "
-                        "into the file (convert the DICOM series again, e.g. with dcm2niix, or check it in Slicer "
-                        "and save it), then use that file")
+    if _is_nifti(path):
+        header = nifti_sform(path)
+        if header is not None and header[0] <= 0 and header[1] <= 0:
+            raise UserError(f"{path} has no orientation in its NIfTI header (qform_code and sform_code are both 0), "
+                            + _NO_ORIENTATION)
+    elif file_suffix(path, READ_SUFFIXES) in (".nrrd", ".nhdr"):
+        fields = _nrrd_fields(path)
+        if fields is not None and "space directions" not in fields:
+            raise UserError(f"{path} has no orientation in its NRRD header (no \"space directions\" field), "
+                            + _NO_ORIENTATION)
 
 
 def _check_direction(image: sitk.Image, path: Path, on_warning: Warn | None) -> None:
@@ -195,8 +218,8 @@ def read_image(path: str | os.PathLike[str], series_uid: str | None = None,
             suffix = file_suffix(path, READ_SUFFIXES)
             if suffix in (".nii", ".nii.gz"):
                 _check_nifti_complete(path, gz=suffix == ".nii.gz")
-                _check_orientation_known(path)
             image = _itk_read(path, lambda: sitk.ReadImage(str(path)))
+            _check_orientation_known(path)          # after the read: an unreadable file says so first
     _check_direction(image, path, on_warning)
     return image
 
