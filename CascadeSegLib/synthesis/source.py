@@ -34,7 +34,7 @@ import SimpleITK as sitk
 
 from ..atomic import atomic_write
 from ..errors import UserError
-from ..io import case_name
+from ..io import case_name, read_image
 from ..labels import UNKNOWN_LABEL
 from .render import SynthSettings, synthesize
 from .tissues import IntensityTable, default_table_path, measure_table, require_known_structures, structure_names
@@ -100,7 +100,7 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
             folder = out_dir / f"synth-{stem}-{i:03d}-{key}"
             if not (folder / "label.nii.gz").is_file():
                 if labels is None:
-                    labels = sitk.ReadImage(str(path))
+                    labels = read_image(path)
                     require_known_structures(names, np.unique(sitk.GetArrayViewFromImage(labels)).tolist(), path,
                                              "give data.synthetic.structures a {value: name or tissue} table")
                 result = synthesize(labels, names, table, seed=seed * 100003 + m_index * 1009 + i, settings=settings)
@@ -121,9 +121,7 @@ def synthetic_cases(spec: dict[str, Any], resolve: Callable[[Any], Path], real_c
     for atlas, path in pairs:
         folder = out_dir / f"reg-{case_name(path)}-{atlas.name}-{key}{mended}"
         if not (folder / "label.nii.gz").is_file():
-            from ..io import read_image
-
-            target = sitk.ReadImage(str(path))
+            target = read_image(path)
             result = transfer(read_image(atlas.image), read_image(atlas.label), target, names, table,
                               transfer_settings)
             labels, info = result.labels, {"label_map": str(path), "atlas": atlas.name, **result.info}
