@@ -329,6 +329,15 @@ def test_dicom_series_with_a_missing_or_doubled_slice_is_refused(dicom_slab_dir,
     with pytest.raises(UserError) as err:
         io.read_image(doubled)
     assert "two or more files lie at one slice position" in _one_line(err)
+    # a slice of another orientation in the series (a localizer sharing its UID)
+    mixed = tmp_path / "mixed"
+    _rewrite_slab(dicom_slab_dir, mixed)
+    turned = tmp_path / "turned"
+    _rewrite_slab(dicom_slab_dir, turned, gantry_degrees=30.0)
+    shutil.copy2(sorted(turned.iterdir())[7], sorted(mixed.iterdir())[7])
+    with pytest.raises(UserError) as err:
+        io.read_image(mixed)
+    assert "its slices lie in different orientations" in _one_line(err) and "007.dcm" in _one_line(err)
 
 
 # ------------------------------------------------------------------ errors

@@ -120,7 +120,7 @@ def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometr
     if len(files) < 2:
         return None
     origins: list[tuple[float, ...]] = []
-    normal = np.zeros(3)
+    first, normal = np.eye(3), np.zeros(3)
     for f in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(f)
@@ -129,8 +129,13 @@ def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometr
         except RuntimeError as e:
             raise UserError(f"cannot read DICOM file {f}: {itk_reason(e)}; check that the files are complete") from None
         origins.append(reader.GetOrigin()[:3])
+        direction = np.reshape(reader.GetDirection(), (3, 3))
         if len(origins) == 1:                           # the slices' normal, from the first file
-            normal = np.reshape(reader.GetDirection(), (3, 3))[:, 2]
+            first, normal = direction, direction[:, 2]
+        elif np.abs(direction - first).max() > 1e-3:
+            raise UserError(f"{_series_name(folder, uid)}: its slices lie in different orientations (file {f} is "
+                            "turned against the first); the folder mixes a localizer or another reconstruction into "
+                            "the series: export the axial series alone into an empty folder")
     rel = np.asarray(origins, dtype=float) - origins[0]
     along = rel @ normal
     steps = np.diff(along)
