@@ -150,6 +150,20 @@ def test_ct_saved_without_its_rescale_intercept_is_refused_with_the_fix(tmp_path
     assert code == 2 and not any("rescale intercept" in ln for ln in err), err
 
 
+def test_normalised_ct_is_refused_with_what_it_looks_like(tmp_path, model_dir, phantom, capsys):
+    """A CT scaled to about -1..1 for a network (HU / 1000): refused, saying its values are
+    normalised; a CT saved with an offset does not get this hint, nor the MR-like image."""
+    ct, _ = phantom
+    scaled = sitk.Cast(ct, sitk.sitkFloat32) / 1000.0
+    lo, hi = np.percentile(sitk.GetArrayViewFromImage(scaled), [1, 99])
+    segment_refused(write(scaled, tmp_path / "scaled.nrrd"), tmp_path / "out", model_dir, capsys, "no air",
+                    f"its values span only {lo:.3g} to {hi:.3g} (1st to 99th percentile), as normalised data do; "
+                    "give the CT in HU (air about -1000, soft tissue 0 to 100)")
+    code, err, _ = run_cli(["segment", str(write(_mr_like(ct), tmp_path / "mr.nrrd")), "-o",
+                            str(tmp_path / "mr-out.nrrd"), "--model", str(model_dir), "--quiet"], capsys)
+    assert code == 2 and not any("normalised" in ln for ln in err), err
+
+
 def test_8bit_image_needs_allow_non_ct(tmp_path, model_dir, phantom, capsys):
     ct, _ = phantom
     arr = np.clip((sitk.GetArrayFromImage(ct) + 1000) // 8, 0, 255).astype(np.uint8)

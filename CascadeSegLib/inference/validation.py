@@ -82,6 +82,10 @@ def _check_intensities(image: sitk.Image, allow: bool) -> str | None:
             # air at 0 and tissue above 1000: a CT saved without the series' rescale intercept
             reason += (f"; if it is CT saved without its rescale intercept (air at 0, 99th percentile {hi:.0f}), "
                        "subtract 1024 from it or export it again in HU")
+        elif hi - lo < 20:
+            # a whole CT within a few units: intensities normalised for a network, not HU
+            reason += (f"; its values span only {lo:.3g} to {hi:.3g} (1st to 99th percentile), as normalised data "
+                       "do; give the CT in HU (air about -1000, soft tissue 0 to 100)")
     elif hi < 0:
         reason = f"it has no soft tissue (99th percentile {hi:.0f} HU)"
     if reason is None:
