@@ -91,9 +91,10 @@ def pick_series(folder: Path, series_uid: str | None, on_warning: Warn | None = 
 #: a step between two slices that differs from the series' median step by more than this share
 #: is a gap (missing files) or a mixed series: ITK would stack the slices evenly, misplacing them
 MAX_STEP_DEVIATION = 0.1
-#: in-plane drift (mm) of the last slice against the first below which the slices are square to
-#: their normal; above it the series has a gantry tilt, which ITK ignores
-TILT_TOLERANCE_MM = 0.05
+#: in-plane drift of the last slice against the first, in pixels, below which the slices are taken
+#: as square to their normal (header rounding, table sag); above it the series has a gantry tilt,
+#: which ITK ignores. Also how far the drift may stray from a straight line.
+TILT_TOLERANCE_PIXELS = 0.25
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometr
     if len(files) < 2:
         return None
     origins: list[tuple[float, ...]] = []
-    first, normal = np.eye(3), np.zeros(3)
+    first, normal, tolerance = np.eye(3), np.zeros(3), 0.0
     for f in files:
         reader = sitk.ImageFileReader()
         reader.SetFileName(f)
@@ -132,6 +133,7 @@ def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometr
         direction = np.reshape(reader.GetDirection(), (3, 3))
         if len(origins) == 1:                           # the slices' normal, from the first file
             first, normal = direction, direction[:, 2]
+            tolerance = TILT_TOLERANCE_PIXELS * min(reader.GetSpacing()[:2])
         elif np.abs(direction - first).max() > 1e-3:
             raise UserError(f"{_series_name(folder, uid)}: its slices lie in different orientations (file {f} is "
                             "turned against the first); the folder mixes a localizer or another reconstruction into "
@@ -149,11 +151,11 @@ def slice_geometry(files: Sequence[str], folder: Path, uid: str) -> SliceGeometr
                         f"between slices {worst + 1} and {worst + 2}, {abs(med):.2f} mm elsewhere): files are missing "
                         "or reconstructions are mixed; export the complete series again")
     drift = rel - along[:, None] * normal[None, :]
-    if float(np.linalg.norm(drift[-1])) <= TILT_TOLERANCE_MM:
+    if float(np.linalg.norm(drift[-1])) <= tolerance:
         return SliceGeometry(abs(med), (0.0, 0.0, 0.0))
     per_mm = np.linalg.lstsq(along[:, None], drift, rcond=None)[0][0]
     uneven = float(np.abs(drift - along[:, None] * per_mm[None, :]).max())
-    if med < 0 or uneven > TILT_TOLERANCE_MM:
+    if med < 0 or uneven > tolerance:
         raise UserError(f"{_series_name(folder, uid)}: its slices are shifted sideways unevenly or stacked "
                         f"downwards ({uneven:.2f} mm off a straight tilt); resample it first (Slicer's DICOM "
                         "module regularizes such series, dcm2niix corrects gantry tilt)")
