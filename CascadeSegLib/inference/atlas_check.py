@@ -81,20 +81,24 @@ class AtlasConflict:
 
 
 def atlas_conflicts(labels: torch.Tensor, prior: GridPrior, labelset: LabelSet,
-                    agreement: float | None = None, slab: bool = False) -> list[AtlasConflict]:
+                    slab: bool = False) -> list[AtlasConflict]:
     """The conflicts of `labels` (uint8 on the prior's target grid, stage 2's) with the atlases,
-    largest first. None where no atlas agrees with stage 1 (`agreement`, the best atlas's
-    `organ_agreement`, under `MIN_SCAN_AGREEMENT`): atlases registered onto a head or a chest put
-    their organs somewhere, and "the result leaves the right kidney unlabelled" there is false;
-    `scan_conflict` speaks for such a scan. On a `slab` every conflict is listed and none flagged:
-    registered onto 40 mm the atlases are often centimetres off (of 14 flags on 40 mm slabs of the
-    held-out scans, 4 were right; recipe, thirty-second round)."""
-    if agreement is not None and agreement < MIN_SCAN_AGREEMENT:
-        return []
+    largest first. Only meaningful where some atlas agrees with stage 1 (`per_organ_check`): the
+    caller asks that first. On a `slab` every conflict is listed and none flagged: registered onto
+    40 mm the atlases are often centimetres off (of 14 flags on 40 mm slabs of the held-out scans,
+    4 were right; recipe, thirty-second round)."""
     out = _mix_ups(labels, prior, labelset) + _missed(labels, prior, labelset)
     if slab:
         out = [replace(c, flagged=False) for c in out]
     return sorted(out, key=lambda c: -c.ml)
+
+
+def per_organ_check(best: float | None) -> bool:
+    """Whether the atlases may speak organ by organ: not where no atlas agrees with stage 1 (`best`,
+    the highest `organ_agreement`, under `MIN_SCAN_AGREEMENT`): atlases registered onto a head or a
+    chest put their organs somewhere, and "the result leaves the right kidney unlabelled" there is
+    false; `scan_conflict` speaks for such a scan. True where nothing was measured (a slab)."""
+    return best is None or best >= MIN_SCAN_AGREEMENT
 
 
 def scan_conflict(best: float | None, labels: torch.Tensor | np.ndarray, voxel_ml: float) -> AtlasConflict | None:
@@ -103,10 +107,10 @@ def scan_conflict(best: float | None, labels: torch.Tensor | np.ndarray, voxel_m
     `atlas_prior`) and the result `labels` (voxels of `voxel_ml`) hold at least `LISTED_ML` of
     organs; None otherwise, and where nothing was measured (`best` None: a slab, a package without
     atlases)."""
-    if best is None:
+    if best is None or per_organ_check(best):
         return None
     ml = float((labels > 0).sum()) * voxel_ml
-    if best >= MIN_SCAN_AGREEMENT or ml < LISTED_ML:
+    if ml < LISTED_ML:
         return None
     return AtlasConflict("every organ", "", round(ml, 1), round(best, 3), True, "scan")
 

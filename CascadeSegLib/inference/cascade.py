@@ -21,7 +21,7 @@ from ..io.images import axis_aligned_indices
 from ..network import ConfiguredNetwork, fold_batchnorm, prefer_onednn
 from ..packaging.model import ModelPackage
 from . import atlas_prior, preprocess
-from .atlas_check import MIN_SCAN_AGREEMENT, AtlasConflict, atlas_conflicts, scan_conflict
+from .atlas_check import AtlasConflict, atlas_conflicts, per_organ_check, scan_conflict
 from .memory import free_accelerator_memory, is_out_of_memory
 from .tiling import (
     BOX_HALO,
@@ -383,9 +383,9 @@ class Segmenter:
                                                 atlas.plausible if atlas is not None else None,
                                                 stage1_on_grid2 if atlas is not None else None)
             if atlas is not None:
-                conflicts = atlas_conflicts(final, atlas, model.labels, agreement,
-                                            slab=bool(stats.get("atlas_prior_slab")))
-                if agreement is not None and agreement < MIN_SCAN_AGREEMENT:
+                if per_organ_check(agreement):
+                    conflicts = atlas_conflicts(final, atlas, model.labels, slab=bool(stats.get("atlas_prior_slab")))
+                else:
                     stats["atlas_check_per_organ"] = 0.0     # the report says why nothing is listed
                 for conflict in conflicts:
                     if conflict.flagged:
